@@ -1,0 +1,161 @@
+#include "wire.hpp"
+
+#include <array>
+
+#if defined(__x86_64__)
+#include <nmmintrin.h>
+#endif
+
+namespace pysim {
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "pysim's wire format assumes a little-endian host");
+
+size_t dtype_bytes(DType d) { return d == DType::F32 ? 4 : 2; }
+
+DType dtype_from_int(int v) {
+  if (v < 0 || v > 2) fail("unknown dtype code " + std::to_string(v) + " (0=fp32, 1=fp16, 2=bf16)");
+  return static_cast<DType>(v);
+}
+
+size_t codec_param_bytes(Codec c) {
+  switch (c) {
+    case Codec::Dense: return 0;
+    case Codec::TopK: return 8;
+    case Codec::RandomK: return 16;
+    case Codec::LowRank: return 8;
+  }
+  fail("unknown codec id " + std::to_string(static_cast<int>(c)));
+}
+
+uint64_t checked_numel(const std::vector<uint32_t>& shape) {
+  if (shape.size() > static_cast<size_t>(kMaxDims))
+    fail("tensor has " + std::to_string(shape.size()) + " dimensions; packets hold at most 8");
+  uint64_t n = 1;
+  for (uint32_t d : shape) {
+    if (d != 0 && n > (uint64_t{1} << 40) / d) fail("tensor too large for a packet (more than 2^40 elements)");
+    n *= d;
+  }
+  return n;
+}
+
+namespace {
+
+template <typename T>
+void put(uint8_t* p, T v) { std::memcpy(p, &v, sizeof(T)); }
+template <typename T>
+T get(const uint8_t* p) { T v; std::memcpy(&v, p, sizeof(T)); return v; }
+
+std::array<uint32_t, 256> make_table() {
+  std::array<uint32_t, 256> t{};
+  for (uint32_t i = 0; i < 256; ++i) {
+    uint32_t c = i;
+    for (int b = 0; b < 8; ++b) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
+    t[i] = c;
+  }
+  return t;
+}
+const std::array<uint32_t, 256> kTable = make_table();
+
+uint32_t crc32c_sw(const uint8_t* p, size_t n, uint32_t c) {
+  for (size_t i = 0; i < n; ++i) c = kTable[(c ^ p[i]) & 0xFF] ^ (c >> 8);
+  return c;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2"))) uint32_t crc32c_hw(const uint8_t* p, size_t n, uint32_t c) {
+  uint64_t c64 = c;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) c64 = _mm_crc32_u64(c64, get<uint64_t>(p + i));
+  uint32_t c32 = static_cast<uint32_t>(c64);
+  for (; i < n; ++i) c32 = _mm_crc32_u8(c32, p[i]);
+  return c32;
+}
+const bool kHaveSse42 = __builtin_cpu_supports("sse4.2");
+#endif
+
+}  // namespace
+
+uint32_t crc32c(const uint8_t* data, size_t len, uint32_t crc) {
+  crc = ~crc;
+#if defined(__x86_64__)
+  crc = kHaveSse42 ? crc32c_hw(data, len, crc) : crc32c_sw(data, len, crc);
+#else
+  crc = crc32c_sw(data, len, crc);
+#endif
+  return ~crc;
+}
+
+static uint32_t packet_crc(const uint8_t* p, size_t len) {
+  const uint8_t zeros[4] = {0, 0, 0, 0};
+  uint32_t c = crc32c(p, 12);
+  c = crc32c(zeros, 4, c);
+  return crc32c(p + 16, len - 16, c);
+}
+
+Bytes start_packet(Header& h) {
+  h.numel = checked_numel(h.shape);
+  h.header_bytes = header_bytes(h.codec, h.shape.size());
+  Bytes out(h.header_bytes + h.payload_bytes);
+  uint8_t* p = out.data();
+  std::memset(p, 0, h.header_bytes);
+  put<uint32_t>(p, kMagic);
+  p[4] = kVersion;
+  p[5] = static_cast<uint8_t>(h.codec);
+  p[6] = static_cast<uint8_t>(h.value_dtype);
+  p[7] = static_cast<uint8_t>(h.source_dtype);
+  p[8] = static_cast<uint8_t>(h.shape.size());
+  p[9] = h.flags;
+  put<uint64_t>(p + 16, h.payload_bytes);
+  size_t o = kBaseHeaderBytes;
+  for (uint32_t d : h.shape) { put<uint32_t>(p + o, d); o += 4; }
+  switch (h.codec) {
+    case Codec::Dense: break;
+    case Codec::TopK: put<uint64_t>(p + o, h.k); break;
+    case Codec::RandomK: put<uint64_t>(p + o, h.seed); put<uint64_t>(p + o + 8, h.k); break;
+    case Codec::LowRank: put<uint32_t>(p + o, h.rows); put<uint32_t>(p + o + 4, h.rank); break;
+  }
+  return out;
+}
+
+void seal(Bytes& packet) { put<uint32_t>(packet.data() + 12, packet_crc(packet.data(), packet.size())); }
+
+Header parse_packet(const uint8_t* p, size_t len) {
+  if (len < kBaseHeaderBytes)
+    fail("packet truncated: " + std::to_string(len) + " bytes is shorter than the 24-byte header");
+  if (get<uint32_t>(p) != kMagic) fail("not a pysim packet (bad magic bytes)");
+  if (p[4] != kVersion)
+    fail("packet has wire-format version " + std::to_string(p[4]) + ", this build reads version " +
+         std::to_string(kVersion));
+  if (p[5] > 3) fail("packet has unknown codec id " + std::to_string(p[5]));
+  if (p[6] > 2 || p[7] > 2) fail("packet has an unknown dtype code");
+  if (p[8] > kMaxDims) fail("packet claims " + std::to_string(p[8]) + " dimensions (at most 8)");
+  if (p[10] != 0 || p[11] != 0) fail("packet has non-zero reserved bytes");
+  Header h;
+  h.codec = static_cast<Codec>(p[5]);
+  h.value_dtype = static_cast<DType>(p[6]);
+  h.source_dtype = static_cast<DType>(p[7]);
+  h.flags = p[9];
+  const size_t ndim = p[8];
+  h.header_bytes = header_bytes(h.codec, ndim);
+  if (len < h.header_bytes)
+    fail("packet truncated: " + std::to_string(len) + " bytes is shorter than its " +
+         std::to_string(h.header_bytes) + "-byte header");
+  h.payload_bytes = get<uint64_t>(p + 16);
+  if (h.payload_bytes != len - h.header_bytes)
+    fail("packet length mismatch: header announces " + std::to_string(h.payload_bytes) +
+         " payload bytes, buffer holds " + std::to_string(len - h.header_bytes) + " (truncated or padded)");
+  if (get<uint32_t>(p + 12) != packet_crc(p, len)) fail("packet checksum mismatch (corrupted in transit)");
+  size_t o = kBaseHeaderBytes;
+  h.shape.resize(ndim);
+  for (size_t i = 0; i < ndim; ++i, o += 4) h.shape[i] = get<uint32_t>(p + o);
+  h.numel = checked_numel(h.shape);
+  switch (h.codec) {
+    case Codec::Dense: break;
+    case Codec::TopK: h.k = get<uint64_t>(p + o); break;
+    case Codec::RandomK: h.seed = get<uint64_t>(p + o); h.k = get<uint64_t>(p + o + 8); break;
+    case Codec::LowRank: h.rows = get<uint32_t>(p + o); h.rank = get<uint32_t>(p + o + 4); break;
+  }
+  return h;
+}
+
+}  // namespace pysim

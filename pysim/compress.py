@@ -1,0 +1,335 @@
+"""Codecs that turn tensors into real wire packets (and back).
+
+Every codec's ``pack`` returns a 1-D ``torch.uint8`` tensor: the packet that
+crosses between node processes. The network is charged exactly ``len(packet)``
+bytes. ``unpack`` validates the packet (size, CRC-32C checksum, structure) and
+raises ``ValueError`` for anything truncated, corrupted or foreign.
+
+Codecs, by spec string (see :func:`get_codec`):
+
+- ``dense[:fp32|fp16|bf16]``   all values.
+- ``topk:K[:ef|raw][:fp32|fp16|bf16]``  the K entries of largest magnitude; K is
+  a count (``topk:1000``) or a fraction (``topk:0.01``). Indices are sorted and
+  Elias-Fano coded (``ef``, default) or raw int32 (``raw``, for comparison).
+- ``randomk:P[:seed][:dtype]``  a fraction P of entries chosen by a seed shared by
+  all nodes; no index bytes on the wire.
+- ``lowrank:R[:dtype]``  one PowerSGD round of rank R with a warm-started Q.
+
+Packet size in bytes (``ndim`` = tensor rank, ``b`` = bytes per value):
+
+- header: ``24 + 4*ndim`` plus 0 (dense), 8 (topk), 16 (randomk), 8 (lowrank)
+- dense: ``numel*b``; topk: ``k*b`` + index bytes (raw: ``4k``; Elias-Fano:
+  ``ceil(k*L/8) + ceil((k + ((n-1) >> L) + 1)/8)`` with ``L = floor(log2(n/k))``);
+  randomk: ``k*b``; lowrank: ``(rows + cols)*rank*b``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import torch
+
+from pysim import _C
+
+DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
+_TORCH_TO_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_CODE_TO_TORCH = {v: k for k, v in _TORCH_TO_CODE.items()}
+_CODEC_IDS = {"dense": 0, "topk": 1, "randomk": 2, "lowrank": 3}
+INDEX_CODES = {"ef": 0, "raw": 1}
+
+
+def _flat_f32(x: torch.Tensor) -> tuple[np.ndarray, list[int], int]:
+    """A float32 NumPy view of ``x`` (copied only if needed), its shape and dtype code."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _TORCH_TO_CODE:
+        raise ValueError(f"codecs take float32, float16 or bfloat16 tensors, got {x.dtype}")
+    if x.device.type != "cpu":
+        raise ValueError(f"codecs take CPU tensors, got a tensor on {x.device}")
+    shape = list(x.shape)
+    flat = x.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    return flat.contiguous().numpy(), shape, _TORCH_TO_CODE[x.dtype]
+
+
+def _packet_array(packet: torch.Tensor | bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
+    if isinstance(packet, torch.Tensor):
+        if packet.dtype != torch.uint8 or packet.dim() != 1:
+            raise ValueError("a packet must be a 1-D torch.uint8 tensor")
+        return packet.contiguous().numpy()
+    if isinstance(packet, np.ndarray):
+        if packet.dtype != np.uint8 or packet.ndim != 1:
+            raise ValueError("a packet must be a 1-D uint8 array")
+        return np.ascontiguousarray(packet)
+    if isinstance(packet, (bytes, bytearray, memoryview)):
+        return np.frombuffer(packet, dtype=np.uint8)
+    raise ValueError(f"a packet must be a uint8 tensor or bytes, got {type(packet).__name__}")
+
+
+def _to_torch(flat: np.ndarray, header: dict) -> torch.Tensor:
+    out = torch.from_numpy(flat).reshape(header["shape"])
+    dtype = _CODE_TO_TORCH[header["source_dtype"]]
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _dtype_code(name: str) -> int:
+    if name not in DTYPE_CODES:
+        raise ValueError(f"unknown value dtype {name!r}; use one of {', '.join(DTYPE_CODES)}")
+    return DTYPE_CODES[name]
+
+
+def packet_header(packet) -> dict:
+    """The validated header of a packet as a dict (codec, shape, k, seed, rank, sizes in bytes)."""
+    return _C.parse_header(_packet_array(packet))
+
+
+def header_bytes(codec: str, ndim: int) -> int:
+    """Header size in bytes of a packet of ``codec`` for a tensor with ``ndim`` dimensions."""
+    return _C.header_bytes(_CODEC_IDS[codec], ndim)
+
+
+def unpack(packet) -> torch.Tensor:
+    """Decodes any pysim packet into a dense tensor of its source shape and dtype."""
+    header, flat = _C.unpack(_packet_array(packet))
+    return _to_torch(flat, header)
+
+
+class Codec:
+    """Base class: ``pack(x) -> uint8 packet``, ``unpack(packet) -> tensor``, ``nbytes(shape)``.
+
+    ``key`` names the tensor for codecs that keep state per tensor (low-rank
+    warm start, error feedback); ``step`` varies the random choice of random-k.
+    """
+
+    name = "codec"
+    lossy = True
+
+    def pack(self, x: torch.Tensor, *, key: str = "", step: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unpack(self, packet) -> torch.Tensor:
+        return unpack(packet)
+
+    def nbytes(self, shape: tuple[int, ...] | torch.Size) -> int:
+        """Exact packet size in bytes for a tensor of this shape."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class DenseCodec(Codec):
+    """All values, as fp32, fp16 or bf16 on the wire."""
+
+    def __init__(self, dtype: str = "fp32") -> None:
+        self.dtype = _dtype_code(dtype)
+        self.name = f"dense:{dtype}"
+        self.lossy = dtype != "fp32"
+
+    def pack(self, x: torch.Tensor, *, key: str = "", step: int = 0) -> torch.Tensor:
+        flat, shape, src = _flat_f32(x)
+        return torch.from_numpy(_C.pack_dense(flat, shape, src, self.dtype))
+
+    def nbytes(self, shape) -> int:
+        shape = list(shape)
+        return _C.header_bytes(0, len(shape)) + _C.dense_payload_bytes(math.prod(shape), self.dtype)
+
+
+class TopKCodec(Codec):
+    """The k entries of largest magnitude, with sorted, compactly coded indices.
+
+    ``k`` is a count (int >= 1) or a fraction of the tensor (float in (0, 1]).
+    NaN inputs raise ``ValueError``.
+    """
+
+    def __init__(self, k: int | float, value_dtype: str = "fp32", index_code: str = "ef") -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            raise ValueError(f"top-k k must be a count or a fraction, got {k!r}")
+        if isinstance(k, float) and not (0.0 < k <= 1.0):
+            raise ValueError(f"top-k fraction must be in (0, 1], got {k}")
+        if isinstance(k, int) and k < 1:
+            raise ValueError(f"top-k count must be >= 1, got {k}")
+        if index_code not in INDEX_CODES:
+            raise ValueError(f"unknown index code {index_code!r}; use 'ef' (Elias-Fano) or 'raw'")
+        self.k = k
+        self.dtype = _dtype_code(value_dtype)
+        self.index_code = INDEX_CODES[index_code]
+        self.name = f"topk:{k}:{index_code}:{value_dtype}"
+
+    def count(self, numel: int) -> int:
+        """Number of entries kept for a tensor of ``numel`` elements."""
+        if isinstance(self.k, float):
+            return max(1, min(numel, round(self.k * numel)))
+        if self.k > numel:
+            raise ValueError(f"top-k count {self.k} exceeds the tensor's {numel} elements")
+        return self.k
+
+    def pack(self, x: torch.Tensor, *, key: str = "", step: int = 0) -> torch.Tensor:
+        flat, shape, src = _flat_f32(x)
+        k = self.count(flat.size)
+        return torch.from_numpy(_C.pack_topk(flat, shape, src, k, self.dtype, self.index_code))
+
+    def nbytes(self, shape) -> int:
+        shape = list(shape)
+        n = math.prod(shape)
+        return _C.header_bytes(1, len(shape)) + _C.topk_payload_bytes(
+            n, self.count(n), self.dtype, self.index_code
+        )
+
+
+class RandomKCodec(Codec):
+    """A fraction ``p`` of entries chosen from a shared seed; only values cross the wire.
+
+    The index set depends only on ``(seed, step, numel)``: every node that packs
+    with the same seed and step keeps the same entries.
+    """
+
+    def __init__(self, p: float, seed: int = 0, value_dtype: str = "fp32") -> None:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 < p <= 1.0):
+            raise ValueError(f"random-k fraction p must be in (0, 1], got {p!r}")
+        self.p = float(p)
+        self.seed = int(seed)
+        self.dtype = _dtype_code(value_dtype)
+        self.name = f"randomk:{p}:{seed}:{value_dtype}"
+
+    def count(self, numel: int) -> int:
+        return max(1, min(numel, round(self.p * numel)))
+
+    def packet_seed(self, step: int, key: str = "") -> int:
+        """The seed written into the packet for this step and tensor name."""
+        return _C.derive_seed(_C.derive_seed(self.seed, zlib.crc32(key.encode())), step)
+
+    def indices(self, numel: int, step: int, key: str = "") -> torch.Tensor:
+        """The sorted indices (int64) kept at this step."""
+        idx = _C.randomk_indices(self.packet_seed(step, key), numel, self.count(numel))
+        return torch.from_numpy(idx.astype(np.int64))
+
+    def pack(self, x: torch.Tensor, *, key: str = "", step: int = 0) -> torch.Tensor:
+        flat, shape, src = _flat_f32(x)
+        seed = self.packet_seed(step, key)
+        return torch.from_numpy(_C.pack_randomk(flat, shape, src, self.count(flat.size), seed, self.dtype))
+
+    def nbytes(self, shape) -> int:
+        shape = list(shape)
+        return _C.header_bytes(2, len(shape)) + _C.randomk_payload_bytes(
+            self.count(math.prod(shape)), self.dtype
+        )
+
+
+class LowRankCodec(Codec):
+    """PowerSGD compression of rank ``rank``: M ~= P Q^T with a warm-started Q per ``key``.
+
+    A tensor is viewed as ``shape[0] x (numel / shape[0])``. 1-D tensors, and
+    matrices for which the factors would not be smaller than the matrix, are
+    sent dense (fp32).
+    """
+
+    def __init__(self, rank: int, seed: int = 0, value_dtype: str = "fp32") -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"low-rank rank must be an integer >= 1, got {rank!r}")
+        self.rank = rank
+        self.seed = seed
+        self.dtype = _dtype_code(value_dtype)
+        self.name = f"lowrank:{rank}:{value_dtype}"
+        self.warm_start: dict[str, torch.Tensor] = {}
+        self._dense = DenseCodec("fp32")
+
+    def compresses(self, shape) -> bool:
+        """Whether a tensor of this shape is sent as factors (else dense)."""
+        shape = list(shape)
+        if len(shape) < 2:
+            return False
+        rows = shape[0]
+        cols = math.prod(shape) // max(rows, 1)
+        return rows > 0 and cols > 0 and (rows + cols) * self.rank < rows * cols
+
+    def initial_q(self, cols: int, key: str = "") -> torch.Tensor:
+        gen = torch.Generator().manual_seed(_C.derive_seed(self.seed, zlib.crc32(key.encode())) >> 1)
+        return torch.randn(cols, self.rank, generator=gen)
+
+    def pack(self, x: torch.Tensor, *, key: str = "", step: int = 0) -> torch.Tensor:
+        if not self.compresses(x.shape):
+            return self._dense.pack(x)
+        flat, shape, src = _flat_f32(x)
+        rows = shape[0]
+        cols = flat.size // rows
+        q = self.warm_start.get(key)
+        if q is None or tuple(q.shape) != (cols, self.rank):
+            q = self.initial_q(cols, key)
+            self.warm_start[key] = q
+        packet = _C.pack_lowrank(flat, shape, src, rows, q.numpy(), self.dtype)
+        return torch.from_numpy(packet)
+
+    def nbytes(self, shape) -> int:
+        shape = list(shape)
+        if not self.compresses(shape):
+            return self._dense.nbytes(shape)
+        rows = shape[0]
+        cols = math.prod(shape) // rows
+        return _C.header_bytes(3, len(shape)) + _C.lowrank_payload_bytes(rows, cols, self.rank, self.dtype)
+
+
+class ErrorFeedback(Codec):
+    """Wraps a lossy codec with error feedback (residual accumulation).
+
+    For each ``key``: ``c = x + residual``; the packet encodes ``c``; and
+    ``residual = c - unpack(packet)``, so what one step drops is sent later.
+    """
+
+    def __init__(self, codec: Codec) -> None:
+        self.inner = codec
+        self.name = f"ef({codec.name})"
+        self.residual: dict[str, torch.Tensor] = {}
+
+    def pack(self, x: torch.Tensor, *, key: str = "", step: int = 0) -> torch.Tensor:
+        r = self.residual.get(key)
+        corrected = x.detach().float() + r if r is not None else x.detach().float()
+        packet = self.inner.pack(corrected, key=key, step=step)
+        self.residual[key] = corrected - self.inner.unpack(packet).float()
+        return packet
+
+    def unpack(self, packet) -> torch.Tensor:
+        return self.inner.unpack(packet)
+
+    def nbytes(self, shape) -> int:
+        return self.inner.nbytes(shape)
+
+
+def get_codec(spec: str | Codec | None) -> Codec:
+    """A codec from its spec string (``"dense:fp16"``, ``"topk:0.01"``, ``"randomk:0.01"``,
+    ``"lowrank:4"``; append ``+ef`` for error feedback), or the codec itself."""
+    if spec is None:
+        return DenseCodec()
+    if isinstance(spec, Codec):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"codec spec must be a non-empty string, got {spec!r}")
+    text = spec.strip()
+    ef = text.endswith("+ef")
+    if ef:
+        text = text[:-3]
+    name, *args = text.split(":")
+    dtypes = [a for a in args if a in DTYPE_CODES]
+    rest = [a for a in args if a not in DTYPE_CODES]
+    dtype = dtypes[-1] if dtypes else "fp32"
+    hint = 'e.g. "dense:fp16", "topk:0.01", "randomk:0.01", "lowrank:4"'
+    try:
+        if name == "dense" and not rest:
+            codec: Codec = DenseCodec(dtype)
+        elif name == "topk" and 1 <= len(rest) <= 2:
+            k: int | float = float(rest[0]) if any(c in rest[0] for c in ".eE") else int(rest[0])
+            codec = TopKCodec(k, dtype, rest[1] if len(rest) == 2 else "ef")
+        elif name == "randomk" and 1 <= len(rest) <= 2:
+            codec = RandomKCodec(float(rest[0]), int(rest[1]) if len(rest) == 2 else 0, dtype)
+        elif name == "lowrank" and len(rest) == 1:
+            codec = LowRankCodec(int(rest[0]), value_dtype=dtype)
+        else:
+            raise ValueError(f"unknown codec spec {spec!r}; {hint}")
+    except ValueError as e:
+        if "codec spec" in str(e) or "must" in str(e) or "unknown" in str(e):
+            raise ValueError(f"bad codec spec {spec!r}: {e}") from None
+        raise ValueError(f"bad codec spec {spec!r}: {e}; {hint}") from None
+    return ErrorFeedback(codec) if ef else codec
