@@ -1,0 +1,173 @@
+"""The comm layer of a node: real packets between processes, charged to a virtual clock.
+
+Each collective (1) exchanges a small uncharged metadata record (every node's
+clock, compute since the last collective and packet length: simulator
+bookkeeping, whose real-network counterpart is the packet header), (2) moves
+the real packets between the node processes with point-to-point gloo
+messages in the pattern of the chosen algorithm, and (3) advances the virtual
+clock with :func:`pysim.clock.advance` by the cost of exactly those packets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pysim.clock import Collective, advance
+from pysim.compress import Codec, DenseCodec
+from pysim.compute import ComputeMeter
+from pysim.network import Network, collective_s
+
+
+class Comm:
+    """Collectives for one node of a ``world``-node run on ``network``.
+
+    ``algorithm`` is the all-reduce algorithm: "ring" (default) or "star"
+    (parameter server at node 0). All-gathers use a ring.
+    """
+
+    def __init__(self, rank: int, world: int, network: Network, meter: ComputeMeter | None = None,
+                 algorithm: str = "ring") -> None:
+        if algorithm not in ("ring", "star"):
+            raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; use 'ring' or 'star'")
+        self.rank, self.world = rank, world
+        self.network = network.with_nodes(world)
+        self.meter = meter or ComputeMeter()
+        self.algorithm = algorithm
+        self.clock_s = 0.0               # this node's virtual time
+        self.bytes_sent = 0              # real packet bytes this node sent
+        self.bytes_received = 0
+        self.comm_s = 0.0                # virtual time spent waiting for and in collectives
+        self.compute_total_s = 0.0
+        # this node's view of the trace: per segment (compute_s, flops, collective)
+        self.segments: list[tuple[float, float, Collective | None]] = []
+        self.step_ends: list[int] = []
+        self._dense = DenseCodec()
+
+    # ------------------------------------------------------------ clock
+
+    def end_step(self) -> float:
+        """Closes a training step: the compute since the last collective is added to
+        this node's clock. Returns the node's virtual time (s)."""
+        comp, flops = self.meter.take()
+        self.clock_s = float(advance(np.array([self.clock_s]), np.array([comp]), None)[0])
+        self.compute_total_s += comp
+        self.segments.append((comp, flops, None))
+        self.step_ends.append(len(self.segments) - 1)
+        return self.clock_s
+
+    def _begin(self, op: str, algo: str, my_bytes: int) -> tuple[list[int], float]:
+        """Exchanges metadata; returns the member sizes and charges the clock."""
+        comp, flops = self.meter.take()
+        meta = torch.tensor([self.clock_s, comp, flops, float(my_bytes)], dtype=torch.float64)
+        rows = [torch.empty(4, dtype=torch.float64) for _ in range(self.world)]
+        dist.all_gather(rows, meta)
+        table = torch.stack(rows).numpy()
+        sizes = [int(v) for v in table[:, 3]]
+        coll = Collective(op, algo, tuple(sizes))
+        cost = collective_s(self.network, op, algo, coll.sizes)
+        before = self.clock_s + comp
+        self.clock_s = float(advance(table[:, 0].copy(), table[:, 1].copy(), cost)[self.rank])
+        self.comm_s += self.clock_s - before
+        self.compute_total_s += comp
+        self.segments.append((comp, flops, coll))
+        return sizes, cost
+
+    # ------------------------------------------------------------ transport
+
+    def _exchange(self, send: torch.Tensor | None, dst: int, recv_bytes: int | None, src: int) -> torch.Tensor | None:
+        req = None
+        if send is not None:
+            req = dist.isend(send, dst)
+            self.bytes_sent += send.numel()
+        out = None
+        if recv_bytes is not None:
+            out = torch.empty(recv_bytes, dtype=torch.uint8)
+            dist.recv(out, src)
+            self.bytes_received += recv_bytes
+        if req is not None:
+            req.wait()
+        return out
+
+    # ------------------------------------------------------------ collectives
+
+    def allreduce_mean(self, x: torch.Tensor, codec: DenseCodec | None = None) -> torch.Tensor:
+        """Mean of ``x`` over all nodes. Values travel as dense packets of ``codec``
+        (fp32 default; fp16/bf16 quantise every hop, as on a real wire)."""
+        codec = codec or self._dense
+        if not isinstance(codec, DenseCodec):
+            raise ValueError(f"allreduce_mean takes a dense codec; use allgather_mean for {codec.name}")
+        flat = x.detach().reshape(-1).float().clone()
+        n, r = self.world, self.rank
+        if self.algorithm == "star":
+            return self._star_allreduce(flat, codec).reshape(x.shape).to(x.dtype)
+        bounds = [flat.numel() * c // n for c in range(n + 1)]
+        chunks = [flat[bounds[c]:bounds[c + 1]] for c in range(n)]
+        sizes = [codec.nbytes((bounds[c + 1] - bounds[c],)) for c in range(n)]
+        self._begin("allreduce", "ring", sizes[r])
+        if n == 1:
+            return flat.reshape(x.shape).to(x.dtype)
+        right, left = (r + 1) % n, (r - 1) % n
+        with self.meter.measure():
+            packet = codec.pack(chunks[r])
+        for t in range(n - 1):  # reduce-scatter: chunk (r-t) leaves, chunk (r-t-1) arrives
+            got = self._exchange(packet, right, sizes[(r - t - 1) % n], left)
+            with self.meter.measure():
+                c = (r - t - 1) % n
+                chunks[c] += codec.unpack(got)
+                packet = codec.pack(chunks[c])
+        # node r now owns the full sum of chunk (r+1); everyone keeps the wire version of it
+        own = (r + 1) % n
+        if codec.lossy:
+            chunks[own].copy_(codec.unpack(packet))
+        for t in range(n - 1):  # all-gather: chunk (r+1-t) leaves, chunk (r-t) arrives
+            got = self._exchange(packet, right, sizes[(r - t) % n], left)
+            c = (r - t) % n
+            chunks[c].copy_(codec.unpack(got))
+            packet = got
+        return (flat / n).reshape(x.shape).to(x.dtype)
+
+    def _star_allreduce(self, flat: torch.Tensor, codec: DenseCodec) -> torch.Tensor:
+        n = self.world
+        size = codec.nbytes((flat.numel(),))
+        self._begin("allreduce", "star", size)
+        if n == 1:
+            return flat
+        if self.rank == 0:
+            total = flat.clone()
+            for j in range(1, n):
+                total += codec.unpack(self._exchange(None, j, size, j))
+            packet = codec.pack(total / n)
+            for j in range(1, n):
+                self._exchange(packet, j, None, j)
+            return codec.unpack(packet).float()
+        self._exchange(codec.pack(flat), 0, None, 0)
+        return codec.unpack(self._exchange(None, 0, size, 0)).float()
+
+    def allgather(self, packet: torch.Tensor) -> list[torch.Tensor]:
+        """Every node's packet (index = rank), moved around a ring; packets may differ in size."""
+        if packet.dtype != torch.uint8 or packet.dim() != 1:
+            raise ValueError("allgather moves packets: 1-D torch.uint8 tensors from a codec")
+        sizes, _ = self._begin("allgather", "ring", packet.numel())
+        n, r = self.world, self.rank
+        out: list[torch.Tensor | None] = [None] * n
+        out[r] = packet
+        current = packet
+        for t in range(n - 1):  # packet (r-t) leaves, packet (r-t-1) arrives
+            src_packet = (r - t - 1) % n
+            current = self._exchange(current, (r + 1) % n, sizes[src_packet], (r - 1) % n)
+            out[src_packet] = current
+        return out  # type: ignore[return-value]
+
+    def allgather_mean(self, x: torch.Tensor, codec: Codec, key: str = "", step: int = 0) -> torch.Tensor:
+        """Mean over nodes of ``codec``'s reconstruction of each node's ``x`` (for sparse and
+        low-rank codecs, whose packets cannot be summed on the wire)."""
+        with self.meter.measure():
+            packet = codec.pack(x, key=key, step=step)
+        packets = self.allgather(packet)
+        with self.meter.measure():
+            total = torch.zeros(x.shape, dtype=torch.float32)
+            for p in packets:
+                total += codec.unpack(p).float()
+            return (total / self.world).to(x.dtype)

@@ -1,0 +1,53 @@
+"""Programs that test node processes run (module level, so spawned processes can import them)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from pysim.comm import Comm
+from pysim.compress import get_codec
+from pysim.network import Network
+
+
+def exchange_all_codecs(rank: int, world: int, net: Network, algorithm: str = "ring") -> dict:
+    """Runs a fixed sequence of collectives; returns what a test needs to check them."""
+    comm = Comm(rank, world, net, algorithm=algorithm)
+    g = torch.Generator().manual_seed(100 + rank)
+    out: dict = {"received_packets": 0}
+    x = torch.randn(1000, generator=g)
+    with comm.meter.measure():
+        sum(range(20000))
+    out["mean"] = comm.allreduce_mean(x)
+    out["mean16"] = comm.allreduce_mean(x, get_codec("dense:fp16"))
+    comm.end_step()
+    for spec in ("topk:0.05", "randomk:0.1", "lowrank:2"):
+        m = torch.randn(40, 25, generator=g)
+        codec = get_codec(spec)
+        packet = codec.pack(m, key="m", step=3)
+        packets = comm.allgather(packet)
+        out[spec] = [p.clone() for p in packets]
+        out["received_packets"] += sum(p.numel() for i, p in enumerate(packets) if i != rank)
+        comm.end_step()
+    out["sent"], out["received"] = comm.bytes_sent, comm.bytes_received
+    out["segments"], out["step_ends"], out["clock_s"] = comm.segments, comm.step_ends, comm.clock_s
+    out["x"] = x
+    return out
+
+
+def fail_on(rank: int, world: int, bad_rank: int) -> None:
+    if rank == bad_rank:
+        raise RuntimeError(f"boom on purpose in node {rank}")
+    time.sleep(60)  # the others would wait forever for the failed node
+
+
+def crash_hard(rank: int, world: int) -> None:
+    if rank == 1:
+        os._exit(7)
+    time.sleep(60)
+
+
+def report_pid(rank: int, world: int) -> int:
+    return os.getpid()
