@@ -89,7 +89,7 @@ class Trace:
         for c in self.collectives:
             if c is not None:
                 for i, (s, r) in enumerate(zip(bytes_sent(c.op, c.algo, c.sizes),
-                                               bytes_received(c.op, c.algo, c.sizes))):
+                                               bytes_received(c.op, c.algo, c.sizes), strict=True)):
                     sent[i] += s
                     recv[i] += r
         return sent, recv
@@ -158,7 +158,7 @@ def trace_from_nodes(segments: Sequence[Sequence[tuple[float, float, Collective 
         raise ValueError(f"nodes recorded different numbers of segments {sorted(lengths)}: "
                          "the strategy did not run the same collectives on every node")
     trace = Trace(nodes, step_ends=list(step_ends))
-    for parts in zip(*segments):
+    for parts in zip(*segments, strict=True):
         colls = {p[2] for p in parts}
         if len(colls) != 1:
             raise ValueError(f"nodes disagree on a collective: {colls}")

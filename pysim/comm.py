@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from pysim.clock import Collective, advance
-from pysim.compress import Codec, DenseCodec
+from pysim.compress import Codec, DenseCodec, split_packets
 from pysim.compute import ComputeMeter
 from pysim.network import Network, collective_s
 
@@ -61,9 +61,12 @@ class Comm:
         """Exchanges metadata; returns the member sizes and charges the clock."""
         comp, flops = self.meter.take()
         meta = torch.tensor([self.clock_s, comp, flops, float(my_bytes)], dtype=torch.float64)
-        rows = [torch.empty(4, dtype=torch.float64) for _ in range(self.world)]
-        dist.all_gather(rows, meta)
-        table = torch.stack(rows).numpy()
+        if self.world == 1:
+            table = meta.reshape(1, 4).numpy()
+        else:
+            rows = [torch.empty(4, dtype=torch.float64) for _ in range(self.world)]
+            dist.all_gather(rows, meta)
+            table = torch.stack(rows).numpy()
         sizes = [int(v) for v in table[:, 3]]
         coll = Collective(op, algo, tuple(sizes))
         cost = collective_s(self.network, op, algo, coll.sizes)
@@ -171,3 +174,20 @@ class Comm:
             for p in packets:
                 total += codec.unpack(p).float()
             return (total / self.world).to(x.dtype)
+
+    def allgather_mean_many(self, tensors: dict[str, torch.Tensor], codec: Codec, step: int = 0
+                            ) -> dict[str, torch.Tensor]:
+        """Like :meth:`allgather_mean` for several named tensors in one collective: each node
+        sends one bundle, the concatenation of its packets (bytes = the sum of their lengths)."""
+        with self.meter.measure():
+            bundle = torch.cat([codec.pack(t, key=name, step=step) for name, t in tensors.items()])
+        bundles = self.allgather(bundle)
+        with self.meter.measure():
+            totals = {name: torch.zeros(t.shape, dtype=torch.float32) for name, t in tensors.items()}
+            for b in bundles:
+                packets = split_packets(b)
+                if len(packets) != len(totals):
+                    raise ValueError(f"a node sent {len(packets)} packets, expected {len(totals)}")
+                for name, p in zip(totals, packets, strict=True):
+                    totals[name] += codec.unpack(p).float()
+            return {name: (tot / self.world).to(tensors[name].dtype) for name, tot in totals.items()}

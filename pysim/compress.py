@@ -91,6 +91,24 @@ def header_bytes(codec: str, ndim: int) -> int:
     return _C.header_bytes(_CODEC_IDS[codec], ndim)
 
 
+def split_packets(bundle) -> list[torch.Tensor]:
+    """Splits a concatenation of packets (a *bundle*) at the lengths their headers give."""
+    buf = _packet_array(bundle)
+    out, offset = [], 0
+    while offset < buf.size:
+        if buf.size - offset < 24:
+            raise ValueError("bundle truncated: trailing bytes are shorter than a packet header")
+        codec, ndim = int(buf[offset + 5]), int(buf[offset + 8])
+        if codec > 3 or ndim > 8:
+            raise ValueError("bundle corrupted: a packet header is unreadable")
+        length = _C.header_bytes(codec, ndim) + int(buf[offset + 16:offset + 24].view("<u8")[0])
+        if length > buf.size - offset:
+            raise ValueError("bundle truncated: the last packet is incomplete")
+        out.append(torch.from_numpy(buf[offset:offset + length]))
+        offset += length
+    return out
+
+
 def unpack(packet) -> torch.Tensor:
     """Decodes any pysim packet into a dense tensor of its source shape and dtype."""
     header, flat = _C.unpack(_packet_array(packet))

@@ -110,7 +110,8 @@ def run_nodes(fn: Callable[..., Any], n: int, args: tuple = (), timeout_s: float
                                            "(killed, out of memory, or crashed in native code)") from None
                 elif time.monotonic() - last_news > timeout_s + 30:
                     missing = [r for r in range(n) if r not in out]
-                    raise NodeError(missing[0], f"no result after {timeout_s + 30:.0f} s; nodes {missing} hung")
+                    raise NodeError(missing[0], f"no result after {timeout_s + 30:.0f} s; "
+                                                f"nodes {missing} hung") from None
                 else:
                     continue
             last_news = time.monotonic()

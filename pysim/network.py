@@ -55,7 +55,8 @@ def parse_bandwidth(value: str | float | int) -> float:
     elif isinstance(value, str):
         m = re.fullmatch(r"\s*" + _NUMBER + r"\s*([A-Za-z/]*)\s*", value)
         if not m:
-            raise ValueError(f"bad bandwidth {value!r}: expected a number and a unit, e.g. '100Mbit', '1Gbps', '25GB/s'")
+            raise ValueError(f"bad bandwidth {value!r}: expected a number and a unit, "
+                             "e.g. '100Mbit', '1Gbps', '25GB/s'")
         number, unit = float(m.group(1)), m.group(2)
         scale = 1.0
         if unit:
@@ -355,3 +356,18 @@ def parse_network(n: int, bandwidth: str | float = "100Mbit", latency: str | flo
         return Network.per_node(links, overhead_bytes)
     raise ValueError(f"bad topology {topology!r}: use 'uniform', 'two-tier:G:BW:LAT' (e.g. two-tier:2:100Mbit:50ms) "
                      "or 'slow-node:I:BW:LAT' (e.g. slow-node:0:10Mbit:50ms)")
+
+
+def network_to_json(net: Network) -> dict:
+    return {"links": [[lk.up_bps, lk.down_bps, lk.latency_s] for lk in net.links],
+            "inter": None if net.inter is None else [net.inter.up_bps, net.inter.down_bps, net.inter.latency_s],
+            "group_size": net.group_size, "overhead_bytes": net.overhead_bytes}
+
+
+def network_from_json(d: dict) -> Network:
+    try:
+        return Network(tuple(Link(*map(float, lk)) for lk in d["links"]),
+                       None if d["inter"] is None else Link(*map(float, d["inter"])),
+                       d["group_size"], int(d["overhead_bytes"]))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"malformed network description ({e})") from None

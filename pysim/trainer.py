@@ -1,0 +1,253 @@
+"""The Trainer: N node processes train a model with a strategy over a simulated network.
+
+Each node trains on its own shard of the training set. Node 0 evaluates the
+strategy's model on the full test set every ``eval_every`` steps and at the
+end. The run's result (JSON + per-step CSV) and its trace (for replay under
+other networks) are written to ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pysim.clock import Trace, replay, trace_from_nodes
+from pysim.comm import Comm
+from pysim.compute import ComputeMeter, count_flops, device_flops_per_s
+from pysim.launch import run_nodes
+from pysim.mnist import load_mnist
+from pysim.models import MnistCNN
+from pysim.network import Network, network_from_json, network_to_json
+from pysim.strategies import make_strategy
+
+RESULT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. Units: seconds, bytes; ``lr`` is the inner optimizer's."""
+
+    strategy: str = "SimpleReduce"
+    strategy_args: dict = field(default_factory=dict)
+    nodes: int = 2
+    network: Network = field(default_factory=lambda: Network.uniform(2, "100Mbit", "20ms"))
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    eval_every: int = 100
+    seed: int = 0
+    compute: str = "measured"          # or a device profile: "cpu", "a100", "h100", ...
+    algorithm: str = "ring"            # all-reduce algorithm: "ring" or "star"
+    data_dir: str | None = None
+    train_subset: int | None = None    # use only this many training images (tests)
+    target_acc: float = 0.98
+    label: str | None = None
+
+    def check(self) -> None:
+        for name in ("nodes", "steps", "batch_size", "eval_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.compute != "measured":
+            device_flops_per_s(self.compute)
+        if self.algorithm not in ("ring", "star"):
+            raise ValueError(f"algorithm must be 'ring' or 'star', got {self.algorithm!r}")
+        if not 0 < self.target_acc <= 1:
+            raise ValueError(f"target_acc must be in (0, 1], got {self.target_acc}")
+        self.network = self.network.with_nodes(self.nodes)
+        make_strategy(self.strategy, **self.strategy_args)  # fails early on bad arguments
+
+    @property
+    def name(self) -> str:
+        return self.label or self.strategy
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["network"] = network_to_json(self.network)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        d["network"] = network_from_json(d["network"])
+        return cls(**d)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up to 1, then cosine decay to 0.05 at the last step."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000
+             ) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on the given set."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(images), batch):
+        out = model(images[i:i + batch])
+        loss += F.cross_entropy(out, labels[i:i + batch], reduction="sum").item()
+        correct += int((out.argmax(1) == labels[i:i + batch]).sum())
+    model.train()
+    return loss / len(images), correct / len(images)
+
+
+def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
+    """One node's training loop (runs inside a node process)."""
+    data = load_mnist(cfg.data_dir)
+    images, labels = data["train_images"], data["train_labels"]
+    if cfg.train_subset:
+        images, labels = images[:cfg.train_subset], labels[:cfg.train_subset]
+    shard = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))[rank::world]
+    torch.manual_seed(cfg.seed)  # identical initial model on every node
+    model = MnistCNN()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps))
+    strategy = make_strategy(cfg.strategy, **cfg.strategy_args)
+    meter = ComputeMeter(None if cfg.compute == "measured" else cfg.compute)
+    comm = Comm(rank, world, cfg.network, meter, cfg.algorithm)
+    strategy.setup(model, optimizer, comm, scheduler)
+
+    order = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    perm, pos = shard[torch.randperm(len(shard), generator=order)], 0
+
+    def next_batch():
+        nonlocal perm, pos
+        if pos + cfg.batch_size > len(perm):
+            perm, pos = shard[torch.randperm(len(shard), generator=order)], 0
+        idx = perm[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        return images[idx], labels[idx]
+
+    xb, yb = next_batch()
+    flops = count_flops(lambda: F.cross_entropy(model(xb), yb).backward())
+    optimizer.zero_grad()
+    steps, evals = [], []
+    for step in range(cfg.steps):
+        xb, yb = next_batch()
+        with meter.measure(flops=flops):
+            loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad()
+            loss.backward()
+        strategy.step(step, last=step == cfg.steps - 1)
+        clock = comm.end_step()
+        steps.append((loss.item(), clock, comm.bytes_sent, comm.bytes_received, comm.compute_total_s, comm.comm_s))
+        if rank == 0 and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
+            test_loss, acc = evaluate(strategy.eval_model(), data["test_images"], data["test_labels"])
+            evals.append((step + 1, clock, test_loss, acc, comm.bytes_sent))
+    return {"steps": steps, "evals": evals, "segments": comm.segments, "step_ends": comm.step_ends}
+
+
+def time_to_target(evals: list[dict], target: float, key: str = "sim_time_s") -> float | None:
+    """Simulated time of the first evaluation at or above ``target`` accuracy (None if never)."""
+    for e in evals:
+        if e["test_acc"] >= target:
+            return e[key]
+    return None
+
+
+def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 300.0) -> dict:
+    """Trains ``cfg`` in ``cfg.nodes`` processes; returns (and writes) the result."""
+    cfg.check()
+    t0 = time.perf_counter()
+    nodes = run_nodes(train_node, cfg.nodes, (cfg,), timeout_s=timeout_s)
+    runtime_s = time.perf_counter() - t0
+    trace = trace_from_nodes([r["segments"] for r in nodes], nodes[0]["step_ends"])
+    timeline = replay(trace, cfg.network, None)
+    live = [r["steps"][-1][1] for r in nodes]
+    if list(timeline.end_s[-1]) != live:  # the invariant everything else rests on
+        raise RuntimeError(f"live clock {live} and replay {list(timeline.end_s[-1])} disagree")
+    n = cfg.nodes
+    steps = []
+    for k in range(cfg.steps):
+        rows = [r["steps"][k] for r in nodes]
+        steps.append({
+            "step": k + 1,
+            "loss": sum(row[0] for row in rows) / n,
+            "sim_time_s": float(timeline.step_end_s[k]),
+            "bytes_sent_per_node": sum(row[2] for row in rows) / n,
+            "bytes_received_per_node": sum(row[3] for row in rows) / n,
+            "compute_s": max(row[4] for row in rows),
+            "comm_s": max(row[5] for row in rows),
+        })
+    evals = [{"step": s, "sim_time_s": steps[s - 1]["sim_time_s"], "test_loss": tl, "test_acc": acc,
+              "bytes_sent_per_node": steps[s - 1]["bytes_sent_per_node"]}
+             for s, _, tl, acc, _ in nodes[0]["evals"]]
+    sent, recv = trace.bytes_per_node()
+    result = {
+        "version": RESULT_VERSION,
+        "name": cfg.name,
+        "config": cfg.to_json(),
+        "network": cfg.network.describe(),
+        "steps": steps,
+        "evals": evals,
+        "final": {
+            "test_acc": evals[-1]["test_acc"],
+            "test_loss": evals[-1]["test_loss"],
+            "sim_time_s": float(timeline.total_s),
+            "time_to_target_s": time_to_target(evals, cfg.target_acc),
+            "bytes_sent_per_node": sum(sent) / n,
+            "bytes_received_per_node": sum(recv) / n,
+            "compute_s": steps[-1]["compute_s"],
+            "comm_s": steps[-1]["comm_s"],
+            "real_runtime_s": runtime_s,
+        },
+    }
+    if out_dir is not None:
+        save_result(result, trace, out_dir)
+    result["trace"] = trace
+    return result
+
+
+def save_result(result: dict, trace: Trace, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = result["name"].replace("/", "_").replace(" ", "_")
+    body = {k: v for k, v in result.items() if k != "trace"}
+    (out / f"{stem}.json").write_text(json.dumps(body, indent=1))
+    trace.save(out / f"{stem}.trace.json")
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(result["steps"][0]) + ["test_loss", "test_acc"])
+        w.writeheader()
+        ev = {e["step"]: e for e in result["evals"]}
+        for row in result["steps"]:
+            e = ev.get(row["step"], {})
+            w.writerow({**row, "test_loss": e.get("test_loss", ""), "test_acc": e.get("test_acc", "")})
+    return out / f"{stem}.json"
+
+
+def load_result(path: str | Path) -> tuple[dict, Trace]:
+    """A saved result and its trace; clear errors for missing or incompatible files."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"no results file {p}")
+    try:
+        result = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not a pysim results file ({e})") from None
+    if not isinstance(result, dict) or result.get("version") != RESULT_VERSION:
+        got = result.get("version") if isinstance(result, dict) else None
+        raise ValueError(f"{p} has results format version {got!r}; this pysim reads version {RESULT_VERSION}. "
+                         "Re-run the training with this version")
+    trace_path = p.with_name(p.name[:-len(".json")] + ".trace.json")
+    if not trace_path.is_file():
+        raise ValueError(f"{p} has no trace beside it ({trace_path.name}); replay needs it")
+    return result, Trace.load(trace_path)

@@ -1,0 +1,74 @@
+"""Short end-to-end runs: every strategy learns, bytes follow the formula, runs reproduce."""
+
+import json
+import math
+
+import pytest
+
+from pysim.compress import TopKCodec
+from pysim.network import Network
+from pysim.trainer import TrainConfig, load_result, run
+
+N_PARAMS = 46730
+STEPS = 30
+
+
+def dense_chunk(n: int) -> int:
+    return 24 + 4 + 4 * n
+
+
+def cfg(strategy, **args) -> TrainConfig:
+    return TrainConfig(strategy=strategy, strategy_args=args, nodes=2, network=Network.uniform(2, "100Mbit", "20ms"),
+                       steps=STEPS, eval_every=STEPS, train_subset=3000, lr=3e-3, warmup_steps=5)
+
+
+EXPECTED_BYTES_PER_NODE = {
+    # ring all-reduce on 2 nodes: each node sends one chunk packet per phase, 2 phases per all-reduce
+    "SimpleReduce": STEPS * (dense_chunk(N_PARAMS // 2) + dense_chunk(N_PARAMS - N_PARAMS // 2)),
+    "DiLoCo": (STEPS // 10) * (dense_chunk(N_PARAMS // 2) + dense_chunk(N_PARAMS - N_PARAMS // 2)),
+    "SPARTA": STEPS * (dense_chunk(467 // 2) + dense_chunk(467 - 467 // 2)),  # k = round(0.01 * N_PARAMS)
+    "TopK": STEPS * TopKCodec(0.01).nbytes((N_PARAMS,)),  # all-gather on 2 nodes: one packet each way
+}
+
+
+@pytest.mark.parametrize("strategy,args", [("SimpleReduce", {}), ("DiLoCo", {"H": 10}), ("SPARTA", {"p": 0.01}),
+                                           ("TopK", {"k": 0.01}), ("PowerSGD", {"rank": 2}),
+                                           ("DiLoCo", {"H": 10, "codec": "lowrank:4"})])
+def test_every_strategy_learns_and_bytes_match_formula(strategy, args, tmp_path):
+    r = run(cfg(strategy, **args), tmp_path)
+    assert r["final"]["test_acc"] > 0.5, r["final"]  # chance is 0.1
+    if strategy in EXPECTED_BYTES_PER_NODE and "codec" not in args:
+        assert r["final"]["bytes_sent_per_node"] == EXPECTED_BYTES_PER_NODE[strategy]
+    sent, recv = r["trace"].bytes_per_node()
+    assert sent == recv or sum(sent) == sum(recv)
+    assert r["steps"][-1]["bytes_sent_per_node"] == r["final"]["bytes_sent_per_node"]
+    assert math.isclose(r["steps"][-1]["sim_time_s"], r["final"]["sim_time_s"])
+    saved, trace = load_result(tmp_path / f"{strategy}.json")
+    assert saved["final"] == r["final"] and trace == r["trace"]
+    assert (tmp_path / f"{strategy}.csv").read_text().count("\n") == STEPS + 1
+
+
+def test_same_seed_reproduces_accuracy_and_bytes():
+    a, b = run(cfg("SPARTA", p=0.01)), run(cfg("SPARTA", p=0.01))
+    assert [e["test_acc"] for e in a["evals"]] == [e["test_acc"] for e in b["evals"]]
+    assert a["final"]["bytes_sent_per_node"] == b["final"]["bytes_sent_per_node"]
+    assert [s["loss"] for s in a["steps"]] == [s["loss"] for s in b["steps"]]
+
+
+def test_bad_configs_fail_before_spawning():
+    for kwargs in ({"steps": 0}, {"nodes": 0}, {"lr": -1.0}, {"compute": "tpu"}, {"algorithm": "tree"},
+                   {"strategy": "Nope"}, {"strategy_args": {"H": 0}, "strategy": "DiLoCo"}):
+        c = cfg("SimpleReduce")
+        for k, v in kwargs.items():
+            setattr(c, k, v)
+        with pytest.raises(ValueError):
+            c.check()
+
+
+def test_incompatible_results_file(tmp_path):
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps({"version": 0}))
+    with pytest.raises(ValueError, match="format version"):
+        load_result(p)
+    with pytest.raises(ValueError, match="no results file"):
+        load_result(tmp_path / "missing.json")
