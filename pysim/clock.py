@@ -136,8 +136,11 @@ def replay(trace: Trace, networks: Network | Sequence[Network], device: str | No
         raise ValueError("replay needs at least one network")
     nets = [net.with_nodes(trace.nodes) for net in nets]
     comp = compute_seconds(trace, device)
-    costs = [None if c is None else np.array([collective_s(net, c.op, c.algo, c.sizes) for net in nets])
-             for c in trace.collectives]
+    unique: dict[Collective, np.ndarray] = {}
+    for c in trace.collectives:  # a run repeats few distinct collectives: cost each once per network
+        if c is not None and c not in unique:
+            unique[c] = np.array([collective_s(net, c.op, c.algo, c.sizes) for net in nets])
+    costs = [None if c is None else unique[c] for c in trace.collectives]
     t = np.zeros((trace.nodes, len(nets)))
     ends = np.empty((len(costs), trace.nodes, len(nets)))
     for s, cost in enumerate(costs):

@@ -93,8 +93,8 @@ def parse_latency(value: str | float | int) -> float:
 def format_bandwidth(bps: float) -> str:
     for unit, scale in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("Kbit/s", 1e3)):
         if bps >= scale:
-            return f"{bps / scale:g} {unit}"
-    return f"{bps:g} bit/s"
+            return f"{bps / scale:.3g} {unit}"
+    return f"{bps:.3g} bit/s"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,85 @@
+"""Replay over a grid equals fresh live runs; grids and files are checked."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pysim.__main__ import main as cli
+from pysim.network import Network, parse_bandwidth, parse_latency
+from pysim.sweep import build_network, parse_grid, run_sweep, sweep
+from pysim.trainer import TrainConfig, load_result, run
+
+
+def config(net: Network, strategy="SimpleReduce", **args) -> TrainConfig:
+    # modelled compute (FLOPs on the "cpu" profile) makes time a deterministic function of the run
+    return TrainConfig(strategy=strategy, strategy_args=args, nodes=2, network=net, steps=40, eval_every=10,
+                       train_subset=3000, lr=3e-3, warmup_steps=5, compute="cpu", target_acc=0.6)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    base = Network.uniform(2, "1Gbps", "1ms")
+    run(config(base), out)
+    run(config(base, "DiLoCo", H=10), out)
+    return out
+
+
+@pytest.mark.parametrize("bw,lat", [("10Mbit", "50ms"), ("10Gbps", "100us")])
+def test_replay_equals_a_fresh_live_run(recorded, bw, lat):
+    live = run(config(Network.uniform(2, bw, lat)))
+    s, _ = run_sweep([recorded / "SimpleReduce.json"], bw, lat, 0.6)
+    assert s.total_s[0, 0, 0] == live["final"]["sim_time_s"]
+    assert s.time_to_target_s[0, 0, 0] == live["final"]["time_to_target_s"]
+    result, trace = load_result(recorded / "SimpleReduce.json")
+    assert [e["test_acc"] for e in result["evals"]] == [e["test_acc"] for e in live["evals"]]
+
+
+def test_sweep_outputs_and_crossover(recorded, tmp_path):
+    s, table = run_sweep([recorded], "1Mbit:100Gbit:12", "0.1ms,50ms", 0.6, out_dir=tmp_path)
+    assert set(s.names) == {"SimpleReduce", "DiLoCo"}
+    assert "crossover" in table
+    for f in ("sweep.csv", "sweep.json", "sweep_bandwidth.png", "sweep_winner.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(data["bandwidths_bps"]) == 12 and len(data["latencies_s"]) == 2
+    # time to target never increases with bandwidth
+    assert np.all(np.diff(s.time_to_target_s, axis=1) <= 1e-12)
+
+
+def test_crossover_interpolates_between_grid_points():
+    from pysim.sweep import Sweep
+
+    ttt = np.array([[[1.0], [2.0], [4.0]], [[2.0], [2.0], [2.0]]])  # strategy A, then SimpleReduce
+    s = Sweep(["A", "SimpleReduce"], [1e6, 1e7, 1e8], [0.01], ttt, ttt, 0.9)
+    assert s.crossover_bps("A", 0) == pytest.approx(1e7)
+    assert list(s.winner()[:, 0]) == [0, 0, 1]  # a tie goes to the first listed
+
+
+def test_grids_parse_and_bad_grids_fail():
+    assert parse_grid("10Mbit:10Gbit:4", parse_bandwidth, "bandwidth") == pytest.approx([1e7, 1e8, 1e9, 1e10])
+    assert parse_grid("1ms,20ms", parse_latency, "latency") == pytest.approx([1e-3, 2e-2])
+    for bad in ("", "  ", "10Mbit:1Mbit:5", "0:1Gbps:3", "-5Mbit,1Gbps", "fast:slow:3", "1Mbit:1Gbps:0"):
+        with pytest.raises(ValueError):
+            parse_grid(bad, parse_bandwidth, "bandwidth")
+    with pytest.raises(ValueError, match="bad sweep topology"):
+        build_network(2, "ring", 1e9, 0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        sweep([], [1e9], [0.0], 0.9)
+
+
+def test_cli_errors_are_one_line(recorded, tmp_path, capsys):
+    (tmp_path / "old.json").write_text(json.dumps({"version": 0, "name": "x"}))
+    for argv in (["sweep", str(tmp_path / "old.json")], ["sweep", str(recorded), "--bandwidths", "fast"],
+                 ["sweep", str(tmp_path / "missing.json")], ["sweep"]):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert cli(["sweep", str(recorded), "--bandwidths", "1Gbps", "--latencies", "1ms", "--out", str(tmp_path)]) == 0
+    assert "never" in capsys.readouterr().out  # tiny runs never reach the default 98%
+
+
+def test_two_tier_sweep_varies_the_inter_link(recorded):
+    s, _ = run_sweep([recorded / "SimpleReduce.json"], "10Mbit,10Gbps", "1ms", 0.6, topology="two-tier:1:10Gbps:10us")
+    assert s.total_s[0, 0, 0] > s.total_s[0, 1, 0]
