@@ -57,17 +57,18 @@ class Comm:
         self.step_ends.append(len(self.segments) - 1)
         return self.clock_s
 
-    def _begin(self, op: str, algo: str, my_bytes: int) -> tuple[list[int], float]:
-        """Exchanges metadata; returns the member sizes and charges the clock."""
+    def _my_row(self, my_bytes: int) -> np.ndarray:
+        """This node's metadata row (clock, compute s, flops, bytes) in a (nodes x 4)
+        float64 table whose unknown rows are NaN. NumPy: these are tiny arrays on the
+        hot path, where torch's per-op dispatch would cost more than the data."""
         comp, flops = self.meter.take()
-        meta = torch.tensor([self.clock_s, comp, flops, float(my_bytes)], dtype=torch.float64)
-        if self.world == 1:
-            table = meta.reshape(1, 4).numpy()
-        else:
-            rows = [torch.empty(4, dtype=torch.float64) for _ in range(self.world)]
-            dist.all_gather(rows, meta)
-            table = torch.stack(rows).numpy()
-        sizes = [int(v) for v in table[:, 3]]
+        table = np.full((self.world, 4), np.nan)
+        table[self.rank] = (self.clock_s, comp, flops, my_bytes)
+        return table
+
+    def _charge(self, op: str, algo: str, sizes: list[int], table: np.ndarray) -> None:
+        """Advances the clock over one collective, given every node's metadata row."""
+        comp, flops = float(table[self.rank, 1]), float(table[self.rank, 2])
         coll = Collective(op, algo, tuple(sizes))
         cost = collective_s(self.network, op, algo, coll.sizes)
         before = self.clock_s + comp
@@ -75,20 +76,48 @@ class Comm:
         self.comm_s += self.clock_s - before
         self.compute_total_s += comp
         self.segments.append((comp, flops, coll))
-        return sizes, cost
+
+    def _begin(self, op: str, algo: str, my_bytes: int) -> list[int]:
+        """Exchanges metadata in a separate small collective (for packets whose sizes the
+        receivers cannot know in advance) and charges the clock; returns the member sizes."""
+        table = self._my_row(my_bytes)
+        if self.world > 1:
+            rows = [torch.empty(4, dtype=torch.float64) for _ in range(self.world)]
+            dist.all_gather(rows, torch.from_numpy(table[self.rank].copy()))
+            table = torch.stack(rows).numpy()
+        sizes = [int(v) for v in table[:, 3]]
+        self._charge(op, algo, sizes, table)
+        return sizes
 
     # ------------------------------------------------------------ transport
 
-    def _exchange(self, send: torch.Tensor | None, dst: int, recv_bytes: int | None, src: int) -> torch.Tensor | None:
+    def _exchange(self, send: torch.Tensor | None, dst: int, recv_bytes: int | None, src: int,
+                  table: np.ndarray | None = None) -> torch.Tensor | None:
+        """Sends ``send`` to dst and receives ``recv_bytes`` from src (either may be None).
+        With ``table``, the metadata table rides along, uncharged, ahead of the packet and
+        the rows the sender knew are merged into ``table`` in place."""
+        trailer = 0 if table is None else table.nbytes
         req = None
         if send is not None:
-            req = dist.isend(send, dst)
+            if table is None:
+                wire = send
+            else:
+                wire = torch.empty(trailer + send.numel(), dtype=torch.uint8)
+                w = wire.numpy()
+                w[:trailer] = table.reshape(-1).view(np.uint8)
+                w[trailer:] = send.numpy()
+            req = dist.isend(wire, dst)
             self.bytes_sent += send.numel()
         out = None
         if recv_bytes is not None:
-            out = torch.empty(recv_bytes, dtype=torch.uint8)
-            dist.recv(out, src)
+            buf = torch.empty(recv_bytes + trailer, dtype=torch.uint8)
+            dist.recv(buf, src)
             self.bytes_received += recv_bytes
+            out = buf[trailer:]
+            if table is not None:
+                theirs = buf.numpy()[:trailer].view(np.float64).reshape(table.shape)
+                unknown = np.isnan(table[:, 0])
+                table[unknown] = theirs[unknown]
         if req is not None:
             req.wait()
         return out
@@ -108,18 +137,21 @@ class Comm:
         bounds = [flat.numel() * c // n for c in range(n + 1)]
         chunks = [flat[bounds[c]:bounds[c + 1]] for c in range(n)]
         sizes = [codec.nbytes((bounds[c + 1] - bounds[c],)) for c in range(n)]
-        self._begin("allreduce", "ring", sizes[r])
+        table = self._my_row(sizes[r])
         if n == 1:
+            self._charge("allreduce", "ring", sizes, table)
             return flat.reshape(x.shape).to(x.dtype)
         right, left = (r + 1) % n, (r - 1) % n
         with self.meter.measure():
             packet = codec.pack(chunks[r])
+        # the metadata rows travel with the reduce-scatter: after n-1 hops every node has all
         for t in range(n - 1):  # reduce-scatter: chunk (r-t) leaves, chunk (r-t-1) arrives
-            got = self._exchange(packet, right, sizes[(r - t - 1) % n], left)
+            got = self._exchange(packet, right, sizes[(r - t - 1) % n], left, table)
             with self.meter.measure():
                 c = (r - t - 1) % n
                 chunks[c] += codec.unpack(got)
                 packet = codec.pack(chunks[c])
+        self._charge("allreduce", "ring", sizes, table)
         # node r now owns the full sum of chunk (r+1); everyone keeps the wire version of it
         own = (r + 1) % n
         if codec.lossy:
@@ -134,25 +166,29 @@ class Comm:
     def _star_allreduce(self, flat: torch.Tensor, codec: DenseCodec) -> torch.Tensor:
         n = self.world
         size = codec.nbytes((flat.numel(),))
-        self._begin("allreduce", "star", size)
+        table = self._my_row(size)
         if n == 1:
+            self._charge("allreduce", "star", [size], table)
             return flat
-        if self.rank == 0:
+        if self.rank == 0:  # workers' rows arrive with their packets, the full table goes back
             total = flat.clone()
             for j in range(1, n):
-                total += codec.unpack(self._exchange(None, j, size, j))
+                total += codec.unpack(self._exchange(None, j, size, j, table))
             packet = codec.pack(total / n)
             for j in range(1, n):
-                self._exchange(packet, j, None, j)
+                self._exchange(packet, j, None, j, table)
+            self._charge("allreduce", "star", [size] * n, table)
             return codec.unpack(packet).float()
-        self._exchange(codec.pack(flat), 0, None, 0)
-        return codec.unpack(self._exchange(None, 0, size, 0)).float()
+        self._exchange(codec.pack(flat), 0, None, 0, table)
+        result = codec.unpack(self._exchange(None, 0, size, 0, table)).float()
+        self._charge("allreduce", "star", [size] * n, table)
+        return result
 
     def allgather(self, packet: torch.Tensor) -> list[torch.Tensor]:
         """Every node's packet (index = rank), moved around a ring; packets may differ in size."""
         if packet.dtype != torch.uint8 or packet.dim() != 1:
             raise ValueError("allgather moves packets: 1-D torch.uint8 tensors from a codec")
-        sizes, _ = self._begin("allgather", "ring", packet.numel())
+        sizes = self._begin("allgather", "ring", packet.numel())
         n, r = self.world, self.rank
         out: list[torch.Tensor | None] = [None] * n
         out[r] = packet
