@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +51,22 @@ def read_idx(path: Path, sha256: str | None = None) -> np.ndarray:
     return body.reshape(dims)
 
 
-def load_mnist(data_dir: str | Path | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
-    """The four arrays as tensors: images float32 (N, 1, 28, 28), normalised; labels int64."""
+def load_mnist(data_dir: str | Path | None = None, verify: bool = True,
+               train_rows: Callable[[int], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The four arrays as tensors: images float32 (N, 1, 28, 28), normalised; labels int64.
+
+    ``train_rows(n)`` (optional) picks the training examples to keep, before they are
+    converted to float: a node of a many-node run then holds only its shard."""
     root = Path(data_dir) if data_dir is not None else DEFAULT_DIR
     if not root.is_dir():
         raise DataError(f"MNIST directory {root} does not exist; pass --data-dir with the four MNIST .gz files")
     out = {}
+    rows = None
     for key, (name, digest) in FILES.items():
         arr = read_idx(root / name, digest if verify else None)
+        if key.startswith("train") and train_rows is not None:
+            rows = train_rows(len(arr)) if rows is None else rows
+            arr = arr[rows.numpy()]
         if key.endswith("images"):
             t = torch.from_numpy(arr.astype(np.float32) / 255.0).sub_(MEAN).div_(STD).unsqueeze(1)
         else:

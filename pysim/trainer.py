@@ -112,11 +112,15 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
     """One node's training loop (runs inside a node process)."""
-    data = load_mnist(cfg.data_dir)
+    def my_rows(n: int) -> torch.Tensor:  # this node's shard: a seeded permutation, every world-th row
+        n = min(n, cfg.train_subset or n)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[rank::world]
+
+    data = load_mnist(cfg.data_dir, train_rows=my_rows)
     images, labels = data["train_images"], data["train_labels"]
-    if cfg.train_subset:
-        images, labels = images[:cfg.train_subset], labels[:cfg.train_subset]
-    shard = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))[rank::world]
+    shard = torch.arange(len(images))
+    test_images, test_labels = (data["test_images"], data["test_labels"]) if rank == 0 else (None, None)
+    del data
     torch.manual_seed(cfg.seed)  # identical initial model on every node
     model = MnistCNN()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -151,7 +155,7 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
         clock = comm.end_step()
         steps.append((loss.item(), clock, comm.bytes_sent, comm.bytes_received, comm.compute_total_s, comm.comm_s))
         if rank == 0 and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
-            test_loss, acc = evaluate(strategy.eval_model(), data["test_images"], data["test_labels"])
+            test_loss, acc = evaluate(strategy.eval_model(), test_images, test_labels)
             evals.append((step + 1, clock, test_loss, acc, comm.bytes_sent))
     return {"steps": steps, "evals": evals, "segments": comm.segments, "step_ends": comm.step_ends}
 
