@@ -11,12 +11,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from pysim.clock import Trace, replay, trace_from_nodes
 from pysim.comm import Comm
@@ -145,6 +147,9 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
     flops = count_flops(lambda: F.cross_entropy(model(xb), yb).backward())
     optimizer.zero_grad()
     steps, evals = [], []
+    # a progress bar on node 0 for runs long enough to want one, when a person is watching
+    bar = tqdm(total=cfg.steps, desc=f"{cfg.name} (node 0)", unit="step", leave=False, mininterval=0.5,
+               disable=rank != 0 or cfg.steps < 200 or not sys.stderr.isatty())
     for step in range(cfg.steps):
         xb, yb = next_batch()
         with meter.measure(flops=flops):
@@ -157,6 +162,9 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
         if rank == 0 and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
             test_loss, acc = evaluate(strategy.eval_model(), test_images, test_labels)
             evals.append((step + 1, clock, test_loss, acc, comm.bytes_sent))
+            bar.set_postfix(acc=f"{100 * acc:.2f}%", sim=f"{clock:.1f}s")
+        bar.update()
+    bar.close()
     return {"steps": steps, "evals": evals, "segments": comm.segments, "step_ends": comm.step_ends}
 
 

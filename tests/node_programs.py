@@ -51,3 +51,17 @@ def crash_hard(rank: int, world: int) -> None:
 
 def report_pid(rank: int, world: int) -> int:
     return os.getpid()
+
+
+def rank_and_world(rank: int, world: int) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)
+    return rank, world, float(t)
+
+
+if __name__ == "__main__":  # run under torchrun by tests/test_comm.py
+    from pysim.launch import run_nodes
+
+    print("RESULT", run_nodes(rank_and_world, 2), flush=True)

@@ -113,3 +113,18 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="algorithm"):
         Comm(0, 1, Network.uniform(1, "1Gbps"), algorithm="butterfly")
     assert np.isfinite(0.0)
+
+
+def test_same_code_runs_under_torchrun():
+    import pathlib
+    import subprocess
+    import sys
+
+    from pysim.launch import free_port
+
+    script = pathlib.Path(node_programs.__file__)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), str(script)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "RESULT [(0, 2, 1.0), (1, 2, 1.0)]" in out.stdout

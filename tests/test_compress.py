@@ -353,3 +353,13 @@ def test_foreign_packets_raise():
             unpack(junk)
     with pytest.raises(ValueError, match="uint8"):
         unpack(torch.zeros(40, dtype=torch.int32))
+
+
+def test_nan_passes_through_non_selecting_codecs():
+    x = torch.randn(64)
+    x[5] = float("nan")
+    assert torch.isnan(unpack(DenseCodec().pack(x))[5])
+    assert torch.isnan(unpack(DenseCodec("fp16").pack(x))[5])
+    assert torch.isnan(unpack(DenseCodec("bf16").pack(x))[5])
+    y = unpack(RandomKCodec(1.0).pack(x))
+    assert torch.isnan(y[5]) and torch.equal(y[~torch.isnan(y)], x[~torch.isnan(x)])

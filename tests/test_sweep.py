@@ -83,3 +83,18 @@ def test_cli_errors_are_one_line(recorded, tmp_path, capsys):
 def test_two_tier_sweep_varies_the_inter_link(recorded):
     s, _ = run_sweep([recorded / "SimpleReduce.json"], "10Mbit,10Gbps", "1ms", 0.6, topology="two-tier:1:10Gbps:10us")
     assert s.total_s[0, 0, 0] > s.total_s[0, 1, 0]
+
+
+def test_sweep_trains_missing_runs_from_a_config(tmp_path, capsys):
+    cfg = {"strategy": "SPARTA", "strategy_args": {"p": 0.01}, "nodes": 2, "steps": 20, "eval_every": 10,
+           "train_subset": 2000, "compute": "cpu", "target_acc": 0.5}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps([cfg]))
+    argv = ["sweep", "--config", str(path), "--runs-dir", str(tmp_path / "runs"), "--bandwidths", "1Mbit,1Gbps",
+            "--latencies", "1ms", "--target", "0.5", "--out", str(tmp_path / "out")]
+    assert cli(argv) == 0
+    assert "SPARTA: training" in capsys.readouterr().out
+    assert cli(argv) == 0  # second time the recorded run is reused
+    assert "using recorded run" in capsys.readouterr().out
+    path.write_text(json.dumps({"strategy": "SPARTA"}))
+    assert cli(["sweep", "--config", str(path)]) == 2
