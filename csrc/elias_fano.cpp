@@ -9,6 +9,20 @@ namespace pysim {
 namespace {
 inline uint64_t ceil_div(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 inline uint64_t high_bits(uint64_t n, uint64_t k, unsigned L) { return k + ((n - 1) >> L) + 1; }
+
+// Where the parts of a code for (n, k) lie, and word buffers to assemble them in.
+struct Layout {
+  unsigned L;
+  uint64_t mask, low_bytes, high_bits;
+  std::vector<uint64_t> low, high;
+  Layout(uint64_t n, uint64_t k)
+      : L(elias_fano_low_bits(n, k)),
+        mask(L == 0 ? 0 : (uint64_t{1} << L) - 1),
+        low_bytes(ceil_div(k * L, 8)),
+        high_bits(pysim::high_bits(n, k, L)),
+        low(ceil_div(k * L, 64) + 1, 0),
+        high(ceil_div(high_bits, 64), 0) {}
+};
 }  // namespace
 
 unsigned elias_fano_low_bits(uint64_t n, uint64_t k) {
@@ -24,12 +38,11 @@ size_t elias_fano_bytes(uint64_t n, uint64_t k) {
 
 void elias_fano_encode(const uint32_t* idx, uint64_t k, uint64_t n, uint8_t* out) {
   if (k == 0) return;
-  const unsigned L = elias_fano_low_bits(n, k);
-  const size_t low_bytes = ceil_div(k * L, 8);
-  const size_t hb = high_bits(n, k, L);
-  std::vector<uint64_t> low(ceil_div(k * L, 64) + 1, 0);
-  std::vector<uint64_t> high(ceil_div(hb, 64), 0);
-  const uint64_t mask = (L == 0) ? 0 : ((uint64_t{1} << L) - 1);
+  Layout f(n, k);
+  const unsigned L = f.L;
+  const uint64_t mask = f.mask;
+  std::vector<uint64_t>& low = f.low;
+  std::vector<uint64_t>& high = f.high;
   for (uint64_t j = 0; j < k; ++j) {
     const uint64_t v = idx[j];
     if (L) {
@@ -40,17 +53,17 @@ void elias_fano_encode(const uint32_t* idx, uint64_t k, uint64_t n, uint8_t* out
     const uint64_t hp = (v >> L) + j;
     high[hp >> 6] |= uint64_t{1} << (hp & 63);
   }
-  std::memcpy(out, low.data(), low_bytes);
-  std::memcpy(out + low_bytes, high.data(), ceil_div(hb, 8));
+  std::memcpy(out, low.data(), f.low_bytes);
+  std::memcpy(out + f.low_bytes, high.data(), ceil_div(f.high_bits, 8));
 }
 
 void elias_fano_decode(const uint8_t* in, uint64_t k, uint64_t n, uint32_t* idx) {
   if (k == 0) return;
-  const unsigned L = elias_fano_low_bits(n, k);
-  const size_t low_bytes = ceil_div(k * L, 8);
-  const size_t hb = high_bits(n, k, L);
-  std::vector<uint64_t> low(ceil_div(k * L, 64) + 1, 0);
-  std::vector<uint64_t> high(ceil_div(hb, 64), 0);
+  Layout f(n, k);
+  const unsigned L = f.L;
+  const uint64_t low_bytes = f.low_bytes, hb = f.high_bits;
+  std::vector<uint64_t>& low = f.low;
+  std::vector<uint64_t>& high = f.high;
   std::memcpy(low.data(), in, low_bytes);
   std::memcpy(high.data(), in + low_bytes, ceil_div(hb, 8));
   if (hb & 63) {
@@ -59,7 +72,7 @@ void elias_fano_decode(const uint8_t* in, uint64_t k, uint64_t n, uint32_t* idx)
   if ((k * L) & 7) {
     if (in[low_bytes - 1] >> ((k * L) & 7)) fail("top-k index code corrupted: padding bits are set");
   }
-  const uint64_t mask = (L == 0) ? 0 : ((uint64_t{1} << L) - 1);
+  const uint64_t mask = f.mask;
   uint64_t j = 0;
   int64_t prev = -1;
   for (size_t w = 0; w < high.size(); ++w) {

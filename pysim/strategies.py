@@ -53,6 +53,10 @@ class Strategy:
     def grads(self) -> list[torch.Tensor]:
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
 
+    def flat_grads(self) -> torch.Tensor:
+        """All gradients as one vector (the order of ``set_grads``)."""
+        return torch.cat([g.reshape(-1) for g in self.grads()])
+
     def set_grads(self, flat: torch.Tensor) -> None:
         offset = 0
         for p in self.params:
@@ -73,7 +77,7 @@ class SimpleReduce(Strategy):
         self.codec = c
 
     def step(self, step: int, last: bool = False) -> None:
-        flat = torch.cat([g.reshape(-1) for g in self.grads()])
+        flat = self.flat_grads()
         self.set_grads(self.comm.allreduce_mean(flat, self.codec))
         self.optimizer_step()
 
@@ -161,7 +165,7 @@ class TopK(Strategy):
         self.codec = ErrorFeedback(TopKCodec(k, index_code=index_code))
 
     def step(self, step: int, last: bool = False) -> None:
-        flat = torch.cat([g.reshape(-1) for g in self.grads()])
+        flat = self.flat_grads()
         self.set_grads(self.comm.allgather_mean(flat, self.codec, key="grads", step=step))
         self.optimizer_step()
 

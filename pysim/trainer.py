@@ -120,7 +120,6 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
 
     data = load_mnist(cfg.data_dir, train_rows=my_rows)
     images, labels = data["train_images"], data["train_labels"]
-    shard = torch.arange(len(images))
     test_images, test_labels = (data["test_images"], data["test_labels"]) if rank == 0 else (None, None)
     del data
     torch.manual_seed(cfg.seed)  # identical initial model on every node
@@ -133,12 +132,12 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
     strategy.setup(model, optimizer, comm, scheduler)
 
     order = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    perm, pos = shard[torch.randperm(len(shard), generator=order)], 0
+    perm, pos = torch.randperm(len(images), generator=order), 0
 
-    def next_batch():
+    def next_batch():  # reshuffled every pass over this node's shard
         nonlocal perm, pos
         if pos + cfg.batch_size > len(perm):
-            perm, pos = shard[torch.randperm(len(shard), generator=order)], 0
+            perm, pos = torch.randperm(len(images), generator=order), 0
         idx = perm[pos:pos + cfg.batch_size]
         pos += cfg.batch_size
         return images[idx], labels[idx]

@@ -29,6 +29,18 @@ def local_grad(model: nn.Module, rank: int, step: int) -> None:
     nn.functional.cross_entropy(model(x), y).backward()
 
 
+def local_sgd(start: nn.Module, rank: int, steps: range, lr: float = 0.1) -> nn.Module:
+    """A copy of ``start`` after plain SGD on this rank's batches: the reference for local steps."""
+    m = tiny_model()
+    m.load_state_dict(start.state_dict())
+    for step in steps:
+        local_grad(m, rank, step)
+        with torch.no_grad():
+            for p in m.parameters():
+                p -= lr * p.grad
+    return m
+
+
 def run_strategy(rank: int, world: int, name: str, kwargs: dict, steps: int, opt: str, lr: float) -> dict:
     model = tiny_model()
     optimizer = (torch.optim.SGD if opt == "sgd" else torch.optim.AdamW)(model.parameters(), lr=lr)
@@ -69,15 +81,7 @@ def test_diloco_h1_lr1_momentum0_is_model_averaging():
     res = both("DiLoCo", {"H": 1, "outer_lr": 1.0, "outer_momentum": 0.0}, 2, opt="sgd", lr=0.1)
     ref = tiny_model()
     for step in range(2):
-        locals_ = []
-        for rank in range(2):
-            m = tiny_model()
-            m.load_state_dict(ref.state_dict())
-            local_grad(m, rank, step)
-            with torch.no_grad():
-                for p in m.parameters():
-                    p -= 0.1 * p.grad
-            locals_.append(list(m.parameters()))
+        locals_ = [list(local_sgd(ref, rank, range(step, step + 1)).parameters()) for rank in range(2)]
         with torch.no_grad():
             for i, p in enumerate(ref.parameters()):
                 p.copy_((locals_[0][i] + locals_[1][i]) / 2)
@@ -94,16 +98,7 @@ def test_diloco_outer_nesterov_step_and_h():
     ref = tiny_model()
     outer = torch.optim.SGD(ref.parameters(), lr=0.7, momentum=0.9, nesterov=True)
     for rnd in range(2):
-        finals = []
-        for rank in range(2):
-            m = tiny_model()
-            m.load_state_dict(ref.state_dict())
-            for s in range(H):
-                local_grad(m, rank, rnd * H + s)
-                with torch.no_grad():
-                    for p in m.parameters():
-                        p -= 0.1 * p.grad
-            finals.append(list(m.parameters()))
+        finals = [list(local_sgd(ref, rank, range(rnd * H, (rnd + 1) * H)).parameters()) for rank in range(2)]
         outer.zero_grad()
         for i, p in enumerate(ref.parameters()):
             p.grad = ((p - finals[0][i]) + (p - finals[1][i])).detach() / 2
@@ -123,14 +118,8 @@ def test_diloco_compressed_sends_fewer_bytes_and_stays_identical_across_nodes():
 
 def test_sparta_averages_exactly_the_seeded_subset():
     res = both("SPARTA", {"p": 0.2, "seed": 5}, 1)
-    ref = []
-    for rank in range(2):
-        m = tiny_model()
-        local_grad(m, rank, 0)
-        with torch.no_grad():
-            for p in m.parameters():
-                p -= 0.1 * p.grad
-        ref.append(torch.cat([p.reshape(-1) for p in m.parameters()]))
+    ref = [torch.cat([p.reshape(-1) for p in local_sgd(tiny_model(), rank, range(1)).parameters()])
+           for rank in range(2)]
     from pysim.compress import RandomKCodec
 
     idx = RandomKCodec(0.2, 5).indices(ref[0].numel(), 0)
@@ -164,7 +153,7 @@ class Int8Quantised(Strategy):
     name = "Int8"
 
     def step(self, step: int, last: bool = False) -> None:
-        flat = torch.cat([g.reshape(-1) for g in self.grads()])
+        flat = self.flat_grads()
         with self.compute():
             scale = flat.abs().max().clamp_min(1e-12) / 127
             codes = torch.round(flat / scale)
