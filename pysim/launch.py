@@ -136,9 +136,16 @@ def run_nodes(fn: Callable[..., Any], n: int, args: tuple = (), timeout_s: float
 
 def _run_under_torchrun(fn: Callable, args: tuple, timeout_s: float) -> list[Any]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
-    result = fn(rank, world, *args)
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, result)
-    return gathered
+    try:
+        result = fn(rank, world, *args)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, result)
+        if owned:
+            dist.barrier()
+        return gathered
+    finally:
+        if owned:  # a process group left alive at exit aborts in gloo's threads
+            dist.destroy_process_group()
