@@ -173,6 +173,56 @@ def bench_overhead(steps: int, rounds: int) -> dict[str, dict[str, float]]:
             for k in res[0]["cpu"]}
 
 
+def bench_bookkeeping(steps: int = 300) -> tuple[float, float]:
+    """In one process, without a second node: CPU seconds of a bare MNIST training step and
+    of pysim's extra work per SimpleReduce step on 2 nodes (compute metering, packing and
+    unpacking both chunk packets with header and CRC, the metadata table, the clock, the
+    trace). No transport: this isolates the simulator's own cost from gloo and scheduling."""
+    from pysim.comm import Comm
+    from pysim.compute import ComputeMeter
+    from pysim.models import MnistCNN
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = MnistCNN()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    comm = Comm(0, 2, Network.uniform(2, "1Gbps", "1ms"), ComputeMeter())
+    codec = DenseCodec()
+    half = N_PARAMS // 2
+    sizes = [codec.nbytes((half,)), codec.nbytes((N_PARAMS - half,))]
+
+    def bare():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def extra():
+        with comm.meter.measure():
+            flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        table = comm._my_row(sizes[0])
+        table[1] = table[0]
+        for chunk in (flat[:half], flat[half:]):
+            with comm.meter.measure():
+                codec.unpack(codec.pack(chunk))
+        comm._charge("allreduce", "ring", sizes, table)
+        comm.end_step()
+
+    def cpu_per_call(fn) -> float:
+        for _ in range(20):
+            fn()
+        best = float("inf")
+        for _ in range(5):
+            c0 = time.process_time()
+            for _ in range(steps // 5):
+                fn()
+            best = min(best, (time.process_time() - c0) / (steps // 5))
+        return best
+
+    return cpu_per_call(bare), cpu_per_call(extra)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--overhead-steps", type=int, default=10)
@@ -182,6 +232,9 @@ def main() -> None:
     print(f"replay: 1000-step, 8-node trace under 100 networks: {r:.3f} s (target < 1 s)")
     s = min(bench_sweep() for _ in range(3))
     print(f"sweep: 3 runs x 20 x 10 grid: {s:.3f} s (target < 5 s)")
+    step_s, extra_s = bench_bookkeeping()
+    print(f"bookkeeping, in one process: bare MNIST step {step_s * 1e3:.2f} ms CPU, pysim's own work per "
+          f"SimpleReduce step {extra_s * 1e3:.3f} ms CPU = {100 * extra_s / step_s:.1f}% (target < 5%)")
     o = bench_overhead(a.overhead_steps, a.overhead_rounds)
     print("overhead, MNIST CNN step (batch 64), 2 nodes:   CPU ms/step (median)   wall ms/step (best round)")
     for k, v in o.items():
