@@ -28,13 +28,32 @@ class DataError(ValueError):
     """A data file is missing, corrupt or not what it claims to be."""
 
 
-def read_idx(path: Path, sha256: str | None = None) -> np.ndarray:
-    """Reads one gzip'd IDX file, verifying its SHA-256 first when given."""
+def _check_file(path: Path, sha256: str | None) -> bytes:
     if not path.is_file():
         raise DataError(f"missing MNIST file {path}; copy the four MNIST .gz files there or pass --data-dir")
     raw = path.read_bytes()
     if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
         raise DataError(f"corrupt MNIST file {path}: SHA-256 mismatch; replace it with the original file")
+    return raw
+
+
+def data_root(data_dir: str | Path | None) -> Path:
+    root = Path(data_dir) if data_dir is not None else DEFAULT_DIR
+    if not root.is_dir():
+        raise DataError(f"MNIST directory {root} does not exist; pass --data-dir with the four MNIST .gz files")
+    return root
+
+
+def verify_mnist(data_dir: str | Path | None = None) -> None:
+    """Checks that the four files are present and match their SHA-256 (fast: no decoding)."""
+    root = data_root(data_dir)
+    for name, digest in FILES.values():
+        _check_file(root / name, digest)
+
+
+def read_idx(path: Path, sha256: str | None = None) -> np.ndarray:
+    """Reads one gzip'd IDX file, verifying its SHA-256 first when given."""
+    raw = _check_file(path, sha256)
     try:
         data = gzip.decompress(raw)
     except (OSError, EOFError) as e:
@@ -57,9 +76,7 @@ def load_mnist(data_dir: str | Path | None = None, verify: bool = True,
 
     ``train_rows(n)`` (optional) picks the training examples to keep, before they are
     converted to float: a node of a many-node run then holds only its shard."""
-    root = Path(data_dir) if data_dir is not None else DEFAULT_DIR
-    if not root.is_dir():
-        raise DataError(f"MNIST directory {root} does not exist; pass --data-dir with the four MNIST .gz files")
+    root = data_root(data_dir)
     out = {}
     rows = None
     for key, (name, digest) in FILES.items():

@@ -24,7 +24,7 @@ from pysim.clock import Trace, replay, trace_from_nodes
 from pysim.comm import Comm
 from pysim.compute import ComputeMeter, count_flops, device_flops_per_s
 from pysim.launch import run_nodes
-from pysim.mnist import load_mnist
+from pysim.mnist import load_mnist, verify_mnist
 from pysim.models import MnistCNN
 from pysim.network import Network, network_from_json, network_to_json
 from pysim.strategies import make_strategy
@@ -71,6 +71,7 @@ class TrainConfig:
             raise ValueError(f"target_acc must be in (0, 1], got {self.target_acc}")
         self.network = self.network.with_nodes(self.nodes)
         make_strategy(self.strategy, **self.strategy_args)  # fails early on bad arguments
+        verify_mnist(self.data_dir)  # a missing or corrupt file is reported here, not by every node
 
     @property
     def name(self) -> str:

@@ -57,7 +57,8 @@ def test_same_seed_reproduces_accuracy_and_bytes():
 
 def test_bad_configs_fail_before_spawning():
     for kwargs in ({"steps": 0}, {"nodes": 0}, {"lr": -1.0}, {"compute": "tpu"}, {"algorithm": "tree"},
-                   {"strategy": "Nope"}, {"strategy_args": {"H": 0}, "strategy": "DiLoCo"}):
+                   {"strategy": "Nope"}, {"strategy_args": {"H": 0}, "strategy": "DiLoCo"},
+                   {"data_dir": "/nonexistent/mnist"}):
         c = cfg("SimpleReduce")
         for k, v in kwargs.items():
             setattr(c, k, v)
