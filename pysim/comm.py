@@ -1,11 +1,13 @@
 """The comm layer of a node: real packets between processes, charged to a virtual clock.
 
-Each collective (1) exchanges a small uncharged metadata record (every node's
-clock, compute since the last collective and packet length: simulator
-bookkeeping, whose real-network counterpart is the packet header), (2) moves
-the real packets between the node processes with point-to-point gloo
-messages in the pattern of the chosen algorithm, and (3) advances the virtual
-clock with :func:`pysim.clock.advance` by the cost of exactly those packets.
+Each collective (1) moves the real packets between the node processes with
+point-to-point gloo messages in the pattern of the chosen algorithm, (2)
+shares an uncharged metadata row per node (its clock, compute since the last
+collective and packet length: simulator bookkeeping, whose real-network
+counterpart is the packet header) riding ahead of the all-reduce's own
+messages, or for all-gathers, whose packet sizes the receivers must learn
+first, in a small separate all-gather, and (3) advances the virtual clock with
+:func:`pysim.clock.advance` by the cost of exactly those packets.
 """
 
 from __future__ import annotations
@@ -202,14 +204,7 @@ class Comm:
     def allgather_mean(self, x: torch.Tensor, codec: Codec, key: str = "", step: int = 0) -> torch.Tensor:
         """Mean over nodes of ``codec``'s reconstruction of each node's ``x`` (for sparse and
         low-rank codecs, whose packets cannot be summed on the wire)."""
-        with self.meter.measure():
-            packet = codec.pack(x, key=key, step=step)
-        packets = self.allgather(packet)
-        with self.meter.measure():
-            total = torch.zeros(x.shape, dtype=torch.float32)
-            for p in packets:
-                total += codec.unpack(p).float()
-            return (total / self.world).to(x.dtype)
+        return self.allgather_mean_many({key: x}, codec, step)[key]
 
     def allgather_mean_many(self, tensors: dict[str, torch.Tensor], codec: Codec, step: int = 0
                             ) -> dict[str, torch.Tensor]:

@@ -22,6 +22,16 @@ def human_seconds(s: float | None) -> str:
     return f"{s:.2f} s"
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table with columns padded to their widest cell."""
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
 def results_table(results: list[dict], target_acc: float) -> str:
     """One row per run: accuracy, simulated time, time to target, bytes, real runtime."""
     head = ["strategy", "test acc", "sim. wall-clock", f"time to {100 * target_acc:g}%", "bytes sent/node",
@@ -40,9 +50,7 @@ def results_table(results: list[dict], target_acc: float) -> str:
         rows.append([r["name"], f"{100 * f['test_acc']:.2f}%", human_seconds(f["sim_time_s"]),
                      human_seconds(f["time_to_target_s"]), human_bytes(f["bytes_sent_per_node"]), ratio,
                      f"{f['real_runtime_s']:.1f} s"])
-    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    return markdown_table(head, rows)
 
 
 def plot_runs(results: list[dict], path: str | Path, title: str = "") -> Path:

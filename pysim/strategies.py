@@ -21,7 +21,16 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from pysim import _C
 from pysim.comm import Comm
-from pysim.compress import Codec, DenseCodec, ErrorFeedback, RandomKCodec, TopKCodec, get_codec
+from pysim.compress import Codec, DenseCodec, ErrorFeedback, LowRankCodec, RandomKCodec, TopKCodec, get_codec
+
+
+def split_like(flat: torch.Tensor, tensors) -> list[torch.Tensor]:
+    """Views of consecutive pieces of ``flat`` shaped like ``tensors`` (the inverse of cat of reshape(-1))."""
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
 
 
 class Strategy:
@@ -58,11 +67,8 @@ class Strategy:
         return torch.cat([g.reshape(-1) for g in self.grads()])
 
     def set_grads(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
+        for p, g in zip(self.params, split_like(flat, self.params), strict=True):
+            p.grad = g.clone()
 
 
 class SimpleReduce(Strategy):
@@ -115,10 +121,7 @@ class DiLoCo(Strategy):
             deltas = {name: (g.detach() - p.detach()) for (name, g), p in named}
         if isinstance(self.codec, DenseCodec):
             flat = self.comm.allreduce_mean(torch.cat([d.reshape(-1) for d in deltas.values()]), self.codec)
-            avg, offset = {}, 0
-            for name, d in deltas.items():
-                avg[name] = flat[offset:offset + d.numel()].view_as(d)
-                offset += d.numel()
+            avg = dict(zip(deltas, split_like(flat, deltas.values()), strict=True))
         else:
             avg = self.comm.allgather_mean_many(deltas, self.codec, step)
         with self.compute():
@@ -183,17 +186,14 @@ class PowerSGD(Strategy):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"PowerSGD rank must be an integer >= 1, got {rank!r}")
         self.rank, self.seed = rank, seed
+        self.shapes = LowRankCodec(rank)  # decides, as for DiLoCo's codec, which tensors are factored
 
     def setup(self, model, optimizer, comm, scheduler=None) -> None:
         super().setup(model, optimizer, comm, scheduler)
         self.residual = [torch.zeros_like(p) for p in self.params]
         gen = torch.Generator().manual_seed(self.seed)
-        self.q = [torch.randn(p[0].numel(), self.rank, generator=gen) if self._compress(p) else None
+        self.q = [torch.randn(p[0].numel(), self.rank, generator=gen) if self.shapes.compresses(p.shape) else None
                   for p in self.params]
-
-    def _compress(self, p: torch.Tensor) -> bool:
-        rows, cols = p.shape[0], p.numel() // max(p.shape[0], 1)
-        return p.dim() >= 2 and (rows + cols) * self.rank < rows * cols
 
     def step(self, step: int, last: bool = False) -> None:
         with self.compute():

@@ -25,6 +25,7 @@ import numpy as np
 
 from pysim.clock import Trace, replay
 from pysim.network import Link, Network, format_bandwidth, parse_bandwidth, parse_latency
+from pysim.report import markdown_table
 from pysim.trainer import load_result, time_to_target
 
 BASELINE = "SimpleReduce"
@@ -126,8 +127,7 @@ def sweep(runs: list[tuple[dict, Trace]], bandwidths_bps: list[float], latencies
         device = result["config"]["compute"]
         tl = replay(trace, nets, None if device == "measured" else device)
         total[k] = tl.total_s.reshape(shape[1:])
-        first = time_to_target([{"test_acc": e["test_acc"], "step": e["step"]} for e in result["evals"]],
-                               target_acc, key="step")
+        first = time_to_target(result["evals"], target_acc, key="step")
         if first is not None:
             ttt[k] = tl.step_end_s[first - 1].reshape(shape[1:])
     return Sweep(names, list(bandwidths_bps), list(latencies_s), ttt, total, target_acc)
@@ -163,21 +163,19 @@ def format_table(s: Sweep, latency_index: int) -> str:
         w = winner[i, latency_index]
         cells.append(s.names[w] if w >= 0 else "-")
         rows.append(cells)
-    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     lines = [f"simulated time to {100 * s.target_acc:g}% test accuracy, latency {lat * 1e3:.3g} ms",
-             fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows]
+             markdown_table(head, rows)]
     if BASELINE in s.names and len(s.names) > 1:
         others = [n for n in s.names if n != BASELINE]
-        lines += ["", f"crossover: the bandwidth below which each strategy reaches the target before {BASELINE}",
-                  "| latency | " + " | ".join(others) + " |", "|---------|" + "|".join("-" * (len(n) + 2)
-                                                                                      for n in others) + "|"]
+        crossings = []
         for j, lat_j in enumerate(s.latencies_s):
-            cells = []
+            cells = [f"{lat_j * 1e3:.3g} ms"]
             for n in others:
                 x = s.crossover_bps(n, j)
                 cells.append(format_bandwidth(x) if x is not None else s.describe_crossover(n, j))
-            lines.append(f"| {lat_j * 1e3:.3g} ms | " + " | ".join(cells) + " |")
+            crossings.append(cells)
+        lines += ["", f"crossover: the bandwidth below which each strategy reaches the target before {BASELINE}",
+                  markdown_table(["latency", *others], crossings)]
     return "\n".join(lines)
 
 

@@ -161,7 +161,7 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
         steps.append((loss.item(), clock, comm.bytes_sent, comm.bytes_received, comm.compute_total_s, comm.comm_s))
         if rank == 0 and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
             test_loss, acc = evaluate(strategy.eval_model(), test_images, test_labels)
-            evals.append((step + 1, clock, test_loss, acc, comm.bytes_sent))
+            evals.append((step + 1, test_loss, acc))
             bar.set_postfix(acc=f"{100 * acc:.2f}%", sim=f"{clock:.1f}s")
         bar.update()
     bar.close()
@@ -202,7 +202,7 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 
         })
     evals = [{"step": s, "sim_time_s": steps[s - 1]["sim_time_s"], "test_loss": tl, "test_acc": acc,
               "bytes_sent_per_node": steps[s - 1]["bytes_sent_per_node"]}
-             for s, _, tl, acc, _ in nodes[0]["evals"]]
+             for s, tl, acc in nodes[0]["evals"]]
     sent, recv = trace.bytes_per_node()
     result = {
         "version": RESULT_VERSION,
