@@ -1,8 +1,22 @@
-"""Tables and plots of finished runs."""
+"""Tables and plots of finished runs and sweeps: every figure pysim draws is drawn here.
+
+Runs of one configuration with several seeds are summarised as mean ± the
+sample standard deviation over seeds (the table says so); curves are drawn
+as the mean with a band from the lowest to the highest seed.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pysim.sweep import Sweep
+
+BASELINE = "SimpleReduce"
 
 
 def human_bytes(n: float) -> str:
@@ -22,6 +36,25 @@ def human_seconds(s: float | None) -> str:
     return f"{s:.2f} s"
 
 
+def spread(values: list[float | None], unit: str = "") -> str:
+    """Median [min, max] of the values that exist, with how many are missing ("never")."""
+    got = [v for v in values if v is not None and not math.isnan(v)]
+    if not got:
+        return "never"
+    fmt = human_seconds if unit == "s" else (lambda v: f"{v:.4g}")
+    text = fmt(float(np.median(got))) if len(got) == 1 else \
+        f"{fmt(float(np.median(got)))} [{fmt(min(got))}, {fmt(max(got))}]"
+    missing = len(values) - len(got)
+    return text + (f" ({missing} never)" if missing else "")
+
+
+def mean_std(values: list[float], fmt) -> str:
+    """``mean ± std`` (sample standard deviation; just the value for one seed)."""
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{fmt(float(np.mean(values)))} ± {fmt(float(np.std(values, ddof=1)))}"
+
+
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     """A Markdown table with columns padded to their widest cell."""
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
@@ -32,50 +65,184 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
-def results_table(results: list[dict], target_acc: float) -> str:
-    """One row per run: accuracy, simulated time, time to target, bytes, real runtime."""
-    head = ["strategy", "test acc", "sim. wall-clock", f"time to {100 * target_acc:g}%", "bytes sent/node",
-            "vs SimpleReduce", "real runtime"]
-    base = next((r["final"]["bytes_sent_per_node"] for r in results if r["config"]["strategy"] == "SimpleReduce"),
-                None)
-    rows = []
+def group_by_label(results: list[dict]) -> dict[str, list[dict]]:
+    """Runs of the same configuration (label), in first-seen order."""
+    groups: dict[str, list[dict]] = {}
     for r in results:
-        f = r["final"]
-        if not base or not f["bytes_sent_per_node"]:
+        groups.setdefault(r["label"], []).append(r)
+    return groups
+
+
+def _metric_format(metric: str):
+    if metric == "accuracy":
+        return lambda v: f"{100 * v:.2f}%"
+    return lambda v: f"{v:.3f}"
+
+
+def results_table(results: list[dict]) -> str:
+    """One row per configuration: final metric, simulated time, time to target, bytes, real runtime;
+    mean ± std over its seeds. The target and metric are the runs' own."""
+    groups = group_by_label(results)
+    target = results[0]["target"]
+    metric = target.split(">=")[0].split("<=")[0]
+    fmt = _metric_format(metric)
+    seeds = max(len(g) for g in groups.values())
+    head = ["strategy", f"final {metric}", "sim. wall-clock", f"time to {target}", "bytes sent/node",
+            f"vs {BASELINE}", "real runtime"]
+    base = groups.get(BASELINE) or next((g for g in groups.values() if g[0]["config"]["strategy"] == BASELINE), None)
+    base_bytes = float(np.mean([r["final"]["bytes_sent_per_node"] for r in base])) if base else None
+    rows = []
+    for label, runs in groups.items():
+        finals = [r["final"] for r in runs]
+        reached = [f["time_to_target_s"] for f in finals if f["time_to_target_s"] is not None]
+        if len(reached) == len(finals):
+            ttt = mean_std(reached, human_seconds)
+        elif reached:
+            ttt = f"{mean_std(reached, human_seconds)} ({len(finals) - len(reached)}/{len(finals)} never)"
+        else:
+            ttt = "never"
+        sent = float(np.mean([f["bytes_sent_per_node"] for f in finals]))
+        if not base_bytes or not sent:
             ratio = "-"
-        elif r["config"]["strategy"] == "SimpleReduce":
+        elif runs is base:
             ratio = "baseline"
         else:
-            ratio = f"{base / f['bytes_sent_per_node']:.0f}x fewer"
-        rows.append([r["name"], f"{100 * f['test_acc']:.2f}%", human_seconds(f["sim_time_s"]),
-                     human_seconds(f["time_to_target_s"]), human_bytes(f["bytes_sent_per_node"]), ratio,
-                     f"{f['real_runtime_s']:.1f} s"])
-    return markdown_table(head, rows)
+            ratio = f"{base_bytes / sent:.3g}x fewer" if sent < base_bytes else f"{sent / base_bytes:.3g}x more"
+        rows.append([label, mean_std([f["metrics"][metric] for f in finals], fmt),
+                     mean_std([f["sim_time_s"] for f in finals], human_seconds), ttt, human_bytes(sent), ratio,
+                     f"{sum(f['real_runtime_s'] for f in finals):.0f} s"])
+    note = (f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed: no spread shown; use --seeds") + \
+        "; time to target interpolated between evaluations; real runtime summed over seeds"
+    return markdown_table(head, rows) + "\n" + note
 
 
-def plot_runs(results: list[dict], path: str | Path, title: str = "") -> Path:
-    """Test accuracy vs simulated time and vs bytes sent per node, one line per run."""
+def verdicts(results: list[dict]) -> list[str]:
+    """For each configuration against SimpleReduce: faster to target in every seed, slower in every
+    seed, or a tie (the seeds disagree). Runs are paired by seed."""
+    groups = group_by_label(results)
+    base = groups.get(BASELINE)
+    if base is None:
+        return []
+    base_t = {r["config"]["seed"]: r["final"]["time_to_target_s"] for r in base}
+    lines = []
+    for label, runs in groups.items():
+        if runs is base:
+            continue
+        pairs = [(r["final"]["time_to_target_s"], base_t.get(r["config"]["seed"])) for r in runs]
+        inf = float("inf")
+        wins = [(a if a is not None else inf) < (b if b is not None else inf) for a, b in pairs]
+        losses = [(a if a is not None else inf) > (b if b is not None else inf) for a, b in pairs]
+        if all(wins):
+            lines.append(f"{label} reaches the target before {BASELINE} in all {len(pairs)} seeds")
+        elif all(losses):
+            lines.append(f"{label} reaches the target after {BASELINE} in all {len(pairs)} seeds")
+        else:
+            lines.append(f"{label} and {BASELINE} tie: the seeds disagree ({sum(wins)} of {len(pairs)} faster)")
+    return lines
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_runs(results: list[dict], path: str | Path, title: str = "") -> Path:
+    """The target metric vs simulated time and vs bytes sent per node: one line per configuration
+    (mean over seeds), shaded from the lowest to the highest seed."""
+    plt = _plt()
+    target = results[0]["target"]
+    metric = target.split(">=")[0].split("<=")[0]
+    scale = 100.0 if metric == "accuracy" else 1.0
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in results:
-        ev = r["evals"]
-        acc = [100 * e["test_acc"] for e in ev]
-        ax_t.plot([e["sim_time_s"] for e in ev], acc, marker="o", ms=3, label=r["name"])
-        ax_b.plot([max(e["bytes_sent_per_node"], 1) for e in ev], acc, marker="o", ms=3, label=r["name"])
+    for label, runs in group_by_label(results).items():
+        steps = sorted(set.intersection(*[{e["step"] for e in r["evals"]} for r in runs]))
+        at = [{e["step"]: e for e in r["evals"]} for r in runs]
+        vals = np.array([[scale * a[s]["metrics"][metric] for s in steps] for a in at])
+        times = np.array([[a[s]["sim_time_s"] for s in steps] for a in at]).mean(axis=0)
+        sent = np.maximum(np.array([[a[s]["bytes_sent_per_node"] for s in steps] for a in at]).mean(axis=0), 1)
+        for ax, x in ((ax_t, times), (ax_b, sent)):
+            line, = ax.plot(x, vals.mean(axis=0), label=label, lw=1.5)
+            if len(runs) > 1:
+                ax.fill_between(x, vals.min(axis=0), vals.max(axis=0), color=line.get_color(), alpha=0.2)
     ax_t.set_xlabel("simulated wall-clock (s)")
     ax_b.set_xlabel("bytes sent per node")
     ax_b.set_xscale("log")
+    name = "test accuracy (%)" if metric == "accuracy" else metric
     for ax in (ax_t, ax_b):
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(90, 100)
+        ax.set_ylabel(name)
+        if metric == "accuracy":
+            ax.set_ylim(90, 100)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
+        ax.legend(fontsize=8)
+    fig.suptitle(title + ("" if len(results) == len(group_by_label(results)) else "  (band: range over seeds)"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_sweep(s: Sweep, out: Path, latency_index: int) -> list[Path]:
+    """Time to target vs bandwidth at one latency (median over seeds, band = range, dotted lines at
+    the median crossovers), and a heatmap of the winner where every seed agrees (grey: tie)."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from pysim.network import format_bandwidth
+
+    plt = _plt()
+    lat = s.latencies_s[latency_index]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, name in enumerate(s.names):
+        t = s.time_to_target_s[k, :, :, latency_index]
+        ok = ~np.all(np.isnan(t), axis=0)
+        mid = np.full(t.shape[1], np.nan)
+        mid[ok] = np.nanmedian(t[:, ok], axis=0)
+        line, = ax.plot(s.bandwidths_bps, mid, marker="o", ms=3, label=name)
+        if len(s.seeds) > 1 and ok.any():
+            lo, hi = np.full_like(mid, np.nan), np.full_like(mid, np.nan)
+            lo[ok], hi[ok] = np.nanmin(t[:, ok], axis=0), np.nanmax(t[:, ok], axis=0)
+            ax.fill_between(s.bandwidths_bps, lo, hi, color=line.get_color(), alpha=0.2)
+        xs = [x for x in s.crossover_bps(name, latency_index) if x is not None]
+        if xs:
+            ax.axvline(float(np.median(xs)), ls=":", color=line.get_color(), alpha=0.7)
+    ax.set_xscale("log")
+    if np.isfinite(s.time_to_target_s[..., latency_index]).any():
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no run reached the target", transform=ax.transAxes, ha="center")
+    ax.set_xlabel("link bandwidth (bit/s)")
+    ax.set_ylabel(f"simulated time to {s.target} (s)")
+    ax.set_title(f"time to target vs bandwidth, latency {lat * 1e3:.3g} ms\n"
+                 f"(median over {len(s.seeds)} seeds, band: range; dotted: crossover)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    line_path = out / "sweep_bandwidth.png"
+    fig.savefig(line_path, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.get_cmap("tab10").colors[:len(s.names)]
+    cmap = ListedColormap(["#dddddd", *colors])
+    ax.imshow(s.winner().T + 1, origin="lower", aspect="auto", cmap=cmap, vmin=0, vmax=len(s.names),
+              interpolation="nearest")
+    step = max(1, len(s.bandwidths_bps) // 8)
+    ticks = list(range(0, len(s.bandwidths_bps), step))
+    ax.set_xticks(ticks, [format_bandwidth(s.bandwidths_bps[i]).replace("bit/s", "b/s") for i in ticks],
+                  fontsize=7, rotation=30)
+    ax.set_yticks(range(len(s.latencies_s)), [f"{lat * 1e3:.3g} ms" for lat in s.latencies_s], fontsize=7)
+    ax.set_xlabel("bandwidth")
+    ax.set_ylabel("latency")
+    ax.set_title(f"fastest to {s.target} in every seed (grey: the seeds disagree)", fontsize=9)
+    ax.legend(handles=[Patch(color="#dddddd", label="tie")] +
+              [Patch(color=c, label=n) for c, n in zip(colors, s.names, strict=True)],
+              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    fig.tight_layout()
+    heat = out / "sweep_winner.png"
+    fig.savefig(heat, dpi=120)
+    plt.close(fig)
+    return [line_path, heat]

@@ -2,14 +2,19 @@
 
 For each run and each (bandwidth, latency) of the grid, the run's trace is
 replayed (:func:`pysim.clock.replay`, vectorised over the grid) and the
-simulated time of its first evaluation at or above the target accuracy is
-read off. Synchronous strategies do the same arithmetic on any network, so
-these numbers equal those of a fresh run on that network.
+simulated time at which it reached its target (interpolated between
+evaluations, :func:`pysim.trainer.time_to_target`) is read off. Synchronous
+strategies do the same arithmetic on any network, so these numbers equal
+those of a fresh run on that network (tested).
 
-The crossover bandwidth of a strategy is where its time to target equals
-SimpleReduce's: below it the strategy wins. It is interpolated linearly in
-log(bandwidth) on log(time ratio) between the two grid points around the
-sign change.
+Runs of one strategy configuration (the same label) with several seeds are
+kept apart: every figure exists per seed, and the report gives the median
+and the range over seeds. The crossover bandwidth of a strategy, per seed, is
+where its time to target equals the baseline's (SimpleReduce, same seed):
+below it the strategy wins. It is interpolated linearly in log(bandwidth) on
+log(time ratio) between the two grid points around the sign change. A
+verdict ("A beats B here") is given only where every seed agrees; elsewhere
+the strategies tie.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import numpy as np
 
 from pysim.clock import Trace, replay
 from pysim.network import Link, Network, format_bandwidth, parse_bandwidth, parse_latency
-from pysim.report import markdown_table
-from pysim.trainer import load_result, time_to_target
+from pysim.report import markdown_table, plot_sweep, spread
+from pysim.trainer import crossing_step, load_result, metric_series, time_at_step
+from pysim.workload import Target
 
 BASELINE = "SimpleReduce"
 
@@ -52,48 +58,64 @@ def parse_grid(spec: str, parse, what: str) -> list[float]:
 
 @dataclass
 class Sweep:
-    """Time to target (s) per run, bandwidth and latency; NaN where the run never got there."""
+    """Time to target (s) per strategy label, seed, bandwidth and latency; NaN where a run never got
+    there or a seed is missing."""
 
-    names: list[str]
+    names: list[str]               # strategy labels
+    seeds: list[int]
     bandwidths_bps: list[float]
     latencies_s: list[float]
-    time_to_target_s: np.ndarray   # (runs, bandwidths, latencies)
-    total_s: np.ndarray            # (runs, bandwidths, latencies): whole run
-    target_acc: float
+    time_to_target_s: np.ndarray   # (names, seeds, bandwidths, latencies)
+    total_s: np.ndarray            # (names, seeds, bandwidths, latencies): whole run
+    target: Target
 
     def winner(self) -> np.ndarray:
-        """Index of the fastest run to target per (bandwidth, latency); -1 if none reached it."""
+        """Index of the label fastest to target in every seed, per (bandwidth, latency); -1 where the
+        seeds disagree (a tie) or nothing reached the target."""
         t = np.where(np.isnan(self.time_to_target_s), np.inf, self.time_to_target_s)
-        w = t.argmin(axis=0)
-        return np.where(np.isinf(t.min(axis=0)), -1, w)
+        best = t.argmin(axis=0)                       # (seeds, bw, lat)
+        reached = np.isfinite(t.min(axis=0))
+        agree = np.all(best == best[:1], axis=0) & np.all(reached, axis=0)
+        return np.where(agree, best[0], -1)
 
-    def crossover_bps(self, name: str, latency_index: int) -> float | None:
-        """Largest bandwidth at which ``name`` still reaches the target sooner than SimpleReduce;
-        None if there is no sign change on the grid (see :meth:`describe_crossover`)."""
+    def crossover_bps(self, name: str, latency_index: int) -> list[float | None]:
+        """Per seed: the largest bandwidth at which ``name`` still reaches the target sooner than
+        SimpleReduce (None where there is no sign change on the grid)."""
         if BASELINE not in self.names or name == BASELINE:
-            return None
-        a = self.time_to_target_s[self.names.index(name), :, latency_index]
-        b = self.time_to_target_s[self.names.index(BASELINE), :, latency_index]
-        r = np.log(a / b)  # < 0: the strategy wins
+            return [None] * len(self.seeds)
+        out: list[float | None] = []
         bw = np.log(np.array(self.bandwidths_bps))
-        for i in range(len(r) - 1):
-            if np.isfinite(r[i]) and np.isfinite(r[i + 1]) and r[i] < 0 <= r[i + 1]:
-                x = bw[i] + (bw[i + 1] - bw[i]) * (0 - r[i]) / (r[i + 1] - r[i])
-                return float(math.exp(x))
-        return None
+        for k in range(len(self.seeds)):
+            a = self.time_to_target_s[self.names.index(name), k, :, latency_index]
+            b = self.time_to_target_s[self.names.index(BASELINE), k, :, latency_index]
+            r = np.log(a / b)  # < 0: the strategy wins
+            x = None
+            for i in range(len(r) - 1):
+                if np.isfinite(r[i]) and np.isfinite(r[i + 1]) and r[i] < 0 <= r[i + 1]:
+                    x = float(math.exp(bw[i] + (bw[i + 1] - bw[i]) * (0 - r[i]) / (r[i + 1] - r[i])))
+                    break
+            out.append(x)
+        return out
 
     def describe_crossover(self, name: str, latency_index: int) -> str:
-        x = self.crossover_bps(name, latency_index)
-        if x is not None:
-            return f"wins below {format_bandwidth(x)}"
-        a = self.time_to_target_s[self.names.index(name), :, latency_index]
-        b = self.time_to_target_s[self.names.index(BASELINE), :, latency_index]
+        """The crossover as a median and a range over seeds, or why there is none."""
+        xs = self.crossover_bps(name, latency_index)
+        found = [x for x in xs if x is not None]
+        if found and len(found) == len(xs):
+            lo, mid, hi = min(found), float(np.median(found)), max(found)
+            if len(found) == 1:
+                return f"wins below {format_bandwidth(mid)}"
+            return f"wins below {format_bandwidth(mid)} ({format_bandwidth(lo)} to {format_bandwidth(hi)})"
+        a = self.time_to_target_s[self.names.index(name), :, :, latency_index]
+        b = self.time_to_target_s[self.names.index(BASELINE), :, :, latency_index]
         if np.all(np.isnan(a)):
             return "never reaches the target"
         if np.all(a < b):
             return "wins on the whole grid"
         if np.all(~(a < b)):
             return "never wins on the grid"
+        if found:
+            return f"seeds disagree: {len(found)} of {len(xs)} cross, near {format_bandwidth(float(np.median(found)))}"
         return "mixed (no single crossover)"
 
 
@@ -111,26 +133,45 @@ def build_network(nodes: int, topology: str, bandwidth_bps: float, latency_s: fl
 
 
 def sweep(runs: list[tuple[dict, Trace]], bandwidths_bps: list[float], latencies_s: list[float],
-          target_acc: float, topology: str = "uniform") -> Sweep:
-    """Re-times each (result, trace) under every grid point."""
+          target: Target | str | None = None, topology: str = "uniform") -> Sweep:
+    """Re-times each (result, trace) under every grid point. ``target``: default the runs' own
+    (they must agree)."""
     if not runs:
         raise ValueError("sweep needs at least one recorded run")
     if not bandwidths_bps or not latencies_s:
         raise ValueError("sweep needs a non-empty bandwidth and latency grid")
-    names = [r["name"] for r, _ in runs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two runs share a name in {names}; give them distinct labels")
-    shape = (len(runs), len(bandwidths_bps), len(latencies_s))
-    ttt, total = np.full(shape, np.nan), np.zeros(shape)
-    for k, (result, trace) in enumerate(runs):
+    goals = {r["target"] for r, _ in runs}
+    if target is None:
+        if len(goals) != 1:
+            raise ValueError(f"the runs have different targets {sorted(goals)}; pass --target")
+        target = goals.pop()
+    target = Target.parse(target)
+    names = list(dict.fromkeys(r["label"] for r, _ in runs))
+    seeds = sorted({int(r["config"]["seed"]) for r, _ in runs})
+    seen = set()
+    for r, _ in runs:
+        key = (r["label"], int(r["config"]["seed"]))
+        if key in seen:
+            raise ValueError(f"two runs of {key[0]!r} with seed {key[1]}; give them distinct labels or folders")
+        seen.add(key)
+    shape = (len(names), len(seeds), len(bandwidths_bps), len(latencies_s))
+    ttt, total = np.full(shape, np.nan), np.full(shape, np.nan)
+    for result, trace in runs:
+        k, j = names.index(result["label"]), seeds.index(int(result["config"]["seed"]))
         nets = [build_network(trace.nodes, topology, b, lat) for b in bandwidths_bps for lat in latencies_s]
         device = result["config"]["compute"]
         tl = replay(trace, nets, None if device == "measured" else device)
-        total[k] = tl.total_s.reshape(shape[1:])
-        first = time_to_target(result["evals"], target_acc, key="step")
-        if first is not None:
-            ttt[k] = tl.step_end_s[first - 1].reshape(shape[1:])
-    return Sweep(names, list(bandwidths_bps), list(latencies_s), ttt, total, target_acc)
+        total[k, j] = tl.total_s.reshape(shape[2:])
+        reached = time_to_target_grid(result, target, tl.step_end_s)
+        if reached is not None:
+            ttt[k, j] = reached.reshape(shape[2:])
+    return Sweep(names, seeds, list(bandwidths_bps), list(latencies_s), ttt, total, target)
+
+
+def time_to_target_grid(result: dict, target: Target, step_end_s: np.ndarray) -> np.ndarray | None:
+    """Time to target of one run under every replayed network (``step_end_s``: steps x networks)."""
+    crossing = crossing_step(metric_series(result, target.metric), target)
+    return None if crossing is None else time_at_step(step_end_s, crossing[0])
 
 
 def load_runs(paths: list[str | Path]) -> list[tuple[dict, Trace]]:
@@ -151,116 +192,67 @@ def nearest(values: list[float], x: float) -> int:
 
 
 def format_table(s: Sweep, latency_index: int) -> str:
+    """Time to target per bandwidth at one latency (median and range over seeds), the winner where
+    every seed agrees, and the crossover bandwidths per latency."""
     lat = s.latencies_s[latency_index]
-    head = ["bandwidth"] + s.names + ["winner"]
+    head = ["bandwidth"] + s.names + ["winner (all seeds)"]
     winner = s.winner()
     rows = []
     for i, b in enumerate(s.bandwidths_bps):
         cells = [format_bandwidth(b)]
         for k in range(len(s.names)):
-            t = s.time_to_target_s[k, i, latency_index]
-            cells.append("never" if np.isnan(t) else f"{t:.2f} s")
+            t = s.time_to_target_s[k, :, i, latency_index]
+            cells.append("never" if np.all(np.isnan(t)) else spread(list(t), "s"))
         w = winner[i, latency_index]
-        cells.append(s.names[w] if w >= 0 else "-")
+        cells.append(s.names[w] if w >= 0 else "tie")
         rows.append(cells)
-    lines = [f"simulated time to {100 * s.target_acc:g}% test accuracy, latency {lat * 1e3:.3g} ms",
+    seeds = f"{len(s.seeds)} seed{'s' if len(s.seeds) > 1 else ''}"
+    lines = [f"simulated time to {s.target}, latency {lat * 1e3:.3g} ms (median [min, max] over {seeds})",
              markdown_table(head, rows)]
     if BASELINE in s.names and len(s.names) > 1:
         others = [n for n in s.names if n != BASELINE]
-        crossings = []
-        for j, lat_j in enumerate(s.latencies_s):
-            cells = [f"{lat_j * 1e3:.3g} ms"]
-            for n in others:
-                x = s.crossover_bps(n, j)
-                cells.append(format_bandwidth(x) if x is not None else s.describe_crossover(n, j))
-            crossings.append(cells)
-        lines += ["", f"crossover: the bandwidth below which each strategy reaches the target before {BASELINE}",
+        crossings = [[f"{lat_j * 1e3:.3g} ms"] + [s.describe_crossover(n, j) for n in others]
+                     for j, lat_j in enumerate(s.latencies_s)]
+        lines += ["", f"crossover: the bandwidth below which each strategy reaches the target before {BASELINE} "
+                      f"(median, and range over {seeds})",
                   markdown_table(["latency", *others], crossings)]
     return "\n".join(lines)
 
 
 def write_outputs(s: Sweep, out_dir: str | Path, latency_index: int) -> list[Path]:
-    """CSV + JSON of the whole grid, a line plot at one latency and a winner heatmap."""
+    """CSV + JSON of the whole grid (every seed), a line plot at one latency and a winner heatmap."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "sweep.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["strategy", "bandwidth_bps", "latency_s", "time_to_target_s", "total_s"])
+        w.writerow(["strategy", "seed", "bandwidth_bps", "latency_s", "time_to_target_s", "total_s"])
         for k, name in enumerate(s.names):
-            for i, b in enumerate(s.bandwidths_bps):
-                for j, lat in enumerate(s.latencies_s):
-                    t = s.time_to_target_s[k, i, j]
-                    w.writerow([name, b, lat, "" if np.isnan(t) else t, s.total_s[k, i, j]])
+            for q, seed in enumerate(s.seeds):
+                for i, b in enumerate(s.bandwidths_bps):
+                    for j, lat in enumerate(s.latencies_s):
+                        t = s.time_to_target_s[k, q, i, j]
+                        w.writerow([name, seed, b, lat, "" if np.isnan(t) else t, s.total_s[k, q, i, j]])
     crossovers = {name: {f"{lat:g}": s.crossover_bps(name, j) for j, lat in enumerate(s.latencies_s)}
                   for name in s.names if name != BASELINE}
+
+    def nan_to_none(a: np.ndarray) -> list:
+        return np.where(np.isnan(a), None, a).tolist()
+
     (out / "sweep.json").write_text(json.dumps({
-        "target_acc": s.target_acc, "strategies": s.names, "bandwidths_bps": s.bandwidths_bps,
-        "latencies_s": s.latencies_s,
-        "time_to_target_s": np.where(np.isnan(s.time_to_target_s), None, s.time_to_target_s).tolist(),
-        "total_s": s.total_s.tolist(), "crossover_bps": crossovers}, indent=1))
+        "target": str(s.target), "strategies": s.names, "seeds": s.seeds, "bandwidths_bps": s.bandwidths_bps,
+        "latencies_s": s.latencies_s, "time_to_target_s": nan_to_none(s.time_to_target_s),
+        "total_s": nan_to_none(s.total_s), "crossover_bps_per_seed": crossovers,
+        "winner": [[s.names[w] if w >= 0 else None for w in row] for row in s.winner().tolist()]}, indent=1))
     return [out / "sweep.csv", out / "sweep.json", *plot_sweep(s, out, latency_index)]
 
 
-def plot_sweep(s: Sweep, out: Path, latency_index: int) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    lat = s.latencies_s[latency_index]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, name in enumerate(s.names):
-        ax.plot(s.bandwidths_bps, s.time_to_target_s[k, :, latency_index], marker="o", ms=3, label=name)
-        x = s.crossover_bps(name, latency_index)
-        if x is not None:
-            ax.axvline(x, ls=":", color=ax.lines[-1].get_color(), alpha=0.7)
-    ax.set_xscale("log")
-    if np.isfinite(s.time_to_target_s[:, :, latency_index]).any():
-        ax.set_yscale("log")
-    else:
-        ax.text(0.5, 0.5, "no run reached the target", transform=ax.transAxes, ha="center")
-    ax.set_xlabel("link bandwidth (bit/s)")
-    ax.set_ylabel(f"simulated time to {100 * s.target_acc:g}% (s)")
-    ax.set_title(f"time to target vs bandwidth, latency {lat * 1e3:.3g} ms (dotted: crossover)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    line = out / "sweep_bandwidth.png"
-    fig.savefig(line, dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = plt.get_cmap("tab10").colors[:len(s.names)]
-    cmap = ListedColormap(["#dddddd", *colors])
-    ax.imshow(s.winner().T + 1, origin="lower", aspect="auto", cmap=cmap, vmin=0, vmax=len(s.names),
-              interpolation="nearest")
-    step = max(1, len(s.bandwidths_bps) // 8)
-    ticks = list(range(0, len(s.bandwidths_bps), step))
-    ax.set_xticks(ticks, [format_bandwidth(s.bandwidths_bps[i]).replace("bit/s", "b/s") for i in ticks],
-                  fontsize=7, rotation=30)
-    ax.set_yticks(range(len(s.latencies_s)), [f"{lat * 1e3:.3g} ms" for lat in s.latencies_s], fontsize=7)
-    ax.set_xlabel("bandwidth")
-    ax.set_ylabel("latency")
-    ax.set_title(f"fastest to {100 * s.target_acc:g}% test accuracy")
-    from matplotlib.patches import Patch
-
-    ax.legend(handles=[Patch(color=c, label=n) for c, n in zip(colors, s.names, strict=True)],
-              loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    fig.tight_layout()
-    heat = out / "sweep_winner.png"
-    fig.savefig(heat, dpi=120)
-    plt.close(fig)
-    return [line, heat]
-
-
-def run_sweep(paths: list[str | Path], bandwidths: str, latencies: str, target_acc: float,
+def run_sweep(paths: list[str | Path], bandwidths: str, latencies: str, target: str | Target | None = None,
               topology: str = "uniform", out_dir: str | Path | None = None,
               table_latency: str | None = None) -> tuple[Sweep, str]:
     """Loads runs, sweeps, writes outputs; returns the sweep and the printed table."""
     runs = load_runs(paths)
     s = sweep(runs, parse_grid(bandwidths, parse_bandwidth, "bandwidth"),
-              parse_grid(latencies, parse_latency, "latency"), target_acc, topology)
+              parse_grid(latencies, parse_latency, "latency"), target, topology)
     j = nearest(s.latencies_s, parse_latency(table_latency) if table_latency else 0.02)
     table = format_table(s, j)
     if out_dir is not None:

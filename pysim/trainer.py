@@ -11,169 +11,152 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
+import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+import numpy as np
 
 from pysim.clock import Trace, replay, trace_from_nodes
-from pysim.comm import Comm
-from pysim.compute import ComputeMeter, count_flops, device_flops_per_s
+from pysim.compute import device_flops_per_s
 from pysim.launch import run_nodes
-from pysim.mnist import load_mnist, verify_mnist
-from pysim.models import MnistCNN
 from pysim.network import Network, network_from_json, network_to_json
+from pysim.node import StepRecord, train_node
+from pysim.sharding import Sharding
 from pysim.strategies import make_strategy
+from pysim.workload import Target, Workload, get_workload
 
-RESULT_VERSION = 1
+RESULT_VERSION = 2
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on. Units: seconds, bytes; ``lr`` is the inner optimizer's."""
+    """Everything a run depends on. Units: seconds, bytes.
 
+    ``workload``: what is trained (a :class:`~pysim.workload.Workload`, or a built-in's name
+    such as ``"mnist"``); ``target`` overrides the workload's. ``sharding``: ``iid``,
+    ``contiguous`` or ``dirichlet:ALPHA``. ``eval_every``: steps between evaluations on
+    ``eval_subset`` examples of the evaluation set (None: all); the final metrics use all.
+    ``train_examples`` keeps only the first N training examples (quick studies, tests).
+    """
+
+    workload: Workload | str = "mnist"
     strategy: str = "SimpleReduce"
     strategy_args: dict = field(default_factory=dict)
     nodes: int = 2
     network: Network = field(default_factory=lambda: Network.uniform(2, "100Mbit", "20ms"))
     steps: int = 600
     batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.01
     warmup_steps: int = 30
     eval_every: int = 100
+    eval_subset: int | None = None
     seed: int = 0
     compute: str = "measured"          # or a device profile: "cpu", "a100", "h100", ...
     algorithm: str = "ring"            # all-reduce algorithm: "ring" or "star"
-    data_dir: str | None = None
-    train_subset: int | None = None    # use only this many training images (tests)
-    target_acc: float = 0.98
+    sharding: Sharding | str = "iid"
+    train_examples: int | None = None
+    target: Target | str | None = None
     label: str | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.workload, str):
+            self.workload = get_workload(self.workload)
+        self.sharding = Sharding.parse(self.sharding)
+        if self.target is not None:
+            self.target = Target.parse(self.target)
+
     def check(self) -> None:
+        """Validates everything before any node process starts; one-line errors."""
         for name in ("nodes", "steps", "batch_size", "eval_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("eval_subset", "train_examples"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {v!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.compute != "measured":
             device_flops_per_s(self.compute)
         if self.algorithm not in ("ring", "star"):
             raise ValueError(f"algorithm must be 'ring' or 'star', got {self.algorithm!r}")
-        if not 0 < self.target_acc <= 1:
-            raise ValueError(f"target_acc must be in (0, 1], got {self.target_acc}")
         self.network = self.network.with_nodes(self.nodes)
         make_strategy(self.strategy, **self.strategy_args)  # fails early on bad arguments
-        verify_mnist(self.data_dir)  # a missing or corrupt file is reported here, not by every node
+        self.workload.validate()  # picklable, data present and not corrupt: reported here, not by every node
 
     @property
     def name(self) -> str:
         return self.label or self.strategy
 
+    @property
+    def goal(self) -> Target:
+        """The target of this run: the config's, else the workload's."""
+        return self.target or self.workload.target
+
     def to_json(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["workload"] = {"name": self.workload.name, "spec": self.workload.spec, "args": self.workload.args}
         d["network"] = network_to_json(self.network)
+        d["sharding"] = str(self.sharding)
+        d["target"] = None if self.target is None else str(self.target)
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> TrainConfig:
         d = dict(d)
+        w = d["workload"]
+        if not w.get("spec"):
+            raise ValueError(f"workload {w.get('name')!r} is user-defined; only built-in workloads can be "
+                             "rebuilt from a config file")
+        d["workload"] = get_workload(w["spec"], **w.get("args", {}))
         d["network"] = network_from_json(d["network"])
         return cls(**d)
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up to 1, then cosine decay to 0.05 at the last step."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000
-             ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) on the given set."""
-    model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(images), batch):
-        out = model(images[i:i + batch])
-        loss += F.cross_entropy(out, labels[i:i + batch], reduction="sum").item()
-        correct += int((out.argmax(1) == labels[i:i + batch]).sum())
-    model.train()
-    return loss / len(images), correct / len(images)
-
-
-def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
-    """One node's training loop (runs inside a node process)."""
-    def my_rows(n: int) -> torch.Tensor:  # this node's shard: a seeded permutation, every world-th row
-        n = min(n, cfg.train_subset or n)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[rank::world]
-
-    data = load_mnist(cfg.data_dir, train_rows=my_rows)
-    images, labels = data["train_images"], data["train_labels"]
-    test_images, test_labels = (data["test_images"], data["test_labels"]) if rank == 0 else (None, None)
-    del data
-    torch.manual_seed(cfg.seed)  # identical initial model on every node
-    model = MnistCNN()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps))
-    strategy = make_strategy(cfg.strategy, **cfg.strategy_args)
-    meter = ComputeMeter(None if cfg.compute == "measured" else cfg.compute)
-    comm = Comm(rank, world, cfg.network, meter, cfg.algorithm)
-    strategy.setup(model, optimizer, comm, scheduler)
-
-    order = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    perm, pos = torch.randperm(len(images), generator=order), 0
-
-    def next_batch():  # reshuffled every pass over this node's shard
-        nonlocal perm, pos
-        if pos + cfg.batch_size > len(perm):
-            perm, pos = torch.randperm(len(images), generator=order), 0
-        idx = perm[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
-        return images[idx], labels[idx]
-
-    xb, yb = next_batch()
-    flops = count_flops(lambda: F.cross_entropy(model(xb), yb).backward())
-    optimizer.zero_grad()
-    steps, evals = [], []
-    # a progress bar on node 0 for runs long enough to want one, when a person is watching
-    bar = tqdm(total=cfg.steps, desc=f"{cfg.name} (node 0)", unit="step", leave=False, mininterval=0.5,
-               disable=rank != 0 or cfg.steps < 200 or not sys.stderr.isatty())
-    for step in range(cfg.steps):
-        xb, yb = next_batch()
-        with meter.measure(flops=flops):
-            loss = F.cross_entropy(model(xb), yb)
-            optimizer.zero_grad()
-            loss.backward()
-        strategy.step(step, last=step == cfg.steps - 1)
-        clock = comm.end_step()
-        steps.append((loss.item(), clock, comm.bytes_sent, comm.bytes_received, comm.compute_total_s, comm.comm_s))
-        if rank == 0 and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
-            test_loss, acc = evaluate(strategy.eval_model(), test_images, test_labels)
-            evals.append((step + 1, test_loss, acc))
-            bar.set_postfix(acc=f"{100 * acc:.2f}%", sim=f"{clock:.1f}s")
-        bar.update()
-    bar.close()
-    return {"steps": steps, "evals": evals, "segments": comm.segments, "step_ends": comm.step_ends}
-
-
-def time_to_target(evals: list[dict], target: float, key: str = "sim_time_s") -> float | None:
-    """Simulated time of the first evaluation at or above ``target`` accuracy (None if never)."""
-    for e in evals:
-        if e["test_acc"] >= target:
-            return e[key]
+def crossing_step(evals: list[tuple[int, float]], target: Target) -> tuple[float, int, int] | None:
+    """Where the metric first reaches ``target``: (fractional step, step of the evaluation before,
+    step of the first evaluation at or past it), None if never. The step is linearly interpolated
+    in the metric between the two evaluations; before the first evaluation there is nothing to
+    interpolate from (the bracket then starts at step 0 and the crossing is put at its end)."""
+    prev = None
+    for step, value in evals:
+        if target.reached(value):
+            if prev is None:
+                return float(step), 0, step
+            s0, v0 = prev
+            frac = (target.value - v0) / (value - v0) if value != v0 else 1.0
+            return s0 + (step - s0) * frac, s0, step
+        prev = (step, value)
     return None
+
+
+def time_at_step(step_end_s: np.ndarray, step: float) -> np.ndarray:
+    """Simulated time at a fractional step, linear between step ends (``step_end_s[k]`` ends step
+    k+1; step 0 is time 0). Works on (steps,) and (steps, networks) arrays."""
+    k = min(int(math.floor(step)), len(step_end_s))
+    t0 = step_end_s[k - 1] if k >= 1 else np.zeros_like(step_end_s[0])
+    if step == k:
+        return np.asarray(t0, dtype=np.float64)
+    return t0 + (step - k) * (step_end_s[k] - t0)
+
+
+def metric_series(result: dict, metric: str) -> list[tuple[int, float]]:
+    """(step, value) of ``metric`` at every evaluation of a run."""
+    return [(e["step"], e["metrics"][metric]) for e in result["evals"] if metric in e["metrics"]]
+
+
+def time_to_target(result: dict, target: Target, step_end_s: np.ndarray | None = None
+                   ) -> tuple[float, float, float] | None:
+    """(time, lower, upper) in simulated seconds at which a run reached ``target``: interpolated
+    between evaluations, bracketed by the evaluations around the crossing; None if never.
+    ``step_end_s``: the run's step end times (default: as recorded); a replay's re-times it."""
+    crossing = crossing_step(metric_series(result, target.metric), target)
+    if crossing is None:
+        return None
+    ends = np.array([r["sim_time_s"] for r in result["steps"]]) if step_end_s is None else step_end_s
+    return tuple(float(time_at_step(ends, s)) for s in crossing)  # type: ignore[return-value]
 
 
 def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 300.0) -> dict:
@@ -190,38 +173,41 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 
     n = cfg.nodes
     steps = []
     for k in range(cfg.steps):
-        rows = [r["steps"][k] for r in nodes]
+        rows = [StepRecord(*r["steps"][k]) for r in nodes]
         steps.append({
             "step": k + 1,
-            "loss": sum(row[0] for row in rows) / n,
+            "loss": sum(row.loss for row in rows) / n,
             "sim_time_s": float(timeline.step_end_s[k]),
-            "bytes_sent_per_node": sum(row[2] for row in rows) / n,
-            "bytes_received_per_node": sum(row[3] for row in rows) / n,
-            "compute_s": max(row[4] for row in rows),
-            "comm_s": max(row[5] for row in rows),
+            "bytes_sent_per_node": sum(row.bytes_sent for row in rows) / n,
+            "bytes_received_per_node": sum(row.bytes_received for row in rows) / n,
+            "compute_s": max(row.compute_s for row in rows),
+            "comm_s": max(row.comm_s for row in rows),
         })
-    evals = [{"step": s, "sim_time_s": steps[s - 1]["sim_time_s"], "test_loss": tl, "test_acc": acc,
+    evals = [{"step": s, "sim_time_s": steps[s - 1]["sim_time_s"], "metrics": metrics, "examples": examples,
               "bytes_sent_per_node": steps[s - 1]["bytes_sent_per_node"]}
-             for s, tl, acc in nodes[0]["evals"]]
+             for s, metrics, examples in nodes[0]["evals"]]
     sent, recv = trace.bytes_per_node()
     result = {
         "version": RESULT_VERSION,
         "name": cfg.name,
+        "label": cfg.name,
         "config": cfg.to_json(),
         "network": cfg.network.describe(),
+        "target": str(cfg.goal),
         "steps": steps,
         "evals": evals,
-        "final": {
-            "test_acc": evals[-1]["test_acc"],
-            "test_loss": evals[-1]["test_loss"],
-            "sim_time_s": float(timeline.total_s),
-            "time_to_target_s": time_to_target(evals, cfg.target_acc),
-            "bytes_sent_per_node": sum(sent) / n,
-            "bytes_received_per_node": sum(recv) / n,
-            "compute_s": steps[-1]["compute_s"],
-            "comm_s": steps[-1]["comm_s"],
-            "real_runtime_s": runtime_s,
-        },
+    }
+    reached = time_to_target(result, cfg.goal)
+    result["final"] = {
+        "metrics": nodes[0]["final_metrics"],
+        "sim_time_s": float(timeline.total_s),
+        "time_to_target_s": None if reached is None else reached[0],
+        "time_to_target_bracket_s": None if reached is None else list(reached[1:]),
+        "bytes_sent_per_node": sum(sent) / n,
+        "bytes_received_per_node": sum(recv) / n,
+        "compute_s": steps[-1]["compute_s"],
+        "comm_s": steps[-1]["comm_s"],
+        "real_runtime_s": runtime_s,
     }
     if out_dir is not None:
         save_result(result, trace, out_dir)
@@ -232,17 +218,18 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 
 def save_result(result: dict, trace: Trace, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = result["name"].replace("/", "_").replace(" ", "_")
+    stem = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", result["name"]).strip("_")
     body = {k: v for k, v in result.items() if k != "trace"}
     (out / f"{stem}.json").write_text(json.dumps(body, indent=1))
     trace.save(out / f"{stem}.trace.json")
+    ev = {e["step"]: e["metrics"] for e in result["evals"]}
+    metrics = list(dict.fromkeys(k for m in ev.values() for k in m))
     with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(result["steps"][0]) + ["test_loss", "test_acc"])
+        w = csv.DictWriter(f, fieldnames=list(result["steps"][0]) + [f"eval_{m}" for m in metrics])
         w.writeheader()
-        ev = {e["step"]: e for e in result["evals"]}
         for row in result["steps"]:
             e = ev.get(row["step"], {})
-            w.writerow({**row, "test_loss": e.get("test_loss", ""), "test_acc": e.get("test_acc", "")})
+            w.writerow({**row, **{f"eval_{m}": e.get(m, "") for m in metrics}})
     return out / f"{stem}.json"
 
 

@@ -1,0 +1,149 @@
+"""One node's training loop, run inside a node process: data, model, optimizer, strategy, loop, evaluation.
+
+Every node builds the same model from the same seed, takes its shard of the
+training set, and for each step computes the loss and gradients on a batch
+of its shard (timed as compute), then lets the strategy communicate and
+update. Node 0 evaluates the strategy's model every ``eval_every`` steps (and
+after the last) on a fixed subset of the evaluation set (cheap and frequent,
+for time to target), and on the whole set at the end (the final metrics).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from tqdm import tqdm
+
+from pysim.comm import Comm
+from pysim.compute import ComputeMeter, count_flops
+from pysim.sharding import shard_indices
+from pysim.strategies import make_strategy
+from pysim.workload import Batches
+
+if TYPE_CHECKING:
+    from pysim.trainer import TrainConfig
+
+
+class StepRecord(NamedTuple):
+    """What a node records after each step."""
+
+    loss: float              # training loss of this node's batch
+    clock_s: float           # this node's virtual time at the end of the step (s)
+    bytes_sent: int          # packet bytes this node has sent so far
+    bytes_received: int
+    compute_s: float         # compute time so far (s)
+    comm_s: float            # time so far spent in or waiting for collectives (s)
+
+
+class EvalRecord(NamedTuple):
+    """An evaluation on node 0 after ``step`` steps."""
+
+    step: int
+    metrics: dict[str, float]
+    examples: int            # evaluation examples used (the subset, or the whole set at the end)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0.05 at the last step."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+class ShardSampler:
+    """Batches from one node's shard, reshuffled (seeded) at every pass over it."""
+
+    def __init__(self, data: Batches, shard: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.data, self.shard, self.batch_size = data, shard, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order, self.pos = self.shard[torch.randperm(len(shard), generator=self.gen)], 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pos + self.batch_size > len(self.order):
+            self.order, self.pos = self.shard[torch.randperm(len(self.shard), generator=self.gen)], 0
+        idx = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return self.data.batch(idx)
+
+
+def eval_subset(n: int, size: int | None, seed: int) -> torch.Tensor:
+    """The fixed evaluation examples used between full evaluations: ``size`` of ``n``, seeded."""
+    if size is None or size >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))[:size].sort().values
+
+
+class Subset:
+    """The rows ``idx`` of a ``Batches`` set, as a set of its own."""
+
+    def __init__(self, data: Batches, idx: torch.Tensor) -> None:
+        self.data, self.idx = data, idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data.batch(self.idx[idx])
+
+
+def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
+    """One node's training run; returns its records (steps, evaluations on node 0, trace segments)."""
+    wl = cfg.workload
+    # data: this node's shard of the training set; node 0 also keeps the evaluation set
+    train_set, eval_set = wl.data()
+    train = Batches(train_set)
+    n_train = min(len(train), cfg.train_examples or len(train))
+    labels = train.labels() if cfg.sharding.kind == "dirichlet" else None
+    shard = shard_indices(n_train, world, cfg.sharding, cfg.seed, None if labels is None else labels[:n_train])[rank]
+    if len(shard) < cfg.batch_size:
+        raise ValueError(f"node {rank}'s shard has {len(shard)} examples, fewer than the batch size "
+                         f"{cfg.batch_size}; use a smaller --batch-size or fewer nodes")
+    batches = ShardSampler(train, shard, cfg.batch_size, cfg.seed * 1000 + rank)
+    evaluation = Batches(eval_set) if rank == 0 else None
+    quick = Subset(evaluation, eval_subset(len(evaluation), cfg.eval_subset, cfg.seed)) if evaluation else None
+
+    # model, optimizer, strategy: identical initial model on every node
+    torch.manual_seed(cfg.seed)
+    model = wl.model()
+    optimizer = wl.optimizer(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps))
+    strategy = make_strategy(cfg.strategy, **cfg.strategy_args)
+    meter = ComputeMeter(None if cfg.compute == "measured" else cfg.compute)
+    comm = Comm(rank, world, cfg.network, meter, cfg.algorithm)
+    strategy.setup(model, optimizer, comm, scheduler)
+
+    x, y = batches.next()
+    flops = count_flops(lambda: wl.loss(model(x), y).backward())
+    optimizer.zero_grad()
+    batches = ShardSampler(train, shard, cfg.batch_size, cfg.seed * 1000 + rank)  # the FLOP count used a batch
+
+    steps: list[StepRecord] = []
+    evals: list[EvalRecord] = []
+    bar = tqdm(total=cfg.steps, desc=f"{cfg.name} (node 0)", unit="step", leave=False, mininterval=0.5,
+               disable=rank != 0 or cfg.steps < 200 or not sys.stderr.isatty())
+    for step in range(cfg.steps):
+        x, y = batches.next()
+        with meter.measure(flops=flops):
+            loss = wl.loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+        strategy.step(step, last=step == cfg.steps - 1)
+        clock = comm.end_step()
+        steps.append(StepRecord(loss.item(), clock, comm.bytes_sent, comm.bytes_received, comm.compute_total_s,
+                                comm.comm_s))
+        if evaluation is not None and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
+            metrics = wl.metrics(strategy.eval_model(), quick)
+            evals.append(EvalRecord(step + 1, metrics, len(quick)))
+            shown = {k: f"{v:.4g}" for k, v in metrics.items() if k == wl.target.metric}
+            bar.set_postfix(shown | {"sim": f"{clock:.1f}s"})
+        bar.update()
+    bar.close()
+    final = wl.metrics(strategy.eval_model(), evaluation) if evaluation is not None else None
+    return {"steps": [tuple(s) for s in steps], "evals": [tuple(e) for e in evals], "final_metrics": final,
+            "segments": comm.segments, "step_ends": comm.step_ends}
