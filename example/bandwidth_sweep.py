@@ -23,17 +23,18 @@ def main() -> int:
     ap.add_argument("--runs", default="runs/mnist", help="folder of recorded runs (trained if empty)")
     ap.add_argument("--bandwidths", default="10Mbit:100Gbit:20")
     ap.add_argument("--latencies", default="0.1ms:200ms:10")
-    ap.add_argument("--target", default="0.98")
+    ap.add_argument("--target", default=None, help="default: the runs' own (accuracy>=0.98 for MNIST)")
     ap.add_argument("--out", default="runs/sweep_out")
     a = ap.parse_args()
     runs = Path(a.runs)
-    if not any(runs.glob("*.trace.json")):
+    if not any(runs.rglob("*.trace.json")):
         print(f"no recorded runs in {runs}: training the example/mnist.py defaults first")
         mnist = Path(__file__).with_name("mnist.py")
         if subprocess.run([sys.executable, str(mnist), "--out", str(runs)]).returncode:
             return 1
-    return pysim_main(["sweep", str(runs), "--bandwidths", a.bandwidths, "--latencies", a.latencies,
-                       "--target", a.target, "--out", a.out])
+    target = [] if a.target is None else ["--target", a.target]
+    return pysim_main(["sweep", str(runs), "--bandwidths", a.bandwidths, "--latencies", a.latencies, *target,
+                       "--out", a.out])
 
 
 if __name__ == "__main__":

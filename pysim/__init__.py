@@ -1,1 +1,26 @@
-"""pysim."""
+"""pysim: simulate communication-efficient distributed training on one machine.
+
+The public API, in the order a training step flows through it::
+
+    Workload, Target, image_workload, shakespeare_workload, get_workload   what is trained (pysim.workload)
+    Sharding                                                               how data is split (pysim.sharding)
+    TrainConfig, run                                                       one run (pysim.trainer)
+    make_strategy, Strategy                                                how nodes communicate (pysim.strategies)
+    get_codec                                                              what crosses the wire (pysim.compress)
+    Network, parse_network                                                 the simulated links (pysim.network)
+    replay                                                                 re-timing a run (pysim.clock)
+    load_result                                                            reading results back
+"""
+
+from pysim.clock import replay
+from pysim.compress import get_codec
+from pysim.network import Network, parse_network
+from pysim.sharding import Sharding
+from pysim.strategies import Strategy, make_strategy
+from pysim.trainer import TrainConfig, load_result, run
+from pysim.workload import Target, Workload, get_workload, image_workload, shakespeare_workload
+
+__all__ = [
+    "Network", "Sharding", "Strategy", "Target", "TrainConfig", "Workload", "get_codec", "get_workload",
+    "image_workload", "load_result", "make_strategy", "parse_network", "replay", "run", "shakespeare_workload",
+]

@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from pysim.datasets import DataError
 from pysim.launch import NodeError
-from pysim.mnist import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--bandwidths", default="10Mbit:100Gbit:20", help="LO:HI:N (log-spaced) or a list")
     sw.add_argument("--latencies", default="0.1ms:200ms:10", help="LO:HI:N (log-spaced) or a list")
     sw.add_argument("--topology", default="uniform", help="uniform | two-tier:G:BW:LAT (grid sweeps the inter link)")
-    sw.add_argument("--target", type=float, default=0.98, help="target test accuracy")
+    sw.add_argument("--target", default=None, help="e.g. accuracy>=0.98 or loss<=1.7 (default: the runs' own)")
     sw.add_argument("--table-latency", default="20ms", help="latency of the printed table and line plot")
     sw.add_argument("--out", default="runs/sweep_out")
     a = ap.parse_args(argv)
@@ -68,7 +68,7 @@ def train_missing(config_path: str, runs_dir: str) -> list[Path]:
         except TypeError as e:
             raise ValueError(f"bad config in {config_path}: {e}") from None
         cfg.check()
-        path = Path(runs_dir) / f"{cfg.name}.json"
+        path = Path(runs_dir) / f"{cfg.name}.json"  # the file save_result writes
         if path.is_file():
             try:
                 saved, _ = load_result(path)

@@ -30,11 +30,9 @@ import numpy as np
 
 from pysim.clock import Trace, replay
 from pysim.network import Link, Network, format_bandwidth, parse_bandwidth, parse_latency
-from pysim.report import markdown_table, plot_sweep, spread
+from pysim.report import BASELINE, markdown_table, plot_sweep, spread
 from pysim.trainer import crossing_step, load_result, metric_series, time_at_step
 from pysim.workload import Target
-
-BASELINE = "SimpleReduce"
 
 
 def parse_grid(spec: str, parse, what: str) -> list[float]:
@@ -179,7 +177,8 @@ def load_runs(paths: list[str | Path]) -> list[tuple[dict, Trace]]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.glob("*.json") if not f.name.endswith(".trace.json"))
+            files += sorted(f for f in p.rglob("*.json")
+                            if not f.name.endswith(".trace.json") and f.name != "sweep.json")
         else:
             files.append(p)
     if not files:

@@ -9,12 +9,14 @@ from pysim.__main__ import main as cli
 from pysim.network import Network, parse_bandwidth, parse_latency
 from pysim.sweep import build_network, parse_grid, run_sweep, sweep
 from pysim.trainer import TrainConfig, load_result, run
+from pysim.workload import Target, image_workload
 
 
 def config(net: Network, strategy="SimpleReduce", **args) -> TrainConfig:
     # modelled compute (FLOPs on the "cpu" profile) makes time a deterministic function of the run
-    return TrainConfig(strategy=strategy, strategy_args=args, nodes=2, network=net, steps=40, eval_every=10,
-                       train_subset=3000, lr=3e-3, warmup_steps=5, compute="cpu", target_acc=0.6)
+    return TrainConfig(workload=image_workload(lr=3e-3), strategy=strategy, strategy_args=args, nodes=2, network=net,
+                       steps=40, eval_every=10, eval_subset=1000, train_examples=3000, warmup_steps=5, compute="cpu",
+                       target="accuracy>=0.6")
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +31,15 @@ def recorded(tmp_path_factory):
 @pytest.mark.parametrize("bw,lat", [("10Mbit", "50ms"), ("10Gbps", "100us")])
 def test_replay_equals_a_fresh_live_run(recorded, bw, lat):
     live = run(config(Network.uniform(2, bw, lat)))
-    s, _ = run_sweep([recorded / "SimpleReduce.json"], bw, lat, 0.6)
-    assert s.total_s[0, 0, 0] == live["final"]["sim_time_s"]
-    assert s.time_to_target_s[0, 0, 0] == live["final"]["time_to_target_s"]
+    s, _ = run_sweep([recorded / "SimpleReduce.json"], bw, lat)
+    assert s.total_s[0, 0, 0, 0] == live["final"]["sim_time_s"]
+    assert s.time_to_target_s[0, 0, 0, 0] == live["final"]["time_to_target_s"]
     result, trace = load_result(recorded / "SimpleReduce.json")
-    assert [e["test_acc"] for e in result["evals"]] == [e["test_acc"] for e in live["evals"]]
+    assert [e["metrics"] for e in result["evals"]] == [e["metrics"] for e in live["evals"]]
 
 
 def test_sweep_outputs_and_crossover(recorded, tmp_path):
-    s, table = run_sweep([recorded], "1Mbit:100Gbit:12", "0.1ms,50ms", 0.6, out_dir=tmp_path)
+    s, table = run_sweep([recorded], "1Mbit:100Gbit:12", "0.1ms,50ms", out_dir=tmp_path)
     assert set(s.names) == {"SimpleReduce", "DiLoCo"}
     assert "crossover" in table
     for f in ("sweep.csv", "sweep.json", "sweep_bandwidth.png", "sweep_winner.png"):
@@ -45,16 +47,22 @@ def test_sweep_outputs_and_crossover(recorded, tmp_path):
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert len(data["bandwidths_bps"]) == 12 and len(data["latencies_s"]) == 2
     # time to target never increases with bandwidth
-    assert np.all(np.diff(s.time_to_target_s, axis=1) <= 1e-12)
+    assert np.all(np.diff(s.time_to_target_s, axis=2) <= 1e-12)
 
 
 def test_crossover_interpolates_between_grid_points():
     from pysim.sweep import Sweep
 
-    ttt = np.array([[[1.0], [2.0], [4.0]], [[2.0], [2.0], [2.0]]])  # strategy A, then SimpleReduce
-    s = Sweep(["A", "SimpleReduce"], [1e6, 1e7, 1e8], [0.01], ttt, ttt, 0.9)
-    assert s.crossover_bps("A", 0) == pytest.approx(1e7)
-    assert list(s.winner()[:, 0]) == [0, 0, 1]  # a tie goes to the first listed
+    # strategy A, then SimpleReduce; two seeds; A's second seed is 10% slower everywhere
+    a = np.array([1.0, 2.0, 4.0])
+    ttt = np.array([[a, 1.1 * a], [[2.0] * 3, [2.0] * 3]])[..., None]  # (names, seeds, bandwidths, latencies)
+    s = Sweep(["A", "SimpleReduce"], [0, 1], [1e6, 1e7, 1e8], [0.01], ttt, ttt, Target("accuracy", ">=", 0.9))
+    # seed 0 crosses where log(a/2) = 0 (1e7); seed 1 where log(1.1 a / 2) = 0, interpolated in log bandwidth
+    x1 = np.exp(np.log(1e6) + (np.log(1e7) - np.log(1e6)) * np.log(2 / 1.1) / np.log(2.2 / 1.1))
+    assert s.crossover_bps("A", 0) == pytest.approx([1e7, x1])
+    # a 1.0 vs 2.0 tie at 1e7 in seed 0 goes to the first listed; seed 1 has A slower there: the seeds disagree
+    assert list(s.winner()[:, 0]) == [0, -1, 1]
+    assert "wins below" in s.describe_crossover("A", 0) and " to " in s.describe_crossover("A", 0)
 
 
 def test_grids_parse_and_bad_grids_fail():
@@ -66,7 +74,7 @@ def test_grids_parse_and_bad_grids_fail():
     with pytest.raises(ValueError, match="bad sweep topology"):
         build_network(2, "ring", 1e9, 0.0)
     with pytest.raises(ValueError, match="at least one"):
-        sweep([], [1e9], [0.0], 0.9)
+        sweep([], [1e9], [0.0], "accuracy>=0.9")
 
 
 def test_cli_errors_are_one_line(recorded, tmp_path, capsys):
@@ -76,22 +84,23 @@ def test_cli_errors_are_one_line(recorded, tmp_path, capsys):
         assert cli(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert cli(["sweep", str(recorded), "--bandwidths", "1Gbps", "--latencies", "1ms", "--out", str(tmp_path)]) == 0
-    assert "never" in capsys.readouterr().out  # tiny runs never reach the default 98%
+    assert cli(["sweep", str(recorded), "--bandwidths", "1Gbps", "--latencies", "1ms", "--target", "accuracy>=0.98",
+                "--out", str(tmp_path)]) == 0
+    assert "never" in capsys.readouterr().out  # tiny runs never reach 98%
 
 
 def test_two_tier_sweep_varies_the_inter_link(recorded):
-    s, _ = run_sweep([recorded / "SimpleReduce.json"], "10Mbit,10Gbps", "1ms", 0.6, topology="two-tier:1:10Gbps:10us")
-    assert s.total_s[0, 0, 0] > s.total_s[0, 1, 0]
+    s, _ = run_sweep([recorded / "SimpleReduce.json"], "10Mbit,10Gbps", "1ms", topology="two-tier:1:10Gbps:10us")
+    assert s.total_s[0, 0, 0, 0] > s.total_s[0, 0, 1, 0]
 
 
 def test_sweep_trains_missing_runs_from_a_config(tmp_path, capsys):
     cfg = {"strategy": "SPARTA", "strategy_args": {"p": 0.01}, "nodes": 2, "steps": 20, "eval_every": 10,
-           "train_subset": 2000, "compute": "cpu", "target_acc": 0.5}
+           "train_examples": 2000, "eval_subset": 500, "compute": "cpu", "target": "accuracy>=0.5"}
     path = tmp_path / "config.json"
     path.write_text(json.dumps([cfg]))
     argv = ["sweep", "--config", str(path), "--runs-dir", str(tmp_path / "runs"), "--bandwidths", "1Mbit,1Gbps",
-            "--latencies", "1ms", "--target", "0.5", "--out", str(tmp_path / "out")]
+            "--latencies", "1ms", "--target", "accuracy>=0.5", "--out", str(tmp_path / "out")]
     assert cli(argv) == 0
     assert "SPARTA: training" in capsys.readouterr().out
     assert cli(argv) == 0  # second time the recorded run is reused

@@ -1,0 +1,82 @@
+"""Workloads: a user's model and data train through the public API; the GPT learns; targets and
+time to target follow hand-made series."""
+
+import numpy as np
+import pytest
+import torch
+import workloads
+
+import pysim
+from pysim.trainer import crossing_step, time_at_step, time_to_target
+from pysim.workload import CharWindows, Target, Workload, shakespeare_workload
+
+
+def test_user_model_and_dataset_train_through_the_public_api(tmp_path):
+    wl = pysim.Workload("blobs", model=workloads.tiny_mlp, data=workloads.blobs, optimizer=workloads.sgd,
+                        target="accuracy>=0.9")
+    cfg = pysim.TrainConfig(workload=wl, strategy="SimpleReduce", nodes=2, steps=40, batch_size=16, eval_every=10,
+                            warmup_steps=2, network=pysim.Network.uniform(2, "1Gbps", "1ms"))
+    r = pysim.run(cfg, tmp_path)
+    assert r["final"]["metrics"]["accuracy"] > 0.9
+    assert r["final"]["time_to_target_s"] is not None
+    n_params = sum(p.numel() for p in workloads.tiny_mlp().parameters())  # 195
+    chunk = 24 + 4 + 4 * (n_params // 2), 24 + 4 + 4 * (n_params - n_params // 2)
+    assert r["final"]["bytes_sent_per_node"] == 40 * sum(chunk)  # two ring phases per step on 2 nodes
+
+
+def test_a_factory_the_nodes_cannot_import_is_a_one_line_error():
+    wl = Workload("bad", model=lambda: torch.nn.Linear(2, 2), data=workloads.blobs)
+    with pytest.raises(ValueError, match="cannot reach the node processes.*module level") as e:
+        wl.validate()
+    assert "\n" not in str(e.value)
+
+
+def test_gpt_loss_falls_and_bytes_match_parameter_count(tmp_path):
+    from pysim.workload import GPTConfig
+
+    wl = shakespeare_workload(gpt=GPTConfig(context=32, layers=1, heads=2, dim=32), eval_chars=4000, lr=1e-2)
+    n_params = sum(p.numel() for p in wl.model().parameters())
+    cfg = pysim.TrainConfig(workload=wl, strategy="SimpleReduce", nodes=2, steps=30, batch_size=16, eval_every=10,
+                            warmup_steps=3, network=pysim.Network.uniform(2, "1Gbps", "1ms"))
+    r = pysim.run(cfg)
+    losses = [e["metrics"]["loss"] for e in r["evals"]]
+    assert losses[-1] < 3.4 < np.log(65) and losses[-1] < losses[0] - 0.1  # below uniform (4.17), falling
+    assert r["final"]["metrics"]["bits_per_token"] == pytest.approx(r["final"]["metrics"]["loss"] / np.log(2))
+    chunk = 24 + 4 + 4 * (n_params // 2), 24 + 4 + 4 * (n_params - n_params // 2)
+    assert r["final"]["bytes_sent_per_node"] == 30 * sum(chunk)
+
+
+def test_char_windows_predict_the_next_character():
+    from pysim.datasets import CharCorpus
+
+    w = CharWindows(CharCorpus(torch.arange(10), "abcdefghij"), context=3, stride=2)
+    assert len(w) == 4  # starts 0, 2, 4, 6 (a window needs 4 characters)
+    x, y = w.batch(torch.tensor([1, 3]))
+    assert x.tolist() == [[2, 3, 4], [6, 7, 8]] and y.tolist() == [[3, 4, 5], [7, 8, 9]]
+
+
+def test_targets_parse_and_fail_clearly():
+    assert Target.parse("accuracy>=0.98") == Target("accuracy", ">=", 0.98)
+    assert Target.parse(" loss <= 1.7 ").reached(1.5) and not Target.parse("loss<=1.7").reached(1.8)
+    for bad in ("accuracy>0.9", "accuracy>=x", ">=0.9", "accuracy>=nan", "accuracy>=inf"):
+        with pytest.raises(ValueError, match="bad target"):
+            Target.parse(bad)
+
+
+def test_crossing_is_interpolated_between_evaluations():
+    series = [(10, 0.90), (20, 0.95), (30, 0.99)]
+    # 0.98 lies 3/4 of the way from 0.95 (step 20) to 0.99 (step 30): step 27.5
+    assert crossing_step(series, Target("accuracy", ">=", 0.98)) == (27.5, 20, 30)
+    assert crossing_step([(10, 2.0), (20, 1.6)], Target("loss", "<=", 1.7)) == pytest.approx((17.5, 10, 20))
+    assert crossing_step(series, Target("accuracy", ">=", 0.999)) is None
+    assert crossing_step(series, Target("accuracy", ">=", 0.5)) == (10.0, 0, 10)
+
+
+def test_time_to_target_reads_the_step_clock():
+    ends = np.array([1.0, 2.0, 3.0, 5.0])  # step k+1 ends at ends[k]
+    assert time_at_step(ends, 3.5) == pytest.approx(4.0)
+    assert time_at_step(ends, 0.5) == pytest.approx(0.5)
+    result = {"steps": [{"sim_time_s": t} for t in ends],
+              "evals": [{"step": 2, "metrics": {"accuracy": 0.5}}, {"step": 4, "metrics": {"accuracy": 0.9}}]}
+    # 0.8 is 3/4 of the way from step 2 to step 4: step 3.5 -> 4.0 s, bracket 2.0 s .. 5.0 s
+    assert time_to_target(result, Target("accuracy", ">=", 0.8)) == (4.0, 2.0, 5.0)
