@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from pysim.launch import NodeError
 from pysim.network import parse_network
 from pysim.report import plot_runs, results_table, verdicts
 from pysim.sharding import Sharding
-from pysim.trainer import TrainConfig, run
+from pysim.trainer import TrainConfig, calibrate, run
 from pysim.workload import Workload
 
 
@@ -54,7 +55,12 @@ def add_arguments(ap: argparse.ArgumentParser, strategies: str, steps: int, batc
     ap.add_argument("--batch-size", type=int, default=batch_size, help="per node")
     ap.add_argument("--lr", type=float, default=None, help="inner learning rate (default: the workload's)")
     ap.add_argument("--sharding", default="iid", help="iid | contiguous | dirichlet:ALPHA")
-    ap.add_argument("--compute", default="measured", help="'measured' or a device profile: cpu, t4, a100, h100")
+    ap.add_argument("--compute", default="calibrated",
+                    help="'calibrated' (one profile of this machine shared by every run, saved to --out), "
+                         "'measured' (raw per step), or a device profile: cpu, t4, a100, h100")
+    ap.add_argument("--compute-profile", default=None,
+                    help="a saved compute profile (compute_profile.json of an earlier comparison): the same "
+                         "seeds then give the same simulated times on any machine")
     ap.add_argument("--eval-every", type=int, default=eval_every, help="steps between evaluations")
     ap.add_argument("--eval-subset", type=int, default=eval_subset,
                     help="evaluation examples used between full evaluations (the final one uses all)")
@@ -72,6 +78,7 @@ def configs_from_args(a: argparse.Namespace, workload: Workload) -> list[TrainCo
     if a.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {a.seed}")
     network = parse_network(a.nodes, a.bandwidth, a.latency, a.topology)
+    compute = f"profile:{a.compute_profile}" if a.compute_profile else a.compute
     specs = split_specs(a.strategies)
     if not specs:
         raise ValueError("--strategies is empty; name at least one strategy")
@@ -80,7 +87,7 @@ def configs_from_args(a: argparse.Namespace, workload: Workload) -> list[TrainCo
         for seed in range(a.seed, a.seed + a.seeds):
             cfg = TrainConfig(workload=workload, strategy=spec, nodes=a.nodes, network=network, steps=a.steps,
                               batch_size=a.batch_size, eval_every=a.eval_every, eval_subset=a.eval_subset, seed=seed,
-                              compute=a.compute, algorithm=a.algorithm, sharding=Sharding.parse(a.sharding),
+                              compute=compute, algorithm=a.algorithm, sharding=Sharding.parse(a.sharding),
                               target=a.target)
             cfg.check()
             configs.append(cfg)
@@ -97,6 +104,15 @@ def main(argv: list[str] | None, description: str, build_workload: Callable[[arg
         workload = build_workload(a)
         configs = configs_from_args(a, workload)
         net = configs[0].network
+        if configs[0].compute == "calibrated":  # one profile for the whole comparison, saved with it
+            t0 = time.perf_counter()
+            profile = calibrate(configs[0])
+            for cfg in configs:
+                cfg.profile = profile
+            saved = profile.save(Path(a.out) / "compute_profile.json")
+            step = next(iter(profile.steps.values()))
+            print(f"compute profile: {1e3 * step:.2f} ms per forward+backward step on this machine "
+                  f"({time.perf_counter() - t0:.1f} s to calibrate), saved to {saved}")
         print(f"{workload.name}: {a.nodes} nodes, network {net.describe()}, {a.steps} steps x {a.batch_size} per "
               f"node, seeds {a.seed}..{a.seed + a.seeds - 1}, target {configs[0].goal}")
         results = []

@@ -1,71 +1,284 @@
-"""Compute time of a node: measured CPU time, or FLOPs on a device profile.
+"""Compute time of a node: measured, calibrated once and shared, or modelled on a device profile.
 
-Measured: per-thread CPU time (``time.thread_time``) of the work inside
-:meth:`ComputeMeter.measure`. Node processes run torch with one intra-op
-thread, so the calling thread does all the arithmetic and several node
-processes sharing two cores do not inflate each other's time (a wall clock
-would count the time a node waits for a core).
+Three modes (``TrainConfig.compute``):
 
-Modelled: FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` for
-forward + backward, divided by a device's peak rate times a utilisation.
+- ``measured``: the per-thread CPU time (``time.thread_time``) of every block,
+  raw, step by step. Node processes run torch and the kernels with one thread,
+  so nodes sharing cores do not inflate each other, but timings still move
+  with the machine and its load.
+- a :class:`ComputeProfile` (``"calibrated"``: made on this machine before the
+  run; ``"profile:FILE"``: a saved one; or a device name, ``cpu``, ``t4``,
+  ``a100``, ``h100``): the same work always costs the same simulated time.
+  Each block's work is *counted* (:class:`Work`: FLOPs of matmuls and
+  convolutions, bytes read and written by every kernel, number of kernels)
+  and costed as
+
+      seconds = flops / flops_per_s + bytes / bytes_per_s + kernels * kernel_s
+
+  A calibrated profile also holds the *measured* forward+backward time of each
+  (model, batch) it was calibrated on (median over many steps after warm-up),
+  used in place of the counted cost for that block. Strategy-side work
+  (optimizer steps, outer steps, codec packing in C++, PowerSGD products) is
+  counted and costed the same way in every strategy, so a comparison charges
+  the same model work the same time everywhere, and a saved profile makes it
+  repeatable on another day or machine.
+
+Device profiles are stated, not measured: peak FP32/TF32 throughput times a
+utilisation, memory bandwidth, and a per-kernel floor (launch and
+synchronisation, so a tiny model does not step in microseconds on a GPU).
 """
 
 from __future__ import annotations
 
+import json
+import platform
+import statistics
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
 
-# Peak dense FP32/TF32-class throughput (FLOP/s) used for training, and the
-# fraction of it a small model reaches. Stated, not measured.
-DEVICE_PROFILES: dict[str, tuple[float, float]] = {
-    "cpu": (1.0e11, 0.5),      # a few desktop cores, AVX2/AVX-512
-    "t4": (8.1e12, 0.4),
-    "a100": (156e12, 0.4),     # TF32 tensor cores
-    "h100": (495e12, 0.4),     # TF32 tensor cores (SXM)
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+PROFILE_VERSION = 1
+
+
+class Work(NamedTuple):
+    """Counted work of a block of code."""
+
+    flops: float = 0.0      # matmul / convolution FLOPs (forward and backward)
+    bytes: float = 0.0      # bytes read and written by the kernels
+    kernels: int = 0        # kernels launched
+
+    def __add__(self, other: Work) -> Work:  # type: ignore[override]
+        return Work(self.flops + other.flops, self.bytes + other.bytes, self.kernels + other.kernels)
+
+
+@dataclass
+class ComputeProfile:
+    """Rates that turn counted work into seconds, and measured step times by key.
+
+    ``flops_per_s``: effective FLOP/s; ``bytes_per_s``: memory bandwidth (bytes/s);
+    ``kernel_s``: fixed cost per kernel (s); ``steps``: forward+backward seconds per
+    step key (see :func:`step_key`); ``machine``: where it was calibrated.
+    """
+
+    name: str
+    flops_per_s: float
+    bytes_per_s: float
+    kernel_s: float
+    steps: dict[str, float] = field(default_factory=dict)
+    machine: str = ""
+    version: int = PROFILE_VERSION
+
+    def seconds(self, work: Work, key: str | None = None) -> float:
+        """Simulated seconds of ``work``; a measured step time if ``key`` is one of the profile's."""
+        if key is not None and key in self.steps:
+            return self.steps[key]
+        return work.flops / self.flops_per_s + work.bytes / self.bytes_per_s + work.kernels * self.kernel_s
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(p)
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> ComputeProfile:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"no compute profile {p}; make one with --compute calibrated (it is saved with the "
+                             "results) or name a device profile (cpu, t4, a100, h100)")
+        try:
+            d = json.loads(p.read_text())
+            if d.get("version") != PROFILE_VERSION:
+                raise ValueError(f"format version {d.get('version')!r}")
+            return cls(**d)
+        except (json.JSONDecodeError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"{p} is not a pysim compute profile ({e}); recalibrate with --compute calibrated") \
+                from None
+
+
+# Peak dense FP32/TF32-class FLOP/s, the utilisation a small model reaches, memory
+# bandwidth (bytes/s), and a per-kernel floor (s). Stated, not measured.
+DEVICE_PROFILES: dict[str, ComputeProfile] = {
+    "cpu": ComputeProfile("cpu", 1.0e11 * 0.5, 20e9, 1e-6, machine="stated: a few desktop cores, AVX2"),
+    "t4": ComputeProfile("t4", 8.1e12 * 0.4, 320e9, 5e-6, machine="stated: NVIDIA T4"),
+    "a100": ComputeProfile("a100", 156e12 * 0.4, 1.555e12, 4e-6, machine="stated: NVIDIA A100 40GB, TF32"),
+    "h100": ComputeProfile("h100", 495e12 * 0.4, 3.35e12, 3e-6, machine="stated: NVIDIA H100 SXM, TF32"),
 }
 
 
-def device_flops_per_s(device: str) -> float:
-    """Effective FLOP/s of a profile: peak times utilisation."""
-    if device not in DEVICE_PROFILES:
-        raise ValueError(f"unknown device profile {device!r}; use one of {', '.join(DEVICE_PROFILES)} "
-                         "or 'measured'")
-    peak, util = DEVICE_PROFILES[device]
-    return peak * util
+def resolve_compute(mode: str) -> ComputeProfile | None:
+    """The profile a compute mode names (None for ``measured``); one-line errors for unknown modes."""
+    if mode == "measured":
+        return None
+    if mode in DEVICE_PROFILES:
+        return DEVICE_PROFILES[mode]
+    if mode.startswith("profile:"):
+        return ComputeProfile.load(mode[len("profile:"):])
+    raise ValueError(f"unknown compute mode {mode!r}; use 'measured', 'calibrated', 'profile:FILE' or a device "
+                     f"profile ({', '.join(DEVICE_PROFILES)})")
+
+
+class _KernelCounter(TorchDispatchMode):
+    """Counts the kernels torch runs and the bytes of their tensor inputs and outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = 0
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] not in _VIEWS:
+            self.kernels += 1
+            self.bytes += _tensor_bytes(args) + _tensor_bytes(kwargs) + _tensor_bytes(out)
+        return out
+
+
+_VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "as_strided", "detach",
+          "alias", "slice", "select", "unsqueeze", "squeeze", "split", "split_with_sizes", "_to_copy_noop"}
+
+
+def _tensor_bytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in x)
+    if isinstance(x, dict):
+        return sum(_tensor_bytes(v) for v in x.values())
+    return 0
+
+
+@contextmanager
+def counting():
+    """Counts the work of the body; yields a list that holds its :class:`Work` afterwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    box: list[Work] = []
+    flop_mode, kernel_mode = FlopCounterMode(display=False), _KernelCounter()
+    with flop_mode, kernel_mode:
+        yield box
+    box.append(Work(float(flop_mode.get_total_flops()), float(kernel_mode.bytes), kernel_mode.kernels))
+
+
+def count_work(fn: Callable[[], object]) -> Work:
+    """The counted work of ``fn()``."""
+    with counting() as box:
+        fn()
+    return box[0]
+
+
+def count_flops(fn: Callable[[], object]) -> float:
+    """FLOPs torch executes in ``fn()`` (matmuls and convolutions, forward and backward)."""
+    return count_work(fn).flops
 
 
 class ComputeMeter:
-    """Accumulates compute seconds (thread CPU time) and FLOPs until taken."""
+    """Accumulates a node's compute seconds and FLOPs until taken.
 
-    def __init__(self, device: str | None = None) -> None:
-        self.device = device
-        self.flops_per_s = device_flops_per_s(device) if device else None
+    Measured mode times each block's thread CPU time; profile mode counts the
+    block's work (or takes the ``work`` given, for blocks counted once) and
+    costs it with the profile. C++ kernels are invisible to torch's counters:
+    code that calls one reports its memory traffic with :meth:`add_bytes`.
+    """
+
+    def __init__(self, profile: ComputeProfile | str | None = None) -> None:
+        self.profile = resolve_compute(profile) if isinstance(profile, str) else profile
         self.seconds = 0.0
         self.flops = 0.0
+        self._depth = 0
 
     @contextmanager
-    def measure(self, flops: float = 0.0):
-        """Times the body on this thread's CPU clock; ``flops`` is its counted work."""
-        t0 = time.thread_time()
+    def measure(self, flops: float = 0.0, work: Work | None = None, key: str | None = None):
+        """Charges the body as compute. ``work`` (with ``flops``) is its pre-counted work and
+        ``key`` its step key for a calibrated profile; without them the body is counted."""
+        if work is not None:
+            flops = work.flops
+        self._depth += 1
         try:
-            yield
+            if self.profile is None or self._depth > 1:  # nested blocks are charged by the outer one
+                t0 = time.thread_time()
+                try:
+                    yield
+                finally:
+                    if self.profile is None and self._depth == 1:
+                        self.seconds += time.thread_time() - t0
+            elif work is not None:
+                yield
+                self.seconds += self.profile.seconds(work, key)
+            else:
+                with counting() as box:
+                    yield
+                flops = box[0].flops
+                self.seconds += self.profile.seconds(box[0], key)
         finally:
-            self.seconds += time.thread_time() - t0
-            self.flops += flops
+            self._depth -= 1
+        self.flops += flops
+
+    def add_bytes(self, nbytes: float) -> None:
+        """Charges memory traffic of work torch cannot see (C++ kernels); profile mode only (measured
+        mode already timed it)."""
+        if self.profile is not None:
+            self.seconds += nbytes / self.profile.bytes_per_s + self.profile.kernel_s
 
     def take(self) -> tuple[float, float]:
-        """(seconds, flops) since the last take; seconds follow the device profile if set."""
+        """(seconds, flops) since the last take."""
         seconds, flops = self.seconds, self.flops
         self.seconds = self.flops = 0.0
-        if self.flops_per_s is not None:
-            seconds = flops / self.flops_per_s
         return seconds, flops
 
 
-def count_flops(fn) -> float:
-    """FLOPs torch executes in ``fn()`` (matmuls and convolutions, forward and backward)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def step_key(workload_name: str, n_params: int, batch_size: int) -> str:
+    """The key of a (model, batch) step in a calibrated profile."""
+    return f"{workload_name}|{n_params}|{batch_size}"
 
-    with FlopCounterMode(display=False) as counter:
+
+def _median_thread_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
         fn()
-    return float(counter.get_total_flops())
+    samples = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        samples.append(time.thread_time() - t0)
+    return statistics.median(samples)
+
+
+def calibrate_machine(repeats: int = 15) -> ComputeProfile:
+    """This machine's single-thread rates: FLOP/s of a 256x256 matmul, bytes/s of a 32 MB copy,
+    and the cost of a tiny kernel. Medians over ``repeats``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(256, 256), torch.randn(256, 256)
+        mm_s = _median_thread_time(lambda: a @ b, repeats, 3)
+        src = torch.randn(8 << 20)
+        dst = torch.empty_like(src)
+        copy_s = _median_thread_time(lambda: dst.copy_(src), repeats, 2)
+        tiny = torch.randn(16)
+        tiny_s = _median_thread_time(lambda: [tiny.add(1.0) for _ in range(100)], repeats, 2) / 100
+    finally:
+        torch.set_num_threads(threads)
+    return ComputeProfile("calibrated", 2 * 256 ** 3 / mm_s, 2 * src.numel() * 4 / copy_s, tiny_s,
+                          machine=f"{platform.processor() or platform.machine()}, {platform.node()}, torch "
+                                  f"{torch.__version__}, 1 thread")
+
+
+def calibrate_step(profile: ComputeProfile, key: str, step: Callable[[], object], repeats: int = 30,
+                   warmup: int = 5) -> float:
+    """Measures one training step (forward + backward) as the median thread time over ``repeats``
+    after ``warmup``, with one thread, and stores it in ``profile.steps[key]``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        profile.steps[key] = _median_thread_time(step, repeats, warmup)
+    finally:
+        torch.set_num_threads(threads)
+    return profile.steps[key]

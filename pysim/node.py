@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from pysim.comm import Comm
-from pysim.compute import ComputeMeter, count_flops
+from pysim.compute import ComputeMeter, count_work, step_key
 from pysim.sharding import shard_indices
 from pysim.strategies import make_strategy
 from pysim.workload import Batches
@@ -114,12 +114,13 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
     optimizer = wl.optimizer(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps))
     strategy = make_strategy(cfg.strategy, **cfg.strategy_args)
-    meter = ComputeMeter(None if cfg.compute == "measured" else cfg.compute)
+    meter = ComputeMeter(cfg.profile)
     comm = Comm(rank, world, cfg.network, meter, cfg.algorithm)
     strategy.setup(model, optimizer, comm, scheduler)
 
     x, y = batches.next()
-    flops = count_flops(lambda: wl.loss(model(x), y).backward())
+    work = count_work(lambda: wl.loss(model(x), y).backward())  # one step's model work, counted once
+    key = step_key(wl.name, sum(p.numel() for p in model.parameters()), cfg.batch_size)
     optimizer.zero_grad()
     batches = ShardSampler(train, shard, cfg.batch_size, cfg.seed * 1000 + rank)  # the FLOP count used a batch
 
@@ -129,7 +130,7 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
                disable=rank != 0 or cfg.steps < 200 or not sys.stderr.isatty())
     for step in range(cfg.steps):
         x, y = batches.next()
-        with meter.measure(flops=flops):
+        with meter.measure(work=work, key=key):
             loss = wl.loss(model(x), y)
             optimizer.zero_grad()
             loss.backward()

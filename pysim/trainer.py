@@ -13,13 +13,13 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from pysim.clock import Trace, replay, trace_from_nodes
-from pysim.compute import device_flops_per_s
+from pysim.compute import ComputeProfile, calibrate_machine, calibrate_step, resolve_compute, step_key
 from pysim.launch import run_nodes
 from pysim.network import Network, network_from_json, network_to_json
 from pysim.node import StepRecord, train_node
@@ -39,6 +39,8 @@ class TrainConfig:
     ``contiguous`` or ``dirichlet:ALPHA``. ``eval_every``: steps between evaluations on
     ``eval_subset`` examples of the evaluation set (None: all); the final metrics use all.
     ``train_examples`` keeps only the first N training examples (quick studies, tests).
+    ``compute``: how compute time is charged (see :mod:`pysim.compute`); ``profile`` is
+    the resolved profile (set by :meth:`check`, or given: a comparison shares one).
     """
 
     workload: Workload | str = "mnist"
@@ -52,12 +54,13 @@ class TrainConfig:
     eval_every: int = 100
     eval_subset: int | None = None
     seed: int = 0
-    compute: str = "measured"          # or a device profile: "cpu", "a100", "h100", ...
+    compute: str = "measured"          # "calibrated", "profile:FILE" or a device: "cpu", "a100", "h100", ...
     algorithm: str = "ring"            # all-reduce algorithm: "ring" or "star"
     sharding: Sharding | str = "iid"
     train_examples: int | None = None
     target: Target | str | None = None
     label: str | None = None
+    profile: ComputeProfile | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.workload, str):
@@ -78,8 +81,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {v!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if self.compute != "measured":
-            device_flops_per_s(self.compute)
+        if self.profile is None and self.compute != "calibrated":
+            self.profile = resolve_compute(self.compute)
         if self.algorithm not in ("ring", "star"):
             raise ValueError(f"algorithm must be 'ring' or 'star', got {self.algorithm!r}")
         self.network = self.network.with_nodes(self.nodes)
@@ -101,6 +104,7 @@ class TrainConfig:
         d["network"] = network_to_json(self.network)
         d["sharding"] = str(self.sharding)
         d["target"] = None if self.target is None else str(self.target)
+        d["profile"] = None if self.profile is None else asdict(self.profile)
         return d
 
     @classmethod
@@ -112,6 +116,7 @@ class TrainConfig:
                              "rebuilt from a config file")
         d["workload"] = get_workload(w["spec"], **w.get("args", {}))
         d["network"] = network_from_json(d["network"])
+        d["profile"] = None if d.get("profile") is None else ComputeProfile(**d["profile"])
         return cls(**d)
 
 
@@ -159,9 +164,37 @@ def time_to_target(result: dict, target: Target, step_end_s: np.ndarray | None =
     return tuple(float(time_at_step(ends, s)) for s in crossing)  # type: ignore[return-value]
 
 
+def calibrate(cfg: TrainConfig, profile: ComputeProfile | None = None) -> ComputeProfile:
+    """A compute profile of this machine holding the measured forward+backward step of ``cfg``'s
+    model and batch (adds the step to ``profile`` if given). Runs here, before any node starts."""
+    import torch
+
+    from pysim.node import ShardSampler
+    from pysim.workload import Batches
+
+    profile = profile or calibrate_machine()
+    train_set, _ = cfg.workload.data()
+    data = Batches(train_set)
+    torch.manual_seed(cfg.seed)
+    model = cfg.workload.model()
+    sampler = ShardSampler(data, torch.arange(len(data)), cfg.batch_size, cfg.seed)
+
+    def step() -> None:
+        x, y = sampler.next()
+        model.zero_grad()
+        cfg.workload.loss(model(x), y).backward()
+
+    calibrate_step(profile, step_key(cfg.workload.name, sum(p.numel() for p in model.parameters()), cfg.batch_size),
+                   step)
+    return profile
+
+
 def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 300.0) -> dict:
-    """Trains ``cfg`` in ``cfg.nodes`` processes; returns (and writes) the result."""
+    """Trains ``cfg`` in ``cfg.nodes`` processes; returns (and writes) the result. With
+    ``compute="calibrated"`` and no profile, the machine and step are calibrated first."""
     cfg.check()
+    if cfg.compute == "calibrated" and cfg.profile is None:
+        cfg.profile = calibrate(cfg)
     t0 = time.perf_counter()
     nodes = run_nodes(train_node, cfg.nodes, (cfg,), timeout_s=timeout_s)
     runtime_s = time.perf_counter() - t0
