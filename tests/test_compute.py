@@ -1,0 +1,62 @@
+"""Compute time: counted work, profiles that make runs repeatable, strategy work charged, clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from pysim.compute import DEVICE_PROFILES, ComputeMeter, ComputeProfile, Work, count_work, resolve_compute
+
+
+def test_counted_work_of_a_matmul_is_its_flops_and_bytes():
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    w = count_work(lambda: a @ b)
+    assert w.flops == 2 * 64 * 32 * 16
+    assert w.kernels == 1 and w.bytes == 4 * (64 * 32 + 32 * 16 + 64 * 16)  # inputs and output, fp32
+
+
+def test_profile_cost_formula():
+    p = ComputeProfile("x", flops_per_s=1e9, bytes_per_s=1e8, kernel_s=1e-5, steps={"k": 0.25})
+    assert p.seconds(Work(2e9, 1e8, 10)) == pytest.approx(2.0 + 1.0 + 1e-4)
+    assert p.seconds(Work(2e9, 1e8, 10), key="k") == 0.25  # a measured step replaces the counted cost
+
+
+def test_profile_meter_charges_the_same_work_the_same_time():
+    meter = ComputeMeter(DEVICE_PROFILES["cpu"])
+    x = torch.randn(1000)
+    times = []
+    for _ in range(3):
+        with meter.measure():
+            x.mul(2.0).add(1.0)
+        times.append(meter.take()[0])
+    assert times[0] == times[1] == times[2] > 0
+    expected = DEVICE_PROFILES["cpu"].seconds(Work(0.0, 2 * 2 * 4000, 2))  # two kernels, 4 kB in and out each
+    assert times[0] == pytest.approx(expected)
+
+
+def test_codec_heavy_strategy_costs_more_than_simple_reduce_at_equal_model_work():
+    from pysim.network import Network
+    from pysim.trainer import TrainConfig, run
+    from pysim.workload import image_workload
+
+    def compute_s(strategy, **args):
+        cfg = TrainConfig(workload=image_workload(), strategy=strategy, strategy_args=args, nodes=2, steps=6,
+                          eval_every=6, eval_subset=200, train_examples=1000, warmup_steps=1, compute="h100",
+                          network=Network.uniform(2, "1Gbps", "1ms"))
+        return run(cfg)["final"]["compute_s"]
+
+    simple, powersgd = compute_s("SimpleReduce"), compute_s("PowerSGD", rank=2)
+    assert powersgd > simple
+
+
+def test_bad_compute_modes_and_profile_files(tmp_path):
+    with pytest.raises(ValueError, match="unknown compute mode 'tpu'"):
+        resolve_compute("tpu")
+    with pytest.raises(ValueError, match="no compute profile"):
+        resolve_compute(f"profile:{tmp_path / 'missing.json'}")
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ValueError, match="not a pysim compute profile"):
+        resolve_compute(f"profile:{foreign}")
+    good = ComputeProfile("calibrated", 1e10, 1e10, 1e-6, {"k": 0.01}).save(tmp_path / "p.json")
+    assert resolve_compute(f"profile:{good}").steps == {"k": 0.01}
