@@ -35,6 +35,10 @@ from pysim.trainer import crossing_step, load_result, metric_series, time_at_ste
 from pysim.workload import Target
 
 
+MAX_GRID_AXIS = 1000
+MAX_GRID_POINTS = 20000
+
+
 def parse_grid(spec: str, parse, what: str) -> list[float]:
     """``"LO:HI:N"`` (N log-spaced points, both ends included) or a comma-separated list."""
     if not isinstance(spec, str) or not spec.strip():
@@ -44,6 +48,9 @@ def parse_grid(spec: str, parse, what: str) -> list[float]:
         lo, hi, n = parse(m.group(1)), parse(m.group(2)), int(m.group(3))
         if n < 1:
             raise ValueError(f"bad {what} grid {spec!r}: needs at least one point")
+        if n > MAX_GRID_AXIS:
+            raise ValueError(f"bad {what} grid {spec!r}: {n} points; at most {MAX_GRID_AXIS} per axis "
+                             "(the replay holds every point of the grid in memory at once)")
         if lo <= 0 or hi < lo:
             raise ValueError(f"bad {what} grid {spec!r}: needs 0 < LO <= HI for a log-spaced grid")
         values = [lo] if n == 1 else list(np.geomspace(lo, hi, n))
@@ -138,6 +145,9 @@ def sweep(runs: list[tuple[dict, Trace]], bandwidths_bps: list[float], latencies
         raise ValueError("sweep needs at least one recorded run")
     if not bandwidths_bps or not latencies_s:
         raise ValueError("sweep needs a non-empty bandwidth and latency grid")
+    if len(bandwidths_bps) * len(latencies_s) > MAX_GRID_POINTS:
+        raise ValueError(f"a grid of {len(bandwidths_bps)} x {len(latencies_s)} networks is too large; at most "
+                         f"{MAX_GRID_POINTS} points (a replay holds steps x nodes x networks clocks in memory)")
     goals = {r["target"] for r, _ in runs}
     if target is None:
         if len(goals) != 1:

@@ -28,6 +28,23 @@ from pysim.strategies import make_strategy
 from pysim.workload import Target, Workload, get_workload
 
 RESULT_VERSION = 2
+NODE_MEMORY_BYTES = 300 << 20  # a node process: torch, its data shard, model and buffers (measured ~250 MiB)
+
+
+def available_memory() -> int:
+    """Bytes of memory available for new processes (Linux MemAvailable; 16 GiB if unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 << 30
+
+
+def max_nodes() -> int:
+    """How many node processes this machine's memory can hold."""
+    return max(1, available_memory() // NODE_MEMORY_BYTES)
 
 
 @dataclass
@@ -75,6 +92,13 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        limit = max_nodes()
+        if self.nodes > limit:
+            raise ValueError(f"{self.nodes} nodes need about {self.nodes * NODE_MEMORY_BYTES / 2**30:.0f} GiB "
+                             f"({NODE_MEMORY_BYTES >> 20} MiB per node process) but this machine has "
+                             f"{available_memory() / 2**30:.1f} GiB available: use at most {limit} nodes")
         for name in ("eval_subset", "train_examples"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -88,6 +112,13 @@ class TrainConfig:
         self.network = self.network.with_nodes(self.nodes)
         make_strategy(self.strategy, **self.strategy_args)  # fails early on bad arguments
         self.workload.validate()  # picklable, data present and not corrupt: reported here, not by every node
+        size = self.workload.train_size
+        if size is not None:
+            size = min(size, self.train_examples or size)
+            if self.sharding.kind != "dirichlet" and self.batch_size > size // self.nodes:
+                raise ValueError(f"batch size {self.batch_size} exceeds each node's shard of {size // self.nodes} "
+                                 f"training examples ({size} over {self.nodes} nodes); use --batch-size "
+                                 f"{max(1, size // self.nodes)} or less")
 
     @property
     def name(self) -> str:

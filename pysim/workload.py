@@ -184,7 +184,8 @@ class Workload:
     inner optimizer; pysim adds the warm-up/cosine learning-rate schedule. ``target``: the goal
     whose simulated time the report gives. ``check()``: an optional fast check before any node
     starts (data files present). ``spec`` and ``args``: what :func:`get_workload` rebuilds a
-    built-in from (None for a user's workload).
+    built-in from (None for a user's workload). ``train_size``: examples in the training set,
+    if known before loading (lets a too-large batch fail before any node starts).
     """
 
     name: str
@@ -197,6 +198,7 @@ class Workload:
     check: Callable[[], None] | None = None
     spec: str | None = None
     args: dict = field(default_factory=dict)
+    train_size: int | None = None
 
     def validate(self) -> None:
         """Fails fast, in one line, for a workload the node processes could not use."""
@@ -245,6 +247,7 @@ def image_workload(data_dir: str | Path | None = None, lr: float = 2e-3, target:
         optimizer=partial(adamw, lr=lr, weight_decay=weight_decay),
         check=partial(datasets.check_image_set, folder),
         spec="mnist" if is_mnist and folder is None else f"idx:{root}",
+        train_size=len(train_labels),
     )
 
 
@@ -278,7 +281,8 @@ def shakespeare_workload(data_dir: str | Path | None = None, lr: float = 3e-3, t
     folder = None if data_dir is None else str(data_dir)
     datasets.check_shakespeare(folder)
     root = datasets.data_dir(folder, datasets.SHAKESPEARE_DIR, "Tiny Shakespeare")
-    vocab = len(set((root / "input.txt").read_bytes().decode("utf-8")))
+    text = (root / "input.txt").read_bytes().decode("utf-8")
+    vocab = len(set(text))
     return Workload(
         name="shakespeare",
         model=partial(_gpt_model, vocab, gpt),
@@ -287,6 +291,7 @@ def shakespeare_workload(data_dir: str | Path | None = None, lr: float = 3e-3, t
         optimizer=partial(adamw, lr=lr, weight_decay=weight_decay),
         check=partial(datasets.check_shakespeare, folder),
         spec="shakespeare" if folder is None else f"shakespeare:{root}",
+        train_size=int(len(text) * 0.9) - gpt.context,
     )
 
 

@@ -1,0 +1,51 @@
+"""The comparison CLI (example/mnist.py, example/shakespeare.py): every bad input is one line, before training."""
+
+import pytest
+
+from pysim.compare import main, split_specs
+from pysim.workload import image_workload
+
+
+def build(a):
+    return image_workload(a.data_dir)
+
+
+def run_cli(argv):
+    return main(argv, "test", build, "MNIST", strategies="SimpleReduce", steps=10, batch_size=8, eval_every=5,
+                eval_subset=100, seeds=1, out="/tmp/pysim-test-compare")
+
+
+BAD_INPUTS = [
+    (["--seed", "-1"], "seed must be >= 0"),
+    (["--seeds", "0"], "--seeds must be an integer >= 1"),
+    (["--batch-size", "100000"], "batch size 100000 exceeds each node's shard"),
+    (["--target", "nan"], "bad target"),
+    (["--target", "accuracy>=nan"], "bad target"),
+    (["--nodes", "100000"], "100000 nodes need about"),
+    (["--nodes", "0"], "nodes"),
+    (["--steps", "0"], "steps must be an integer >= 1"),
+    (["--eval-subset", "0"], "eval_subset must be"),
+    (["--compute", "tpu"], "unknown compute mode"),
+    (["--compute-profile", "/nonexistent/profile.json"], "no compute profile"),
+    (["--strategies", "Nope"], "unknown strategy"),
+    (["--strategies", " ; "], "--strategies is empty"),
+    (["--sharding", "dirichlet:0"], "bad sharding"),
+    (["--latency=-5ms"], "bad latency"),
+    (["--bandwidth", "fast"], "bad bandwidth"),
+    (["--topology", "weird"], "bad topology"),
+    (["--data-dir", "/nonexistent/mnist"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_before_training(argv, message, capsys):
+    assert run_cli(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert message in captured.err
+    assert "training" not in captured.out
+
+
+def test_strategy_specs_split_outside_parentheses():
+    assert split_specs("SimpleReduce, DiLoCo(H=5, codec='lowrank:8'); SPARTA(p=0.01)") == \
+        ["SimpleReduce", "DiLoCo(H=5, codec='lowrank:8')", "SPARTA(p=0.01)"]
