@@ -50,7 +50,14 @@ struct Scale {
   float pre, inv;
 };
 
-Scale block_scale(const float* x, size_t len, int Q) {
+// The kernels below take the block length as a template argument L when it is
+// one of the common sizes (0: the runtime `len`), so that the compiler sees a
+// fixed trip count and vectorises each block without a scalar remainder.
+#define PYSIM_INLINE inline __attribute__((always_inline))
+
+template <size_t L>
+PYSIM_INLINE Scale block_scale(const float* __restrict x, size_t len, int Q) {
+  if constexpr (L != 0) len = L;
   uint32_t amax = 0;
   for (size_t l = 0; l < len; ++l) amax = std::max(amax, bits(x[l]) & kAbsMask);
   if (amax >= kInfBits) fail("quantised codecs need finite input; the tensor holds NaN or inf");
@@ -63,10 +70,13 @@ Scale block_scale(const float* x, size_t len, int Q) {
 }
 
 // q[l] = x[l] / scale rounded to an integer in [-Q, Q].
-template <bool Stochastic>
-void round_chunk(const float* x, size_t len, uint32_t first, const Scale& s, int Q, const Dither& dither, int8_t* q) {
+template <bool Stochastic, size_t L>
+PYSIM_INLINE void round_values(const float* __restrict x, size_t len, uint32_t first, const Scale& s, int Q,
+                               const Dither& dither, int8_t* __restrict q) {
+  if constexpr (L != 0) len = L;
+  const float pre = s.pre, inv = s.inv;
   for (size_t l = 0; l < len; ++l) {
-    const float v = x[l] * s.pre * s.inv;
+    const float v = x[l] * pre * inv;
     int r;
     if constexpr (Stochastic) {
       // floor(v + u) via truncation of a positive number (v >= -Q > -128).
@@ -79,29 +89,85 @@ void round_chunk(const float* x, size_t len, uint32_t first, const Scale& s, int
   }
 }
 
+// Two's complement nibbles: out[j] = q[2j] | q[2j+1] << 4 (q[len] read as 0 when len is odd).
+template <size_t L>
+PYSIM_INLINE void pack_nibbles(int8_t* __restrict q, size_t len, uint8_t* __restrict out) {
+  if constexpr (L != 0) len = L;
+  if (len & 1) q[len] = 0;
+  for (size_t j = 0; j < (len + 1) / 2; ++j)
+    out[j] = static_cast<uint8_t>((q[2 * j] & 0x0f) | (static_cast<uint8_t>(q[2 * j + 1]) << 4));
+}
+
+template <bool Stochastic, size_t L>
+PYSIM_INLINE void quantize_block(const float* __restrict x, size_t len, uint32_t first, Codec c,
+                                 const Dither& dither, uint8_t* scale_out, uint8_t* __restrict vals) {
+  const int Q = qmax(c);
+  const Scale s = block_scale<L>(x, len, Q);
+  std::memcpy(scale_out, &s.wire, 2);
+  if (c == Codec::Int8) {
+    round_values<Stochastic, L>(x, len, first, s, Q, dither, reinterpret_cast<int8_t*>(vals));
+    return;
+  }
+  if constexpr (L != 0 && L <= kChunk) {
+    int8_t tmp[L + 1];
+    round_values<Stochastic, L>(x, L, first, s, Q, dither, tmp);
+    pack_nibbles<L>(tmp, L, vals);
+  } else {
+    int8_t tmp[kChunk + 1];
+    if constexpr (L != 0) len = L;
+    for (size_t c0 = 0; c0 < len; c0 += kChunk) {
+      const size_t m = std::min(kChunk, len - c0);
+      round_values<Stochastic, 0>(x + c0, m, first + static_cast<uint32_t>(c0), s, Q, dither, tmp);
+      pack_nibbles<0>(tmp, m, vals + c0 / 2);
+    }
+  }
+}
+
 template <bool Stochastic>
 void quantize_blocks(const float* x, uint64_t n, Codec c, uint32_t block, const Dither& dither, size_t b, size_t e,
                      uint8_t* scales, uint8_t* vals) {
-  const int Q = qmax(c);
-  int8_t tmp[kChunk];
+  const bool int8 = c == Codec::Int8;
   for (size_t blk = b; blk < e; ++blk) {
     const uint64_t i0 = blk * block, len = std::min<uint64_t>(block, n - i0);
-    const Scale s = block_scale(x + i0, len, Q);
-    std::memcpy(scales + 2 * blk, &s.wire, 2);
-    if (c == Codec::Int8) {
-      round_chunk<Stochastic>(x + i0, len, static_cast<uint32_t>(i0), s, Q, dither,
-                              reinterpret_cast<int8_t*>(vals + i0));
-      continue;
-    }
-    uint8_t* out = vals + i0 / 2;  // block is even, so every block starts on a byte
-    for (uint64_t c0 = 0; c0 < len; c0 += kChunk) {
-      const size_t m = static_cast<size_t>(std::min<uint64_t>(kChunk, len - c0));
-      round_chunk<Stochastic>(x + i0 + c0, m, static_cast<uint32_t>(i0 + c0), s, Q, dither, tmp);
-      if (m & 1) tmp[m] = 0;  // only the tensor's last element can be unpaired
-      for (size_t j = 0; j < (m + 1) / 2; ++j)
-        out[c0 / 2 + j] = static_cast<uint8_t>((tmp[2 * j] & 0x0f) | (static_cast<uint8_t>(tmp[2 * j + 1]) << 4));
+    const uint32_t first = static_cast<uint32_t>(i0);
+    uint8_t* out = vals + (int8 ? i0 : i0 / 2);  // block is even, so every int4 block starts on a byte
+    switch (len) {
+      case 32: quantize_block<Stochastic, 32>(x + i0, len, first, c, dither, scales + 2 * blk, out); break;
+      case 64: quantize_block<Stochastic, 64>(x + i0, len, first, c, dither, scales + 2 * blk, out); break;
+      case 128: quantize_block<Stochastic, 128>(x + i0, len, first, c, dither, scales + 2 * blk, out); break;
+      case 256: quantize_block<Stochastic, 256>(x + i0, len, first, c, dither, scales + 2 * blk, out); break;
+      default: quantize_block<Stochastic, 0>(x + i0, len, first, c, dither, scales + 2 * blk, out);
     }
   }
+}
+
+// Decodes one block; returns non-zero if a value is -Q-1 or a padding nibble is set.
+template <size_t L>
+PYSIM_INLINE int dequantize_block(const uint8_t* __restrict q, size_t len, Codec c, float s, float* __restrict out) {
+  if constexpr (L != 0) len = L;
+  int bad = 0;
+  if (c == Codec::Int8) {
+    const int8_t* v = reinterpret_cast<const int8_t*>(q);
+    for (size_t l = 0; l < len; ++l) {
+      bad |= v[l] == -128;
+      out[l] = static_cast<float>(v[l]) * s;
+    }
+    return bad;
+  }
+  const size_t pairs = len / 2;
+  for (size_t j = 0; j < pairs; ++j) {
+    const int lo = static_cast<int8_t>(static_cast<uint8_t>(q[j] << 4)) >> 4;
+    const int hi = static_cast<int8_t>(q[j]) >> 4;
+    bad |= (lo == -8) | (hi == -8);
+    out[2 * j] = static_cast<float>(lo) * s;
+    out[2 * j + 1] = static_cast<float>(hi) * s;
+  }
+  if (len & 1) {
+    const int lo = static_cast<int8_t>(static_cast<uint8_t>(q[pairs] << 4)) >> 4;
+    bad |= (lo == -8) | ((q[pairs] >> 4) != 0);
+    out[len - 1] = static_cast<float>(lo) * s;
+  }
+  return bad;
 }
 
 }  // namespace
@@ -135,38 +201,25 @@ void dequantize(const uint8_t* in, uint64_t n, Codec c, uint32_t block, float* o
   check_quant_block(c, block);
   const uint64_t blocks = (n + block - 1) / block;
   const uint8_t* vals = in + 2 * blocks;
+  const bool int8 = c == Codec::Int8;
   parallel_for(blocks, std::max<size_t>(1, kParallelMin / block), [&](size_t, size_t b, size_t e) {
+    int bad = 0;
     for (size_t blk = b; blk < e; ++blk) {
       uint16_t wire;
       std::memcpy(&wire, in + 2 * blk, 2);
       if (wire >= 0x7f80u) fail("quantised packet corrupted: a scale is negative, NaN or inf");
       const float s = bf16_value(wire);
       const uint64_t i0 = blk * block, len = std::min<uint64_t>(block, n - i0);
-      int bad = 0;
-      if (c == Codec::Int8) {
-        const int8_t* q = reinterpret_cast<const int8_t*>(vals + i0);
-        for (uint64_t l = 0; l < len; ++l) {
-          bad |= q[l] == -128;
-          out[i0 + l] = static_cast<float>(q[l]) * s;
-        }
-      } else {
-        const uint8_t* q = vals + i0 / 2;
-        const uint64_t pairs = len / 2;
-        for (uint64_t j = 0; j < pairs; ++j) {
-          const int lo = static_cast<int8_t>(static_cast<uint8_t>(q[j] << 4)) >> 4;
-          const int hi = static_cast<int8_t>(q[j]) >> 4;
-          bad |= (lo == -8) | (hi == -8);
-          out[i0 + 2 * j] = static_cast<float>(lo) * s;
-          out[i0 + 2 * j + 1] = static_cast<float>(hi) * s;
-        }
-        if (len & 1) {
-          const int lo = static_cast<int8_t>(static_cast<uint8_t>(q[pairs] << 4)) >> 4;
-          bad |= (lo == -8) | ((q[pairs] >> 4) != 0);
-          out[i0 + len - 1] = static_cast<float>(lo) * s;
-        }
+      const uint8_t* q = vals + (int8 ? i0 : i0 / 2);
+      switch (len) {
+        case 32: bad |= dequantize_block<32>(q, len, c, s, out + i0); break;
+        case 64: bad |= dequantize_block<64>(q, len, c, s, out + i0); break;
+        case 128: bad |= dequantize_block<128>(q, len, c, s, out + i0); break;
+        case 256: bad |= dequantize_block<256>(q, len, c, s, out + i0); break;
+        default: bad |= dequantize_block<0>(q, len, c, s, out + i0);
       }
-      if (bad) fail("quantised packet corrupted: a value is outside [-Q, Q] or a padding nibble is set");
     }
+    if (bad) fail("quantised packet corrupted: a value is outside [-Q, Q] or a padding nibble is set");
   });
 }
 

@@ -2,6 +2,9 @@
 
 #include <array>
 #include <atomic>
+#include <cstdlib>
+
+#include <sys/mman.h>
 
 #if defined(__x86_64__)
 #include <nmmintrin.h>
@@ -22,12 +25,31 @@ namespace {
 std::atomic<size_t> g_held{0}, g_peak{0};
 }  // namespace
 
-void note_alloc(size_t bytes) {
+constexpr size_t kHugePage = size_t{2} << 20;
+constexpr size_t kHugeFrom = 2 * kHugePage;
+
+void* buffer_alloc(size_t bytes) {
+  void* p;
+  if (bytes >= kHugeFrom) {
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    p = std::aligned_alloc(kHugePage, rounded);
+#if defined(MADV_HUGEPAGE)
+    if (p) madvise(p, rounded, MADV_HUGEPAGE);  // advice only: failure changes nothing
+#endif
+  } else {
+    p = std::malloc(bytes ? bytes : 1);
+  }
+  if (!p) throw std::bad_alloc();
   const size_t now = g_held.fetch_add(bytes, std::memory_order_relaxed) + bytes;
   size_t peak = g_peak.load(std::memory_order_relaxed);
   while (now > peak && !g_peak.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {}
+  return p;
 }
-void note_free(size_t bytes) { g_held.fetch_sub(bytes, std::memory_order_relaxed); }
+
+void buffer_free(void* p, size_t bytes) noexcept {
+  g_held.fetch_sub(bytes, std::memory_order_relaxed);
+  std::free(p);
+}
 size_t peak_buffer_bytes(bool reset) {
   const size_t peak = g_peak.load(std::memory_order_relaxed);
   if (reset) g_peak.store(g_held.load(std::memory_order_relaxed), std::memory_order_relaxed);

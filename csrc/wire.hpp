@@ -38,6 +38,7 @@
 #include <stdexcept>
 #include <string>
 #include <memory>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -45,9 +46,13 @@ namespace pysim {
 
 // Bytes held at once by Buffer allocations, now and at the peak since the last
 // reset; lets tests bound what decoding a packet allocates.
-void note_alloc(size_t bytes);
-void note_free(size_t bytes);
 size_t peak_buffer_bytes(bool reset);
+
+// Memory for Buffer: blocks of 4 MiB and more are 2 MiB-aligned and advised
+// as transparent huge pages (as NumPy does), so that a fresh decoded tensor
+// costs a few page faults instead of one per 4 KiB. Both count their bytes.
+void* buffer_alloc(size_t bytes);
+void buffer_free(void* p, size_t bytes) noexcept;
 
 // An allocator that leaves new elements uninitialised (packets and decoded
 // tensors are written in full right after allocation, so zero-filling them
@@ -60,14 +65,10 @@ struct UninitAllocator : std::allocator<T> {
   template <typename U>
   UninitAllocator(const UninitAllocator<U>&) {}
   T* allocate(size_t n) {
-    T* p = std::allocator<T>::allocate(n);
-    note_alloc(n * sizeof(T));
-    return p;
+    if (n > static_cast<size_t>(-1) / sizeof(T)) throw std::bad_alloc();
+    return static_cast<T*>(buffer_alloc(n * sizeof(T)));
   }
-  void deallocate(T* p, size_t n) {
-    note_free(n * sizeof(T));
-    std::allocator<T>::deallocate(p, n);
-  }
+  void deallocate(T* p, size_t n) noexcept { buffer_free(p, n * sizeof(T)); }
   template <typename U>
   void construct(U* p) noexcept { ::new (static_cast<void*>(p)) U; }
   template <typename U, typename... Args>
