@@ -705,3 +705,16 @@ def test_int8_ring_allreduce_over_two_nodes_is_the_mean_within_two_rounding_step
     assert float(err.max()) <= bound
     assert float(err.max()) > 0  # quantised, not exact
     assert res[0]["sent"] == 2 * QuantCodec(8).nbytes((n // 2,))
+
+
+def test_typed_stub_lists_exactly_the_extension_functions():
+    import ast
+    import pathlib
+
+    stub = pathlib.Path(_C.__file__).with_name("_C.pyi")
+    if not stub.exists():  # an editable install serves _C from the build tree
+        stub = pathlib.Path(__file__).parents[1] / "pysim" / "_C.pyi"
+    tree = ast.parse(stub.read_text())
+    stubbed = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    exposed = {name for name in dir(_C) if not name.startswith("_")}
+    assert stubbed == exposed
