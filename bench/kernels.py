@@ -143,7 +143,9 @@ def lowrank_cases(n: int, m: int, rank: int = 4) -> list[Case]:
         return torch_mtp(P)
 
     size = f"{n}x{m} r={rank}"
+    dst = np.empty_like(Mn)
     return [
+        Case("copy (memory bandwidth)", size, lambda: np.copyto(dst, Mn), lambda: M.clone(), 4 * n * m),
         Case("lowrank step (MQ, orth, MtP)", size, ours_step, torch_step, 2 * 4 * n * m),
         Case("lowrank P = M Q", size, lambda: _C.lowrank_mq(Mn, Qn), lambda: M @ Q, 4 * n * m),
         Case("lowrank Q = Mt P", size, lambda: _C.lowrank_mtp(Mn, P.numpy()), lambda: torch_mtp(P), 4 * n * m),

@@ -141,31 +141,55 @@ void quantize_blocks(const float* x, uint64_t n, Codec c, uint32_t block, const 
   }
 }
 
-// Decodes one block; returns non-zero if a value is -Q-1 or a padding nibble is set.
+// Decodes one int8 block; returns non-zero if a value is -128.
 template <size_t L>
-PYSIM_INLINE int dequantize_block(const uint8_t* __restrict q, size_t len, Codec c, float s, float* __restrict out) {
+PYSIM_INLINE int dequantize_int8_block(const int8_t* __restrict v, size_t len, float s, float* __restrict out) {
   if constexpr (L != 0) len = L;
   int bad = 0;
-  if (c == Codec::Int8) {
-    const int8_t* v = reinterpret_cast<const int8_t*>(q);
-    for (size_t l = 0; l < len; ++l) {
-      bad |= v[l] == -128;
-      out[l] = static_cast<float>(v[l]) * s;
+  for (size_t l = 0; l < len; ++l) {
+    bad |= v[l] == -128;
+    out[l] = static_cast<float>(v[l]) * s;
+  }
+  return bad;
+}
+
+inline float checked_scale(const uint8_t* scales, size_t blk) {
+  uint16_t wire;
+  std::memcpy(&wire, scales + 2 * blk, 2);
+  if (wire >= 0x7f80u) fail("quantised packet corrupted: a scale is negative, NaN or inf");
+  return bf16_value(wire);
+}
+
+// Decodes int4 elements [i0, i1) (i0 even) in chunks that span several blocks:
+// nibbles are sign-extended to bytes and scales spread per element first, so
+// that the final multiply runs over long, fully vectorised loops.
+int dequantize_int4_range(const uint8_t* scales, const uint8_t* vals, uint64_t i0, uint64_t i1, uint32_t block,
+                          float* out) {
+  constexpr size_t C = 1024;
+  int8_t v[C];
+  float sc[C];
+  int bad = 0;
+  for (uint64_t c0 = i0; c0 < i1; c0 += C) {
+    const size_t m = static_cast<size_t>(std::min<uint64_t>(C, i1 - c0));
+    const uint8_t* __restrict q = vals + c0 / 2;
+    for (size_t j = 0; j < m / 2; ++j) {
+      v[2 * j] = static_cast<int8_t>(static_cast<int8_t>(static_cast<uint8_t>(q[j] << 4)) >> 4);
+      v[2 * j + 1] = static_cast<int8_t>(static_cast<int8_t>(q[j]) >> 4);
     }
-    return bad;
-  }
-  const size_t pairs = len / 2;
-  for (size_t j = 0; j < pairs; ++j) {
-    const int lo = static_cast<int8_t>(static_cast<uint8_t>(q[j] << 4)) >> 4;
-    const int hi = static_cast<int8_t>(q[j]) >> 4;
-    bad |= (lo == -8) | (hi == -8);
-    out[2 * j] = static_cast<float>(lo) * s;
-    out[2 * j + 1] = static_cast<float>(hi) * s;
-  }
-  if (len & 1) {
-    const int lo = static_cast<int8_t>(static_cast<uint8_t>(q[pairs] << 4)) >> 4;
-    bad |= (lo == -8) | ((q[pairs] >> 4) != 0);
-    out[len - 1] = static_cast<float>(lo) * s;
+    if (m & 1) {  // the tensor's last element: its high nibble is padding
+      v[m - 1] = static_cast<int8_t>(static_cast<int8_t>(static_cast<uint8_t>(q[m / 2] << 4)) >> 4);
+      bad |= (q[m / 2] >> 4) != 0;
+    }
+    for (size_t l = 0; l < m;) {
+      const uint64_t blk = (c0 + l) / block;
+      const size_t end = static_cast<size_t>(std::min<uint64_t>(m, (blk + 1) * block - c0));
+      const float s = checked_scale(scales, blk);
+      for (; l < end; ++l) sc[l] = s;
+    }
+    for (size_t l = 0; l < m; ++l) {
+      bad |= v[l] == -8;
+      out[c0 + l] = static_cast<float>(v[l]) * sc[l];
+    }
   }
   return bad;
 }
@@ -201,22 +225,22 @@ void dequantize(const uint8_t* in, uint64_t n, Codec c, uint32_t block, float* o
   check_quant_block(c, block);
   const uint64_t blocks = (n + block - 1) / block;
   const uint8_t* vals = in + 2 * blocks;
-  const bool int8 = c == Codec::Int8;
   parallel_for(blocks, std::max<size_t>(1, kParallelMin / block), [&](size_t, size_t b, size_t e) {
     int bad = 0;
-    for (size_t blk = b; blk < e; ++blk) {
-      uint16_t wire;
-      std::memcpy(&wire, in + 2 * blk, 2);
-      if (wire >= 0x7f80u) fail("quantised packet corrupted: a scale is negative, NaN or inf");
-      const float s = bf16_value(wire);
-      const uint64_t i0 = blk * block, len = std::min<uint64_t>(block, n - i0);
-      const uint8_t* q = vals + (int8 ? i0 : i0 / 2);
-      switch (len) {
-        case 32: bad |= dequantize_block<32>(q, len, c, s, out + i0); break;
-        case 64: bad |= dequantize_block<64>(q, len, c, s, out + i0); break;
-        case 128: bad |= dequantize_block<128>(q, len, c, s, out + i0); break;
-        case 256: bad |= dequantize_block<256>(q, len, c, s, out + i0); break;
-        default: bad |= dequantize_block<0>(q, len, c, s, out + i0);
+    if (c == Codec::Int4) {
+      bad = dequantize_int4_range(in, vals, b * block, std::min<uint64_t>(e * block, n), block, out);
+    } else {
+      for (size_t blk = b; blk < e; ++blk) {
+        const float s = checked_scale(in, blk);
+        const uint64_t i0 = blk * block, len = std::min<uint64_t>(block, n - i0);
+        const int8_t* q = reinterpret_cast<const int8_t*>(vals + i0);
+        switch (len) {
+          case 32: bad |= dequantize_int8_block<32>(q, len, s, out + i0); break;
+          case 64: bad |= dequantize_int8_block<64>(q, len, s, out + i0); break;
+          case 128: bad |= dequantize_int8_block<128>(q, len, s, out + i0); break;
+          case 256: bad |= dequantize_int8_block<256>(q, len, s, out + i0); break;
+          default: bad |= dequantize_int8_block<0>(q, len, s, out + i0);
+        }
       }
     }
     if (bad) fail("quantised packet corrupted: a value is outside [-Q, Q] or a padding nibble is set");

@@ -718,3 +718,29 @@ def test_typed_stub_lists_exactly_the_extension_functions():
     stubbed = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     exposed = {name for name in dir(_C) if not name.startswith("_")}
     assert stubbed == exposed
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:32", "int8:64:stochastic", "int4:8:stochastic"])
+def test_quant_header_edits_raise(spec):
+    """Each edit below makes the header disagree with the payload or the format; all must raise.
+    (Edits that leave a valid packet, like another source dtype, are covered by the fuzz tests.)"""
+    packet = bytes(get_codec(spec).pack(torch.randn(5, 13), key="q", step=4).numpy())
+    o = 24 + 4 * 2  # the parameters: seed (uint64), block (uint32)
+    stochastic = packet[9] == 1
+    edits = {
+        "version": (4, b"\x01"), "codec id": (5, b"\x06"), "scale dtype": (6, b"\x00"), "ndim": (8, b"\x01"),
+        "flags": (9, b"\x02"), "reserved": (10, b"\x01"), "payload length": (16, struct.pack("<Q", 2**64 - 1)),
+        "rows": (24, struct.pack("<I", 6)), "cols": (28, struct.pack("<I", 2**32 - 1)),
+        "block 0": (o + 8, struct.pack("<I", 0)), "odd block": (o + 8, struct.pack("<I", 7)),
+        "block 2^25": (o + 8, struct.pack("<I", 2**25)), "block 2": (o + 8, struct.pack("<I", 2)),
+    }
+    if not stochastic:
+        edits["seed with nearest rounding"] = (o, struct.pack("<Q", 1))
+    for what, (at, new) in edits.items():
+        edited = packet[:at] + new + packet[at + len(new):]
+        with pytest.raises(ValueError):
+            unpack(reseal(edited))
+            pytest.fail(f"edit of the {what} was accepted")
+    for cut in range(len(packet)):
+        with pytest.raises(ValueError):
+            unpack(reseal(packet[:cut]) if cut >= 16 else packet[:cut])
