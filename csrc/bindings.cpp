@@ -5,26 +5,18 @@
 #include <pybind11/stl.h>
 
 #include <memory>
-#include <thread>
+#include <optional>
 
 #include "codecs.hpp"
 #include "elias_fano.hpp"
 #include "lowrank.hpp"
 #include "parallel.hpp"
+#include "quant.hpp"
 #include "randomk.hpp"
 #include "topk.hpp"
 
 namespace py = pybind11;
 using namespace pysim;
-
-namespace pysim {
-static int g_threads = std::max(1, std::min(8, static_cast<int>(std::thread::hardware_concurrency())));
-int num_threads() { return g_threads; }
-void set_num_threads(int n) {
-  if (n < 1) fail("number of threads must be >= 1, got " + std::to_string(n));
-  g_threads = n;
-}
-}  // namespace pysim
 
 namespace {
 
@@ -55,9 +47,16 @@ float* f32_mut(py::array& a, const char* what) {
   return static_cast<float*>(a.mutable_data());
 }
 
+// The bytes of a packet buffer. The returned view borrows the buffer: callers
+// keep `packet` alive (it is an argument of the bound function) while using it.
 std::pair<const uint8_t*, size_t> bytes_of(const py::buffer& b) {
-  py::buffer_info info = b.request();
-  if (info.ndim != 1 || info.itemsize != 1 || (info.ndim == 1 && info.strides[0] != 1))
+  py::buffer_info info;
+  try {
+    info = b.request();
+  } catch (const py::error_already_set&) {  // e.g. BufferError from a non-contiguous memoryview
+    fail("a packet must be a contiguous 1-D buffer of bytes");
+  }
+  if (info.ndim != 1 || info.itemsize != 1 || info.strides[0] != 1)
     fail("a packet must be a contiguous 1-D buffer of bytes");
   return {static_cast<const uint8_t*>(info.ptr), static_cast<size_t>(info.shape[0])};
 }
@@ -70,9 +69,8 @@ Tensor tensor_of(const py::array& x, const std::vector<uint32_t>& shape, int sou
 }
 
 py::dict header_dict(const Header& h) {
-  static const char* codecs[] = {"dense", "topk", "randomk", "lowrank"};
   py::dict d;
-  d["codec"] = codecs[static_cast<int>(h.codec)];
+  d["codec"] = codec_name(h.codec);
   d["value_dtype"] = static_cast<int>(h.value_dtype);
   d["source_dtype"] = static_cast<int>(h.source_dtype);
   d["shape"] = h.shape;
@@ -83,13 +81,21 @@ py::dict header_dict(const Header& h) {
   d["seed"] = h.seed;
   d["rows"] = h.rows;
   d["rank"] = h.rank;
-  d["index_code"] = static_cast<int>(h.flags);
+  d["block"] = h.block;
+  d["flags"] = static_cast<int>(h.flags);
   return d;
 }
 
-Header parse(const py::buffer& packet) {
-  auto [p, n] = bytes_of(packet);
-  return parse_packet(p, n);
+Limits limits_of(uint64_t max_numel, const std::optional<std::vector<uint32_t>>& expect_shape) {
+  Limits l;
+  l.max_numel = max_numel;
+  l.expect_shape = expect_shape ? &*expect_shape : nullptr;
+  return l;
+}
+
+Codec quant_codec(int bits) {
+  if (bits != 8 && bits != 4) fail("quantisation bits must be 8 or 4, got " + std::to_string(bits));
+  return bits == 8 ? Codec::Int8 : Codec::Int4;
 }
 
 }  // namespace
@@ -102,19 +108,30 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_num_threads", &pysim::num_threads);
 
   m.def("header_bytes", [](int codec, size_t ndim) {
-    if (codec < 0 || codec > 3) fail("unknown codec id");
-    return header_bytes(static_cast<Codec>(codec), ndim);
+    if (ndim > static_cast<size_t>(kMaxDims)) fail("packets hold at most 8 dimensions");
+    return header_bytes(codec_from_int(codec), ndim);
   }, py::arg("codec"), py::arg("ndim"), "Header size in bytes for a codec id and tensor rank.");
-  m.def("dense_payload_bytes", [](uint64_t n, int d) { return dense_payload_bytes(n, dtype_from_int(d)); });
+  m.def("dense_payload_bytes", [](uint64_t n, int d) { return dense_payload_bytes(n, dtype_from_int(d)); },
+        py::arg("numel"), py::arg("value_dtype"));
   m.def("topk_payload_bytes", [](uint64_t n, uint64_t k, int d, int code) {
+    if (code < 0 || code > 1) fail("index_code must be 0 (Elias-Fano) or 1 (raw int32)");
     return topk_payload_bytes(n, k, dtype_from_int(d), static_cast<IndexCode>(code));
-  });
-  m.def("randomk_payload_bytes", [](uint64_t k, int d) { return randomk_payload_bytes(k, dtype_from_int(d)); });
+  }, py::arg("numel"), py::arg("k"), py::arg("value_dtype"), py::arg("index_code"));
+  m.def("randomk_payload_bytes", [](uint64_t k, int d) { return randomk_payload_bytes(k, dtype_from_int(d)); },
+        py::arg("k"), py::arg("value_dtype"));
   m.def("lowrank_payload_bytes", [](uint64_t rows, uint64_t cols, uint64_t rank, int d) {
     return lowrank_payload_bytes(rows, cols, rank, dtype_from_int(d));
-  });
+  }, py::arg("rows"), py::arg("cols"), py::arg("rank"), py::arg("value_dtype"));
+  m.def("quant_payload_bytes", [](uint64_t n, int bits, uint64_t block) {
+    return quant_payload_bytes(n, quant_codec(bits), block);
+  }, py::arg("numel"), py::arg("bits"), py::arg("block"));
   m.def("elias_fano_bytes", &elias_fano_bytes, py::arg("n"), py::arg("k"));
-  m.def("crc32c", [](const py::buffer& b) { auto [p, n] = bytes_of(b); return crc32c(p, n); });
+  m.def("crc32c", [](const py::buffer& b) { auto [p, n] = bytes_of(b); return crc32c(p, n); }, py::arg("data"),
+        "CRC-32C (Castagnoli) of a byte buffer, as the packet checksum uses it.");
+  m.def("packet_length", [](const py::buffer& b) { auto [p, n] = bytes_of(b); return announced_length(p, n); },
+        py::arg("packet"), "Header + payload bytes that the packet starting this buffer announces.");
+  m.def("peak_buffer_bytes", &peak_buffer_bytes, py::arg("reset") = true,
+        "Most bytes the extension's buffers held at once since the last reset (then resets to the current).");
 
   m.def("pack_dense", [](const py::array& x, std::vector<uint32_t> shape, int source_dtype, int value_dtype) {
     Tensor t = tensor_of(x, shape, source_dtype);
@@ -148,42 +165,56 @@ PYBIND11_MODULE(_C, m) {
     const uint64_t cols = checked_numel(shape) / rows;
     if (q.ndim() != 2 || static_cast<uint64_t>(q.shape(0)) != cols || q.shape(1) < 1)
       fail("warm-start Q must have shape (cols, rank) = (" + std::to_string(cols) + ", rank)");
-    float* qd = f32_mut(q, "warm-start Q");
+    f32_mut(q, "warm-start Q");
     const uint32_t rank = static_cast<uint32_t>(q.shape(1));
+    // The kernel works on a private copy of Q, so the caller's array is never
+    // written while the GIL is released; the new Q is copied back afterwards.
+    Floats work(static_cast<const float*>(q.data()), static_cast<const float*>(q.data()) + cols * rank);
     Bytes out;
-    { py::gil_scoped_release nogil; out = pack_lowrank(t, rows, rank, qd, d); }
+    { py::gil_scoped_release nogil; out = pack_lowrank(t, rows, rank, work.data(), d); }
+    std::memcpy(f32_mut(q, "warm-start Q"), work.data(), work.size() * sizeof(float));
     return to_numpy(std::move(out));
   }, py::arg("x"), py::arg("shape"), py::arg("source_dtype"), py::arg("rows"), py::arg("q"), py::arg("value_dtype"),
      "One PowerSGD round; q (cols x rank, float32) is updated in place to the new Q.");
 
-  m.def("parse_header", [](const py::buffer& packet) { return header_dict(parse(packet)); },
-        py::arg("packet"), "Validates a packet (size, checksum) and returns its header as a dict.");
+  m.def("pack_quant", [](const py::array& x, std::vector<uint32_t> shape, int source_dtype, int bits, uint32_t block,
+                         bool stochastic, uint64_t seed) {
+    Tensor t = tensor_of(x, shape, source_dtype);
+    const Codec c = quant_codec(bits);
+    check_quant_block(c, block);
+    Bytes out;
+    { py::gil_scoped_release nogil; out = pack_quant(t, c, block, stochastic, seed); }
+    return to_numpy(std::move(out));
+  }, py::arg("x"), py::arg("shape"), py::arg("source_dtype"), py::arg("bits"), py::arg("block"), py::arg("stochastic"),
+     py::arg("seed"), "Block-absmax int8/int4 quantisation (bf16 scales); seed is used by stochastic rounding only.");
 
-  m.def("unpack", [](const py::buffer& packet) {
+  m.def("parse_header", [](const py::buffer& packet) {
     auto [p, n] = bytes_of(packet);
+    Limits any;
+    any.max_numel = kMaxNumel;
+    return header_dict(read_packet(p, n, any));
+  }, py::arg("packet"), "Validates a packet (size, checksum, structure) and returns its header as a dict.");
+
+  m.def("unpack", [](const py::buffer& packet, uint64_t max_numel, std::optional<std::vector<uint32_t>> expect_shape) {
+    auto [p, n] = bytes_of(packet);
+    const Limits limits = limits_of(max_numel, expect_shape);
     Floats out;
     Header h;
-    { py::gil_scoped_release nogil; h = parse_packet(p, n); out = unpack_dense(p, h); }
+    { py::gil_scoped_release nogil; h = read_packet(p, n, limits); out = unpack_dense(p, h); }
     return py::make_tuple(header_dict(h), to_numpy(std::move(out)));
-  }, py::arg("packet"), "Decodes any packet to (header, flat float32 array).");
+  }, py::arg("packet"), py::arg("max_numel") = kDefaultMaxNumel, py::arg("expect_shape") = py::none(),
+     "Decodes any packet to (header, flat float32 array); refuses tensors over max_numel or not of expect_shape.");
 
-  m.def("unpack_sparse", [](const py::buffer& packet) {
+  m.def("unpack_factors", [](const py::buffer& packet, uint64_t max_numel, std::optional<std::vector<uint32_t>> expect_shape) {
     auto [p, n] = bytes_of(packet);
-    std::vector<uint32_t> idx;
-    std::vector<float> val;
+    const Limits limits = limits_of(max_numel, expect_shape);
+    Floats P, Q;
     Header h;
-    { py::gil_scoped_release nogil; h = parse_packet(p, n); unpack_sparse(p, h, idx, val); }
-    return py::make_tuple(header_dict(h), to_numpy(std::move(idx)), to_numpy(std::move(val)));
-  }, py::arg("packet"), "Decodes a top-k or random-k packet to (header, indices uint32, values float32).");
-
-  m.def("unpack_factors", [](const py::buffer& packet) {
-    auto [p, n] = bytes_of(packet);
-    std::vector<float> P, Q;
-    Header h;
-    { py::gil_scoped_release nogil; h = parse_packet(p, n); unpack_factors(p, h, P, Q); }
+    { py::gil_scoped_release nogil; h = read_packet(p, n, limits); unpack_factors(p, h, P, Q); }
     const py::ssize_t rows = h.rows, rank = h.rank, cols = static_cast<py::ssize_t>(h.numel / h.rows);
     return py::make_tuple(header_dict(h), to_numpy(std::move(P)).reshape({rows, rank}), to_numpy(std::move(Q)).reshape({cols, rank}));
-  }, py::arg("packet"), "Decodes a low-rank packet to (header, P rows x rank, Q cols x rank).");
+  }, py::arg("packet"), py::arg("max_numel") = kDefaultMaxNumel, py::arg("expect_shape") = py::none(),
+     "Decodes a low-rank packet to (header, P rows x rank, Q cols x rank).");
 
   m.def("topk_select", [](const py::array& x, uint64_t k) {
     const float* d = f32_data(x, "x");
@@ -194,8 +225,9 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("x"), py::arg("k"), "Sorted indices of the k largest |x|.");
 
   m.def("randomk_indices", [](uint64_t seed, uint64_t n, uint64_t k) {
-    std::vector<uint32_t> idx(k);
     if (k < 1 || k > n) fail("random-k needs 1 <= k <= n, got k=" + std::to_string(k) + ", n=" + std::to_string(n));
+    if (n > 0xffffffffull) fail("random-k supports tensors of fewer than 2^32 elements");
+    Indices idx(k);
     { py::gil_scoped_release nogil; randomk_indices(seed, n, k, idx.data()); }
     return to_numpy(std::move(idx));
   }, py::arg("seed"), py::arg("n"), py::arg("k"), "The k sorted indices a random-k packet with this seed uses.");
@@ -227,16 +259,9 @@ PYBIND11_MODULE(_C, m) {
     auto [pp, n, r] = matrix(P, "P");
     (void)pp;
     float* d = f32_mut(P, "P");
-    { py::gil_scoped_release nogil; orthonormalize_columns(d, n, r); }
+    Floats work(d, d + n * r);  // the caller's array is not written while the GIL is released
+    { py::gil_scoped_release nogil; orthonormalize_columns(work.data(), n, r); }
+    std::memcpy(f32_mut(P, "P"), work.data(), work.size() * sizeof(float));
     return P;
   }, py::arg("P"), "Orthonormalises the columns of P in place (Gram-Schmidt) and returns it.");
-  m.def("lowrank_expand", [matrix](const py::array& P, const py::array& Q) {
-    auto [pp, n, r] = matrix(P, "P");
-    auto [pq, mm, rq] = matrix(Q, "Q");
-    if (rq != r) fail("P and Q must have the same rank");
-    F32Array out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(mm)});
-    float* po = out.mutable_data();
-    { py::gil_scoped_release nogil; lowrank_expand(pp, n, pq, mm, r, po); }
-    return out;
-  }, py::arg("P"), py::arg("Q"), "P @ Q.T.");
 }

@@ -1,4 +1,4 @@
-// Packing and unpacking of the four codecs into wire-format packets.
+// Packing and unpacking of the codecs into wire-format packets.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -20,19 +20,30 @@ Bytes pack_randomk(const Tensor& x, uint64_t k, uint64_t seed, DType value_dtype
 // orthonormalise P, Q = M^T P. q (cols x rank) is the warm start and is
 // overwritten with the new Q. The packet carries P and Q.
 Bytes pack_lowrank(const Tensor& x, uint32_t rows, uint32_t rank, float* q, DType value_dtype);
+// Block-absmax quantisation to int8 (codec Int8) or int4 (codec Int4); see quant.hpp.
+Bytes pack_quant(const Tensor& x, Codec codec, uint32_t block, bool stochastic, uint64_t seed);
 
 // Payload bytes of each codec (the header adds header_bytes(codec, ndim)).
+// All fail (ValueError) rather than wrap around on overflow.
 uint64_t dense_payload_bytes(uint64_t numel, DType d);
 uint64_t topk_payload_bytes(uint64_t numel, uint64_t k, DType d, IndexCode code);
 uint64_t randomk_payload_bytes(uint64_t k, DType d);
 uint64_t lowrank_payload_bytes(uint64_t rows, uint64_t cols, uint64_t rank, DType d);
 
-// The unpack functions take a header already checked by parse_packet().
+// Parses a packet (parse_packet) and checks everything its codec's header
+// claims against the payload: k in [1, numel], rank <= min(rows, cols), the
+// block size, flags, and that the payload length equals the codec's formula.
+// Then checks the caller's limits (tensor size, expected shape). Throws
+// std::invalid_argument before anything proportional to the claimed tensor
+// size is allocated.
+Header read_packet(const uint8_t* p, size_t len, const Limits& limits);
+
+// The unpack functions take a header already checked by read_packet().
 // Decodes any packet into a dense float32 buffer of h.numel values.
 Floats unpack_dense(const uint8_t* p, const Header& h);
 // For top-k and random-k packets: the sorted indices and their values.
-void unpack_sparse(const uint8_t* p, const Header& h, std::vector<uint32_t>& idx, std::vector<float>& val);
+void unpack_sparse(const uint8_t* p, const Header& h, Indices& idx, Floats& val);
 // For low-rank packets: P (rows x rank) and Q (cols x rank).
-void unpack_factors(const uint8_t* p, const Header& h, std::vector<float>& P, std::vector<float>& Q);
+void unpack_factors(const uint8_t* p, const Header& h, Floats& P, Floats& Q);
 
 }  // namespace pysim

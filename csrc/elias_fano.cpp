@@ -14,7 +14,7 @@ inline uint64_t high_bits(uint64_t n, uint64_t k, unsigned L) { return k + ((n -
 struct Layout {
   unsigned L;
   uint64_t mask, low_bytes, high_bits;
-  std::vector<uint64_t> low, high;
+  Buffer<uint64_t> low, high;
   Layout(uint64_t n, uint64_t k)
       : L(elias_fano_low_bits(n, k)),
         mask(L == 0 ? 0 : (uint64_t{1} << L) - 1),
@@ -41,8 +41,8 @@ void elias_fano_encode(const uint32_t* idx, uint64_t k, uint64_t n, uint8_t* out
   Layout f(n, k);
   const unsigned L = f.L;
   const uint64_t mask = f.mask;
-  std::vector<uint64_t>& low = f.low;
-  std::vector<uint64_t>& high = f.high;
+  Buffer<uint64_t>& low = f.low;
+  Buffer<uint64_t>& high = f.high;
   for (uint64_t j = 0; j < k; ++j) {
     const uint64_t v = idx[j];
     if (L) {
@@ -62,8 +62,8 @@ void elias_fano_decode(const uint8_t* in, uint64_t k, uint64_t n, uint32_t* idx)
   Layout f(n, k);
   const unsigned L = f.L;
   const uint64_t low_bytes = f.low_bytes, hb = f.high_bits;
-  std::vector<uint64_t>& low = f.low;
-  std::vector<uint64_t>& high = f.high;
+  Buffer<uint64_t>& low = f.low;
+  Buffer<uint64_t>& high = f.high;
   std::memcpy(low.data(), in, low_bytes);
   std::memcpy(high.data(), in + low_bytes, ceil_div(hb, 8));
   if (hb & 63) {

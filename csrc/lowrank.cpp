@@ -84,7 +84,7 @@ void lowrank_mtp(const float* M, size_t n, size_t m, const float* P, size_t r, f
   // Each thread accumulates Q^T (r x m) over its rows of M; partials are summed.
   const size_t parts = parts_for(n, kMinRowsPerThread);
   std::vector<std::vector<float>> partial(parts);
-  parallel_for(n, kMinRowsPerThread, [&](size_t t, size_t b, size_t e) {
+  parallel_parts(n, parts, [&](size_t t, size_t b, size_t e) {
     std::vector<float>& qt = partial[t];
     qt.assign(r * m, 0.0f);
     // Columns in blocks so the slice of Q^T being updated stays in L1; rows in

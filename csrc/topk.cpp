@@ -74,7 +74,7 @@ std::vector<uint32_t> filter_all(const float* x, size_t n, uint32_t t, size_t ex
   const size_t parts = parts_for(n, 1 << 19);
   std::vector<std::vector<uint32_t>> per(parts);
   for (auto& v : per) v.reserve(expect / parts + 1024);
-  parallel_for(n, 1 << 19, [&](size_t p, size_t b, size_t e) { filter_range(x, b, e, t, per[p]); });
+  parallel_parts(n, parts, [&](size_t p, size_t b, size_t e) { filter_range(x, b, e, t, per[p]); });
   if (parts == 1) return std::move(per[0]);
   size_t total = 0;
   for (auto& v : per) total += v.size();

@@ -1,6 +1,10 @@
 #include "wire.hpp"
 
 #include <array>
+#include <atomic>
+#include <cstdlib>
+
+#include <sys/mman.h>
 
 #if defined(__x86_64__)
 #include <nmmintrin.h>
@@ -17,12 +21,59 @@ DType dtype_from_int(int v) {
   return static_cast<DType>(v);
 }
 
+namespace {
+std::atomic<size_t> g_held{0}, g_peak{0};
+}  // namespace
+
+constexpr size_t kHugePage = size_t{2} << 20;
+constexpr size_t kHugeFrom = 2 * kHugePage;
+
+void* buffer_alloc(size_t bytes) {
+  void* p;
+  if (bytes >= kHugeFrom) {
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    p = std::aligned_alloc(kHugePage, rounded);
+#if defined(MADV_HUGEPAGE)
+    if (p) madvise(p, rounded, MADV_HUGEPAGE);  // advice only: failure changes nothing
+#endif
+  } else {
+    p = std::malloc(bytes ? bytes : 1);
+  }
+  if (!p) throw std::bad_alloc();
+  const size_t now = g_held.fetch_add(bytes, std::memory_order_relaxed) + bytes;
+  size_t peak = g_peak.load(std::memory_order_relaxed);
+  while (now > peak && !g_peak.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {}
+  return p;
+}
+
+void buffer_free(void* p, size_t bytes) noexcept {
+  g_held.fetch_sub(bytes, std::memory_order_relaxed);
+  std::free(p);
+}
+size_t peak_buffer_bytes(bool reset) {
+  const size_t peak = g_peak.load(std::memory_order_relaxed);
+  if (reset) g_peak.store(g_held.load(std::memory_order_relaxed), std::memory_order_relaxed);
+  return peak;
+}
+
+const char* codec_name(Codec c) {
+  static const char* names[kNumCodecs] = {"dense", "topk", "randomk", "lowrank", "int8", "int4"};
+  return names[static_cast<int>(c)];
+}
+
+Codec codec_from_int(int v) {
+  if (v < 0 || v >= kNumCodecs) fail("unknown codec id " + std::to_string(v));
+  return static_cast<Codec>(v);
+}
+
 size_t codec_param_bytes(Codec c) {
   switch (c) {
     case Codec::Dense: return 0;
     case Codec::TopK: return 8;
     case Codec::RandomK: return 16;
     case Codec::LowRank: return 8;
+    case Codec::Int8:
+    case Codec::Int4: return 12;
   }
   fail("unknown codec id " + std::to_string(static_cast<int>(c)));
 }
@@ -32,8 +83,8 @@ uint64_t checked_numel(const std::vector<uint32_t>& shape) {
     fail("tensor has " + std::to_string(shape.size()) + " dimensions; packets hold at most 8");
   uint64_t n = 1;
   for (uint32_t d : shape) {
-    if (d != 0 && n > (uint64_t{1} << 40) / d) fail("tensor too large for a packet (more than 2^40 elements)");
-    n *= d;
+    n = checked_mul(n, d, "tensor shape");
+    if (n > kMaxNumel) fail("tensor too large for a packet (more than 2^40 elements)");
   }
   return n;
 }
@@ -113,22 +164,34 @@ Bytes start_packet(Header& h) {
     case Codec::TopK: put<uint64_t>(p + o, h.k); break;
     case Codec::RandomK: put<uint64_t>(p + o, h.seed); put<uint64_t>(p + o + 8, h.k); break;
     case Codec::LowRank: put<uint32_t>(p + o, h.rows); put<uint32_t>(p + o + 4, h.rank); break;
+    case Codec::Int8:
+    case Codec::Int4: put<uint64_t>(p + o, h.seed); put<uint32_t>(p + o + 8, h.block); break;
   }
   return out;
 }
 
 void seal(Bytes& packet) { put<uint32_t>(packet.data() + 12, packet_crc(packet.data(), packet.size())); }
 
-Header parse_packet(const uint8_t* p, size_t len) {
+// Checks the fields every reader needs before trusting the header's length.
+static void check_frame(const uint8_t* p, size_t len) {
   if (len < kBaseHeaderBytes)
     fail("packet truncated: " + std::to_string(len) + " bytes is shorter than the 24-byte header");
   if (get<uint32_t>(p) != kMagic) fail("not a pysim packet (bad magic bytes)");
   if (p[4] != kVersion)
     fail("packet has wire-format version " + std::to_string(p[4]) + ", this build reads version " +
          std::to_string(kVersion));
-  if (p[5] > 3) fail("packet has unknown codec id " + std::to_string(p[5]));
-  if (p[6] > 2 || p[7] > 2) fail("packet has an unknown dtype code");
+  if (p[5] >= kNumCodecs) fail("packet has unknown codec id " + std::to_string(p[5]));
   if (p[8] > kMaxDims) fail("packet claims " + std::to_string(p[8]) + " dimensions (at most 8)");
+}
+
+uint64_t announced_length(const uint8_t* p, size_t len) {
+  check_frame(p, len);
+  return checked_add(header_bytes(static_cast<Codec>(p[5]), p[8]), get<uint64_t>(p + 16), "packet length");
+}
+
+Header parse_packet(const uint8_t* p, size_t len) {
+  check_frame(p, len);
+  if (p[6] > 2 || p[7] > 2) fail("packet has an unknown dtype code");
   if (p[10] != 0 || p[11] != 0) fail("packet has non-zero reserved bytes");
   Header h;
   h.codec = static_cast<Codec>(p[5]);
@@ -154,6 +217,8 @@ Header parse_packet(const uint8_t* p, size_t len) {
     case Codec::TopK: h.k = get<uint64_t>(p + o); break;
     case Codec::RandomK: h.seed = get<uint64_t>(p + o); h.k = get<uint64_t>(p + o + 8); break;
     case Codec::LowRank: h.rows = get<uint32_t>(p + o); h.rank = get<uint32_t>(p + o + 4); break;
+    case Codec::Int8:
+    case Codec::Int4: h.seed = get<uint64_t>(p + o); h.block = get<uint32_t>(p + o + 8); break;
   }
   return h;
 }

@@ -126,12 +126,13 @@ class Comm:
 
     # ------------------------------------------------------------ collectives
 
-    def allreduce_mean(self, x: torch.Tensor, codec: DenseCodec | None = None) -> torch.Tensor:
-        """Mean of ``x`` over all nodes. Values travel as dense packets of ``codec``
-        (fp32 default; fp16/bf16 quantise every hop, as on a real wire)."""
+    def allreduce_mean(self, x: torch.Tensor, codec: Codec | None = None) -> torch.Tensor:
+        """Mean of ``x`` over all nodes. Values travel as packets of a summable ``codec``
+        (dense fp32 default; fp16/bf16/int8/int4 quantise every hop, as on a real wire)."""
         codec = codec or self._dense
-        if not isinstance(codec, DenseCodec):
-            raise ValueError(f"allreduce_mean takes a dense codec; use allgather_mean for {codec.name}")
+        if not codec.summable:
+            raise ValueError(f"allreduce_mean takes a summable codec (dense, int8, int4); "
+                             f"use allgather_mean for {codec.name}")
         flat = x.detach().reshape(-1).float().clone()
         n, r = self.world, self.rank
         if self.algorithm == "star":
@@ -165,7 +166,7 @@ class Comm:
             packet = got
         return (flat / n).reshape(x.shape).to(x.dtype)
 
-    def _star_allreduce(self, flat: torch.Tensor, codec: DenseCodec) -> torch.Tensor:
+    def _star_allreduce(self, flat: torch.Tensor, codec: Codec) -> torch.Tensor:
         n = self.world
         size = codec.nbytes((flat.numel(),))
         table = self._my_row(size)

@@ -37,6 +37,13 @@ def exchange_all_codecs(rank: int, world: int, net: Network, algorithm: str = "r
     return out
 
 
+def allreduce_with_codec(rank: int, world: int, net: Network, spec: str, n: int) -> dict:
+    """One ring all-reduce of a seeded random vector through the codec ``spec``."""
+    comm = Comm(rank, world, net)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(200 + rank))
+    return {"x": x, "mean": comm.allreduce_mean(x, get_codec(spec)), "sent": comm.bytes_sent}
+
+
 def fail_on(rank: int, world: int, bad_rank: int) -> None:
     if rank == bad_rank:
         raise RuntimeError(f"boom on purpose in node {rank}")
