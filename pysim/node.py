@@ -138,13 +138,16 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
         clock = comm.end_step()
         steps.append(StepRecord(loss.item(), clock, comm.bytes_sent, comm.bytes_received, comm.compute_total_s,
                                 comm.comm_s))
-        if evaluation is not None and ((step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1):
-            metrics = wl.metrics(strategy.eval_model(), quick)
-            evals.append(EvalRecord(step + 1, metrics, len(quick)))
-            shown = {k: f"{v:.4g}" for k, v in metrics.items() if k == wl.target.metric}
-            bar.set_postfix(shown | {"sim": f"{clock:.1f}s"})
+        if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
+            deployed = strategy.eval_model()  # collective: a strategy may average the nodes' models (uncharged)
+            if evaluation is not None:
+                metrics = wl.metrics(deployed, quick)
+                evals.append(EvalRecord(step + 1, metrics, len(quick)))
+                shown = {k: f"{v:.4g}" for k, v in metrics.items() if k == wl.target.metric}
+                bar.set_postfix(shown | {"sim": f"{clock:.1f}s"})
         bar.update()
     bar.close()
-    final = wl.metrics(strategy.eval_model(), evaluation) if evaluation is not None else None
+    deployed = strategy.eval_model()
+    final = wl.metrics(deployed, evaluation) if evaluation is not None else None
     return {"steps": [tuple(s) for s in steps], "evals": [tuple(e) for e in evals], "final_metrics": final,
             "segments": comm.segments, "step_ends": comm.step_ends}
