@@ -34,7 +34,6 @@ from pysim.report import BASELINE, markdown_table, plot_sweep, spread
 from pysim.trainer import crossing_step, load_result, metric_series, time_at_step
 from pysim.workload import Target
 
-
 MAX_GRID_AXIS = 1000
 MAX_GRID_POINTS = 20000
 
