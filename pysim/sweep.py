@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pysim.clock import Trace, replay
+from pysim.clock import replay
 from pysim.network import Link, Network, format_bandwidth, parse_bandwidth, parse_latency
 from pysim.report import markdown_table
+from pysim.trace import Trace
 from pysim.trainer import load_result, time_to_target
 
 BASELINE = "SimpleReduce"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pysim.clock import Trace, replay, trace_from_nodes
+from pysim.clock import replay
 from pysim.comm import Comm
 from pysim.compute import ComputeMeter, count_flops, device_flops_per_s
 from pysim.launch import run_nodes
@@ -28,6 +28,7 @@ from pysim.mnist import load_mnist, verify_mnist
 from pysim.models import MnistCNN
 from pysim.network import Network, network_from_json, network_to_json
 from pysim.strategies import make_strategy
+from pysim.trace import Trace, trace_from_nodes
 
 RESULT_VERSION = 1
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pysim.clock import replay, trace_from_nodes
+from pysim.clock import replay
 from pysim.compress import get_codec, packet_header
 from pysim.launch import NodeError, run_nodes
 from pysim.network import Network, bytes_received, bytes_sent
+from pysim.trace import trace_from_nodes
 
 
 def children_of_this_process() -> list[int]:
@@ -63,14 +64,14 @@ def test_bytes_charged_equal_bytes_that_crossed(three_nodes):
     assert sent == [r["sent"] for r in res]
     assert recv == [r["received"] for r in res]
     # all-gather charges: exactly the packets from the other nodes
-    for c in trace.collectives:
-        if c is not None and c.op == "allgather":
+    for c in trace.collectives():
+        if c.op == "allgather":
             assert sum(bytes_received(c.op, c.algo, c.sizes)) == sum(bytes_sent(c.op, c.algo, c.sizes))
-    total_allgather_received = [sum(bytes_received(c.op, c.algo, c.sizes)[i] for c in trace.collectives
-                                    if c is not None and c.op == "allgather") for i in range(3)]
+    total_allgather_received = [sum(bytes_received(c.op, c.algo, c.sizes)[i] for c in trace.collectives()
+                                    if c.op == "allgather") for i in range(3)]
     assert total_allgather_received == [r["received_packets"] for r in res]
     # all-reduce chunk sizes are dense packets of the chunks
-    ring = [c for c in trace.collectives if c is not None and c.op == "allreduce"][0]
+    ring = [c for c in trace.collectives() if c.op == "allreduce"][0]
     if ring.algo == "ring":
         assert ring.sizes == tuple(get_codec("dense").nbytes((n,)) for n in (333, 333, 334))
 
