@@ -190,6 +190,7 @@ class Clock:
     def __init__(self, network: Network, nodes: int, scaling: ComputeScaling | None = None) -> None:
         self.network = network.with_nodes(nodes)
         self.scaling = scaling or NO_SCALING
+        self.scaling.speeds(nodes)        # checks the number of speeds
         self.nodes = nodes
         self.t = np.zeros(nodes)          # each node's clock (s)
         self.waited_s = np.zeros(nodes)   # time each node's clock advanced beyond its own compute
@@ -294,6 +295,7 @@ def replay(trace: Trace, networks: Network | Sequence[Network], device: str | No
         raise ValueError("replay needs at least one network")
     nets = [net.with_nodes(trace.nodes) for net in nets]
     scaling = scaling or NO_SCALING
+    scaling.speeds(trace.nodes)   # checks the number of speeds
     raw = compute_seconds(trace, device)
     comp = scaled_compute(trace, device, scaling)
     ends, starts_c, ends_c, streams = _replay_without_sharing(trace, nets, comp)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pysim.clock import replay
+from pysim.clock import ComputeScaling, replay
 from pysim.compress import get_codec, packet_header
 from pysim.launch import NodeError, run_nodes
 from pysim.network import Network, bytes_received, bytes_sent
@@ -83,6 +83,36 @@ def test_live_clock_equals_replay_exactly(three_nodes):
     assert [r["clock_s"] for r in res] == list(tl.end_s[-1])
     slower = Network.uniform(3, "1Mbit", "100ms")
     assert replay(trace, slower).total_s > tl.total_s
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "star"])
+def test_async_collectives_live_clock_equals_replay_with_sharing_and_stragglers(algorithm):
+    net = Network.uniform(3, "2Mbit", "2ms")   # slow: the collectives of streams 0 and 1 overlap and share
+    scaling = ComputeScaling(speed=(1.0, 0.5, 1.0), jitter=0.1, seed=3)
+    res = run_nodes(node_programs.async_patterns, 3, (net, algorithm, scaling))
+    expected = [sum(r["x"][k] for r in res) / 3 for k in range(4)]
+    for r in res:
+        for got, want in zip(r["means"], expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        assert torch.equal(r["again"], r["means"][0])
+    trace = trace_from_nodes([r["segments"] for r in res], res[0]["step_ends"])
+    kinds = [type(e).__name__ for e in trace.events]
+    assert kinds.count("Start") == 4 and kinds.count("Wait") == 4 and trace.streams() == {0, 1}
+    tl = replay(trace, net, scaling=scaling)
+    assert [r["clock_s"] for r in res] == list(tl.end_s[-1])
+    assert [r["comm_s"] for r in res] == pytest.approx(list(tl.waited_s), rel=1e-12)  # summed in another order
+    many = replay(trace, [net, Network.uniform(3, "10Gbit", "2ms")], scaling=scaling)
+    assert list(many.end_s[-1, :, 0]) == list(tl.end_s[-1])
+
+
+def test_async_stream_must_be_a_non_negative_int():
+    from pysim.comm import Comm
+
+    comm = Comm(0, 1, Network.uniform(1, "1Gbps"))
+    with pytest.raises(ValueError, match="stream"):
+        comm.allreduce_mean_async(torch.ones(3), stream=-1)
+    p = comm.allreduce_mean_async(torch.ones(3), stream=2)
+    assert not p.waited and torch.equal(p.wait(), torch.ones(3)) and p.waited
 
 
 def test_node_error_is_reported_quickly_and_nothing_is_left():
