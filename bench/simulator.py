@@ -259,6 +259,21 @@ def bench_bookkeeping(steps: int = 300) -> tuple[float, float]:
     return cpu_per_call(bare), cpu_per_call(extra)
 
 
+def _transport_node(rank: int, world: int, nbytes: int, reps: int) -> dict[str, list[float]]:
+    from pysim.calibrate import time_allreduces
+
+    return time_allreduces([nbytes], reps, pysim_too=True)
+
+
+def bench_transport(nbytes: int = 10_000_000, reps: int = 7) -> dict[str, float]:
+    """Real seconds (median of the slower rank) of a 2-rank all-reduce of ``nbytes`` on loopback:
+    pysim's ring (full-duplex hops, packets, clock) vs torch.distributed.all_reduce (gloo)."""
+    from pysim.launch import run_nodes
+
+    res = run_nodes(_transport_node, 2, (nbytes, reps), timeout_s=300)
+    return {k: v[0] for k, v in res[0].items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--overhead-steps", type=int, default=10)
@@ -266,6 +281,14 @@ def main() -> None:
     a = ap.parse_args()
     r = min(bench_replay() for _ in range(3))
     print(f"replay: 1000-step, 8-node trace under 100 networks: {r:.3f} s (target < 1 s)")
+    r = min(bench_replay(buckets=4) for _ in range(3))
+    print(f"replay: the same with 4 non-blocking buckets per step (stream 0): {r:.3f} s")
+    r = bench_replay_shared()
+    print(f"replay with two overlapping streams (shared links, event loop): {r * 1e3:.0f} ms per network "
+          "for 1000 steps")
+    tr = bench_transport()
+    print(f"transport, 10 MB all-reduce on loopback, 2 ranks: pysim {tr['pysim']:.4f} s, "
+          f"torch.distributed.all_reduce {tr['torch']:.4f} s ({100 * (tr['pysim'] / tr['torch'] - 1):+.0f}%)")
     s = min(bench_sweep() for _ in range(3))
     print(f"sweep: 3 runs x 20 x 10 grid: {s:.3f} s (target < 5 s)")
     step_s, extra_s = bench_bookkeeping()
