@@ -241,7 +241,7 @@ class ShapedVeth:
     def __init__(self, rate: str, name: str = "pysimcal", burst: str | None = None) -> None:
         self.rate, self.name = rate, name
         bps = parse_bandwidth(rate)
-        self.burst = burst or f"{max(16384, int(bps / 8 / 250))}b"   # 4 ms of traffic (one tick at HZ=250)
+        self.burst = burst or f"{max(16384, int(bps / 8 / 1000))}b"   # 1 ms of traffic, at least 16 KiB
         self.ns = (f"{name}a", f"{name}b")
         self.dev = (f"{name}0", f"{name}1")
 

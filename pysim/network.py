@@ -17,9 +17,11 @@ share their bandwidth B_r fairly between the messages crossing them
 messages gets 1/k of it; a small message leaves a shared link early, after
 which the large ones speed up). lat_m is the largest latency of the links it
 crosses. A phase ends when its slowest message ends: phase = max_m f_m. This
-is exact for a single shared resource and an upper bound otherwise. It
-replaces "max latency + max load" taken separately, which overestimates a
-phase whose slowest-latency message is not its largest.
+is exact processor sharing when the messages meet on one resource; where they
+cross several, each resource is taken as if its messages were limited by it
+alone (an approximation of max-min fair sharing). It replaces "max latency +
+max load" taken separately, which overestimates a phase whose slowest-latency
+message is not its largest.
 
 On a uniform network (bandwidth beta, latency alpha, no framing) this gives the
 textbook formulas:

@@ -38,7 +38,7 @@ def test_calibrate_command_rejects_bad_sizes(capsys):
 def test_calibrate_over_a_tbf_shaped_veth_link(tmp_path):
     out = tmp_path / "link.json"
     with ShapedVeth("100mbit", name="pysimtst") as link:
-        done = link.calibrate(["--sizes", "131072,524288,1048576", "--reps", "2", "--out", str(out)], timeout_s=120)
+        done = link.calibrate(["--sizes", "524288,1048576,2097152", "--reps", "2", "--out", str(out)], timeout_s=120)
     assert done.returncode == 0, done.stderr[-2000:]
     net = load_network_file(out)
     # tbf counts 1514-byte frames for 1448 payload bytes: with tcp framing the fit finds the shaper's rate
