@@ -5,6 +5,11 @@
 
 - replay: a 1,000-step trace of 8 nodes (one ring all-reduce of the MNIST
   CNN's gradients per step) re-timed under 100 networks; target < 1 s.
+  Also the same trace with 4 non-blocking bucket all-reduces per step, and a
+  2-stream trace whose collectives overlap (per-network event loop with
+  shared links).
+- transport: real seconds of a 10 MB 2-rank all-reduce on loopback, pysim's
+  ring (full-duplex hops) vs torch.distributed.all_reduce.
 - sweep: 3 recorded 1,000-step runs over a 20 x 10 bandwidth x latency grid;
   target < 5 s.
 - overhead: 2 node processes train the MNIST CNN (batch 64); per step, (a)
