@@ -35,6 +35,9 @@ and a streaming sync with delay tau: start at step k, ``wait()`` at step k+tau.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -46,24 +49,30 @@ from pysim.network import Network
 from pysim.schedule import phases, ring_hop
 from pysim.trace import Collective, Event, Start, Wait
 
+T = TypeVar("T")
 
-class Pending:
+
+class Pending(Generic[T]):
     """The result of a non-blocking collective. ``wait()`` charges the wait to the simulated
-    clock (the first time only) and returns the result."""
+    clock (the first time only) and returns the result; work that needs the result (such as
+    decoding all-gathered packets) runs inside ``wait()`` and is metered after the wait."""
 
-    def __init__(self, comm: Comm, handle: int, result: torch.Tensor) -> None:
-        self._comm, self._handle, self._result = comm, handle, result
+    def __init__(self, comm: Comm, handle: int, result: T | None = None,
+                 finish: Callable[[], T] | None = None) -> None:
+        self._comm, self._handle, self._result, self._finish = comm, handle, result, finish
         self._waited = False
 
     @property
     def waited(self) -> bool:
         return self._waited
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> T:
         if not self._waited:
             self._comm._wait(self._handle)
             self._waited = True
-        return self._result
+            if self._finish is not None:
+                self._result, self._finish = self._finish(), None
+        return self._result  # type: ignore[return-value]
 
 
 class Comm:
@@ -147,17 +156,17 @@ class Comm:
         self.segments.append((comp, flops, event))
         return handle
 
-    def _begin(self, op: str, algo: str, my_bytes: int) -> list[int]:
+    def _begin(self, op: str, algo: str, my_bytes: int, stream: int | None = None) -> tuple[list[int], int]:
         """Exchanges metadata in a separate small collective (for packets whose sizes the
-        receivers cannot know in advance) and charges the clock; returns the member sizes."""
+        receivers cannot know in advance) and charges the clock; returns the member sizes
+        and the collective's handle."""
         table = self._my_row(my_bytes)
         if self.world > 1:
             rows = [torch.empty(4, dtype=torch.float64) for _ in range(self.world)]
             dist.all_gather(rows, torch.from_numpy(table[self.rank].copy()))
             table = torch.stack(rows).numpy()
         sizes = [int(v) for v in table[:, 3]]
-        self._charge(op, algo, sizes, table)
-        return sizes
+        return sizes, self._charge(op, algo, sizes, table, stream)
 
     # ------------------------------------------------------------ transport
 
@@ -201,11 +210,11 @@ class Comm:
         of ``codec`` (fp32 default; fp16/bf16 quantise every hop, as on a real wire)."""
         return self._allreduce(x, codec, None)[0]
 
-    def allreduce_mean_async(self, x: torch.Tensor, codec: DenseCodec | None = None, stream: int = 0) -> Pending:
+    def allreduce_mean_async(self, x: torch.Tensor, codec: DenseCodec | None = None, stream: int = 0
+                             ) -> Pending[torch.Tensor]:
         """Starts the mean of ``x`` over all nodes on ``stream`` (an int >= 0) and returns a
         :class:`Pending`; its ``wait()`` gives the mean. See the module docstring."""
-        if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
-            raise ValueError(f"stream must be an integer >= 0, got {stream!r}")
+        _check_stream(stream)
         result, handle = self._allreduce(x, codec, stream)
         return Pending(self, handle, result)
 
@@ -270,9 +279,12 @@ class Comm:
 
     def allgather(self, packet: torch.Tensor) -> list[torch.Tensor]:
         """Every node's packet (index = rank), moved around a ring; packets may differ in size."""
+        return self._allgather(packet, None)[0]
+
+    def _allgather(self, packet: torch.Tensor, stream: int | None) -> tuple[list[torch.Tensor], int]:
         if packet.dtype != torch.uint8 or packet.dim() != 1:
             raise ValueError("allgather moves packets: 1-D torch.uint8 tensors from a codec")
-        sizes = self._begin("allgather", "ring", packet.numel())
+        sizes, handle = self._begin("allgather", "ring", packet.numel(), stream)
         n, r = self.world, self.rank
         out: list[torch.Tensor | None] = [None] * n
         out[r] = packet
@@ -281,7 +293,7 @@ class Comm:
             _, into = ring_hop(phase, r)
             current = self._exchange(current, (r + 1) % n, into.nbytes, (r - 1) % n)
             out[into.item] = current
-        return out  # type: ignore[return-value]
+        return out, handle  # type: ignore[return-value]
 
     def allgather_mean(self, x: torch.Tensor, codec: Codec, key: str = "", step: int = 0) -> torch.Tensor:
         """Mean over nodes of ``codec``'s reconstruction of each node's ``x`` (for sparse and
@@ -292,9 +304,23 @@ class Comm:
                             ) -> dict[str, torch.Tensor]:
         """Like :meth:`allgather_mean` for several named tensors in one collective: each node
         sends one bundle, the concatenation of its packets (bytes = the sum of their lengths)."""
+        bundles, _ = self._allgather(self._bundle(tensors, codec, step), None)
+        return self._mean_of_bundles(bundles, tensors, codec)
+
+    def allgather_mean_many_async(self, tensors: dict[str, torch.Tensor], codec: Codec, step: int = 0,
+                                  stream: int = 0) -> Pending[dict[str, torch.Tensor]]:
+        """:meth:`allgather_mean_many` started on ``stream``; the packets are decoded in
+        ``wait()`` (that compute is charged after the wait)."""
+        _check_stream(stream)
+        bundles, handle = self._allgather(self._bundle(tensors, codec, step), stream)
+        return Pending(self, handle, finish=lambda: self._mean_of_bundles(bundles, tensors, codec))
+
+    def _bundle(self, tensors: dict[str, torch.Tensor], codec: Codec, step: int) -> torch.Tensor:
         with self.meter.measure():
-            bundle = torch.cat([codec.pack(t, key=name, step=step) for name, t in tensors.items()])
-        bundles = self.allgather(bundle)
+            return torch.cat([codec.pack(t, key=name, step=step) for name, t in tensors.items()])
+
+    def _mean_of_bundles(self, bundles: list[torch.Tensor], tensors: dict[str, torch.Tensor], codec: Codec
+                         ) -> dict[str, torch.Tensor]:
         with self.meter.measure():
             totals = {name: torch.zeros(t.shape, dtype=torch.float32) for name, t in tensors.items()}
             for b in bundles:
@@ -304,3 +330,8 @@ class Comm:
                 for name, p in zip(totals, packets, strict=True):
                     totals[name] += codec.unpack(p).float()
             return {name: (tot / self.world).to(tensors[name].dtype) for name, tot in totals.items()}
+
+
+def _check_stream(stream: int) -> None:
+    if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
+        raise ValueError(f"stream must be an integer >= 0, got {stream!r}")

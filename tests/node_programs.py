@@ -60,8 +60,11 @@ def async_patterns(rank: int, world: int, net: Network, algorithm: str, scaling)
     work(30000)
     comm.allreduce_mean(xs[0])
     comm.end_step()
+    gathered = comm.allgather_mean_many_async({"m": xs[1]}, get_codec("topk:0.1"), step=4, stream=2)
     work(10000)
     out["means"].append(streaming.wait())
+    comm.end_step()
+    out["topk_mean"] = gathered.wait()["m"]
     comm.end_step()
     out["segments"], out["step_ends"], out["clock_s"], out["comm_s"] = (comm.segments, comm.step_ends,
                                                                         comm.clock_s, comm.comm_s)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pysim.clock import Clock, ComputeScaling, replay
-from pysim.network import Network, collective_s
+from pysim.network import Framing, Network, collective_s
 from pysim.trace import Collective, Start, Trace, Wait, trace_from_nodes
 
 
@@ -222,3 +222,12 @@ def test_version_1_trace_still_loads():
     t = Trace.from_json(d)
     assert t.events == [gather(3), None]
     assert replay(t, two_nodes()).total_s == 2.0 + 3.0 + 0.5
+
+
+def test_framing_bytes_are_reported_apart_from_packet_bytes():
+    t = trace_of(2, [([1, 1], Start(0, gather(3), 1)), ([1, 1], Collective("allreduce", "ring", (5, 6))),
+                     ([0, 0], Wait(0)), ([0, 0], None)])
+    # one all-gather message and two ring all-reduce messages per node, 5 framing bytes each
+    assert t.framing_bytes_per_node(Framing(per_message=5)) == [15, 15]
+    assert t.bytes_per_node() == ([3 + 5 + 6, 3 + 6 + 5], [3 + 6 + 5, 3 + 5 + 6])
+    assert t.framing_bytes_per_node(Network.uniform(2, 8)) == [0, 0]

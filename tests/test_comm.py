@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pysim.clock import ComputeScaling, replay
+from pysim.clock import ComputeScaling, _replay_without_sharing, replay, scaled_compute
 from pysim.compress import get_codec, packet_header
 from pysim.launch import NodeError, run_nodes
 from pysim.network import Network, bytes_received, bytes_sent
@@ -95,12 +95,19 @@ def test_async_collectives_live_clock_equals_replay_with_sharing_and_stragglers(
         for got, want in zip(r["means"], expected, strict=True):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
         assert torch.equal(r["again"], r["means"][0])
+    topk = get_codec("topk:0.1")
+    expected_topk = sum(topk.unpack(topk.pack(r["x"][1], key="m", step=4)) for r in res) / 3
+    for r in res:
+        torch.testing.assert_close(r["topk_mean"], expected_topk, atol=1e-6, rtol=0)
     trace = trace_from_nodes([r["segments"] for r in res], res[0]["step_ends"])
     kinds = [type(e).__name__ for e in trace.events]
-    assert kinds.count("Start") == 4 and kinds.count("Wait") == 4 and trace.streams() == {0, 1}
+    assert kinds.count("Start") == 5 and kinds.count("Wait") == 5 and trace.streams() == {0, 1, 2}
     tl = replay(trace, net, scaling=scaling)
     assert [r["clock_s"] for r in res] == list(tl.end_s[-1])
     assert [r["comm_s"] for r in res] == pytest.approx(list(tl.waited_s), rel=1e-12)  # summed in another order
+    # the run really overlapped streams: sharing the links made it later than the overlap-free timing
+    free_ends = _replay_without_sharing(trace, [net], scaled_compute(trace, None, scaling))[0]
+    assert tl.total_s > free_ends[-1, :, 0].max()
     many = replay(trace, [net, Network.uniform(3, "10Gbit", "2ms")], scaling=scaling)
     assert list(many.end_s[-1, :, 0]) == list(tl.end_s[-1])
 
