@@ -27,7 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--target", default=None, help="e.g. accuracy>=0.98 or loss<=1.7 (default: the runs' own)")
     sw.add_argument("--table-latency", default="20ms", help="latency of the printed table and line plot")
     sw.add_argument("--out", default="runs/sweep_out")
+    cal = sub.add_parser("calibrate", help="fit latency, bandwidth and framing to a real link (two processes)",
+                         description="Times real gloo all-reduces between two processes (run one per end of "
+                                     "the link) and fits pysim's link model; rank 0 writes a network file.")
+    from pysim.calibrate import add_arguments, run_cli
+
+    add_arguments(cal)
     a = ap.parse_args(argv)
+    if a.command == "calibrate":
+        try:
+            return run_cli(a)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         paths = list(a.results)
         if a.config:

@@ -1,108 +1,237 @@
-"""Traces and the virtual clock: a pure function from (trace, network) to time.
+"""The virtual clock: a pure function from (trace, network, compute scaling) to time.
 
-A :class:`Trace` is what the nodes did, independent of the network: for each
-*segment*, the compute each node spent before it (seconds, and FLOPs) and the
-collective that ends it (op, algorithm, exact bytes per member). Timing is
+State: each node's clock t_i, and per stream the time it is free. Segment s
+of a trace (:mod:`pysim.trace`) is timed as
 
-    arrive_i = t_i + compute_i
-    start    = max over members of arrive_i     (the last member to arrive)
-    t_i      = start + collective_s(network, ...) for every member
+    c_i      = compute_i / speed_i * exp(jitter * z_(k,i))    (scaled compute, k = the step)
+    arrive_i = t_i + c_i
 
-:func:`advance` is that one step. The live clock in the comm layer and the
-offline :func:`replay` both call it, so they agree bit for bit. Steps of
-training end at recorded segments, so a replay yields simulated time per step.
+and then, by its event:
+
+- step end (None):          t_i = arrive_i
+- Start(h, C, stream):      issue = max_i arrive_i; the collective C starts at
+                            start = max(issue, free(stream)) (FIFO per stream, as NCCL/gloo
+                            run one stream); t_i = arrive_i (nodes keep computing)
+- Wait(h):                  t_i = max(arrive_i, end(h))
+- blocking collective C:    Start on stream 0 followed at once by Wait: t_i = end(C)
+
+A collective's time on its own is ``collective_s`` = L + W
+(:func:`pysim.network.collective_parts`: L its latency part, W its transfer
+part), so end = start + L + W. Collectives on *different* streams in flight at
+the same time share the links (every collective here spans all nodes, so any
+two share every node's link): fluid processor sharing, where a collective first
+spends its latency L (not shared) and then its transfer work W progresses at
+rate 1/k while k collectives are in their transfer part. Then
+
+    end = start + (L + W) + delay,   delay = integral over its transfer of (1 - 1/k(t)) dt
+
+and delay is exactly 0.0 for a collective that never overlaps another, so the
+result equals the overlap-free formula bit for bit.
+
+A node only blocks at a Wait or a blocking collective, and every node runs the
+same sequence of events; so a collective issued after Wait(h) starts no
+earlier than end(h), and end(h) is final once computed at Wait(h). The live
+clock in :mod:`pysim.comm` and :func:`replay` drive the same :class:`Clock`
+with the same calls in the same order, so they agree bit for bit; the
+vectorised replay (many networks at once, for traces with no cross-stream
+overlap) performs the same floating-point operations, and networks on which
+collectives of different streams overlap are re-timed by :class:`Clock`.
+
+Compute scaling (:class:`ComputeScaling`): node i's recorded compute is
+divided by ``speed[i]`` and multiplied by a lognormal factor exp(jitter * z)
+with z ~ N(0, 1) (median 1; sigma = jitter), one z per node and training step
+drawn from ``numpy.random.default_rng([seed, step])``: every segment of step k
+of node i gets the same factor. A node's waiting time is the time its clock
+advances beyond its own scaled compute (in blocking collectives and Waits).
 """
 
 from __future__ import annotations
 
-import json
+import functools
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
-from pysim.network import Network, bytes_received, bytes_sent, collective_s
-
-TRACE_VERSION = 1
+from pysim.network import Network, collective_parts
+from pysim.trace import Collective, Event, Start, Trace, Wait, event_collective
 
 
 @dataclass(frozen=True)
-class Collective:
-    """One collective: op, algorithm, and bytes per member (see ``collective_s``)."""
+class ComputeScaling:
+    """Per-node compute speed factors and seeded per-step lognormal jitter (see the module
+    docstring). ``speed=(1, 1, 1, 0.5)``: node 3 computes at half speed (twice the time);
+    ``speed=()``: all 1."""
 
-    op: str
-    algo: str
-    sizes: tuple[int, ...]
+    speed: tuple[float, ...] = ()
+    jitter: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "speed", tuple(float(s) for s in self.speed))
+        if any(not np.isfinite(s) or s <= 0 for s in self.speed):
+            raise ValueError(f"compute speeds must be positive and finite, got {self.speed}")
+        if not np.isfinite(self.jitter) or self.jitter < 0:
+            raise ValueError(f"jitter (lognormal sigma) must be >= 0, got {self.jitter}")
+
+    @property
+    def identity(self) -> bool:
+        return self.jitter == 0 and all(s == 1.0 for s in self.speed)
+
+    def speeds(self, nodes: int) -> np.ndarray:
+        if not self.speed:
+            return np.ones(nodes)
+        if len(self.speed) != nodes:
+            raise ValueError(f"compute scaling gives {len(self.speed)} speeds for a {nodes}-node run")
+        return np.array(self.speed)
+
+    def factors(self, step: int, nodes: int) -> np.ndarray:
+        """The jitter factor of each node in training step ``step`` (0-based)."""
+        return _jitter_row(self.jitter, self.seed, step, nodes)
+
+    def scale(self, compute_s: np.ndarray, step: int) -> np.ndarray:
+        """Scaled compute of one segment of step ``step``: a (nodes,) or (nodes, networks) array."""
+        if self.identity:
+            return compute_s
+        nodes = compute_s.shape[0]
+        shape = (nodes,) + (1,) * (compute_s.ndim - 1)
+        return compute_s / self.speeds(nodes).reshape(shape) * self.factors(step, nodes).reshape(shape)
 
 
-@dataclass
-class Trace:
-    """What n nodes did during a run, network-free.
+@functools.lru_cache(maxsize=4096)
+def _jitter_row(jitter: float, seed: int, step: int, nodes: int) -> np.ndarray:
+    if jitter == 0:
+        return np.ones(nodes)
+    row = np.exp(jitter * np.random.default_rng([seed, step]).standard_normal(nodes))
+    row.flags.writeable = False
+    return row
 
-    ``compute_s[s][i]`` and ``flops[s][i]``: node i's compute before segment s.
-    ``collectives[s]``: the collective ending segment s (None for the final one).
-    ``step_ends[k]``: index of the segment whose end finishes training step k+1.
-    """
 
-    nodes: int
-    compute_s: list[list[float]] = field(default_factory=list)
-    flops: list[list[float]] = field(default_factory=list)
-    collectives: list[Collective | None] = field(default_factory=list)
-    step_ends: list[int] = field(default_factory=list)
+NO_SCALING = ComputeScaling()
 
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["collectives"] = [None if c is None else [c.op, c.algo, list(c.sizes)] for c in self.collectives]
-        d["version"] = TRACE_VERSION
-        return d
 
-    @classmethod
-    def from_json(cls, d: dict) -> Trace:
-        if not isinstance(d, dict) or d.get("version") != TRACE_VERSION:
-            got = d.get("version") if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"trace has format version {got!r}, this pysim reads version {TRACE_VERSION}; "
-                             "re-record the run with this version")
-        try:
-            colls = [None if c is None else Collective(c[0], c[1], tuple(int(b) for b in c[2]))
-                     for c in d["collectives"]]
-            t = cls(int(d["nodes"]), d["compute_s"], d["flops"], colls, [int(s) for s in d["step_ends"]])
-        except (KeyError, IndexError, TypeError) as e:
-            raise ValueError(f"trace is malformed ({e}); was it written by pysim?") from None
-        if not (len(t.compute_s) == len(t.flops) == len(t.collectives)):
-            raise ValueError("trace is malformed: segment lists differ in length")
+class _Flight:
+    """One collective from issue to end (times in s)."""
+
+    __slots__ = ("issue", "stream", "cost", "latency", "start", "rem", "delay", "end")
+
+    def __init__(self, issue: float, stream: int, cost: float, latency: float) -> None:
+        self.issue, self.stream, self.cost, self.latency = issue, stream, cost, latency
+        self.start: float | None = None
+        self.rem = cost - latency   # transfer work left (seconds at the full rate)
+        self.delay = 0.0            # time lost to sharing
+        self.end: float | None = None
+
+
+class Links:
+    """Collectives in flight on one network: FIFO per stream, fluid sharing across streams
+    (see the module docstring). :meth:`issue` adds one; :meth:`finish` runs the shared
+    timeline until it ends and returns its end time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.flights: list[_Flight] = []
+        self.queue: dict[int, list[_Flight]] = {}    # issued, not started, per stream
+        self.running: dict[int, _Flight] = {}        # started, not ended, per stream
+        self.free: dict[int, float] = {}             # end of the last collective per stream
+
+    def issue(self, issue_s: float, stream: int, cost_s: float, latency_s: float) -> int:
+        f = _Flight(issue_s, stream, cost_s, latency_s)
+        self.flights.append(f)
+        self.queue.setdefault(stream, []).append(f)
+        return len(self.flights) - 1
+
+    def finish(self, k: int) -> float:
+        f = self.flights[k]
+        while f.end is None:
+            self._next_event()
+        return f.end
+
+    def _next_event(self) -> None:
+        best_t, action = np.inf, None
+        for s, q in self.queue.items():
+            if q and s not in self.running:
+                t = max(q[0].issue, self.free.get(s, 0.0))
+                if t < best_t:
+                    best_t, action = t, ("start", s)
+        moving = [f for f in self.running.values() if self.now >= f.start + f.latency]
+        for f in self.running.values():
+            begin = f.start + f.latency
+            if self.now < begin:
+                if begin < best_t:
+                    best_t, action = begin, ("transfer", f)
+            elif self.now + f.rem * len(moving) < best_t:
+                best_t, action = self.now + f.rem * len(moving), ("end", f)
+        if action is None:
+            raise RuntimeError("clock: a collective was waited for that can never end")
+        dt = max(best_t - self.now, 0.0)
+        k = len(moving)
+        for f in moving:
+            progress = dt / k
+            f.rem = max(f.rem - progress, 0.0)
+            if k > 1:
+                f.delay += dt - progress
+        self.now = max(self.now, best_t)
+        kind, obj = action
+        if kind == "start":
+            f = self.queue[obj].pop(0)
+            f.start = max(f.issue, self.free.get(obj, 0.0))
+            self.running[obj] = f
+        elif kind == "end":
+            obj.end = obj.start + obj.cost + obj.delay
+            self.free[obj.stream] = obj.end
+            del self.running[obj.stream]
+
+
+class Clock:
+    """The clocks of ``nodes`` nodes on one network (see the module docstring). The live
+    clock of a node process and :func:`replay` both call :meth:`advance` once per segment."""
+
+    def __init__(self, network: Network, nodes: int, scaling: ComputeScaling | None = None) -> None:
+        self.network = network.with_nodes(nodes)
+        self.scaling = scaling or NO_SCALING
+        self.scaling.speeds(nodes)        # checks the number of speeds
+        self.nodes = nodes
+        self.t = np.zeros(nodes)          # each node's clock (s)
+        self.waited_s = np.zeros(nodes)   # time each node's clock advanced beyond its own compute
+        self.step = 0                     # training steps ended so far
+        self.links = Links()
+        self._handles: dict[int, int] = {}    # Start handle -> index in self.links
+
+    def scaled(self, compute_s: np.ndarray) -> np.ndarray:
+        return self.scaling.scale(np.asarray(compute_s, dtype=np.float64), self.step)
+
+    def advance(self, compute_s: np.ndarray, event: Event) -> np.ndarray:
+        """One segment: raw compute per node (s), then ``event``. Returns the new clocks."""
+        arrive = self.t + self.scaled(compute_s)
+        if event is None:
+            t = arrive
+            self.step += 1
+        elif isinstance(event, Wait):
+            if event.id not in self._handles:
+                raise ValueError(f"wait on handle {event.id}, which was not started or was already waited for")
+            end = self.links.finish(self._handles.pop(event.id))
+            t = np.maximum(arrive, end)
+        else:
+            coll = event_collective(event)
+            if coll is None:
+                raise ValueError(f"unknown trace event {event!r}")
+            cost, latency = collective_parts(self.network, coll.op, coll.algo, coll.sizes)
+            stream = event.stream if isinstance(event, Start) else 0
+            k = self.links.issue(float(arrive.max()), stream, cost, latency)
+            if isinstance(event, Start):
+                if event.id in self._handles:
+                    raise ValueError(f"handle {event.id} started twice")
+                self._handles[event.id] = k
+                t = arrive
+            else:
+                t = np.full(self.nodes, self.links.finish(k))
+        self.waited_s += t - arrive
+        self.t = t
         return t
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json()))
 
-    @classmethod
-    def load(cls, path: str | Path) -> Trace:
-        try:
-            return cls.from_json(json.loads(Path(path).read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not a JSON trace ({e})") from None
-
-    def bytes_per_node(self) -> tuple[list[int], list[int]]:
-        """Total bytes (sent, received) per node over the run."""
-        sent, recv = [0] * self.nodes, [0] * self.nodes
-        for c in self.collectives:
-            if c is not None:
-                for i, (s, r) in enumerate(zip(bytes_sent(c.op, c.algo, c.sizes),
-                                               bytes_received(c.op, c.algo, c.sizes), strict=True)):
-                    sent[i] += s
-                    recv[i] += r
-        return sent, recv
-
-
-def advance(t: np.ndarray, compute_s: np.ndarray, cost_s: float | np.ndarray | None) -> np.ndarray:
-    """One segment of the virtual clock: every node computes, then (if there is a
-    collective of ``cost_s`` seconds) all wait for the last one and finish together.
-    Works on a vector of nodes or a (nodes, networks) array."""
-    arrive = t + compute_s
-    if cost_s is None:
-        return arrive
-    return np.broadcast_to(arrive.max(axis=0) + cost_s, arrive.shape).copy()
+# ---------------------------------------------------------------- replay
 
 
 @dataclass
@@ -110,62 +239,121 @@ class Timeline:
     """Result of a replay. Arrays are (segments, nodes) or, for many networks, (segments, nodes, networks)."""
 
     end_s: np.ndarray        # clock of each node at the end of each segment
-    compute_s: np.ndarray    # compute of each node in each segment
+    compute_s: np.ndarray    # scaled compute of each node in each segment
     step_end_s: np.ndarray   # max over nodes of the clock at each step end: (steps,) or (steps, networks)
 
     @property
     def total_s(self):
         return self.end_s[-1].max(axis=0)
 
+    @property
+    def wait_s(self) -> np.ndarray:
+        """Per segment and node: time the node waited beyond its own compute (in blocking
+        collectives and Waits)."""
+        before = np.concatenate([np.zeros_like(self.end_s[:1]), self.end_s[:-1]])
+        comp = self.compute_s if self.end_s.ndim == 2 else self.compute_s[..., None]
+        return self.end_s - before - comp
 
-def compute_seconds(trace: Trace, device: str | None = None) -> np.ndarray:
-    """Compute per segment and node: as recorded, or FLOPs on a device profile."""
-    if device is None:
-        return np.asarray(trace.compute_s, dtype=np.float64).reshape(len(trace.compute_s), trace.nodes)
-    from pysim.compute import device_flops_per_s
-
-    return np.asarray(trace.flops, dtype=np.float64).reshape(len(trace.flops), trace.nodes) / device_flops_per_s(
-        device)
+    @property
+    def waited_s(self) -> np.ndarray:
+        """Total waiting time per node over the run: (nodes,) or (nodes, networks)."""
+        return self.wait_s.sum(axis=0)
 
 
-def replay(trace: Trace, networks: Network | Sequence[Network], device: str | None = None) -> Timeline:
-    """Re-times a trace under one network or many at once (vectorised over networks)."""
+def compute_seconds(trace: Trace) -> np.ndarray:
+    """Recorded compute per segment and node (s): measured, or costed by the run's compute profile."""
+    return np.asarray(trace.compute_s, dtype=np.float64).reshape(len(trace.compute_s), trace.nodes)
+
+
+def scaled_compute(trace: Trace, scaling: ComputeScaling) -> np.ndarray:
+    """(segments, nodes) compute after :class:`ComputeScaling`, as the clock applies it."""
+    comp = compute_seconds(trace)
+    if scaling.identity:
+        return comp
+    out = np.empty_like(comp)
+    step = 0
+    for s, e in enumerate(trace.events):
+        out[s] = scaling.scale(comp[s], step)
+        if e is None:
+            step += 1
+    return out
+
+
+def replay(trace: Trace, networks: Network | Sequence[Network], scaling: ComputeScaling | None = None
+           ) -> Timeline:
+    """Re-times a trace under one network or many at once (vectorised over networks; networks
+    on which collectives of different streams overlap are re-timed one by one with the
+    shared-bandwidth model)."""
     single = isinstance(networks, Network)
     nets = [networks] if single else list(networks)
     if not nets:
         raise ValueError("replay needs at least one network")
     nets = [net.with_nodes(trace.nodes) for net in nets]
-    comp = compute_seconds(trace, device)
-    unique: dict[Collective, np.ndarray] = {}
-    for c in trace.collectives:  # a run repeats few distinct collectives: cost each once per network
-        if c is not None and c not in unique:
-            unique[c] = np.array([collective_s(net, c.op, c.algo, c.sizes) for net in nets])
-    costs = [None if c is None else unique[c] for c in trace.collectives]
-    t = np.zeros((trace.nodes, len(nets)))
-    ends = np.empty((len(costs), trace.nodes, len(nets)))
-    for s, cost in enumerate(costs):
-        t = advance(t, comp[s][:, None], cost)
-        ends[s] = t
+    scaling = scaling or NO_SCALING
+    scaling.speeds(trace.nodes)   # checks the number of speeds
+    raw = compute_seconds(trace)
+    comp = scaled_compute(trace, scaling)
+    ends, starts_c, ends_c, streams = _replay_without_sharing(trace, nets, comp)
+    if len(set(streams)) > 1:
+        for j in np.flatnonzero(_cross_stream_overlap(starts_c, ends_c)):
+            clock = Clock(nets[j], trace.nodes, scaling)
+            for s, e in enumerate(trace.events):
+                ends[s, :, j] = clock.advance(raw[s], e)
     step_end = ends[trace.step_ends].max(axis=1) if trace.step_ends else np.zeros((0, len(nets)))
     if single:
         return Timeline(ends[:, :, 0], comp, step_end[:, 0])
     return Timeline(ends, comp, step_end)
 
 
-def trace_from_nodes(segments: Sequence[Sequence[tuple[float, float, Collective | None]]],
-                     step_ends: Sequence[int]) -> Trace:
-    """Assembles a trace from each node's own record (``Comm.segments``)."""
-    nodes = len(segments)
-    lengths = {len(s) for s in segments}
-    if len(lengths) != 1:
-        raise ValueError(f"nodes recorded different numbers of segments {sorted(lengths)}: "
-                         "the strategy did not run the same collectives on every node")
-    trace = Trace(nodes, step_ends=list(step_ends))
-    for parts in zip(*segments, strict=True):
-        colls = {p[2] for p in parts}
-        if len(colls) != 1:
-            raise ValueError(f"nodes disagree on a collective: {colls}")
-        trace.compute_s.append([p[0] for p in parts])
-        trace.flops.append([p[1] for p in parts])
-        trace.collectives.append(parts[0][2])
-    return trace
+def _replay_without_sharing(trace: Trace, nets: list[Network], comp: np.ndarray):
+    """The clock vectorised over networks, every collective on its own (no sharing between
+    streams): the same floating-point operations as :class:`Clock`. Returns the clocks
+    (segments, nodes, networks), each collective's start and end (collectives, networks)
+    and its stream."""
+    nodes, m = trace.nodes, len(nets)
+    unique: dict[Collective, np.ndarray] = {}   # a run repeats few distinct collectives
+    for c in trace.collectives():
+        if c not in unique:
+            unique[c] = np.array([collective_parts(net, c.op, c.algo, c.sizes)[0] for net in nets])
+    t = np.zeros((nodes, m))
+    ends = np.empty((len(trace.events), nodes, m))
+    free: dict[int, np.ndarray] = {}
+    handle_end: dict[int, np.ndarray] = {}
+    starts_c, ends_c, streams = [], [], []
+    zero = np.zeros(m)
+    for s, e in enumerate(trace.events):
+        arrive = t + comp[s][:, None]
+        if e is None:
+            t = arrive
+        elif isinstance(e, Wait):
+            t = np.maximum(arrive, handle_end.pop(e.id))
+        else:
+            coll = event_collective(e)
+            stream = e.stream if isinstance(e, Start) else 0
+            start = np.maximum(arrive.max(axis=0), free.get(stream, zero))
+            end = start + unique[coll]
+            free[stream] = end
+            starts_c.append(start)
+            ends_c.append(end)
+            streams.append(stream)
+            if isinstance(e, Start):
+                handle_end[e.id] = end
+                t = arrive
+            else:
+                t = np.broadcast_to(end, arrive.shape).copy()
+        ends[s] = t
+    if not starts_c:
+        return ends, np.zeros((0, m)), np.zeros((0, m)), streams
+    return ends, np.array(starts_c), np.array(ends_c), streams
+
+
+def _cross_stream_overlap(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Per network: do any two collectives overlap in time? (Collectives of one stream never
+    do, so an overlap is between streams.) starts/ends: (collectives, networks)."""
+    order = np.argsort(starts, axis=0, kind="stable")
+    s = np.take_along_axis(starts, order, axis=0)
+    e = np.take_along_axis(ends, order, axis=0)
+    if len(s) < 2:
+        return np.zeros(starts.shape[1], dtype=bool)
+    reach = np.maximum.accumulate(e, axis=0)[:-1]
+    return (s[1:] < reach).any(axis=0)

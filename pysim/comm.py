@@ -1,63 +1,137 @@
 """The comm layer of a node: real packets between processes, charged to a virtual clock.
 
 Each collective (1) moves the real packets between the node processes with
-point-to-point gloo messages in the pattern of the chosen algorithm, (2)
-shares an uncharged metadata row per node (its clock, compute since the last
-collective and packet length: simulator bookkeeping, whose real-network
-counterpart is the packet header) riding ahead of the all-reduce's own
-messages, or for all-gathers, whose packet sizes the receivers must learn
-first, in a small separate all-gather, and (3) advances the virtual clock with
-:func:`pysim.clock.advance` by the cost of exactly those packets.
+point-to-point gloo messages along the schedule of :mod:`pysim.schedule`
+(both directions of a ring hop at once: the receive and the send are posted
+together), (2) shares an uncharged metadata row per node (its clock, compute
+since its last segment and packet length: simulator bookkeeping, whose
+real-network counterpart is the packet header) riding ahead of the
+all-reduce's own messages, or for all-gathers, whose packet sizes the
+receivers must learn first, in a small separate all-gather, and (3) records
+the segment and advances this node's :class:`pysim.clock.Clock`, the same
+clock :func:`pysim.clock.replay` runs.
+
+Non-blocking collectives. ``allreduce_mean_async(x, codec, stream)`` returns a
+:class:`Pending`; ``Pending.wait()`` returns the mean. The real packets move
+at once (in real time the call blocks until they have); only the simulated
+clock overlaps: the trace records ``Start`` when the call is made and ``Wait``
+when ``wait()`` is called, and compute measured in between (the node's
+compute meter) runs while the collective is in flight. Collectives on one
+stream run one after the other in call order; collectives on different
+streams share the links (see :mod:`pysim.clock`). Every node must issue the
+same collectives and waits in the same order. ``allreduce_mean`` is the
+blocking form (start and wait at once, on stream 0). A DDP-style bucketed
+reduce::
+
+    pending = []
+    for bucket in buckets_in_backward_order:
+        with comm.meter.measure():
+            grads = backward_until(bucket)          # compute that overlaps earlier buckets
+        pending.append(comm.allreduce_mean_async(grads))
+    means = [p.wait() for p in pending]
+
+and a streaming sync with delay tau: start at step k, ``wait()`` at step k+tau.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from pysim.clock import Collective, advance
+from pysim.clock import Clock, ComputeScaling
 from pysim.compress import Codec, DenseCodec, split_packets
 from pysim.compute import ComputeMeter
-from pysim.network import Network, collective_s
+from pysim.network import Network
+from pysim.schedule import phases, ring_hop
+from pysim.trace import Collective, Event, Start, Wait
+
+T = TypeVar("T")
+
+
+class Pending(Generic[T]):
+    """The result of a non-blocking collective. ``wait()`` charges the wait to the simulated
+    clock (the first time only) and returns the result; work that needs the result (such as
+    decoding all-gathered packets) runs inside ``wait()`` and is metered after the wait."""
+
+    def __init__(self, comm: Comm, handle: int, result: T | None = None,
+                 finish: Callable[[], T] | None = None) -> None:
+        self._comm, self._handle, self._result, self._finish = comm, handle, result, finish
+        self._waited = False
+
+    @property
+    def waited(self) -> bool:
+        return self._waited
+
+    def wait(self) -> T:
+        if not self._waited:
+            self._comm._wait(self._handle)
+            self._waited = True
+            if self._finish is not None:
+                self._result, self._finish = self._finish(), None
+        return self._result  # type: ignore[return-value]
 
 
 class Comm:
     """Collectives for one node of a ``world``-node run on ``network``.
 
     ``algorithm`` is the all-reduce algorithm: "ring" (default) or "star"
-    (parameter server at node 0). All-gathers use a ring.
+    (parameter server at node 0). All-gathers use a ring. ``scaling``: compute
+    speed factors and jitter the clock applies (:class:`pysim.clock.ComputeScaling`;
+    give :func:`pysim.clock.replay` the same one).
     """
 
     def __init__(self, rank: int, world: int, network: Network, meter: ComputeMeter | None = None,
-                 algorithm: str = "ring") -> None:
+                 algorithm: str = "ring", scaling: ComputeScaling | None = None) -> None:
         if algorithm not in ("ring", "star"):
             raise ValueError(f"unknown all-reduce algorithm {algorithm!r}; use 'ring' or 'star'")
         self.rank, self.world = rank, world
         self.network = network.with_nodes(world)
         self.meter = meter or ComputeMeter()
         self.algorithm = algorithm
-        self.clock_s = 0.0               # this node's virtual time
+        self.clock = Clock(self.network, world, scaling)
         self.bytes_sent = 0              # real packet bytes this node sent
         self.bytes_received = 0
-        self.comm_s = 0.0                # virtual time spent waiting for and in collectives
-        self.compute_total_s = 0.0
-        # this node's view of the trace: per segment (compute_s, flops, collective)
-        self.segments: list[tuple[float, float, Collective | None]] = []
+        self.compute_total_s = 0.0       # measured compute (before scaling)
+        # this node's view of the trace: per segment (compute_s, flops, event)
+        self.segments: list[tuple[float, float, Event]] = []
         self.step_ends: list[int] = []
+        self._next_handle = 0
         self._dense = DenseCodec()
 
     # ------------------------------------------------------------ clock
 
-    def end_step(self) -> float:
-        """Closes a training step: the compute since the last collective is added to
-        this node's clock. Returns the node's virtual time (s)."""
+    @property
+    def clock_s(self) -> float:
+        """This node's virtual time (s)."""
+        return float(self.clock.t[self.rank])
+
+    @property
+    def comm_s(self) -> float:
+        """Virtual time this node spent waiting in collectives and Waits beyond its own compute (s)."""
+        return float(self.clock.waited_s[self.rank])
+
+    def _record_local(self, event: Event) -> None:
+        """A segment whose event needs no other node's clock (a step end or a Wait)."""
         comp, flops = self.meter.take()
-        self.clock_s = float(advance(np.array([self.clock_s]), np.array([comp]), None)[0])
+        row = np.zeros(self.world)
+        row[self.rank] = comp
+        self.clock.advance(row, event)
         self.compute_total_s += comp
-        self.segments.append((comp, flops, None))
+        self.segments.append((comp, flops, event))
+
+    def end_step(self) -> float:
+        """Closes a training step: the compute since the last segment is added to this
+        node's clock. Returns the node's virtual time (s)."""
+        self._record_local(None)
         self.step_ends.append(len(self.segments) - 1)
         return self.clock_s
+
+    def _wait(self, handle: int) -> None:
+        self._record_local(Wait(handle))
 
     def _my_row(self, my_bytes: int) -> np.ndarray:
         """This node's metadata row (clock, compute s, flops, bytes) in a (nodes x 4)
@@ -68,38 +142,46 @@ class Comm:
         table[self.rank] = (self.clock_s, comp, flops, my_bytes)
         return table
 
-    def _charge(self, op: str, algo: str, sizes: list[int], table: np.ndarray) -> None:
-        """Advances the clock over one collective, given every node's metadata row."""
+    def _charge(self, op: str, algo: str, sizes: list[int], table: np.ndarray, stream: int | None = None) -> int:
+        """Records a collective, given every node's metadata row: blocking (``stream`` None)
+        or started on ``stream``. Returns its handle."""
         comp, flops = float(table[self.rank, 1]), float(table[self.rank, 2])
         coll = Collective(op, algo, tuple(sizes))
-        cost = collective_s(self.network, op, algo, coll.sizes)
-        before = self.clock_s + comp
-        self.clock_s = float(advance(table[:, 0].copy(), table[:, 1].copy(), cost)[self.rank])
-        self.comm_s += self.clock_s - before
+        handle = self._next_handle
+        self._next_handle += 1
+        event: Event = coll if stream is None else Start(handle, coll, stream)
+        self.clock.t = table[:, 0].copy()   # every node's clock before its compute
+        self.clock.advance(table[:, 1].copy(), event)
         self.compute_total_s += comp
-        self.segments.append((comp, flops, coll))
+        self.segments.append((comp, flops, event))
+        return handle
 
-    def _begin(self, op: str, algo: str, my_bytes: int) -> list[int]:
+    def _begin(self, op: str, algo: str, my_bytes: int, stream: int | None = None) -> tuple[list[int], int]:
         """Exchanges metadata in a separate small collective (for packets whose sizes the
-        receivers cannot know in advance) and charges the clock; returns the member sizes."""
+        receivers cannot know in advance) and charges the clock; returns the member sizes
+        and the collective's handle."""
         table = self._my_row(my_bytes)
         if self.world > 1:
             rows = [torch.empty(4, dtype=torch.float64) for _ in range(self.world)]
             dist.all_gather(rows, torch.from_numpy(table[self.rank].copy()))
             table = torch.stack(rows).numpy()
         sizes = [int(v) for v in table[:, 3]]
-        self._charge(op, algo, sizes, table)
-        return sizes
+        return sizes, self._charge(op, algo, sizes, table, stream)
 
     # ------------------------------------------------------------ transport
 
     def _exchange(self, send: torch.Tensor | None, dst: int, recv_bytes: int | None, src: int,
                   table: np.ndarray | None = None) -> torch.Tensor | None:
-        """Sends ``send`` to dst and receives ``recv_bytes`` from src (either may be None).
+        """Sends ``send`` to dst while receiving ``recv_bytes`` from src (either may be None):
+        the receive and the send are posted together, so both directions move at once.
         With ``table``, the metadata table rides along, uncharged, ahead of the packet and
         the rows the sender knew are merged into ``table`` in place."""
         trailer = 0 if table is None else table.nbytes
-        req = None
+        reqs = []
+        buf = None
+        if recv_bytes is not None:
+            buf = torch.empty(recv_bytes + trailer, dtype=torch.uint8)
+            reqs.append(dist.irecv(buf, src))
         if send is not None:
             if table is None:
                 wire = send
@@ -108,99 +190,112 @@ class Comm:
                 w = wire.numpy()
                 w[:trailer] = table.reshape(-1).view(np.uint8)
                 w[trailer:] = send.numpy()
-            req = dist.isend(wire, dst)
+            reqs.append(dist.isend(wire, dst))
             self.bytes_sent += send.numel()
-        out = None
-        if recv_bytes is not None:
-            buf = torch.empty(recv_bytes + trailer, dtype=torch.uint8)
-            dist.recv(buf, src)
-            self.bytes_received += recv_bytes
-            out = buf[trailer:]
-            if table is not None:
-                theirs = buf.numpy()[:trailer].view(np.float64).reshape(table.shape)
-                unknown = np.isnan(table[:, 0])
-                table[unknown] = theirs[unknown]
-        if req is not None:
+        for req in reqs:
             req.wait()
-        return out
+        if buf is None:
+            return None
+        self.bytes_received += recv_bytes
+        if table is not None:
+            theirs = buf.numpy()[:trailer].view(np.float64).reshape(table.shape)
+            unknown = np.isnan(table[:, 0])
+            table[unknown] = theirs[unknown]
+        return buf[trailer:]
 
     # ------------------------------------------------------------ collectives
 
     def allreduce_mean(self, x: torch.Tensor, codec: Codec | None = None) -> torch.Tensor:
-        """Mean of ``x`` over all nodes. Values travel as packets of a summable ``codec``
-        (dense fp32 default; fp16/bf16/int8/int4 quantise every hop, as on a real wire)."""
+        """Mean of ``x`` over all nodes, blocking (stream 0). Values travel as packets of a
+        summable ``codec`` (dense fp32 default; fp16/bf16/int8/int4 quantise every hop, as on a
+        real wire)."""
+        return self._allreduce(x, codec, None)[0]
+
+    def allreduce_mean_async(self, x: torch.Tensor, codec: Codec | None = None, stream: int = 0
+                             ) -> Pending[torch.Tensor]:
+        """Starts the mean of ``x`` over all nodes on ``stream`` (an int >= 0) and returns a
+        :class:`Pending`; its ``wait()`` gives the mean. See the module docstring."""
+        _check_stream(stream)
+        result, handle = self._allreduce(x, codec, stream)
+        return Pending(self, handle, result)
+
+    def _allreduce(self, x: torch.Tensor, codec: Codec | None, stream: int | None
+                   ) -> tuple[torch.Tensor, int]:
         codec = codec or self._dense
         if not codec.summable:
             raise ValueError(f"allreduce_mean takes a summable codec (dense, int8, int4); "
                              f"use allgather_mean for {codec.name}")
         flat = x.detach().reshape(-1).float().clone()
-        n, r = self.world, self.rank
         if self.algorithm == "star":
-            return self._star_allreduce(flat, codec).reshape(x.shape).to(x.dtype)
+            out, handle = self._star_allreduce(flat, codec, stream)
+            return out.reshape(x.shape).to(x.dtype), handle
+        n, r = self.world, self.rank
         bounds = [flat.numel() * c // n for c in range(n + 1)]
         chunks = [flat[bounds[c]:bounds[c + 1]] for c in range(n)]
         sizes = [codec.nbytes((bounds[c + 1] - bounds[c],)) for c in range(n)]
         table = self._my_row(sizes[r])
         if n == 1:
-            self._charge("allreduce", "ring", sizes, table)
-            return flat.reshape(x.shape).to(x.dtype)
+            return flat.reshape(x.shape).to(x.dtype), self._charge("allreduce", "ring", sizes, table, stream)
+        schedule = phases("allreduce", "ring", tuple(sizes))
         right, left = (r + 1) % n, (r - 1) % n
         with self.meter.measure():
             packet = codec.pack(chunks[r])
-        # the metadata rows travel with the reduce-scatter: after n-1 hops every node has all
-        for t in range(n - 1):  # reduce-scatter: chunk (r-t) leaves, chunk (r-t-1) arrives
-            got = self._exchange(packet, right, sizes[(r - t - 1) % n], left, table)
+        # reduce-scatter; the metadata rows travel with it: after n-1 hops every node has all
+        for phase in schedule[:n - 1]:
+            _, into = ring_hop(phase, r)
+            got = self._exchange(packet, right, into.nbytes, left, table)
             with self.meter.measure():
-                c = (r - t - 1) % n
-                chunks[c] += codec.unpack(got)
-                packet = codec.pack(chunks[c])
-        self._charge("allreduce", "ring", sizes, table)
+                chunks[into.item] += codec.unpack(got)
+                packet = codec.pack(chunks[into.item])
+        handle = self._charge("allreduce", "ring", sizes, table, stream)
         # node r now owns the full sum of chunk (r+1); everyone keeps the wire version of it
-        own = (r + 1) % n
         if codec.lossy:
-            chunks[own].copy_(codec.unpack(packet))
-        for t in range(n - 1):  # all-gather: chunk (r+1-t) leaves, chunk (r-t) arrives
-            got = self._exchange(packet, right, sizes[(r - t) % n], left)
-            c = (r - t) % n
-            chunks[c].copy_(codec.unpack(got))
+            chunks[(r + 1) % n].copy_(codec.unpack(packet))
+        for phase in schedule[n - 1:]:  # all-gather
+            _, into = ring_hop(phase, r)
+            got = self._exchange(packet, right, into.nbytes, left)
+            chunks[into.item].copy_(codec.unpack(got))
             packet = got
-        return (flat / n).reshape(x.shape).to(x.dtype)
+        return (flat / n).reshape(x.shape).to(x.dtype), handle
 
-    def _star_allreduce(self, flat: torch.Tensor, codec: Codec) -> torch.Tensor:
+    def _star_allreduce(self, flat: torch.Tensor, codec: Codec, stream: int | None
+                        ) -> tuple[torch.Tensor, int]:
         n = self.world
         size = codec.nbytes((flat.numel(),))
         table = self._my_row(size)
+        sizes = [size] * n
         if n == 1:
-            self._charge("allreduce", "star", [size], table)
-            return flat
+            return flat, self._charge("allreduce", "star", sizes, table, stream)
+        gather, scatter = phases("allreduce", "star", tuple(sizes))
         if self.rank == 0:  # workers' rows arrive with their packets, the full table goes back
             total = flat.clone()
-            for j in range(1, n):
-                total += codec.unpack(self._exchange(None, j, size, j, table))
+            for m in gather:
+                total += codec.unpack(self._exchange(None, 0, m.nbytes, m.src, table))
             packet = codec.pack(total / n)
-            for j in range(1, n):
-                self._exchange(packet, j, None, j, table)
-            self._charge("allreduce", "star", [size] * n, table)
-            return codec.unpack(packet).float()
+            for m in scatter:
+                self._exchange(packet, m.dst, None, 0, table)
+            return codec.unpack(packet).float(), self._charge("allreduce", "star", sizes, table, stream)
         self._exchange(codec.pack(flat), 0, None, 0, table)
         result = codec.unpack(self._exchange(None, 0, size, 0, table)).float()
-        self._charge("allreduce", "star", [size] * n, table)
-        return result
+        return result, self._charge("allreduce", "star", sizes, table, stream)
 
     def allgather(self, packet: torch.Tensor) -> list[torch.Tensor]:
         """Every node's packet (index = rank), moved around a ring; packets may differ in size."""
+        return self._allgather(packet, None)[0]
+
+    def _allgather(self, packet: torch.Tensor, stream: int | None) -> tuple[list[torch.Tensor], int]:
         if packet.dtype != torch.uint8 or packet.dim() != 1:
             raise ValueError("allgather moves packets: 1-D torch.uint8 tensors from a codec")
-        sizes = self._begin("allgather", "ring", packet.numel())
+        sizes, handle = self._begin("allgather", "ring", packet.numel(), stream)
         n, r = self.world, self.rank
         out: list[torch.Tensor | None] = [None] * n
         out[r] = packet
         current = packet
-        for t in range(n - 1):  # packet (r-t) leaves, packet (r-t-1) arrives
-            src_packet = (r - t - 1) % n
-            current = self._exchange(current, (r + 1) % n, sizes[src_packet], (r - 1) % n)
-            out[src_packet] = current
-        return out  # type: ignore[return-value]
+        for phase in phases("allgather", "ring", tuple(sizes)):  # forward what arrived last
+            _, into = ring_hop(phase, r)
+            current = self._exchange(current, (r + 1) % n, into.nbytes, (r - 1) % n)
+            out[into.item] = current
+        return out, handle  # type: ignore[return-value]
 
     def allgather_mean(self, x: torch.Tensor, codec: Codec, key: str = "", step: int = 0) -> torch.Tensor:
         """Mean over nodes of ``codec``'s reconstruction of each node's ``x`` (for sparse and
@@ -211,9 +306,23 @@ class Comm:
                             ) -> dict[str, torch.Tensor]:
         """Like :meth:`allgather_mean` for several named tensors in one collective: each node
         sends one bundle, the concatenation of its packets (bytes = the sum of their lengths)."""
+        bundles, _ = self._allgather(self._bundle(tensors, codec, step), None)
+        return self._mean_of_bundles(bundles, tensors, codec)
+
+    def allgather_mean_many_async(self, tensors: dict[str, torch.Tensor], codec: Codec, step: int = 0,
+                                  stream: int = 0) -> Pending[dict[str, torch.Tensor]]:
+        """:meth:`allgather_mean_many` started on ``stream``; the packets are decoded in
+        ``wait()`` (that compute is charged after the wait)."""
+        _check_stream(stream)
+        bundles, handle = self._allgather(self._bundle(tensors, codec, step), stream)
+        return Pending(self, handle, finish=lambda: self._mean_of_bundles(bundles, tensors, codec))
+
+    def _bundle(self, tensors: dict[str, torch.Tensor], codec: Codec, step: int) -> torch.Tensor:
         with self.meter.measure():
-            bundle = torch.cat([codec.pack(t, key=name, step=step) for name, t in tensors.items()])
-        bundles = self.allgather(bundle)
+            return torch.cat([codec.pack(t, key=name, step=step) for name, t in tensors.items()])
+
+    def _mean_of_bundles(self, bundles: list[torch.Tensor], tensors: dict[str, torch.Tensor], codec: Codec
+                         ) -> dict[str, torch.Tensor]:
         with self.meter.measure():
             totals = {name: torch.zeros(t.shape, dtype=torch.float32) for name, t in tensors.items()}
             for b in bundles:
@@ -223,3 +332,8 @@ class Comm:
                 for name, p in zip(totals, packets, strict=True):
                     totals[name] += codec.unpack(p).float()
             return {name: (tot / self.world).to(tensors[name].dtype) for name, tot in totals.items()}
+
+
+def _check_stream(stream: int) -> None:
+    if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
+        raise ValueError(f"stream must be an integer >= 0, got {stream!r}")

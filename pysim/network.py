@@ -1,18 +1,30 @@
-"""Links, topologies and the alpha-beta cost of collectives.
+"""Links, topologies, wire framing and the cost of collectives.
 
 Units: bandwidth in bits/s, latency in seconds, message sizes in bytes.
 
-A collective is a sequence of *phases*; in one phase a set of messages
-(src, dst, bytes) is in flight at once. A phase takes
+A collective is the list of *phases* of :mod:`pysim.schedule`; the messages of
+one phase are in flight at once. Message m (from src to dst) crosses a set of
+resources R(m): its sender's uplink, its receiver's downlink and, in a
+two-tier topology when it leaves its group, both groups' shared inter-group
+link (out of the source group, into the destination group). On the wire it
+occupies w_m = 8 * framed(bytes_m) bits (see :class:`Framing`). Resources
+share their bandwidth B_r fairly between the messages crossing them
+(processor sharing, all starting together), so message m ends at
 
-    max over its messages of latency(src, dst)
-  + max over network resources of 8 * (bytes crossing it) / (its bandwidth)
+    f_m = lat_m + max over r in R(m) of  sum over m' crossing r of min(w_m', w_m) / B_r
 
-where the resources are each node's uplink and downlink (every message uses
-its sender's uplink and receiver's downlink), and in a two-tier topology the
-shared inter-group link of each group for messages that leave or enter it.
-Every message also carries ``overhead_bytes`` (framing). On a uniform network
-with bandwidth beta and latency alpha this gives the textbook formulas:
+(a message on its own gets the whole link; one sharing a link with equal
+messages gets 1/k of it; a small message leaves a shared link early, after
+which the large ones speed up). lat_m is the largest latency of the links it
+crosses. A phase ends when its slowest message ends: phase = max_m f_m. This
+is exact processor sharing when the messages meet on one resource; where they
+cross several, each resource is taken as if its messages were limited by it
+alone (an approximation of max-min fair sharing). It replaces "max latency +
+max load" taken separately, which overestimates a phase whose slowest-latency
+message is not its largest.
+
+On a uniform network (bandwidth beta, latency alpha, no framing) this gives the
+textbook formulas:
 
 - ring all-reduce of chunk packets of c bytes:   2(n-1) * (alpha + 8c/beta)
   (c ~= S/n + header for a tensor of S bytes)
@@ -25,31 +37,53 @@ with bandwidth beta and latency alpha this gives the textbook formulas:
   2 * (alpha + 8(n-1)S/beta): the root's downlink takes n-1 packets, then its
   uplink sends n-1 results.
 
-On heterogeneous links the slowest resource on each phase's path bounds it.
+:func:`collective_parts` also splits a collective's time into its latency part
+(the latency of each phase's slowest message) and its transfer part (the
+rest): the clock shares only the transfer part between concurrent collectives.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-_BANDWIDTH_UNITS = {
-    "bps": 1.0, "bit": 1.0, "b": 1.0, "bit/s": 1.0, "b/s": 1.0,
-    "kbps": 1e3, "kbit": 1e3, "kb": 1e3, "kbit/s": 1e3, "kb/s": 1e3,
-    "mbps": 1e6, "mbit": 1e6, "mb": 1e6, "mbit/s": 1e6, "mb/s": 1e6,
-    "gbps": 1e9, "gbit": 1e9, "gb": 1e9, "gbit/s": 1e9, "gb/s": 1e9,
-    "tbps": 1e12, "tbit": 1e12, "tb": 1e12, "tbit/s": 1e12, "tb/s": 1e12,
-}
+from pysim import schedule
+from pysim.schedule import ALGORITHMS, bytes_received, bytes_sent  # noqa: F401  (re-exported)
+
+_PREFIXES = {"": 1.0, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9, "t": 1e12, "T": 1e12}
+_BIT_UNITS = ("bit", "bits", "bit/s", "bits/s", "bps", "b/s")
+_BYTE_UNITS = ("B", "Bps", "B/s", "byte/s", "bytes/s")
 _LATENCY_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 
 
+def _bandwidth_unit_bps(value: str, unit: str) -> float:
+    """Bits/s per unit of ``unit``: bits for ``bit``/``bps``/``b/s`` (``Mbit``, ``Mbps``, ``mbit``),
+    bytes (x8) where the unit has a capital B (``MB``, ``MBps``, ``MB/s``)."""
+    for prefix, scale in _PREFIXES.items():
+        if not unit.startswith(prefix):
+            continue
+        base = unit[len(prefix):]
+        if base in _BIT_UNITS:
+            return scale
+        if base in _BYTE_UNITS:
+            return 8.0 * scale
+        if base == "b":
+            raise ValueError(f"bad bandwidth {value!r}: {unit!r} is ambiguous; write {prefix.upper()}bit/s "
+                             f"(bits) or {prefix.upper()}B/s (bytes)")
+    raise ValueError(f"bad bandwidth {value!r}: unknown unit {unit!r}; use bits/s (Kbit, Mbit, Gbit/s, Gbps) "
+                     "or bytes/s with a capital B (MB, MBps, GB/s)")
+
+
 def parse_bandwidth(value: str | float | int) -> float:
-    """Bits per second from ``"100Mbit"``, ``"1Gbps"``, ``"25GB/s"`` (bytes: capital B + "/s")
-    or a plain number of bits/s. Raises ValueError for zero, negative or unknown units."""
+    """Bits per second from ``"100Mbit"``, ``"1Gbps"``, ``"100MBps"`` / ``"25GB/s"`` (bytes:
+    capital B, x8) or a plain number of bits/s. Raises ValueError for zero, negative, unknown
+    or ambiguous units (lower-case ``"mb"``)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         bps = float(value)
     elif isinstance(value, str):
@@ -58,15 +92,7 @@ def parse_bandwidth(value: str | float | int) -> float:
             raise ValueError(f"bad bandwidth {value!r}: expected a number and a unit, "
                              "e.g. '100Mbit', '1Gbps', '25GB/s'")
         number, unit = float(m.group(1)), m.group(2)
-        scale = 1.0
-        if unit:
-            byte_unit = unit.endswith("B") or unit.endswith("B/s")  # capital B: bytes
-            key = unit.lower()
-            if key not in _BANDWIDTH_UNITS:
-                raise ValueError(f"bad bandwidth {value!r}: unknown unit {unit!r}; use bit/s units "
-                                 "(Kbit, Mbit, Gbit, Gbps) or bytes/s (MB/s, GB/s)")
-            scale = _BANDWIDTH_UNITS[key] * (8.0 if byte_unit else 1.0)
-        bps = number * scale
+        bps = number * (_bandwidth_unit_bps(value, unit) if unit else 1.0)
     else:
         raise ValueError(f"bad bandwidth {value!r}: expected a string like '1Gbps' or a number of bits/s")
     if not math.isfinite(bps) or bps <= 0:
@@ -97,6 +123,79 @@ def format_bandwidth(bps: float) -> str:
     return f"{bps:.3g} bit/s"
 
 
+# ---------------------------------------------------------------- framing
+
+
+@dataclass(frozen=True)
+class Framing:
+    """Protocol bytes a link carries on top of the packet bytes: charged to time, reported apart.
+
+    A message of b packet bytes occupies on the link
+
+        wire(b) = b + per_message + per_segment * max(1, ceil((b + per_message) / mss))
+
+    bytes (``mss`` = 0: no segmentation, ``per_segment`` unused). Presets (:data:`FRAMINGS`):
+
+    - ``ideal``: none.
+    - ``tcp``: TCP/IPv4 as a Linux qdisc (tc, tbf) counts it: an MTU of 1500 holds a 20-byte
+      IPv4 header, a 20-byte TCP header and 12 bytes of TCP timestamp option, leaving an MSS
+      of 1448 payload bytes; with the 14-byte Ethernet header a full frame is 1514 bytes,
+      so per_segment = 14 + 20 + 20 + 12 = 66 bytes (4.6% of 1448).
+    - ``tcp-ethernet``: the same on a physical Ethernet wire, which also carries the 4-byte
+      FCS, the 8-byte preamble/SFD and the 12-byte inter-frame gap: 66 + 24 = 90 bytes per
+      segment (1538 on the wire per 1448 of payload, 6.2%).
+
+    A simple per-message constant is ``Framing(per_message=k)``. The transport's own
+    per-message header (gloo's) is what ``per_message`` fits in a calibration.
+    """
+
+    per_message: int = 0
+    mss: int = 0
+    per_segment: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.per_message, self.mss, self.per_segment) < 0:
+            raise ValueError(f"framing bytes must be >= 0, got {self}")
+        if self.per_segment and not self.mss:
+            raise ValueError("framing with per-segment bytes needs an MSS > 0 (payload bytes per segment)")
+
+    def wire_bytes(self, nbytes: int) -> int:
+        """Bytes a message of ``nbytes`` packet bytes occupies on the link."""
+        b = nbytes + self.per_message
+        if self.mss:
+            b += self.per_segment * max(1, -(-b // self.mss))
+        return b
+
+    def overhead(self, nbytes: int) -> int:
+        """Framing bytes of one message of ``nbytes`` packet bytes."""
+        return self.wire_bytes(nbytes) - nbytes
+
+
+FRAMINGS = {
+    "ideal": Framing(),
+    "tcp": Framing(0, 1448, 66),
+    "tcp-ethernet": Framing(0, 1448, 90),
+}
+
+
+def parse_framing(spec: str | Framing) -> Framing:
+    """A :class:`Framing` from a preset name (``ideal``, ``tcp``, ``tcp-ethernet``) or
+    ``"PER_MESSAGE,MSS,PER_SEGMENT"`` bytes (e.g. ``"40,1448,66"``)."""
+    if isinstance(spec, Framing):
+        return spec
+    if isinstance(spec, str) and spec in FRAMINGS:
+        return FRAMINGS[spec]
+    try:
+        per_message, mss, per_segment = (int(v) for v in str(spec).split(","))
+    except ValueError:
+        raise ValueError(f"bad framing {spec!r}: use {', '.join(FRAMINGS)} or 'PER_MESSAGE,MSS,PER_SEGMENT' "
+                         "bytes, e.g. '40,1448,66'") from None
+    return Framing(per_message, mss, per_segment)
+
+
+# ---------------------------------------------------------------- topology
+
+
 @dataclass(frozen=True)
 class Link:
     """A node's access link: uplink and downlink bandwidth (bits/s), one-way latency (s)."""
@@ -119,19 +218,19 @@ class Network:
     nodes [g*k, g*(k+1)) form group k; messages inside a group use the access
     links, messages between groups also cross both groups' shared ``inter``
     link (bandwidth per direction; the message's latency is the largest of the
-    links it crosses). ``overhead_bytes`` is added to every message.
+    links it crosses). ``framing`` is charged on every link (see :class:`Framing`).
     """
 
     links: tuple[Link, ...]
     inter: Link | None = None
     group_size: int | None = None
-    overhead_bytes: int = 0
+    framing: Framing = Framing()
 
     def __post_init__(self) -> None:
         if not self.links:
             raise ValueError("a network needs at least one node")
-        if self.overhead_bytes < 0:
-            raise ValueError(f"overhead_bytes must be >= 0, got {self.overhead_bytes}")
+        if not isinstance(self.framing, Framing):
+            object.__setattr__(self, "framing", parse_framing(self.framing))
         if (self.inter is None) != (self.group_size is None):
             raise ValueError("a two-tier network needs both an inter-group link and a group size")
         if self.group_size is not None and (self.group_size < 1 or len(self.links) % self.group_size):
@@ -142,23 +241,25 @@ class Network:
         return len(self.links)
 
     @classmethod
-    def uniform(cls, n: int, bandwidth: str | float, latency: str | float = 0.0, overhead_bytes: int = 0) -> Network:
+    def uniform(cls, n: int, bandwidth: str | float, latency: str | float = 0.0,
+                framing: str | Framing = "ideal") -> Network:
         """n nodes, each on the same link."""
         _check_nodes(n)
-        return cls((Link.of(bandwidth, latency),) * n, overhead_bytes=overhead_bytes)
+        return cls((Link.of(bandwidth, latency),) * n, framing=parse_framing(framing))
 
     @classmethod
-    def per_node(cls, links: Sequence[Link], overhead_bytes: int = 0) -> Network:
+    def per_node(cls, links: Sequence[Link], framing: str | Framing = "ideal") -> Network:
         """Heterogeneous nodes: one (up, down, latency) link each."""
-        return cls(tuple(links), overhead_bytes=overhead_bytes)
+        return cls(tuple(links), framing=parse_framing(framing))
 
     @classmethod
     def two_tier(cls, n: int, group_size: int, intra_bandwidth: str | float, intra_latency: str | float,
-                 inter_bandwidth: str | float, inter_latency: str | float, overhead_bytes: int = 0) -> Network:
+                 inter_bandwidth: str | float, inter_latency: str | float,
+                 framing: str | Framing = "ideal") -> Network:
         """Groups of ``group_size`` nodes on a fast link, joined by a slow inter-group link."""
         _check_nodes(n)
         return cls((Link.of(intra_bandwidth, intra_latency),) * n, Link.of(inter_bandwidth, inter_latency),
-                   group_size, overhead_bytes)
+                   group_size, parse_framing(framing))
 
     def with_nodes(self, n: int) -> Network:
         """The same kind of network for n nodes (uniform and two-tier only)."""
@@ -166,41 +267,64 @@ class Network:
             return self
         if len(set(self.links)) != 1:
             raise ValueError(f"this heterogeneous network describes {self.n} nodes, the run has {n}")
-        return Network((self.links[0],) * n, self.inter, self.group_size, self.overhead_bytes)
+        return Network((self.links[0],) * n, self.inter, self.group_size, self.framing)
 
     def describe(self) -> str:
         first = self.links[0]
+        framing = "" if self.framing == Framing() else f", framing {self.framing_name()}"
         if self.inter is not None:
             return (f"two-tier, groups of {self.group_size}: intra {format_bandwidth(first.up_bps)} "
                     f"{first.latency_s * 1e3:g} ms, inter {format_bandwidth(self.inter.up_bps)} "
-                    f"{self.inter.latency_s * 1e3:g} ms")
+                    f"{self.inter.latency_s * 1e3:g} ms{framing}")
         if len(set(self.links)) == 1:
-            return f"{format_bandwidth(first.up_bps)}, {first.latency_s * 1e3:g} ms"
+            return f"{format_bandwidth(first.up_bps)}, {first.latency_s * 1e3:g} ms{framing}"
         return "per-node: " + "; ".join(f"{format_bandwidth(lk.up_bps)}/{format_bandwidth(lk.down_bps)} "
-                                        f"{lk.latency_s * 1e3:g} ms" for lk in self.links)
+                                        f"{lk.latency_s * 1e3:g} ms" for lk in self.links) + framing
+
+    def framing_name(self) -> str:
+        for name, f in FRAMINGS.items():
+            if f == self.framing:
+                return name
+        f = self.framing
+        return f"{f.per_message},{f.mss},{f.per_segment}"
 
     def group(self, i: int) -> int:
         return 0 if self.group_size is None else i // self.group_size
 
+    def _resources(self, src: int, dst: int) -> tuple[float, list[tuple[tuple, float]]]:
+        """A message's latency and the (resource, bandwidth) pairs it crosses."""
+        a, b = self.links[src], self.links[dst]
+        lat = max(a.latency_s, b.latency_s)
+        res = [(("up", src), a.up_bps), (("down", dst), b.down_bps)]
+        if self.inter is not None and self.group(src) != self.group(dst):
+            lat = max(lat, self.inter.latency_s)
+            res += [(("out", self.group(src)), self.inter.up_bps), (("in", self.group(dst)), self.inter.down_bps)]
+        return lat, res
+
+    def phase_parts(self, messages: Sequence[tuple[int, int, int]]) -> tuple[float, float]:
+        """(seconds, latency part) of one phase of concurrent messages (src, dst, bytes):
+        the phase ends with its slowest message (see the module docstring); the latency
+        part is that message's latency."""
+        if not messages:
+            return 0.0, 0.0
+        info = []
+        sharing: dict[tuple, list[float]] = {}
+        for src, dst, nbytes in messages:
+            bits = 8.0 * self.framing.wire_bytes(int(nbytes))
+            lat, res = self._resources(src, dst)
+            info.append((lat, bits, res))
+            for key, _ in res:
+                sharing.setdefault(key, []).append(bits)
+        best, best_lat = -1.0, 0.0
+        for lat, bits, res in info:
+            transfer = max(sum(min(w, bits) for w in sharing[key]) / bps for key, bps in res)
+            if lat + transfer > best:
+                best, best_lat = lat + transfer, lat
+        return best, best_lat
+
     def phase_s(self, messages: Sequence[tuple[int, int, int]]) -> float:
         """Seconds for one phase of concurrent messages (src, dst, bytes)."""
-        if not messages:
-            return 0.0
-        load: dict[tuple, float] = {}
-        latency = 0.0
-        for src, dst, nbytes in messages:
-            bits = 8.0 * (nbytes + self.overhead_bytes)
-            a, b = self.links[src], self.links[dst]
-            lat = max(a.latency_s, b.latency_s)
-            load[("up", src)] = load.get(("up", src), 0.0) + bits / a.up_bps
-            load[("down", dst)] = load.get(("down", dst), 0.0) + bits / b.down_bps
-            if self.inter is not None and self.group(src) != self.group(dst):
-                lat = max(lat, self.inter.latency_s)
-                gs, gd = self.group(src), self.group(dst)
-                load[("out", gs)] = load.get(("out", gs), 0.0) + bits / self.inter.up_bps
-                load[("in", gd)] = load.get(("in", gd), 0.0) + bits / self.inter.down_bps
-            latency = max(latency, lat)
-        return latency + max(load.values())
+        return self.phase_parts(messages)[0]
 
 
 def _check_nodes(n: int) -> None:
@@ -210,140 +334,56 @@ def _check_nodes(n: int) -> None:
 
 # ---------------------------------------------------------------- collectives
 
-ALGORITHMS = {
-    "allreduce": ("ring", "star"),
-    "allgather": ("ring",),
-    "reduce_scatter": ("ring",),
-    "broadcast": ("star", "tree"),
-}
-
-
-def ring_allreduce_s(net: Network, chunk_bytes: Sequence[int]) -> float:
-    """Ring all-reduce: n-1 reduce-scatter steps, then n-1 all-gather steps. In step t
-    node i sends chunk (i - t) mod n (reduce-scatter) or (i + 1 - t) mod n (all-gather)
-    to node i+1. Uniform: 2(n-1)(alpha + 8c/beta)."""
-    n = len(chunk_bytes)
-    return ring_reduce_scatter_s(net, chunk_bytes) + sum(
-        net.phase_s([(i, (i + 1) % n, chunk_bytes[(i + 1 - t) % n]) for i in range(n)]) for t in range(n - 1)
-    )
-
-
-def ring_reduce_scatter_s(net: Network, chunk_bytes: Sequence[int]) -> float:
-    """Ring reduce-scatter: n-1 steps; in step t node i sends chunk (i - t) mod n to i+1.
-    Uniform: (n-1)(alpha + 8c/beta)."""
-    n = len(chunk_bytes)
-    return sum(net.phase_s([(i, (i + 1) % n, chunk_bytes[(i - t) % n]) for i in range(n)]) for t in range(n - 1))
-
-
-def ring_allgather_s(net: Network, packet_bytes: Sequence[int]) -> float:
-    """Ring all-gather of unequal packets: n-1 steps; in step t node i forwards packet
-    (i - t) mod n to i+1. Each step waits for its largest message on its slowest link."""
-    return ring_reduce_scatter_s(net, packet_bytes)
-
-
-def star_allreduce_s(net: Network, packet_bytes: Sequence[int]) -> float:
-    """Parameter server at node 0: every other node sends its packet to node 0, which
-    sends the reduced packet (node 0's size) back to each. Uniform: 2(alpha + 8(n-1)S/beta)."""
-    n = len(packet_bytes)
-    gather = net.phase_s([(j, 0, packet_bytes[j]) for j in range(1, n)])
-    return gather + star_broadcast_s(net, packet_bytes[0], n)
-
-
-def star_broadcast_s(net: Network, nbytes: int, n: int, root: int = 0) -> float:
-    """Root sends the whole message to each other node at once. Uniform: alpha + 8(n-1)S/beta."""
-    return net.phase_s([(root, j, nbytes) for j in range(n) if j != root])
-
-
-def tree_broadcast_s(net: Network, nbytes: int, n: int, root: int = 0) -> float:
-    """Binomial tree: in round r every node that has the message sends it to the node
-    2^r further on. Uniform: ceil(log2 n)(alpha + 8S/beta)."""
-    total, have = 0.0, 1
-    while have < n:
-        total += net.phase_s([((root + i) % n, (root + i + have) % n, nbytes) for i in range(min(have, n - have))])
-        have *= 2
-    return total
-
 
 @functools.lru_cache(maxsize=65536)
-def collective_s(net: Network, op: str, algo: str, sizes: tuple[int, ...]) -> float:
-    """Seconds one collective takes on ``net``. ``sizes`` are bytes per member: chunk
-    packets for ring all-reduce and reduce-scatter, each member's packet otherwise (for
-    broadcast, the root's message first). Cached: the replay of long traces calls this
-    with few distinct arguments."""
+def collective_parts(net: Network, op: str, algo: str, sizes: tuple[int, ...]) -> tuple[float, float]:
+    """(seconds, latency part) of one collective on ``net`` (schedule: :mod:`pysim.schedule`;
+    ``sizes`` are bytes per member). Cached: the replay of long traces calls this with few
+    distinct arguments."""
     if len(sizes) != net.n:
         raise ValueError(f"collective over {len(sizes)} members on a network of {net.n} nodes")
-    if op not in ALGORITHMS or algo not in ALGORITHMS[op]:
-        raise ValueError(f"unknown collective {op}/{algo}; known: {ALGORITHMS}")
-    if net.n == 1:
-        return 0.0
-    if op == "allreduce":
-        return ring_allreduce_s(net, sizes) if algo == "ring" else star_allreduce_s(net, sizes)
-    if op == "allgather":
-        return ring_allgather_s(net, sizes)
-    if op == "reduce_scatter":
-        return ring_reduce_scatter_s(net, sizes)
-    return star_broadcast_s(net, sizes[0], net.n) if algo == "star" else tree_broadcast_s(net, sizes[0], net.n)
+    total = latency = 0.0
+    for phase in schedule.phases(op, algo, tuple(sizes)):
+        s, lat = net.phase_parts([(m.src, m.dst, m.nbytes) for m in phase])
+        total += s
+        latency += lat
+    return total, latency
 
 
-def bytes_sent(op: str, algo: str, sizes: Sequence[int]) -> list[int]:
-    """Bytes each member sends in one collective (the packets that really crossed)."""
-    n = len(sizes)
-    if n == 1:
-        return [0]
-    if op == "allreduce" and algo == "ring":
-        return [sum(sizes[(i - t) % n] for t in range(n - 1)) + sum(sizes[(i + 1 - t) % n] for t in range(n - 1))
-                for i in range(n)]
-    if op == "allreduce" and algo == "star":
-        return [(n - 1) * sizes[0]] + list(sizes[1:])
-    if op in ("allgather", "reduce_scatter"):
-        return [sum(sizes[(i - t) % n] for t in range(n - 1)) for i in range(n)]
-    if op == "broadcast":
-        if algo == "star":
-            return [(n - 1) * sizes[0]] + [0] * (n - 1)
-        sent, have = [0] * n, 1
-        while have < n:
-            for i in range(min(have, n - have)):
-                sent[i] += sizes[0]
-            have *= 2
-        return sent
-    raise ValueError(f"unknown collective {op}/{algo}")
+def collective_s(net: Network, op: str, algo: str, sizes: tuple[int, ...]) -> float:
+    """Seconds one collective takes on ``net`` on its own (see :func:`collective_parts`)."""
+    return collective_parts(net, op, algo, tuple(sizes))[0]
 
 
-def bytes_received(op: str, algo: str, sizes: Sequence[int]) -> list[int]:
-    """Bytes each member receives in one collective."""
-    n = len(sizes)
-    if n == 1:
-        return [0]
-    if op == "allreduce" and algo == "ring":
-        return [sum(sizes[(i - 1 - t) % n] for t in range(n - 1)) + sum(sizes[(i - t) % n] for t in range(n - 1))
-                for i in range(n)]
-    if op == "allreduce" and algo == "star":
-        return [sum(sizes[1:])] + [sizes[0]] * (n - 1)
-    if op in ("allgather", "reduce_scatter"):
-        return [sum(sizes[(i - 1 - t) % n] for t in range(n - 1)) for i in range(n)]
-    if op == "broadcast":
-        return [0] + [sizes[0]] * (n - 1)
-    raise ValueError(f"unknown collective {op}/{algo}")
+def framing_bytes(framing: Framing | Network, op: str, algo: str, sizes: Sequence[int]) -> list[int]:
+    """Framing bytes each member sends in one collective (on top of :func:`bytes_sent`)."""
+    f = framing.framing if isinstance(framing, Network) else framing
+    out = [0] * len(sizes)
+    for phase in schedule.phases(op, algo, tuple(sizes)):
+        for m in phase:
+            out[m.src] += f.overhead(m.nbytes)
+    return out
 
 
 def parse_network(n: int, bandwidth: str | float = "100Mbit", latency: str | float = "20ms",
-                  topology: str = "uniform", overhead_bytes: int = 0) -> Network:
+                  topology: str = "uniform", framing: str | Framing = "ideal") -> Network:
     """A network from command-line style settings.
 
     ``topology``: ``uniform``; ``two-tier:G:BW:LAT`` (groups of G nodes on
     ``bandwidth``/``latency``, joined by a BW/LAT inter-group link); or
     ``slow-node:I:BW:LAT`` (node I on a slower link, the rest on the default).
+    ``framing``: see :func:`parse_framing`.
     """
     _check_nodes(n)
     kind, *args = topology.split(":")
     if kind == "uniform" and not args:
-        return Network.uniform(n, bandwidth, latency, overhead_bytes)
+        return Network.uniform(n, bandwidth, latency, framing)
     if kind == "two-tier" and len(args) == 3:
         try:
             g = int(args[0])
         except ValueError:
             raise ValueError(f"bad topology {topology!r}: group size must be an integer") from None
-        return Network.two_tier(n, g, bandwidth, latency, args[1], args[2], overhead_bytes)
+        return Network.two_tier(n, g, bandwidth, latency, args[1], args[2], framing)
     if kind == "slow-node" and len(args) == 3:
         try:
             i = int(args[0])
@@ -353,21 +393,45 @@ def parse_network(n: int, bandwidth: str | float = "100Mbit", latency: str | flo
             raise ValueError(f"bad topology {topology!r}: node {i} does not exist in a run of {n} nodes")
         links = [Link.of(bandwidth, latency)] * n
         links[i] = Link.of(args[1], args[2])
-        return Network.per_node(links, overhead_bytes)
+        return Network.per_node(links, framing)
     raise ValueError(f"bad topology {topology!r}: use 'uniform', 'two-tier:G:BW:LAT' (e.g. two-tier:2:100Mbit:50ms) "
                      "or 'slow-node:I:BW:LAT' (e.g. slow-node:0:10Mbit:50ms)")
 
 
 def network_to_json(net: Network) -> dict:
+    f = net.framing
     return {"links": [[lk.up_bps, lk.down_bps, lk.latency_s] for lk in net.links],
             "inter": None if net.inter is None else [net.inter.up_bps, net.inter.down_bps, net.inter.latency_s],
-            "group_size": net.group_size, "overhead_bytes": net.overhead_bytes}
+            "group_size": net.group_size,
+            "framing": {"per_message": f.per_message, "mss": f.mss, "per_segment": f.per_segment}}
 
 
 def network_from_json(d: dict) -> Network:
+    """The inverse of :func:`network_to_json` (also reads the older ``overhead_bytes`` key as a
+    per-message framing)."""
     try:
+        if "framing" in d:
+            fr = d["framing"]
+            framing = Framing(int(fr["per_message"]), int(fr["mss"]), int(fr["per_segment"]))
+        else:
+            framing = Framing(int(d.get("overhead_bytes", 0)))
         return Network(tuple(Link(*map(float, lk)) for lk in d["links"]),
                        None if d["inter"] is None else Link(*map(float, d["inter"])),
-                       d["group_size"], int(d["overhead_bytes"]))
+                       d["group_size"], framing)
     except (KeyError, TypeError) as e:
         raise ValueError(f"malformed network description ({e})") from None
+
+
+def load_network_file(path: str | Path) -> Network:
+    """A network from a JSON file: :func:`network_to_json`'s form, as ``python -m pysim
+    calibrate`` writes it (extra keys, such as the calibration's fit, are ignored). A file
+    describing one uniform link serves any number of nodes (:meth:`Network.with_nodes`)."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read network file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"network file {path} is not JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"network file {path} must hold a JSON object with 'links'")
+    return network_from_json(d)

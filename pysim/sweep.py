@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pysim.clock import Trace, replay
+from pysim.clock import replay
 from pysim.network import Link, Network, format_bandwidth, parse_bandwidth, parse_latency
 from pysim.report import BASELINE, markdown_table, plot_sweep, spread
+from pysim.trace import Trace
 from pysim.trainer import crossing_step, load_result, metric_series, time_at_step
 from pysim.workload import Target
 
@@ -166,8 +167,7 @@ def sweep(runs: list[tuple[dict, Trace]], bandwidths_bps: list[float], latencies
     for result, trace in runs:
         k, j = names.index(result["label"]), seeds.index(int(result["config"]["seed"]))
         nets = [build_network(trace.nodes, topology, b, lat) for b in bandwidths_bps for lat in latencies_s]
-        device = result["config"]["compute"]
-        tl = replay(trace, nets, None if device == "measured" else device)
+        tl = replay(trace, nets)
         total[k, j] = tl.total_s.reshape(shape[2:])
         reached = time_to_target_grid(result, target, tl.step_end_s)
         if reached is not None:

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pysim.clock import Trace, replay, trace_from_nodes
+from pysim.clock import replay
 from pysim.compute import ComputeProfile, calibrate_machine, calibrate_step, resolve_compute, step_key
 from pysim.launch import run_nodes
 from pysim.network import Network, network_from_json, network_to_json
 from pysim.node import StepRecord, train_node
 from pysim.sharding import Sharding
 from pysim.strategies import make_strategy
+from pysim.trace import Trace, trace_from_nodes
 from pysim.workload import Target, Workload, get_workload
 
 RESULT_VERSION = 2
@@ -230,7 +231,7 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 
     nodes = run_nodes(train_node, cfg.nodes, (cfg,), timeout_s=timeout_s)
     runtime_s = time.perf_counter() - t0
     trace = trace_from_nodes([r["segments"] for r in nodes], nodes[0]["step_ends"])
-    timeline = replay(trace, cfg.network, None)
+    timeline = replay(trace, cfg.network)
     live = [r["steps"][-1][1] for r in nodes]
     if list(timeline.end_s[-1]) != live:  # the invariant everything else rests on
         raise RuntimeError(f"live clock {live} and replay {list(timeline.end_s[-1])} disagree")

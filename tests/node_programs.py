@@ -44,6 +44,40 @@ def allreduce_with_codec(rank: int, world: int, net: Network, spec: str, n: int)
     return {"x": x, "mean": comm.allreduce_mean(x, get_codec(spec)), "sent": comm.bytes_sent}
 
 
+def async_patterns(rank: int, world: int, net: Network, algorithm: str, scaling) -> dict:
+    """Bucketed all-reduces overlapping compute, a collective on stream 1 waited two steps
+    later, blocking ones in between; returns what a test needs to compare with replay."""
+    comm = Comm(rank, world, net, algorithm=algorithm, scaling=scaling)
+    g = torch.Generator().manual_seed(7 + rank)
+    xs = [torch.randn(300, generator=g) for _ in range(4)]
+    out: dict = {"x": xs, "means": []}
+
+    def work(n: int) -> None:
+        with comm.meter.measure():
+            sum(range(n))
+
+    buckets = []
+    for x in xs[:3]:  # step 1: three buckets issued during a "backward"
+        work(20000)
+        buckets.append(comm.allreduce_mean_async(x))
+    out["means"] += [p.wait() for p in buckets]
+    out["again"] = buckets[0].wait()  # waiting twice gives the same tensor and charges nothing more
+    comm.end_step()
+    streaming = comm.allreduce_mean_async(xs[3], stream=1)  # step 2: streamed, waited in step 3
+    work(30000)
+    comm.allreduce_mean(xs[0])
+    comm.end_step()
+    gathered = comm.allgather_mean_many_async({"m": xs[1]}, get_codec("topk:0.1"), step=4, stream=2)
+    work(10000)
+    out["means"].append(streaming.wait())
+    comm.end_step()
+    out["topk_mean"] = gathered.wait()["m"]
+    comm.end_step()
+    out["segments"], out["step_ends"], out["clock_s"], out["comm_s"] = (comm.segments, comm.step_ends,
+                                                                        comm.clock_s, comm.comm_s)
+    return out
+
+
 def fail_on(rank: int, world: int, bad_rank: int) -> None:
     if rank == bad_rank:
         raise RuntimeError(f"boom on purpose in node {rank}")

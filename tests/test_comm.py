@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pysim.clock import replay, trace_from_nodes
+from pysim.clock import ComputeScaling, _replay_without_sharing, replay, scaled_compute
 from pysim.compress import get_codec, packet_header
 from pysim.launch import NodeError, run_nodes
 from pysim.network import Network, bytes_received, bytes_sent
+from pysim.trace import trace_from_nodes
 
 
 def children_of_this_process() -> list[int]:
@@ -63,14 +64,14 @@ def test_bytes_charged_equal_bytes_that_crossed(three_nodes):
     assert sent == [r["sent"] for r in res]
     assert recv == [r["received"] for r in res]
     # all-gather charges: exactly the packets from the other nodes
-    for c in trace.collectives:
-        if c is not None and c.op == "allgather":
+    for c in trace.collectives():
+        if c.op == "allgather":
             assert sum(bytes_received(c.op, c.algo, c.sizes)) == sum(bytes_sent(c.op, c.algo, c.sizes))
-    total_allgather_received = [sum(bytes_received(c.op, c.algo, c.sizes)[i] for c in trace.collectives
-                                    if c is not None and c.op == "allgather") for i in range(3)]
+    total_allgather_received = [sum(bytes_received(c.op, c.algo, c.sizes)[i] for c in trace.collectives()
+                                    if c.op == "allgather") for i in range(3)]
     assert total_allgather_received == [r["received_packets"] for r in res]
     # all-reduce chunk sizes are dense packets of the chunks
-    ring = [c for c in trace.collectives if c is not None and c.op == "allreduce"][0]
+    ring = [c for c in trace.collectives() if c.op == "allreduce"][0]
     if ring.algo == "ring":
         assert ring.sizes == tuple(get_codec("dense").nbytes((n,)) for n in (333, 333, 334))
 
@@ -82,6 +83,43 @@ def test_live_clock_equals_replay_exactly(three_nodes):
     assert [r["clock_s"] for r in res] == list(tl.end_s[-1])
     slower = Network.uniform(3, "1Mbit", "100ms")
     assert replay(trace, slower).total_s > tl.total_s
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "star"])
+def test_async_collectives_live_clock_equals_replay_with_sharing_and_stragglers(algorithm):
+    net = Network.uniform(3, "2Mbit", "2ms")   # slow: the collectives of streams 0 and 1 overlap and share
+    scaling = ComputeScaling(speed=(1.0, 0.5, 1.0), jitter=0.1, seed=3)
+    res = run_nodes(node_programs.async_patterns, 3, (net, algorithm, scaling))
+    expected = [sum(r["x"][k] for r in res) / 3 for k in range(4)]
+    for r in res:
+        for got, want in zip(r["means"], expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        assert torch.equal(r["again"], r["means"][0])
+    topk = get_codec("topk:0.1")
+    expected_topk = sum(topk.unpack(topk.pack(r["x"][1], key="m", step=4)) for r in res) / 3
+    for r in res:
+        torch.testing.assert_close(r["topk_mean"], expected_topk, atol=1e-6, rtol=0)
+    trace = trace_from_nodes([r["segments"] for r in res], res[0]["step_ends"])
+    kinds = [type(e).__name__ for e in trace.events]
+    assert kinds.count("Start") == 5 and kinds.count("Wait") == 5 and trace.streams() == {0, 1, 2}
+    tl = replay(trace, net, scaling=scaling)
+    assert [r["clock_s"] for r in res] == list(tl.end_s[-1])
+    assert [r["comm_s"] for r in res] == pytest.approx(list(tl.waited_s), rel=1e-12)  # summed in another order
+    # the run really overlapped streams: sharing the links made it later than the overlap-free timing
+    free_ends = _replay_without_sharing(trace, [net], scaled_compute(trace, scaling))[0]
+    assert tl.total_s > free_ends[-1, :, 0].max()
+    many = replay(trace, [net, Network.uniform(3, "10Gbit", "2ms")], scaling=scaling)
+    assert list(many.end_s[-1, :, 0]) == list(tl.end_s[-1])
+
+
+def test_async_stream_must_be_a_non_negative_int():
+    from pysim.comm import Comm
+
+    comm = Comm(0, 1, Network.uniform(1, "1Gbps"))
+    with pytest.raises(ValueError, match="stream"):
+        comm.allreduce_mean_async(torch.ones(3), stream=-1)
+    p = comm.allreduce_mean_async(torch.ones(3), stream=2)
+    assert not p.waited and torch.equal(p.wait(), torch.ones(3)) and p.waited
 
 
 def test_node_error_is_reported_quickly_and_nothing_is_left():

@@ -5,15 +5,22 @@ import math
 import pytest
 
 from pysim.network import (
+    FRAMINGS,
+    Framing,
     Link,
     Network,
     bytes_received,
     bytes_sent,
     collective_s,
+    framing_bytes,
+    load_network_file,
+    network_to_json,
     parse_bandwidth,
+    parse_framing,
     parse_latency,
     parse_network,
 )
+from pysim.schedule import phases
 
 
 def test_parse_bandwidth_units():
@@ -24,6 +31,14 @@ def test_parse_bandwidth_units():
     assert parse_bandwidth("1.5e3kbps") == 1.5e6
     assert parse_bandwidth(5e6) == 5e6
     assert parse_bandwidth("1e9") == 1e9
+
+
+def test_capital_b_means_bytes_lower_case_b_bits():
+    assert parse_bandwidth("100MBps") == parse_bandwidth("100MB/s") == parse_bandwidth("100MB") == 800e6
+    assert parse_bandwidth("100Mbps") == parse_bandwidth("100mbit") == parse_bandwidth("100Mbit/s") == 100e6
+    for ambiguous in ("100mb", "100Mb", "1gb"):
+        with pytest.raises(ValueError, match="ambiguous.*bit/s.*B/s"):
+            parse_bandwidth(ambiguous)
 
 
 @pytest.mark.parametrize("bad", ["", "fast", "-1Mbit", "0Gbps", "100Mbit/h", "1e999Gbps", "10 parsecs", None, True])
@@ -87,9 +102,60 @@ def test_two_tier_crossing_uses_inter_link():
     assert collective_s(intra_only, "allgather", "ring", (10, 10)) == pytest.approx(0.001 + 0.1)
 
 
-def test_overhead_bytes_added_per_message():
-    net = Network.uniform(2, 8, 0.0, overhead_bytes=3)
+def test_per_message_framing_constant_is_charged_to_time_not_bytes():
+    net = Network.uniform(2, 8, 0.0, framing=Framing(per_message=3))
     assert collective_s(net, "allgather", "ring", (10, 10)) == pytest.approx(13.0)
+    assert bytes_sent("allgather", "ring", (10, 10)) == [10, 10]
+    assert framing_bytes(net, "allgather", "ring", (10, 10)) == [3, 3]
+
+
+def test_tcp_framing_per_segment():
+    tcp = FRAMINGS["tcp"]
+    # 10 MB in 1448-byte segments: ceil(1e7 / 1448) = 6907 frames of 66 header bytes (4.6%)
+    assert tcp.wire_bytes(10_000_000) == 10_000_000 + 6907 * 66
+    assert tcp.wire_bytes(1448) == 1514 and tcp.wire_bytes(1449) == 1449 + 2 * 66
+    assert tcp.wire_bytes(0) == 66  # an empty message still takes one frame
+    assert FRAMINGS["tcp-ethernet"].wire_bytes(1448) == 1538
+    assert FRAMINGS["ideal"].wire_bytes(1234) == 1234
+    # a 2-rank ring all-reduce of 10 MB at 100 Mbit/s: 2 phases, each a 5 MB chunk each way
+    net = Network.uniform(2, "100Mbit", 0.0, framing="tcp")
+    chunk = 5_000_000
+    frames = -(-chunk // 1448)
+    assert collective_s(net, "allreduce", "ring", (chunk, chunk)) == pytest.approx(2 * 8 * (chunk + 66 * frames) / 1e8)
+    assert framing_bytes(net, "allreduce", "ring", (chunk, chunk)) == [2 * 66 * frames] * 2
+    assert parse_framing("40,1448,66") == Framing(40, 1448, 66)
+    with pytest.raises(ValueError, match="framing"):
+        parse_framing("jumbo")
+    with pytest.raises(ValueError, match="MSS"):
+        Framing(0, 0, 66)
+
+
+def test_phase_ends_with_its_slowest_message_not_max_latency_plus_max_load():
+    # node 0 has a 1 s latency; all links 8 bit/s (1 byte = 1 s)
+    net = Network.per_node([Link(8.0, 8.0, 1.0), Link(8.0, 8.0, 0.0), Link(8.0, 8.0, 0.0)])
+    # 0->1: 1 byte, latency 1 -> ends at 2 s; 1->2: 10 bytes, latency 0 -> ends at 10 s.
+    # max(lat) + max(load) would say 1 + 10 = 11 s.
+    assert net.phase_s([(0, 1, 1), (1, 2, 10)]) == pytest.approx(10.0)
+    assert net.phase_parts([(0, 1, 1), (1, 2, 10)]) == (pytest.approx(10.0), 0.0)
+
+
+def test_messages_sharing_a_link_share_its_bandwidth_fairly():
+    # star gather into node 0's downlink (8 bit/s): 2 bytes from node 1 (latency 5 s), 10 from node 2.
+    # Processor sharing: the 2-byte message ends after 2 + 2 = 4 s of transfer (+5 latency = 9 s);
+    # the 10-byte one after 2 + 10 = 12 s. The old model said max latency 5 + load 12 = 17 s.
+    net = Network.per_node([Link(8.0, 8.0, 0.0), Link(8.0, 8.0, 5.0), Link(8.0, 8.0, 0.0)])
+    assert net.phase_s([(1, 0, 2), (2, 0, 10)]) == pytest.approx(12.0)
+    assert net.phase_s([(1, 0, 10), (2, 0, 2)]) == pytest.approx(5 + 12.0)
+
+
+def test_schedule_ring_allreduce_chunks_leave_and_arrive():
+    ph = phases("allreduce", "ring", (5, 6, 7))
+    assert len(ph) == 4
+    # reduce-scatter step 0: node i sends its own chunk i to i+1
+    assert [(m.src, m.dst, m.item, m.nbytes) for m in ph[0]] == [(0, 1, 0, 5), (1, 2, 1, 6), (2, 0, 2, 7)]
+    # after n-1 steps node i owns chunk i+1: all-gather step 0 sends it
+    assert [m.item for m in ph[2]] == [1, 2, 0]
+    assert phases("allreduce", "ring", (5,)) == ()
 
 
 def test_bytes_sent_received_balance():
@@ -122,3 +188,18 @@ def test_parse_network_topologies_and_errors():
 def test_single_node_costs_nothing():
     assert collective_s(Network.uniform(1, "1Mbit", "1s"), "allreduce", "ring", (100,)) == 0.0
     assert math.isfinite(collective_s(U4, "allreduce", "ring", (0, 0, 0, 0)))
+
+
+def test_network_file_round_trip_and_errors(tmp_path):
+    net = Network.uniform(2, "100Mbit", "0.2ms", framing=Framing(40, 1448, 66))
+    p = tmp_path / "link.json"
+    import json
+
+    p.write_text(json.dumps({**network_to_json(net), "calibration": {"note": "extra keys are ignored"}}))
+    back = load_network_file(p)
+    assert back == net and back.with_nodes(4).n == 4
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        load_network_file(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_network_file(tmp_path / "missing.json")

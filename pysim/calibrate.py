@@ -1,0 +1,296 @@
+"""Calibration: fit a link's latency, bandwidth and framing to real gloo all-reduces.
+
+Two processes, one at each end of the link (``python -m pysim calibrate
+--rank R --master ADDR:PORT``, rank 0's address first), time
+``torch.distributed.all_reduce`` (gloo) of float32 tensors of several sizes S
+(the slower rank's time, median over repetitions). The model is pysim's
+2-member ring all-reduce: two phases, each a message of c = S/2 bytes in
+each direction at once,
+
+    T(S) = 2 * (alpha + 8 * wire(S/2) / beta)      (wire: :class:`pysim.network.Framing`)
+
+which is linear in alpha and 1/beta. Least squares over the sizes fits
+
+- alpha and beta with the framing fixed (default ``tcp``: 66 bytes per
+  1448-byte segment, what a Linux qdisc such as tbf counts), or
+- alpha and the framing's bytes per segment when the raw rate is known
+  (``--bandwidth``, e.g. the shaper's rate).
+
+A constant number of bytes per message cannot be told apart from latency by
+timing alone, so it is absorbed into alpha. Rank 0 prints model vs real per
+size and writes a network file for :func:`pysim.network.load_network_file`
+(``--network FILE``).
+
+:class:`ShapedVeth` builds the test link used by the tests and
+``bench/calibrate.py``: two network namespaces joined by a veth pair with
+addresses in a private /30, each end shaped with ``tc qdisc ... tbf`` (needs
+root and iproute2; traffic never leaves the two namespaces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+
+from pysim.network import (
+    FRAMINGS,
+    Framing,
+    Network,
+    format_bandwidth,
+    network_to_json,
+    parse_bandwidth,
+    parse_framing,
+)
+
+DEFAULT_SIZES = (262_144, 1_048_576, 4_194_304, 10_485_760)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def time_allreduces(sizes: list[int], reps: int, pysim_too: bool = False) -> dict[str, list[float]]:
+    """In an initialised 2-process gloo group: per size (bytes, float32), the median over
+    ``reps`` of the slower rank's real seconds for torch.distributed.all_reduce (and, with
+    ``pysim_too``, for pysim's ring ``Comm.allreduce_mean``). Both ranks call this."""
+    import torch
+    import torch.distributed as dist
+
+    from pysim.comm import Comm
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = Comm(rank, world, Network.uniform(world, "1Gbps")) if pysim_too else None
+    kinds = {"torch": lambda x: dist.all_reduce(x)}
+    if comm is not None:
+        kinds["pysim"] = comm.allreduce_mean
+    out: dict[str, list[float]] = {k: [] for k in kinds}
+    for nbytes in sizes:
+        x = torch.ones(max(nbytes // 4, 1))
+        for name, fn in kinds.items():
+            fn(x)  # warm-up: connections, buffers
+            times = []
+            for _ in range(reps):
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn(x)
+                t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                times.append(float(t))
+            out[name].append(statistics.median(times))
+    return out
+
+
+# ---------------------------------------------------------------- fitting
+
+
+@dataclass
+class Fit:
+    """A calibrated link: latency (s), bandwidth (bits/s), framing; real and model seconds per size."""
+
+    latency_s: float
+    bandwidth_bps: float
+    framing: Framing
+    sizes: list[int]
+    real_s: list[float]
+    model_s: list[float]
+
+    def network(self) -> Network:
+        return Network.uniform(2, self.bandwidth_bps, self.latency_s, self.framing)
+
+    def table(self) -> str:
+        lines = [f"link: {format_bandwidth(self.bandwidth_bps)}, latency {self.latency_s * 1e6:.0f} us, framing "
+                 f"{self.framing.per_message},{self.framing.mss},{self.framing.per_segment} "
+                 "(per message, MSS, per segment bytes)",
+                 "size (bytes)   real (s)   model (s)   model/real - 1"]
+        for s, r, m in zip(self.sizes, self.real_s, self.model_s, strict=True):
+            lines.append(f"{s:12d} {r:10.4f} {m:11.4f} {100 * (m / r - 1):+14.1f}%")
+        return "\n".join(lines)
+
+
+def model_allreduce_s(net: Network, nbytes: int) -> float:
+    """pysim's time for a 2-member ring all-reduce of ``nbytes`` (two chunk packets)."""
+    from pysim.network import collective_s
+
+    half = nbytes // 2
+    return collective_s(net.with_nodes(2), "allreduce", "ring", (half, nbytes - half))
+
+
+def fit_link(sizes: list[int], real_s: list[float], framing: str | Framing = "tcp",
+             bandwidth: str | float | None = None) -> Fit:
+    """Least-squares fit of the 2-member ring all-reduce model to measured times (see the
+    module docstring). Needs at least two distinct sizes."""
+    if len(set(sizes)) < 2 or len(sizes) != len(real_s):
+        raise ValueError("calibration needs times for at least two different sizes")
+    y = np.asarray(real_s, dtype=np.float64)
+    base = parse_framing(framing)
+    if bandwidth is None:
+        # T = 2 alpha + (16 / beta) wire(S/2)
+        wire = np.array([base.wire_bytes(s // 2) for s in sizes], dtype=np.float64)
+        a = np.column_stack([np.full(len(sizes), 2.0), 16.0 * wire])
+        (alpha, inv_beta), *_ = np.linalg.lstsq(a, y, rcond=None)
+        if inv_beta <= 0:
+            raise ValueError("calibration: time does not grow with size; use larger sizes")
+        fitted, bps = base, 1.0 / inv_beta
+    else:
+        # known raw rate: T = 2 alpha + 16 (c + p * segments(c)) / beta, fit alpha and p
+        bps = parse_bandwidth(bandwidth)
+        mss = base.mss or FRAMINGS["tcp"].mss
+        c = np.array([s // 2 + base.per_message for s in sizes], dtype=np.float64)
+        segments = np.maximum(1, np.ceil(c / mss))
+        a = np.column_stack([np.full(len(sizes), 2.0), 16.0 * segments / bps])
+        (alpha, per_segment), *_ = np.linalg.lstsq(a, y - 16.0 * c / bps, rcond=None)
+        fitted = Framing(base.per_message, mss, max(int(round(per_segment)), 0))
+    fit = Fit(max(float(alpha), 0.0), float(bps), fitted, list(sizes), list(map(float, y)), [])
+    fit.model_s = [model_allreduce_s(fit.network(), s) for s in sizes]
+    return fit
+
+
+def write_network_file(fit: Fit, path: str | Path) -> None:
+    d = network_to_json(fit.network())
+    d["calibration"] = {"sizes_bytes": fit.sizes, "real_s": fit.real_s, "model_s": fit.model_s,
+                        "model": "2-member ring all-reduce: T(S) = 2 (alpha + 8 wire(S/2) / beta)"}
+    Path(path).write_text(json.dumps(d, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--rank", type=int, required=True, help="0 (fits and writes the file) or 1")
+    ap.add_argument("--master", required=True, help="ADDR:PORT of rank 0 on the link to calibrate")
+    ap.add_argument("--ifname", help="network interface gloo uses on this end (GLOO_SOCKET_IFNAME)")
+    ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="all-reduce sizes in bytes")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per size (median)")
+    ap.add_argument("--framing", default="tcp", help="ideal | tcp | tcp-ethernet | PER_MESSAGE,MSS,PER_SEGMENT")
+    ap.add_argument("--bandwidth", help="the link's known raw rate: fit the framing's bytes per segment")
+    ap.add_argument("--pysim", action="store_true", help="also time pysim's own ring all-reduce")
+    ap.add_argument("--out", default="network.json", help="network file rank 0 writes")
+    ap.add_argument("--json", help="rank 0 also writes the raw timings here")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the other rank")
+
+
+def run_cli(a: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if a.rank not in (0, 1):
+        raise ValueError(f"--rank must be 0 or 1, got {a.rank}")
+    try:
+        sizes = [int(s) for s in a.sizes.split(",")]
+    except ValueError:
+        raise ValueError(f"bad --sizes {a.sizes!r}: a comma-separated list of byte counts") from None
+    if a.reps < 1 or any(s < 8 for s in sizes):
+        raise ValueError("--reps must be >= 1 and every size >= 8 bytes")
+    parse_framing(a.framing)
+    if a.ifname:
+        os.environ["GLOO_SOCKET_IFNAME"] = a.ifname
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://{a.master}", rank=a.rank, world_size=2,
+                            timeout=timedelta(seconds=a.timeout))
+    try:
+        times = time_allreduces(sizes, a.reps, a.pysim)
+    finally:
+        dist.destroy_process_group()
+    if a.rank != 0:
+        return 0
+    fit = fit_link(sizes, times["torch"], a.framing, a.bandwidth)
+    print(fit.table())
+    write_network_file(fit, a.out)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"sizes": sizes, **times}) + "\n")
+    if "pysim" in times:
+        for s, t, p in zip(sizes, times["torch"], times["pysim"], strict=True):
+            print(f"pysim all-reduce {s} bytes: {p:.4f} s real vs torch {t:.4f} s ({100 * (p / t - 1):+.1f}%)")
+    print(f"wrote {a.out}")
+    return 0
+
+
+# ---------------------------------------------------------------- a shaped test link
+
+
+def veth_missing() -> str | None:
+    """Why a shaped veth link cannot be built here, or None if it can."""
+    if sys.platform != "linux":
+        return "needs Linux network namespaces"
+    if os.geteuid() != 0:
+        return "needs root (ip netns, tc)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"needs '{tool}' (apt-get install iproute2)"
+    return None
+
+
+class ShapedVeth:
+    """Two network namespaces ``{name}a`` / ``{name}b`` joined by a veth pair, addresses
+    10.77.0.1/30 and 10.77.0.2/30 inside them only, each direction shaped by tbf to
+    ``rate`` (tc syntax, e.g. "100mbit"). A context manager: removes everything on exit,
+    also after a failure."""
+
+    ADDRS = ("10.77.0.1", "10.77.0.2")
+
+    def __init__(self, rate: str, name: str = "pysimcal", burst: str | None = None) -> None:
+        self.rate, self.name = rate, name
+        bps = parse_bandwidth(rate)
+        self.burst = burst or f"{max(16384, int(bps / 8 / 1000))}b"   # 1 ms of traffic, at least 16 KiB
+        self.ns = (f"{name}a", f"{name}b")
+        self.dev = (f"{name}0", f"{name}1")
+
+    def _ip(self, *args: str, check: bool = True) -> None:
+        subprocess.run(args, check=check, capture_output=True, text=True, timeout=30)
+
+    def __enter__(self) -> ShapedVeth:
+        self.close()  # a leftover from a killed run
+        try:
+            for ns in self.ns:
+                self._ip("ip", "netns", "add", ns)
+            self._ip("ip", "link", "add", self.dev[0], "netns", self.ns[0], "type", "veth", "peer", "name",
+                     self.dev[1], "netns", self.ns[1])
+            for ns, dev, addr in zip(self.ns, self.dev, self.ADDRS, strict=True):
+                self._ip("ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
+                self._ip("ip", "-n", ns, "link", "set", dev, "up")
+                self._ip("ip", "-n", ns, "link", "set", "lo", "up")
+                self._ip("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
+                         self.rate, "burst", self.burst, "latency", "1s")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for ns in self.ns:  # deleting a namespace deletes the veth end inside it, and its peer
+            self._ip("ip", "netns", "del", ns, check=False)
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def command(self, end: int, argv: list[str]) -> list[str]:
+        """``argv`` run inside namespace ``end`` (0 or 1)."""
+        return ["ip", "netns", "exec", self.ns[end], *argv]
+
+    def calibrate(self, extra: list[str], port: int = 29577, timeout_s: float = 300.0
+                  ) -> subprocess.CompletedProcess:
+        """Runs ``python -m pysim calibrate`` with rank 0 in the first namespace and rank 1 in
+        the second; returns rank 0's completed process (rank 1's failure raises)."""
+        base = [sys.executable, "-m", "pysim", "calibrate", "--master", f"{self.ADDRS[0]}:{port}"]
+        procs = [subprocess.Popen(self.command(r, base + ["--rank", str(r), "--ifname", self.dev[r], *extra]),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        try:
+            outs = [p.communicate(timeout=timeout_s) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        if procs[1].returncode != 0:
+            raise RuntimeError(f"calibrate rank 1 failed: {outs[1][1][-2000:]}")
+        return subprocess.CompletedProcess(procs[0].args, procs[0].returncode, outs[0][0], outs[0][1])

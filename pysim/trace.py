@@ -1,0 +1,212 @@
+"""Traces: what n nodes did during a run, independent of the network.
+
+A trace is a sequence of *segments*, the same on every node: node i computes
+``compute_s[s][i]`` seconds (``flops[s][i]`` FLOPs), then segment s ends with
+the event ``events[s]``:
+
+- ``None``: the end of a training step (``step_ends`` lists those segments);
+- :class:`Collective`: a blocking collective (start, then wait at once);
+- :class:`Start`: a non-blocking collective is issued on a stream and runs
+  while the node goes on computing;
+- :class:`Wait`: the node needs the result of the collective started with the
+  same ``id``.
+
+A collective's ``sizes`` are its exact packet bytes per member (see
+:mod:`pysim.schedule`). How long anything takes is the clock's business
+(:mod:`pysim.clock`). JSON form (version 2): events are ``null``,
+``[op, algo, sizes]`` (blocking), ``["start", id, stream, op, algo, sizes]``
+or ``["wait", id]``; version 1 traces (blocking collectives only) still load.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+from pysim.network import Framing, Network, framing_bytes
+from pysim.schedule import bytes_received, bytes_sent, check_collective
+
+TRACE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective: op, algorithm, and packet bytes per member (see :mod:`pysim.schedule`)."""
+
+    op: str
+    algo: str
+    sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Start:
+    """A non-blocking collective issued on ``stream`` (collectives on one stream run in
+    issue order); ``id`` is its handle for the matching :class:`Wait`."""
+
+    id: int
+    collective: Collective
+    stream: int = 0
+
+
+@dataclass(frozen=True)
+class Wait:
+    """The node blocks until the collective started with handle ``id`` has ended."""
+
+    id: int
+
+
+Event = Union[Collective, Start, Wait, None]  # noqa: UP007 (a runtime alias)
+
+
+def event_collective(event: Event) -> Collective | None:
+    """The collective an event issues (blocking or started), else None."""
+    if isinstance(event, Collective):
+        return event
+    if isinstance(event, Start):
+        return event.collective
+    return None
+
+
+@dataclass
+class Trace:
+    """What n nodes did during a run, network-free (see the module docstring).
+
+    ``compute_s[s][i]`` and ``flops[s][i]``: node i's compute before segment s ends.
+    ``events[s]``: the event ending segment s. ``step_ends[k]``: the segment ending step k+1.
+    """
+
+    nodes: int
+    compute_s: list[list[float]] = field(default_factory=list)
+    flops: list[list[float]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    step_ends: list[int] = field(default_factory=list)
+
+    def collectives(self) -> list[Collective]:
+        """Every collective of the run, blocking or started, in issue order."""
+        return [c for c in map(event_collective, self.events) if c is not None]
+
+    def streams(self) -> set[int]:
+        """The streams collectives ran on (0: blocking collectives)."""
+        return {e.stream if isinstance(e, Start) else 0 for e in self.events if event_collective(e) is not None}
+
+    def check(self) -> None:
+        """Raises ValueError unless every Wait follows its Start, handles are unique and the
+        segment lists agree in length."""
+        if not (len(self.compute_s) == len(self.flops) == len(self.events)):
+            raise ValueError("trace is malformed: segment lists differ in length")
+        started: set[int] = set()
+        open_: set[int] = set()
+        for s, e in enumerate(self.events):
+            c = event_collective(e)
+            if c is not None:
+                check_collective(c.op, c.algo)
+                if len(c.sizes) != self.nodes:
+                    raise ValueError(f"segment {s}: collective over {len(c.sizes)} members in a {self.nodes}-node "
+                                     "trace")
+            if isinstance(e, Start):
+                if e.id in started:
+                    raise ValueError(f"segment {s}: handle {e.id} started twice")
+                started.add(e.id)
+                open_.add(e.id)
+            elif isinstance(e, Wait):
+                if e.id not in open_:
+                    raise ValueError(f"segment {s}: wait on handle {e.id}, which was not started or was "
+                                     "already waited for")
+                open_.remove(e.id)
+        if any(not 0 <= k < len(self.events) or self.events[k] is not None for k in self.step_ends):
+            raise ValueError("trace is malformed: a step end is not a step-end segment")
+
+    # ------------------------------------------------------------ JSON
+
+    def to_json(self) -> dict:
+        return {"version": TRACE_VERSION, "nodes": self.nodes, "compute_s": self.compute_s, "flops": self.flops,
+                "events": [_event_to_json(e) for e in self.events], "step_ends": self.step_ends}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Trace:
+        version = d.get("version") if isinstance(d, dict) else type(d).__name__
+        if version not in (1, TRACE_VERSION):
+            raise ValueError(f"trace has format version {version!r}, this pysim reads versions 1 and "
+                             f"{TRACE_VERSION}; re-record the run with this version")
+        try:
+            raw = d["collectives"] if version == 1 else d["events"]
+            events = [_event_from_json(e) for e in raw]
+            t = cls(int(d["nodes"]), d["compute_s"], d["flops"], events, [int(s) for s in d["step_ends"]])
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise ValueError(f"trace is malformed ({e}); was it written by pysim?") from None
+        t.check()
+        return t
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Trace:
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a JSON trace ({e})") from None
+
+    # ------------------------------------------------------------ bytes
+
+    def bytes_per_node(self) -> tuple[list[int], list[int]]:
+        """Total packet bytes (sent, received) per node over the run."""
+        sent, recv = [0] * self.nodes, [0] * self.nodes
+        for c in self.collectives():
+            for i, (s, r) in enumerate(zip(bytes_sent(c.op, c.algo, c.sizes),
+                                           bytes_received(c.op, c.algo, c.sizes), strict=True)):
+                sent[i] += s
+                recv[i] += r
+        return sent, recv
+
+    def framing_bytes_per_node(self, framing: Framing | Network) -> list[int]:
+        """Total framing bytes each node sends over the run (on top of its packet bytes)."""
+        out = [0] * self.nodes
+        for c in self.collectives():
+            for i, b in enumerate(framing_bytes(framing, c.op, c.algo, c.sizes)):
+                out[i] += b
+        return out
+
+
+def _event_to_json(e: Event):
+    if e is None:
+        return None
+    if isinstance(e, Collective):
+        return [e.op, e.algo, list(e.sizes)]
+    if isinstance(e, Start):
+        c = e.collective
+        return ["start", e.id, e.stream, c.op, c.algo, list(c.sizes)]
+    return ["wait", e.id]
+
+
+def _event_from_json(e) -> Event:
+    if e is None:
+        return None
+    if e[0] == "start":
+        return Start(int(e[1]), Collective(e[3], e[4], tuple(int(b) for b in e[5])), int(e[2]))
+    if e[0] == "wait":
+        return Wait(int(e[1]))
+    return Collective(e[0], e[1], tuple(int(b) for b in e[2]))
+
+
+def trace_from_nodes(segments: Sequence[Sequence[tuple[float, float, Event]]], step_ends: Sequence[int]) -> Trace:
+    """Assembles a trace from each node's own record (``Comm.segments``: per segment
+    (compute_s, flops, event))."""
+    nodes = len(segments)
+    lengths = {len(s) for s in segments}
+    if len(lengths) != 1:
+        raise ValueError(f"nodes recorded different numbers of segments {sorted(lengths)}: "
+                         "the strategy did not run the same collectives on every node")
+    trace = Trace(nodes, step_ends=list(step_ends))
+    for parts in zip(*segments, strict=True):
+        events = {p[2] for p in parts}
+        if len(events) != 1:
+            raise ValueError(f"nodes disagree on a collective: {events}")
+        trace.compute_s.append([p[0] for p in parts])
+        trace.flops.append([p[1] for p in parts])
+        trace.events.append(parts[0][2])
+    trace.check()
+    return trace
