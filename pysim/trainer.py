@@ -8,8 +8,6 @@ other networks) are written to ``out_dir``.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import sys
 import time
@@ -20,16 +18,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pysim.clock import Trace, replay, trace_from_nodes
+from pysim.clock import replay, trace_from_nodes
 from pysim.comm import Comm
 from pysim.compute import ComputeMeter, count_flops, device_flops_per_s
 from pysim.launch import run_nodes
 from pysim.mnist import load_mnist, verify_mnist
 from pysim.models import MnistCNN
 from pysim.network import Network, network_from_json, network_to_json
+from pysim.results import RESULT_VERSION, check_out_dir, save_result, time_to_target
 from pysim.strategies import make_strategy
-
-RESULT_VERSION = 1
 
 
 @dataclass
@@ -168,17 +165,11 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
     return {"steps": steps, "evals": evals, "segments": comm.segments, "step_ends": comm.step_ends}
 
 
-def time_to_target(evals: list[dict], target: float, key: str = "sim_time_s") -> float | None:
-    """Simulated time of the first evaluation at or above ``target`` accuracy (None if never)."""
-    for e in evals:
-        if e["test_acc"] >= target:
-            return e[key]
-    return None
-
-
 def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 300.0) -> dict:
     """Trains ``cfg`` in ``cfg.nodes`` processes; returns (and writes) the result."""
     cfg.check()
+    if out_dir is not None:
+        check_out_dir(out_dir)  # an unwritable --out fails now, not after training
     t0 = time.perf_counter()
     nodes = run_nodes(train_node, cfg.nodes, (cfg,), timeout_s=timeout_s)
     runtime_s = time.perf_counter() - t0
@@ -227,39 +218,3 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 
         save_result(result, trace, out_dir)
     result["trace"] = trace
     return result
-
-
-def save_result(result: dict, trace: Trace, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = result["name"].replace("/", "_").replace(" ", "_")
-    body = {k: v for k, v in result.items() if k != "trace"}
-    (out / f"{stem}.json").write_text(json.dumps(body, indent=1))
-    trace.save(out / f"{stem}.trace.json")
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(result["steps"][0]) + ["test_loss", "test_acc"])
-        w.writeheader()
-        ev = {e["step"]: e for e in result["evals"]}
-        for row in result["steps"]:
-            e = ev.get(row["step"], {})
-            w.writerow({**row, "test_loss": e.get("test_loss", ""), "test_acc": e.get("test_acc", "")})
-    return out / f"{stem}.json"
-
-
-def load_result(path: str | Path) -> tuple[dict, Trace]:
-    """A saved result and its trace; clear errors for missing or incompatible files."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"no results file {p}")
-    try:
-        result = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not a pysim results file ({e})") from None
-    if not isinstance(result, dict) or result.get("version") != RESULT_VERSION:
-        got = result.get("version") if isinstance(result, dict) else None
-        raise ValueError(f"{p} has results format version {got!r}; this pysim reads version {RESULT_VERSION}. "
-                         "Re-run the training with this version")
-    trace_path = p.with_name(p.name[:-len(".json")] + ".trace.json")
-    if not trace_path.is_file():
-        raise ValueError(f"{p} has no trace beside it ({trace_path.name}); replay needs it")
-    return result, Trace.load(trace_path)
