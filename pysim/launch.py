@@ -50,12 +50,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 BLAME_GRACE_S = 0.5   # after a node's error report, how long to wait for a node that died silently
 POLL_S = 0.05         # the parent's polling interval
 STOP_GRACE_S = 2.0    # SIGTERM, then SIGKILL after this long
+START_LIMIT_S = 60.0  # a node's first heartbeat must come this soon after its process starts
 
 # errors a node raises because another node went away: never blamed while another explanation exists
 _PEER_GONE = re.compile(r"connection (closed|reset|refused)|broken pipe|peer|read error|write error|"
@@ -138,16 +136,28 @@ class _Reporter:
             pass
 
 
-def _node_main(rank: int, world: int, store_port: int, timeout_s: float, heartbeat_s: float, fn: Callable,
-               args: tuple, conn: Connection) -> None:
+def _node_main(rank: int, world: int, store_port: int, timeout_s: float, heartbeat_s: float, job: bytes,
+               conn: Connection) -> None:
+    """A node process. The heartbeat starts first: torch and ``fn``'s module are imported only
+    after it (``job`` is the pickled (fn, args)), so a node stopped while it starts is found too."""
     _die_with_parent()
     reporter = _Reporter(conn)
     threading.Thread(target=reporter.beat_forever, args=(min(1.0, heartbeat_s / 4),), daemon=True,
                      name="pysim-heartbeat").start()
     os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()  # gloo's own sockets on loopback too
-    torch.set_num_threads(1)
+    # spawn's bootstrap made "spawn" this process's default start method, so every lock the node
+    # creates (tqdm makes one) would be a named semaphore tracked by the parent's resource tracker,
+    # and a node stopped by a signal would leave a "leaked semaphore" warning behind. The node's own
+    # multiprocessing uses the platform default instead, as in any program.
+    mp.set_start_method(None, force=True)
     try:
+        import torch
+        import torch.distributed as dist
+
         from pysim import _C
+
+        fn, args = pickle.loads(job)
+        torch.set_num_threads(1)
 
         _C.set_num_threads(1)
         store = dist.TCPStore("127.0.0.1", store_port, world, False, timedelta(seconds=timeout_s))
@@ -180,8 +190,10 @@ def _read_reports(rank: int, conn: Connection, events: queue.Queue) -> None:
                                traceback.format_exc())))
 
 
-def _loopback_store(world: int, timeout_s: float) -> dist.TCPStore:
+def _loopback_store(world: int, timeout_s: float) -> Any:
     """A TCPStore server listening on 127.0.0.1 only (TCPStore's own bind would take every interface)."""
+    import torch.distributed as dist
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.bind(("127.0.0.1", 0))
@@ -200,9 +212,10 @@ def run_nodes(fn: Callable[..., Any], n: int, args: tuple = (), timeout_s: float
     """Runs ``fn(rank, n, *args)`` in n node processes and returns the results by rank.
 
     ``fn`` must be importable (a module-level function). ``timeout_s`` (seconds)
-    bounds any single collective (gloo) and a node's start-up; ``heartbeat_s``
+    bounds any single collective (gloo) and joining the group; ``heartbeat_s``
     (seconds) is how long a node may go without a heartbeat before it is
-    declared stopped or hung. Raises :class:`NodeError` naming the failed node,
+    declared stopped or hung (a node that is still starting gets
+    ``START_LIMIT_S``, unless it is seen stopped). Raises :class:`NodeError` naming the failed node,
     :class:`RunInterrupted` on Ctrl-C. Under torchrun: see the module docstring
     (rank 0 gets the list, other ranks None).
     """
@@ -222,7 +235,7 @@ class _LocalRun:
     def __init__(self, fn: Callable, n: int, args: tuple, timeout_s: float, heartbeat_s: float) -> None:
         self.n, self.timeout_s, self.heartbeat_s = n, timeout_s, heartbeat_s
         self.ctx = mp.get_context("spawn")
-        self.fn, self.args = fn, args
+        self.job = pickle.dumps((fn, args))  # by value: no shared-memory handles that die with the parent
         self.procs: list[mp.Process] = []
         self.conns: list[Connection] = []
         self.events: queue.Queue = queue.Queue()
@@ -251,8 +264,7 @@ class _LocalRun:
             for r in range(self.n):
                 reader, writer = self.ctx.Pipe(duplex=False)
                 p = self.ctx.Process(target=_node_main, name=f"pysim-node-{r}", daemon=True,
-                                     args=(r, self.n, port, self.timeout_s, self.heartbeat_s, self.fn, self.args,
-                                           writer))
+                                     args=(r, self.n, port, self.timeout_s, self.heartbeat_s, self.job, writer))
                 self.procs.append(p)
                 self.conns.append(reader)
                 p.start()
@@ -279,8 +291,9 @@ class _LocalRun:
             silent = [r for r in sorted(self.closed) if r not in self.results and r not in self.errors]
             if silent:
                 r = silent[0]
-                self.procs[r].join(1.0)
-                raise NodeError(r, f"process {describe_exit(self.procs[r].exitcode)} without a report "
+                p = self.procs[r]
+                p.join(1.0)
+                raise NodeError(r, f"process {p.pid} {describe_exit(p.exitcode)} without a report "
                                    "(killed, out of memory, or crashed in native code)") from None
             if self.errors:
                 first_error_at = first_error_at or now
@@ -292,10 +305,12 @@ class _LocalRun:
             for r in range(self.n):
                 if r in self.results:
                     continue
-                if r not in self.last_beat:
-                    if now - started > self.timeout_s:
-                        raise NodeError(r, f"process did not start within {self.timeout_s:g} s "
-                                           f"({describe_exit(self.procs[r].exitcode)})") from None
+                if r not in self.last_beat:  # still importing: slow under load, so only a stopped one is named early
+                    waited = now - max(started, awake_since)
+                    state = _process_state(self.procs[r].pid) if waited > self.heartbeat_s else ""
+                    if state.startswith("stopped") or waited > START_LIMIT_S:
+                        raise NodeError(r, f"no heartbeat within {waited:.1f} s of starting: process "
+                                           f"{self.procs[r].pid} is {state}") from None
                 elif now - max(self.last_beat[r], awake_since) > self.heartbeat_s:
                     silent_s = now - self.last_beat[r]
                     raise NodeError(r, f"no heartbeat for {silent_s:.1f} s: process {self.procs[r].pid} "
@@ -347,6 +362,8 @@ def _process_state(pid: int | None) -> str:
 
 
 def _run_under_torchrun(fn: Callable, args: tuple, timeout_s: float) -> list[Any] | None:
+    import torch.distributed as dist
+
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     owned = not dist.is_initialized()
     if owned:
@@ -367,6 +384,9 @@ def gather_json(value: Any, rank: int, world: int) -> list[Any] | None:
 
     Rank 0 gets the list by rank; the others get None. ``value`` must be JSON-able.
     """
+    import torch
+    import torch.distributed as dist
+
     try:
         data = json.dumps(value, allow_nan=True).encode()
     except TypeError as e:

@@ -116,6 +116,15 @@ def listening_sockets(rank: int, world: int) -> list[str]:
     return found
 
 
+def collective_loop_holding_a_lock(rank: int, world: int, pid_dir: str) -> None:
+    """collective_loop with a multiprocessing lock held, as tqdm creates one in every process that shows a bar."""
+    import multiprocessing
+
+    lock = multiprocessing.RLock()
+    with lock:
+        collective_loop(rank, world, pid_dir)
+
+
 if __name__ == "__main__":  # run under torchrun by tests/test_comm.py
     from pysim.launch import run_nodes
 

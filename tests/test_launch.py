@@ -75,7 +75,7 @@ def run_and_signal(tmp_path: Path, n: int, rank: int, sig: int, **kwargs) -> tup
 @pytest.mark.parametrize("rank", [0, 2])
 def test_killed_node_is_named_within_seconds(tmp_path, rank):
     err, took_s, pids = run_and_signal(tmp_path, 3, rank, signal.SIGKILL)
-    assert err.rank == rank and "killed by signal 9 (SIGKILL)" in str(err), str(err)
+    assert err.rank == rank and f"process {pids[rank]} killed by signal 9 (SIGKILL)" in str(err), str(err)
     assert took_s < 5
     assert not any(exists(p) for p in pids) and children_of_this_process() == []
 
@@ -97,7 +97,7 @@ def test_node_error_is_reported_quickly_and_nothing_is_left():
 
 
 def test_node_crash_without_python_error_is_reported():
-    with pytest.raises(NodeError, match="node 1 failed: process exited with code 7 without a report"):
+    with pytest.raises(NodeError, match=r"node 1 failed: process \d+ exited with code 7 without a report"):
         run_nodes(node_programs.crash_hard, 2)
     assert children_of_this_process() == []
 
@@ -150,6 +150,34 @@ def test_ctrl_c_stops_every_node_with_one_line(tmp_path):
     assert proc.returncode == 130, err
     assert err == "interrupted; stopped 2 node processes\n"
     assert not any(exists(p) for p in pids)
+
+
+KILL_ONE = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from pysim.launch import NodeError, run_nodes
+import node_programs
+
+def strike():
+    while not Path(sys.argv[1], "1.pid").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(int(Path(sys.argv[1], "1.pid").read_text()), signal.SIGKILL)
+
+threading.Thread(target=strike).start()
+try:
+    run_nodes(node_programs.collective_loop_holding_a_lock, 2, (sys.argv[1],))
+except NodeError as e:
+    print(e, file=sys.stderr)
+"""
+
+
+def test_a_killed_node_holding_a_lock_leaves_no_leaked_semaphore_warning(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", KILL_ONE, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.stderr.startswith("node 1 failed: process ") and "killed by signal 9" in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr  # no "resource_tracker: ... leaked semaphore" warning
 
 
 def test_same_code_runs_under_torchrun_and_only_rank_0_gets_results():
