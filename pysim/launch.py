@@ -13,7 +13,8 @@ Failures stop the run with a :class:`NodeError` that names the right node:
   in native code): named with its signal or exit code. The other nodes then
   fail too ("connection closed" in gloo); their reports are not trusted while
   another node died: after the first report the parent waits ``BLAME_GRACE_S``
-  for a silent death, and prefers an error that is not a lost peer;
+  (``PEER_GONE_GRACE_S`` if every report is a lost peer) for a silent death,
+  and prefers an error that is not a lost peer;
 - a node that stops (SIGSTOP) or hangs with its interpreter stuck: every node
   sends a heartbeat several times per ``heartbeat_s``; a node silent for
   ``heartbeat_s`` seconds is named.
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 BLAME_GRACE_S = 0.5   # after a node's error report, how long to wait for a node that died silently
+PEER_GONE_GRACE_S = 2.0  # the same, when every report so far is a lost peer (someone else is the cause)
 POLL_S = 0.05         # the parent's polling interval
 STOP_GRACE_S = 2.0    # SIGTERM, then SIGKILL after this long
 START_LIMIT_S = 60.0  # a node's first heartbeat must come this soon after its process starts
@@ -288,7 +290,10 @@ class _LocalRun:
             if now - last_poll > max(1.0, self.heartbeat_s / 2):
                 awake_since = now
             last_poll = now
-            silent = [r for r in sorted(self.closed) if r not in self.results and r not in self.errors]
+            # a node is silent-dead once its pipe is drained and closed with no report, or at once if
+            # a signal ended it (a node that reports an error exits with code 1, never by a signal)
+            silent = [r for r in range(self.n) if r not in self.results and r not in self.errors
+                      and (r in self.closed or (self.procs[r].exitcode or 0) < 0)]
             if silent:
                 r = silent[0]
                 p = self.procs[r]
@@ -297,8 +302,8 @@ class _LocalRun:
                                    "(killed, out of memory, or crashed in native code)") from None
             if self.errors:
                 first_error_at = first_error_at or now
-                if now - first_error_at >= BLAME_GRACE_S:
-                    real = [r for r, (m, _) in self.errors.items() if not _PEER_GONE.search(m)]
+                real = [r for r, (m, _) in self.errors.items() if not _PEER_GONE.search(m)]
+                if now - first_error_at >= (BLAME_GRACE_S if real else PEER_GONE_GRACE_S):
                     r = (real or list(self.errors))[0]
                     raise NodeError(r, *self.errors[r]) from None
                 continue
