@@ -160,7 +160,6 @@ def _node_main(rank: int, world: int, store_port: int, timeout_s: float, heartbe
 
         fn, args = pickle.loads(job)
         torch.set_num_threads(1)
-
         _C.set_num_threads(1)
         store = dist.TCPStore("127.0.0.1", store_port, world, False, timedelta(seconds=timeout_s))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
@@ -173,7 +172,10 @@ def _node_main(rank: int, world: int, store_port: int, timeout_s: float, heartbe
         # shared-memory handles that die with this process
         reporter.send(("ok", out))
     except BaseException as e:  # report everything, then exit non-zero
-        reporter.send(("error", f"{type(e).__name__}: {e}".splitlines()[0], traceback.format_exc()))
+        try:
+            reporter.send(("error", f"{type(e).__name__}: {e}".splitlines()[0], traceback.format_exc()))
+        except OSError:  # the parent is gone
+            pass
         sys.exit(1)
 
 
@@ -214,12 +216,12 @@ def run_nodes(fn: Callable[..., Any], n: int, args: tuple = (), timeout_s: float
     """Runs ``fn(rank, n, *args)`` in n node processes and returns the results by rank.
 
     ``fn`` must be importable (a module-level function). ``timeout_s`` (seconds)
-    bounds any single collective (gloo) and joining the group; ``heartbeat_s``
+    bounds any single collective (gloo) and joining the group. ``heartbeat_s``
     (seconds) is how long a node may go without a heartbeat before it is
-    declared stopped or hung (a node that is still starting gets
-    ``START_LIMIT_S``, unless it is seen stopped). Raises :class:`NodeError` naming the failed node,
-    :class:`RunInterrupted` on Ctrl-C. Under torchrun: see the module docstring
-    (rank 0 gets the list, other ranks None).
+    declared stopped or hung; a node still starting (importing) gets
+    ``START_LIMIT_S`` unless /proc shows it stopped. Raises :class:`NodeError`
+    naming the failed node, :class:`RunInterrupted` on Ctrl-C. Under torchrun
+    see the module docstring: rank 0 gets the list, the other ranks None.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"number of nodes must be an integer >= 1, got {n!r}")
