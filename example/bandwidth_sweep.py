@@ -27,7 +27,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/sweep_out")
     a = ap.parse_args()
     runs = Path(a.runs)
-    if not any(runs.rglob("*.trace.json")):
+    if not any(runs.glob("*/manifest.json")):
         print(f"no recorded runs in {runs}: training the example/mnist.py defaults first")
         mnist = Path(__file__).with_name("mnist.py")
         if subprocess.run([sys.executable, str(mnist), "--out", str(runs)]).returncode:

@@ -64,7 +64,8 @@ def train_missing(config_path: str, runs_dir: str) -> list[Path]:
     """Trains each config of the file whose results are not in runs_dir yet (same config)."""
     import json
 
-    from pysim.trainer import TrainConfig, load_result, run
+    from pysim.results import load_result, run_path
+    from pysim.trainer import TrainConfig, run
 
     try:
         items = json.loads(Path(config_path).read_text())
@@ -80,8 +81,8 @@ def train_missing(config_path: str, runs_dir: str) -> list[Path]:
         except TypeError as e:
             raise ValueError(f"bad config in {config_path}: {e}") from None
         cfg.check()
-        path = Path(runs_dir) / f"{cfg.name}.json"  # the file save_result writes
-        if path.is_file():
+        path = run_path(runs_dir, cfg.name)
+        if path.is_dir():
             try:
                 saved, _ = load_result(path)
                 if saved["config"] == cfg.to_json():

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pysim.datasets import DataError
-from pysim.launch import NodeError
+from pysim.launch import NodeError, RunInterrupted
 from pysim.network import parse_network
 from pysim.report import plot_runs, results_table, verdicts
+from pysim.results import check_out_dir
 from pysim.sharding import Sharding
 from pysim.trainer import TrainConfig, calibrate, run
 from pysim.workload import Workload
@@ -88,7 +89,7 @@ def configs_from_args(a: argparse.Namespace, workload: Workload) -> list[TrainCo
             cfg = TrainConfig(workload=workload, strategy=spec, nodes=a.nodes, network=network, steps=a.steps,
                               batch_size=a.batch_size, eval_every=a.eval_every, eval_subset=a.eval_subset, seed=seed,
                               compute=compute, algorithm=a.algorithm, sharding=Sharding.parse(a.sharding),
-                              target=a.target)
+                              target=a.target, seed_in_name=True)
             cfg.check()
             configs.append(cfg)
     return configs
@@ -103,6 +104,7 @@ def main(argv: list[str] | None, description: str, build_workload: Callable[[arg
     try:
         workload = build_workload(a)
         configs = configs_from_args(a, workload)
+        check_out_dir(a.out)
         net = configs[0].network
         if configs[0].compute == "calibrated":  # one profile for the whole comparison, saved with it
             t0 = time.perf_counter()
@@ -118,10 +120,13 @@ def main(argv: list[str] | None, description: str, build_workload: Callable[[arg
         results = []
         for cfg in configs:
             print(f"training {cfg.name} (seed {cfg.seed}) ...", flush=True)
-            results.append(run(cfg, Path(a.out) / f"seed{cfg.seed}"))
+            results.append(run(cfg, a.out))
     except (ValueError, DataError, NodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
     print()
     print(results_table(results))
     for line in verdicts(results):

@@ -81,12 +81,10 @@ class ComputeProfile:
         return work.flops / self.flops_per_s + work.bytes / self.bytes_per_s + work.kernels * self.kernel_s
 
     def save(self, path: str | Path) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(p)
-        return p
+        from pysim.results import atomic_write_text
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write_text(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> ComputeProfile:

@@ -31,8 +31,9 @@ import numpy as np
 from pysim.clock import replay
 from pysim.network import Link, Network, format_bandwidth, parse_bandwidth, parse_latency
 from pysim.report import BASELINE, markdown_table, plot_sweep, spread
+from pysim.results import load_result, run_dirs
 from pysim.trace import Trace
-from pysim.trainer import crossing_step, load_result, metric_series, time_at_step
+from pysim.trainer import crossing_step, metric_series, time_at_step
 from pysim.workload import Target
 
 MAX_GRID_AXIS = 1000
@@ -182,17 +183,21 @@ def time_to_target_grid(result: dict, target: Target, step_end_s: np.ndarray) ->
 
 
 def load_runs(paths: list[str | Path]) -> list[tuple[dict, Trace]]:
-    """Results files, or folders of them (every ``*.json`` that is not a trace)."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*.json")
-                            if not f.name.endswith(".trace.json") and f.name != "sweep.json")
-        else:
-            files.append(p)
-    if not files:
-        raise ValueError(f"no results files found in {[str(p) for p in paths]}")
-    return [load_result(f) for f in files]
+    """The runs at ``paths`` (run directories, or folders of them: see :mod:`pysim.results`), each checked
+    against its manifest. Other files in a folder, such as a sweep's own outputs, are not runs and are
+    ignored. Runs of different node counts are refused: their times are not comparable."""
+    dirs: list[Path] = []
+    for p in paths:
+        dirs += [d for d in run_dirs(p) if d.resolve() not in {x.resolve() for x in dirs}]
+    runs = [load_result(d) for d in dirs]
+    by_nodes: dict[int, list[str]] = {}
+    for result, trace in runs:
+        by_nodes.setdefault(trace.nodes, []).append(result["name"])
+    if len(by_nodes) > 1:
+        mix = "; ".join(f"{n} nodes: {', '.join(names)}" for n, names in sorted(by_nodes.items()))
+        raise ValueError(f"runs differ in node count ({mix}); a sweep compares runs of one node count, "
+                         "so give only runs trained with the same number of nodes")
+    return runs
 
 
 def nearest(values: list[float], x: float) -> int:

@@ -8,27 +8,21 @@ other networks) are written to ``out_dir``.
 
 from __future__ import annotations
 
-import csv
-import json
-import math
-import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-
-import numpy as np
 
 from pysim.clock import replay
 from pysim.compute import ComputeProfile, calibrate_machine, calibrate_step, resolve_compute, step_key
 from pysim.launch import run_nodes
 from pysim.network import Network, network_from_json, network_to_json
 from pysim.node import StepRecord, train_node
+from pysim.results import RESULT_VERSION, check_out_dir, save_result, time_to_target
 from pysim.sharding import Sharding
 from pysim.strategies import make_strategy
-from pysim.trace import Trace, trace_from_nodes
+from pysim.trace import trace_from_nodes
 from pysim.workload import Target, Workload, get_workload
 
-RESULT_VERSION = 2
 NODE_MEMORY_BYTES = 300 << 20  # a node process: torch, its data shard, model and buffers (measured ~250 MiB)
 
 
@@ -79,6 +73,7 @@ class TrainConfig:
     target: Target | str | None = None
     label: str | None = None
     profile: ComputeProfile | None = None
+    seed_in_name: bool = False         # save as "<name> seed<N>" (comparisons keep every seed in one folder)
 
     def __post_init__(self) -> None:
         if isinstance(self.workload, str):
@@ -152,50 +147,6 @@ class TrainConfig:
         return cls(**d)
 
 
-def crossing_step(evals: list[tuple[int, float]], target: Target) -> tuple[float, int, int] | None:
-    """Where the metric first reaches ``target``: (fractional step, step of the evaluation before,
-    step of the first evaluation at or past it), None if never. The step is linearly interpolated
-    in the metric between the two evaluations; before the first evaluation there is nothing to
-    interpolate from (the bracket then starts at step 0 and the crossing is put at its end)."""
-    prev = None
-    for step, value in evals:
-        if target.reached(value):
-            if prev is None:
-                return float(step), 0, step
-            s0, v0 = prev
-            frac = (target.value - v0) / (value - v0) if value != v0 else 1.0
-            return s0 + (step - s0) * frac, s0, step
-        prev = (step, value)
-    return None
-
-
-def time_at_step(step_end_s: np.ndarray, step: float) -> np.ndarray:
-    """Simulated time at a fractional step, linear between step ends (``step_end_s[k]`` ends step
-    k+1; step 0 is time 0). Works on (steps,) and (steps, networks) arrays."""
-    k = min(int(math.floor(step)), len(step_end_s))
-    t0 = step_end_s[k - 1] if k >= 1 else np.zeros_like(step_end_s[0])
-    if step == k:
-        return np.asarray(t0, dtype=np.float64)
-    return t0 + (step - k) * (step_end_s[k] - t0)
-
-
-def metric_series(result: dict, metric: str) -> list[tuple[int, float]]:
-    """(step, value) of ``metric`` at every evaluation of a run."""
-    return [(e["step"], e["metrics"][metric]) for e in result["evals"] if metric in e["metrics"]]
-
-
-def time_to_target(result: dict, target: Target, step_end_s: np.ndarray | None = None
-                   ) -> tuple[float, float, float] | None:
-    """(time, lower, upper) in simulated seconds at which a run reached ``target``: interpolated
-    between evaluations, bracketed by the evaluations around the crossing; None if never.
-    ``step_end_s``: the run's step end times (default: as recorded); a replay's re-times it."""
-    crossing = crossing_step(metric_series(result, target.metric), target)
-    if crossing is None:
-        return None
-    ends = np.array([r["sim_time_s"] for r in result["steps"]]) if step_end_s is None else step_end_s
-    return tuple(float(time_at_step(ends, s)) for s in crossing)  # type: ignore[return-value]
-
-
 def calibrate(cfg: TrainConfig, profile: ComputeProfile | None = None) -> ComputeProfile:
     """A compute profile of this machine holding the measured forward+backward step of ``cfg``'s
     model and batch (adds the step to ``profile`` if given). Runs here, before any node starts."""
@@ -227,6 +178,8 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 
     cfg.check()
     if cfg.compute == "calibrated" and cfg.profile is None:
         cfg.profile = calibrate(cfg)
+    if out_dir is not None:
+        check_out_dir(out_dir)  # an unwritable --out fails now, not after training
     t0 = time.perf_counter()
     nodes = run_nodes(train_node, cfg.nodes, (cfg,), timeout_s=timeout_s)
     runtime_s = time.perf_counter() - t0
@@ -254,7 +207,7 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 
     sent, recv = trace.bytes_per_node()
     result = {
         "version": RESULT_VERSION,
-        "name": cfg.name,
+        "name": f"{cfg.name} seed{cfg.seed}" if cfg.seed_in_name else cfg.name,
         "label": cfg.name,
         "config": cfg.to_json(),
         "network": cfg.network.describe(),
@@ -278,40 +231,3 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 
         save_result(result, trace, out_dir)
     result["trace"] = trace
     return result
-
-
-def save_result(result: dict, trace: Trace, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", result["name"]).strip("_")
-    body = {k: v for k, v in result.items() if k != "trace"}
-    (out / f"{stem}.json").write_text(json.dumps(body, indent=1))
-    trace.save(out / f"{stem}.trace.json")
-    ev = {e["step"]: e["metrics"] for e in result["evals"]}
-    metrics = list(dict.fromkeys(k for m in ev.values() for k in m))
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(result["steps"][0]) + [f"eval_{m}" for m in metrics])
-        w.writeheader()
-        for row in result["steps"]:
-            e = ev.get(row["step"], {})
-            w.writerow({**row, **{f"eval_{m}": e.get(m, "") for m in metrics}})
-    return out / f"{stem}.json"
-
-
-def load_result(path: str | Path) -> tuple[dict, Trace]:
-    """A saved result and its trace; clear errors for missing or incompatible files."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"no results file {p}")
-    try:
-        result = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not a pysim results file ({e})") from None
-    if not isinstance(result, dict) or result.get("version") != RESULT_VERSION:
-        got = result.get("version") if isinstance(result, dict) else None
-        raise ValueError(f"{p} has results format version {got!r}; this pysim reads version {RESULT_VERSION}. "
-                         "Re-run the training with this version")
-    trace_path = p.with_name(p.name[:-len(".json")] + ".trace.json")
-    if not trace_path.is_file():
-        raise ValueError(f"{p} has no trace beside it ({trace_path.name}); replay needs it")
-    return result, Trace.load(trace_path)

@@ -102,7 +102,73 @@ def rank_and_world(rank: int, world: int) -> tuple[int, int]:
     return rank, world, float(t)
 
 
+def collective_loop(rank: int, world: int, pid_dir: str) -> None:
+    """Announces its pid in pid_dir/RANK.pid, then all-reduces every 20 ms for up to a minute."""
+    import torch.distributed as dist
+
+    tmp = os.path.join(pid_dir, f".{rank}.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, os.path.join(pid_dir, f"{rank}.pid"))
+    t = torch.zeros(1)
+    for _ in range(3000):
+        dist.all_reduce(t)
+        time.sleep(0.02)
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    return inodes
+
+
+def _listening_addresses(inodes: set[str]) -> list[str]:
+    """Local addresses of the LISTEN sockets among ``inodes``, from /proc/net/tcp and tcp6 (hex, as stored)."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # state 0A = LISTEN
+                    out.append(f"{table[-4:]} {cols[1]}")
+    return out
+
+
+def listening_sockets(rank: int, world: int) -> list[str]:
+    """On node 0, once every node is connected: what the parent and all nodes listen on."""
+    import torch.distributed as dist
+
+    pids = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(pids, torch.tensor([os.getpid()]))
+    found = []
+    if rank == 0:
+        inodes = set()
+        for pid in [os.getppid(), *(int(p) for p in pids)]:
+            inodes |= _socket_inodes(pid)
+        found = _listening_addresses(inodes)
+    dist.barrier()
+    return found
+
+
+def collective_loop_holding_a_lock(rank: int, world: int, pid_dir: str) -> None:
+    """collective_loop with a multiprocessing lock held, as tqdm creates one in every process that shows a bar."""
+    import multiprocessing
+
+    lock = multiprocessing.RLock()
+    with lock:
+        collective_loop(rank, world, pid_dir)
+
+
 if __name__ == "__main__":  # run under torchrun by tests/test_comm.py
     from pysim.launch import run_nodes
 
-    print("RESULT", run_nodes(rank_and_world, 2), flush=True)
+    result = run_nodes(rank_and_world, 2)
+    if result is not None:  # rank 0 only
+        print("RESULT", result, flush=True)

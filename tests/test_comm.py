@@ -1,35 +1,14 @@
-"""Node processes exchanging real packets: exact bytes, live clock == replay, failures."""
-
-import os
-import time
+"""Node processes exchanging real packets: exact bytes, live clock == replay."""
 
 import node_programs
-import numpy as np
 import pytest
 import torch
 
 from pysim.clock import ComputeScaling, _replay_without_sharing, replay, scaled_compute
 from pysim.compress import get_codec, packet_header
-from pysim.launch import NodeError, run_nodes
+from pysim.launch import run_nodes
 from pysim.network import Network, bytes_received, bytes_sent
 from pysim.trace import trace_from_nodes
-
-
-def children_of_this_process() -> list[int]:
-    """Child processes, less multiprocessing's one shared resource tracker."""
-    me, kids = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) != me:
-                        continue
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"resource_tracker" not in f.read():
-                        kids.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return kids
 
 
 @pytest.fixture(scope="module", params=["ring", "star"])
@@ -122,47 +101,8 @@ def test_async_stream_must_be_a_non_negative_int():
     assert not p.waited and torch.equal(p.wait(), torch.ones(3)) and p.waited
 
 
-def test_node_error_is_reported_quickly_and_nothing_is_left():
-    t0 = time.monotonic()
-    with pytest.raises(NodeError, match="node 2 failed: RuntimeError: boom on purpose") as e:
-        run_nodes(node_programs.fail_on, 3, (2,))
-    assert time.monotonic() - t0 < 20
-    assert "Traceback" in e.value.node_traceback and e.value.rank == 2
-    assert children_of_this_process() == []
-
-
-def test_node_crash_without_python_error_is_reported():
-    with pytest.raises(NodeError, match="node 1 failed: process exited with code 7"):
-        run_nodes(node_programs.crash_hard, 2)
-    assert children_of_this_process() == []
-
-
-def test_results_come_back_by_rank():
-    pids = run_nodes(node_programs.report_pid, 2)
-    assert len(set(pids)) == 2 and os.getpid() not in pids
-    assert children_of_this_process() == []
-
-
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="number of nodes"):
-        run_nodes(node_programs.report_pid, 0)
+def test_bad_algorithm_is_refused():
     from pysim.comm import Comm
 
     with pytest.raises(ValueError, match="algorithm"):
         Comm(0, 1, Network.uniform(1, "1Gbps"), algorithm="butterfly")
-    assert np.isfinite(0.0)
-
-
-def test_same_code_runs_under_torchrun():
-    import pathlib
-    import subprocess
-    import sys
-
-    from pysim.launch import free_port
-
-    script = pathlib.Path(node_programs.__file__)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(free_port()), str(script)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "RESULT [(0, 2, 1.0), (1, 2, 1.0)]" in out.stdout

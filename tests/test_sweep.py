@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from pysim.__main__ import main as cli
+from pysim.clock import Trace
 from pysim.network import Network, parse_bandwidth, parse_latency
-from pysim.sweep import build_network, parse_grid, run_sweep, sweep
-from pysim.trainer import TrainConfig, load_result, run
+from pysim.results import load_result, save_result
+from pysim.sweep import build_network, load_runs, parse_grid, run_sweep, sweep
+from pysim.trainer import TrainConfig, run
 from pysim.workload import Target, image_workload
 
 
@@ -31,11 +33,26 @@ def recorded(tmp_path_factory):
 @pytest.mark.parametrize("bw,lat", [("10Mbit", "50ms"), ("10Gbps", "100us")])
 def test_replay_equals_a_fresh_live_run(recorded, bw, lat):
     live = run(config(Network.uniform(2, bw, lat)))
-    s, _ = run_sweep([recorded / "SimpleReduce.json"], bw, lat)
+    s, _ = run_sweep([recorded / "SimpleReduce"], bw, lat)
     assert s.total_s[0, 0, 0, 0] == live["final"]["sim_time_s"]
     assert s.time_to_target_s[0, 0, 0, 0] == live["final"]["time_to_target_s"]
-    result, trace = load_result(recorded / "SimpleReduce.json")
+    result, trace = load_result(recorded / "SimpleReduce")
     assert [e["metrics"] for e in result["evals"]] == [e["metrics"] for e in live["evals"]]
+
+
+def test_runs_load_from_a_folder_that_also_holds_sweep_outputs(recorded):
+    run_sweep([recorded], "1Gbps", "1ms", 0.6, out_dir=recorded)  # sweep.json, sweep.csv ... beside the runs
+    runs = load_runs([recorded, recorded / "DiLoCo"])  # a run named twice is loaded once
+    assert sorted(r["name"] for r, _ in runs) == ["DiLoCo", "SimpleReduce"]
+
+
+def test_runs_of_different_node_counts_are_not_compared(recorded, tmp_path):
+    result, trace = load_result(recorded / "SimpleReduce")
+    four = Trace(4, [row * 2 for row in trace.compute_s], [row * 2 for row in trace.flops], trace.collectives,
+                 trace.step_ends)
+    save_result({**result, "name": "FourNodes", "config": {**result["config"], "nodes": 4}}, four, tmp_path)
+    with pytest.raises(ValueError, match=r"node count \(2 nodes: .*SimpleReduce; 4 nodes: FourNodes\)"):
+        load_runs([recorded, tmp_path])
 
 
 def test_sweep_outputs_and_crossover(recorded, tmp_path):
@@ -90,7 +107,7 @@ def test_cli_errors_are_one_line(recorded, tmp_path, capsys):
 
 
 def test_two_tier_sweep_varies_the_inter_link(recorded):
-    s, _ = run_sweep([recorded / "SimpleReduce.json"], "10Mbit,10Gbps", "1ms", topology="two-tier:1:10Gbps:10us")
+    s, _ = run_sweep([recorded / "SimpleReduce"], "10Mbit,10Gbps", "1ms", topology="two-tier:1:10Gbps:10us")
     assert s.total_s[0, 0, 0, 0] > s.total_s[0, 0, 1, 0]
 
 

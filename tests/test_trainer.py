@@ -7,7 +7,8 @@ import pytest
 
 from pysim.compress import TopKCodec
 from pysim.network import Network
-from pysim.trainer import TrainConfig, load_result, run
+from pysim.results import load_result
+from pysim.trainer import TrainConfig, run
 from pysim.workload import image_workload
 
 N_PARAMS = 46730
@@ -45,9 +46,9 @@ def test_every_strategy_learns_and_bytes_match_formula(strategy, args, tmp_path)
     assert sent == recv or sum(sent) == sum(recv)
     assert r["steps"][-1]["bytes_sent_per_node"] == r["final"]["bytes_sent_per_node"]
     assert math.isclose(r["steps"][-1]["sim_time_s"], r["final"]["sim_time_s"])
-    saved, trace = load_result(tmp_path / f"{strategy}.json")
+    saved, trace = load_result(tmp_path / strategy)
     assert saved["final"] == r["final"] and trace == r["trace"]
-    assert (tmp_path / f"{strategy}.csv").read_text().count("\n") == STEPS + 1
+    assert (tmp_path / strategy / "steps.csv").read_text().count("\n") == STEPS + 1
 
 
 def test_same_seed_reproduces_accuracy_and_bytes():
@@ -70,7 +71,7 @@ def test_bad_configs_fail_before_spawning():
 def test_incompatible_results_file(tmp_path):
     p = tmp_path / "old.json"
     p.write_text(json.dumps({"version": 0}))
-    with pytest.raises(ValueError, match="format version"):
+    with pytest.raises(ValueError, match="not a pysim run"):
         load_result(p)
-    with pytest.raises(ValueError, match="no results file"):
+    with pytest.raises(ValueError, match="no run at"):
         load_result(tmp_path / "missing.json")

@@ -1,0 +1,191 @@
+"""Node processes: the failed node is the one named, hangs are found, Ctrl-C is clean, nothing is left."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import node_programs
+import pytest
+
+from pysim.launch import NodeError, free_port, run_nodes
+
+TESTS = Path(__file__).parent
+
+
+def children_of_this_process() -> list[int]:
+    """Child processes, less multiprocessing's one shared resource tracker."""
+    me, kids = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) != me:
+                        continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"resource_tracker" not in f.read():
+                        kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_for_pids(pid_dir: Path, n: int, timeout_s: float = 60.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        files = [pid_dir / f"{r}.pid" for r in range(n)]
+        if all(f.exists() for f in files):
+            return [int(f.read_text()) for f in files]
+        time.sleep(0.05)
+    raise AssertionError(f"nodes did not start within {timeout_s} s")
+
+
+def run_and_signal(tmp_path: Path, n: int, rank: int, sig: int, **kwargs) -> tuple[NodeError, float, list[int]]:
+    """Runs collective_loop on n nodes, sends ``sig`` to node ``rank``; (error, seconds to it, node pids)."""
+    pids: list[int] = []
+    sent_at: list[float] = []
+
+    def strike():
+        pids.extend(wait_for_pids(tmp_path, n))
+        time.sleep(0.3)  # let the nodes get into their collectives
+        sent_at.append(time.monotonic())
+        os.kill(pids[rank], sig)
+
+    t = threading.Thread(target=strike)
+    t.start()
+    try:
+        with pytest.raises(NodeError) as e:
+            run_nodes(node_programs.collective_loop, n, (str(tmp_path),), **kwargs)
+    finally:
+        t.join()
+    return e.value, time.monotonic() - sent_at[0], pids
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_killed_node_is_named_within_seconds(tmp_path, rank):
+    err, took_s, pids = run_and_signal(tmp_path, 3, rank, signal.SIGKILL)
+    assert err.rank == rank and f"process {pids[rank]} killed by signal 9 (SIGKILL)" in str(err), str(err)
+    assert took_s < 5
+    assert not any(exists(p) for p in pids) and children_of_this_process() == []
+
+
+def test_stopped_node_is_found_by_its_missing_heartbeat(tmp_path):
+    err, took_s, pids = run_and_signal(tmp_path, 2, 1, signal.SIGSTOP, heartbeat_s=1.5)
+    assert err.rank == 1 and "no heartbeat" in str(err) and "stopped" in str(err), str(err)
+    assert 1.0 < took_s < 6
+    assert not any(exists(p) for p in pids) and children_of_this_process() == []
+
+
+def test_node_error_is_reported_quickly_and_nothing_is_left():
+    t0 = time.monotonic()
+    with pytest.raises(NodeError, match="node 2 failed: RuntimeError: boom on purpose") as e:
+        run_nodes(node_programs.fail_on, 3, (2,))
+    assert time.monotonic() - t0 < 20
+    assert "Traceback" in e.value.node_traceback and e.value.rank == 2
+    assert children_of_this_process() == []
+
+
+def test_node_crash_without_python_error_is_reported():
+    with pytest.raises(NodeError, match=r"node 1 failed: process \d+ exited with code 7 without a report"):
+        run_nodes(node_programs.crash_hard, 2)
+    assert children_of_this_process() == []
+
+
+def test_results_come_back_by_rank():
+    pids = run_nodes(node_programs.report_pid, 2)
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    assert children_of_this_process() == []
+
+
+def test_nothing_listens_beyond_loopback():
+    found = run_nodes(node_programs.listening_sockets, 2)[0]
+    assert len(found) >= 3  # the parent's store and each node's gloo listener
+    # /proc/net/tcp keeps addresses as hex in host byte order: 0100007F is 127.0.0.1; tcp6 ::1 ends in 01000000
+    loopback = [a for a in found if a.startswith("/tcp ") and a.split()[1].startswith("0100007F:")
+                or a.startswith("tcp6 ") and a.split()[1].startswith("00000000000000000000000001000000:")]
+    assert loopback == found, found
+
+
+def test_bad_arguments():
+    for kwargs in ({"n": 0}, {"n": True}, {"n": 2, "heartbeat_s": 0}, {"n": 2, "timeout_s": -1.0}):
+        with pytest.raises(ValueError, match="number of nodes|heartbeat_s|timeout_s"):
+            run_nodes(node_programs.report_pid, **kwargs)
+
+
+INTERRUPTIBLE = """
+import sys
+from pysim.launch import RunInterrupted, run_nodes
+import node_programs
+try:
+    run_nodes(node_programs.collective_loop, 2, (sys.argv[1],))
+except RunInterrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_stops_every_node_with_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE, str(tmp_path)], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = wait_for_pids(tmp_path, 2)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err == "interrupted; stopped 2 node processes\n"
+    assert not any(exists(p) for p in pids)
+
+
+KILL_ONE = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from pysim.launch import NodeError, run_nodes
+import node_programs
+
+def strike():
+    while not Path(sys.argv[1], "1.pid").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(int(Path(sys.argv[1], "1.pid").read_text()), signal.SIGKILL)
+
+threading.Thread(target=strike).start()
+try:
+    run_nodes(node_programs.collective_loop_holding_a_lock, 2, (sys.argv[1],))
+except NodeError as e:
+    print(e, file=sys.stderr)
+"""
+
+
+def test_a_killed_node_holding_a_lock_leaves_no_leaked_semaphore_warning(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", KILL_ONE, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.stderr.startswith("node 1 failed: process ") and "killed by signal 9" in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr  # no "resource_tracker: ... leaked semaphore" warning
+
+
+def test_same_code_runs_under_torchrun_and_only_rank_0_gets_results():
+    script = Path(node_programs.__file__)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), str(script)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # results travel as JSON: tuples come back as lists; only rank 0 prints
+    assert out.stdout.count("RESULT") == 1 and "RESULT [[0, 2, 1.0], [1, 2, 1.0]]" in out.stdout, out.stdout
+

@@ -1,0 +1,193 @@
+"""Saved runs: atomic files, a manifest that ties them, refusal of anything stale, mixed or cut short."""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from pysim import results
+from pysim.clock import Collective, Trace
+from pysim.results import (
+    RESULT_VERSION,
+    atomic_write_text,
+    check_out_dir,
+    load_result,
+    run_dirs,
+    save_result,
+    time_to_target,
+)
+
+
+def fake_run(loss: float, steps: int = 50, name: str = "Run") -> tuple[dict, Trace]:
+    """A result and trace shaped like the trainer's, with values a test can recognise (``loss``)."""
+    ring = Collective("allreduce", "ring", (4000, 4000))
+    trace = Trace(2, [[loss, loss]] * steps, [[1e6, 1e6]] * steps, [ring] * (steps - 1) + [None], list(range(steps)))
+    rows = [{"step": k + 1, "loss": loss, "sim_time_s": 0.5 * (k + 1), "bytes_sent_per_node": 4000 * (k + 1)}
+            for k in range(steps)]
+    evals = [{"step": k, "sim_time_s": 0.5 * k, "test_loss": loss, "test_acc": k / steps} for k in (steps // 2, steps)]
+    return {"version": RESULT_VERSION, "name": name, "config": {"nodes": 2, "loss": loss}, "steps": rows,
+            "evals": evals, "final": {"test_acc": 1.0}}, trace
+
+
+def test_saved_run_is_a_folder_whose_manifest_hashes_its_files(tmp_path):
+    result, trace = fake_run(1.0)
+    folder = save_result(result, trace, tmp_path)
+    assert folder == tmp_path / "Run"
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "result.json", "steps.csv", "trace.json"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in ("result.json", "trace.json", "steps.csv"):
+        data = (folder / name).read_bytes()
+        assert manifest["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert manifest["config"] == result["config"]
+    csv_lines = (folder / "steps.csv").read_text().splitlines()
+    assert csv_lines[0] == "step,loss,sim_time_s,bytes_sent_per_node,test_loss,test_acc"
+    assert csv_lines[25] == "25,1.0,12.5,100000,1.0,0.5" and csv_lines[24].endswith(",,")
+    loaded, loaded_trace = load_result(folder)
+    assert loaded_trace == trace
+    assert loaded["run_id"] == manifest["run_id"] and len(loaded["run_id"]) == 32
+    assert {k: v for k, v in loaded.items() if k != "run_id"} == result
+    assert load_result(folder / "result.json")[0] == loaded  # a file of the run names the run too
+
+
+def test_files_from_another_run_are_refused(tmp_path):
+    a = save_result(*fake_run(1.0), tmp_path / "a")
+    b = save_result(*fake_run(2.0), tmp_path / "b")
+    (a / "trace.json").write_bytes((b / "trace.json").read_bytes())  # a stale or foreign trace beside a's result
+    with pytest.raises(ValueError, match=r"trace.json does not match manifest.json .*re-run") as e:
+        load_result(a)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_pieces_are_named(tmp_path):
+    folder = save_result(*fake_run(1.0), tmp_path)
+    (folder / "steps.csv").unlink()
+    with pytest.raises(ValueError, match="steps.csv is missing"):
+        load_result(folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="no manifest.json: not a complete pysim run"):
+        load_result(folder)
+    with pytest.raises(ValueError, match="incomplete run"):
+        run_dirs(tmp_path)
+    with pytest.raises(ValueError, match="no run at"):
+        load_result(tmp_path / "nothing")
+
+
+def test_old_flat_results_files_are_refused_with_advice(tmp_path):
+    (tmp_path / "SimpleReduce.json").write_text(json.dumps({"version": 1, "name": "SimpleReduce"}))
+    with pytest.raises(ValueError, match="not a pysim run.*re-run"):
+        load_result(tmp_path / "SimpleReduce.json")
+    with pytest.raises(ValueError, match="no pysim runs in"):
+        run_dirs(tmp_path)
+
+
+def test_saving_again_replaces_the_whole_run(tmp_path):
+    first = save_result(*fake_run(1.0), tmp_path)
+    save_result(*fake_run(2.0), tmp_path)
+    result, trace = load_result(first)
+    assert result["config"]["loss"] == 2.0 and trace.compute_s[0] == [2.0, 2.0]
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "out.json"
+    atomic_write_text(path, "old")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_text(path, "new" * 1000)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left
+
+
+def test_out_dir_problems_fail_in_one_line_before_training(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for bad, why in ((tmp_path / "file", "is an existing file"), (tmp_path / "file" / "sub", "cannot write"),
+                     ("/proc/pysim-out", "cannot write")):
+        with pytest.raises(ValueError, match=why) as e:
+            check_out_dir(bad)
+        assert "\n" not in str(e.value)
+    fresh = check_out_dir(tmp_path / "new" / "runs")
+    assert fresh.is_dir() and list(fresh.iterdir()) == []  # the probe is gone
+
+
+def test_time_to_target_is_the_first_evaluation_at_or_above_it():
+    evals = [{"step": 10, "sim_time_s": 1.5, "test_acc": 0.7}, {"step": 20, "sim_time_s": 3.0, "test_acc": 0.9},
+             {"step": 30, "sim_time_s": 4.5, "test_acc": 0.95}]
+    assert time_to_target(evals, 0.9) == 3.0 and time_to_target(evals, 0.9, key="step") == 20
+    assert time_to_target(evals, 0.99) is None
+
+
+def test_kills_while_saving_leave_no_broken_file(tmp_path):
+    """30 SIGKILLs of a process saving two runs in turn into one folder: every file is absent or a complete
+    version, and loading gives a matching pair or a clear refusal."""
+    versions = {loss: fake_run(loss, steps=200) for loss in (1.0, 2.0)}
+    complete = {name: {} for name in ("trace.json", "steps.csv")}
+    for loss, (result, trace) in versions.items():
+        folder = save_result(result, trace, tmp_path / str(loss))
+        for name in complete:
+            complete[name][loss] = (folder / name).read_bytes()
+    out = tmp_path / "out"
+    save_result(*versions[1.0], out)
+    folder = out / "Run"
+    rng = random.Random(11)
+    outcomes = {"loaded": 0, "refused": 0}
+    for _ in range(30):
+        pid = os.fork()
+        if pid == 0:  # the child saves forever, alternating the two versions
+            try:
+                while True:
+                    for result, trace in versions.values():
+                        save_result(result, trace, out)
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0.002, 0.06))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        for name, options in complete.items():
+            if (folder / name).exists():
+                assert (folder / name).read_bytes() in options.values(), f"{name} is broken"
+        if (folder / "result.json").exists():
+            body = json.loads((folder / "result.json").read_text())
+            assert body["config"]["loss"] in versions
+        if (folder / "manifest.json").exists():
+            assert json.loads((folder / "manifest.json").read_text())["config"]["loss"] in versions
+        try:
+            result, trace = load_result(folder)
+        except ValueError as e:
+            assert "\n" not in str(e) and "re-run" in str(e)
+            outcomes["refused"] += 1
+        else:
+            loss = result["config"]["loss"]
+            assert trace == versions[loss][1] and result["steps"] == versions[loss][0]["steps"]
+            outcomes["loaded"] += 1
+    assert sum(outcomes.values()) == 30 and outcomes["refused"] > 0  # some kills did land in the middle of a save
+    save_result(*versions[2.0], out)  # a later save cleans up and gives a loadable run
+    assert load_result(folder)[0]["config"]["loss"] == 2.0
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_kills_while_writing_a_file_leave_the_old_or_the_new_version(tmp_path):
+    """30 SIGKILLs of a process rewriting one 4 MB file (plain writes leave truncated files here)."""
+    path = tmp_path / "big.bin"
+    versions = [bytes([v]) * (4 << 20) for v in (1, 2)]
+    atomic_write_text(path, "")
+    rng = random.Random(5)
+    for _ in range(30):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                while True:
+                    for data in versions:
+                        results.atomic_write_bytes(path, data)
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0.001, 0.03))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert path.read_bytes() in (b"", *versions)
