@@ -15,9 +15,10 @@ The public API, in the order a training step flows through it::
 from pysim.clock import replay
 from pysim.compress import get_codec
 from pysim.network import Network, parse_network
+from pysim.results import load_result
 from pysim.sharding import Sharding
 from pysim.strategies import Strategy, make_strategy
-from pysim.trainer import TrainConfig, load_result, run
+from pysim.trainer import TrainConfig, run
 from pysim.workload import Target, Workload, get_workload, image_workload, shakespeare_workload
 
 __all__ = [

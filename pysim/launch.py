@@ -371,7 +371,14 @@ def _process_state(pid: int | None) -> str:
 def _run_under_torchrun(fn: Callable, args: tuple, timeout_s: float) -> list[Any] | None:
     import torch.distributed as dist
 
+    import torch
+
+    from pysim import _C
+
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    threads = torch.get_num_threads(), _C.get_num_threads()
+    torch.set_num_threads(1)  # as spawned nodes: one thread, so thread CPU time is the node's whole compute
+    _C.set_num_threads(1)
     owned = not dist.is_initialized()
     if owned:
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
@@ -382,6 +389,8 @@ def _run_under_torchrun(fn: Callable, args: tuple, timeout_s: float) -> list[Any
             dist.barrier()
         return gathered
     finally:
+        torch.set_num_threads(threads[0])
+        _C.set_num_threads(threads[1])
         if owned:  # a process group left alive at exit aborts in gloo's threads
             dist.destroy_process_group()
 

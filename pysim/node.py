@@ -21,6 +21,7 @@ from pysim.comm import Comm
 from pysim.compute import ComputeMeter, count_work, step_key
 from pysim.sharding import shard_indices
 from pysim.strategies import make_strategy
+from pysim.trace import event_to_json
 from pysim.workload import Batches
 
 if TYPE_CHECKING:
@@ -149,5 +150,6 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
     bar.close()
     deployed = strategy.eval_model()
     final = wl.metrics(deployed, evaluation) if evaluation is not None else None
-    return {"steps": [tuple(s) for s in steps], "evals": [tuple(e) for e in evals], "final_metrics": final,
-            "segments": comm.segments, "step_ends": comm.step_ends}
+    # plain JSON-able data: under torchrun, results cross between ranks as JSON
+    return {"steps": [list(s) for s in steps], "evals": [list(e) for e in evals], "final_metrics": final,
+            "segments": [(c, f, event_to_json(e)) for c, f, e in comm.segments], "step_ends": comm.step_ends}

@@ -31,9 +31,8 @@ import numpy as np
 from pysim.clock import replay
 from pysim.network import Link, Network, format_bandwidth, parse_bandwidth, parse_latency
 from pysim.report import BASELINE, markdown_table, plot_sweep, spread
-from pysim.results import load_result, run_dirs
+from pysim.results import crossing_step, load_result, metric_series, run_dirs, time_at_step
 from pysim.trace import Trace
-from pysim.trainer import crossing_step, metric_series, time_at_step
 from pysim.workload import Target
 
 MAX_GRID_AXIS = 1000

@@ -123,7 +123,7 @@ class Trace:
 
     def to_json(self) -> dict:
         return {"version": TRACE_VERSION, "nodes": self.nodes, "compute_s": self.compute_s, "flops": self.flops,
-                "events": [_event_to_json(e) for e in self.events], "step_ends": self.step_ends}
+                "events": [event_to_json(e) for e in self.events], "step_ends": self.step_ends}
 
     @classmethod
     def from_json(cls, d: dict) -> Trace:
@@ -133,7 +133,7 @@ class Trace:
                              f"{TRACE_VERSION}; re-record the run with this version")
         try:
             raw = d["collectives"] if version == 1 else d["events"]
-            events = [_event_from_json(e) for e in raw]
+            events = [event_from_json(e) for e in raw]
             t = cls(int(d["nodes"]), d["compute_s"], d["flops"], events, [int(s) for s in d["step_ends"]])
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise ValueError(f"trace is malformed ({e}); was it written by pysim?") from None
@@ -171,7 +171,7 @@ class Trace:
         return out
 
 
-def _event_to_json(e: Event):
+def event_to_json(e: Event):
     if e is None:
         return None
     if isinstance(e, Collective):
@@ -182,7 +182,7 @@ def _event_to_json(e: Event):
     return ["wait", e.id]
 
 
-def _event_from_json(e) -> Event:
+def event_from_json(e) -> Event:
     if e is None:
         return None
     if e[0] == "start":

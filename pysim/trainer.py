@@ -20,7 +20,7 @@ from pysim.node import StepRecord, train_node
 from pysim.results import RESULT_VERSION, check_out_dir, save_result, time_to_target
 from pysim.sharding import Sharding
 from pysim.strategies import make_strategy
-from pysim.trace import trace_from_nodes
+from pysim.trace import event_from_json, trace_from_nodes
 from pysim.workload import Target, Workload, get_workload
 
 NODE_MEMORY_BYTES = 300 << 20  # a node process: torch, its data shard, model and buffers (measured ~250 MiB)
@@ -172,8 +172,9 @@ def calibrate(cfg: TrainConfig, profile: ComputeProfile | None = None) -> Comput
     return profile
 
 
-def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 300.0) -> dict:
-    """Trains ``cfg`` in ``cfg.nodes`` processes; returns (and writes) the result. With
+def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 300.0) -> dict | None:
+    """Trains ``cfg`` in ``cfg.nodes`` processes; returns (and writes) the result (None on the
+    ranks other than 0 under torchrun). With
     ``compute="calibrated"`` and no profile, the machine and step are calibrated first."""
     cfg.check()
     if cfg.compute == "calibrated" and cfg.profile is None:
@@ -182,8 +183,11 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 
         check_out_dir(out_dir)  # an unwritable --out fails now, not after training
     t0 = time.perf_counter()
     nodes = run_nodes(train_node, cfg.nodes, (cfg,), timeout_s=timeout_s)
+    if nodes is None:  # under torchrun, ranks other than 0: rank 0 assembles, prints and writes
+        return None
     runtime_s = time.perf_counter() - t0
-    trace = trace_from_nodes([r["segments"] for r in nodes], nodes[0]["step_ends"])
+    trace = trace_from_nodes([[(c, f, event_from_json(e)) for c, f, e in r["segments"]] for r in nodes],
+                             nodes[0]["step_ends"])
     timeline = replay(trace, cfg.network)
     live = [r["steps"][-1][1] for r in nodes]
     if list(timeline.end_s[-1]) != live:  # the invariant everything else rests on

@@ -18,19 +18,20 @@ from pysim.results import (
     load_result,
     run_dirs,
     save_result,
-    time_to_target,
 )
 
 
 def fake_run(loss: float, steps: int = 50, name: str = "Run") -> tuple[dict, Trace]:
     """A result and trace shaped like the trainer's, with values a test can recognise (``loss``)."""
     ring = Collective("allreduce", "ring", (4000, 4000))
-    trace = Trace(2, [[loss, loss]] * steps, [[1e6, 1e6]] * steps, [ring] * (steps - 1) + [None], list(range(steps)))
+    trace = Trace(2, [[loss, loss], [0.0, 0.0]] * steps, [[1e6, 1e6], [0.0, 0.0]] * steps, [ring, None] * steps,
+                  list(range(1, 2 * steps, 2)))  # each step: compute, an all-reduce, then the step's end
     rows = [{"step": k + 1, "loss": loss, "sim_time_s": 0.5 * (k + 1), "bytes_sent_per_node": 4000 * (k + 1)}
             for k in range(steps)]
-    evals = [{"step": k, "sim_time_s": 0.5 * k, "test_loss": loss, "test_acc": k / steps} for k in (steps // 2, steps)]
+    evals = [{"step": k, "sim_time_s": 0.5 * k, "metrics": {"loss": loss, "accuracy": k / steps}}
+             for k in (steps // 2, steps)]
     return {"version": RESULT_VERSION, "name": name, "config": {"nodes": 2, "loss": loss}, "steps": rows,
-            "evals": evals, "final": {"test_acc": 1.0}}, trace
+            "evals": evals, "final": {"metrics": {"accuracy": 1.0}}}, trace
 
 
 def test_saved_run_is_a_folder_whose_manifest_hashes_its_files(tmp_path):
@@ -44,7 +45,7 @@ def test_saved_run_is_a_folder_whose_manifest_hashes_its_files(tmp_path):
         assert manifest["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     assert manifest["config"] == result["config"]
     csv_lines = (folder / "steps.csv").read_text().splitlines()
-    assert csv_lines[0] == "step,loss,sim_time_s,bytes_sent_per_node,test_loss,test_acc"
+    assert csv_lines[0] == "step,loss,sim_time_s,bytes_sent_per_node,eval_loss,eval_accuracy"
     assert csv_lines[25] == "25,1.0,12.5,100000,1.0,0.5" and csv_lines[24].endswith(",,")
     loaded, loaded_trace = load_result(folder)
     assert loaded_trace == trace
@@ -114,13 +115,6 @@ def test_out_dir_problems_fail_in_one_line_before_training(tmp_path):
         assert "\n" not in str(e.value)
     fresh = check_out_dir(tmp_path / "new" / "runs")
     assert fresh.is_dir() and list(fresh.iterdir()) == []  # the probe is gone
-
-
-def test_time_to_target_is_the_first_evaluation_at_or_above_it():
-    evals = [{"step": 10, "sim_time_s": 1.5, "test_acc": 0.7}, {"step": 20, "sim_time_s": 3.0, "test_acc": 0.9},
-             {"step": 30, "sim_time_s": 4.5, "test_acc": 0.95}]
-    assert time_to_target(evals, 0.9) == 3.0 and time_to_target(evals, 0.9, key="step") == 20
-    assert time_to_target(evals, 0.99) is None
 
 
 def test_kills_while_saving_leave_no_broken_file(tmp_path):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from pysim.__main__ import main as cli
-from pysim.clock import Trace
 from pysim.network import Network, parse_bandwidth, parse_latency
 from pysim.results import load_result, save_result
 from pysim.sweep import build_network, load_runs, parse_grid, run_sweep, sweep
+from pysim.trace import Collective, Trace
 from pysim.trainer import TrainConfig, run
 from pysim.workload import Target, image_workload
 
@@ -41,15 +41,15 @@ def test_replay_equals_a_fresh_live_run(recorded, bw, lat):
 
 
 def test_runs_load_from_a_folder_that_also_holds_sweep_outputs(recorded):
-    run_sweep([recorded], "1Gbps", "1ms", 0.6, out_dir=recorded)  # sweep.json, sweep.csv ... beside the runs
+    run_sweep([recorded], "1Gbps", "1ms", out_dir=recorded)  # sweep.json, sweep.csv ... beside the runs
     runs = load_runs([recorded, recorded / "DiLoCo"])  # a run named twice is loaded once
     assert sorted(r["name"] for r, _ in runs) == ["DiLoCo", "SimpleReduce"]
 
 
 def test_runs_of_different_node_counts_are_not_compared(recorded, tmp_path):
     result, trace = load_result(recorded / "SimpleReduce")
-    four = Trace(4, [row * 2 for row in trace.compute_s], [row * 2 for row in trace.flops], trace.collectives,
-                 trace.step_ends)
+    events = [None if e is None else Collective(e.op, e.algo, e.sizes * 2) for e in trace.events]  # 4 members
+    four = Trace(4, [row * 2 for row in trace.compute_s], [row * 2 for row in trace.flops], events, trace.step_ends)
     save_result({**result, "name": "FourNodes", "config": {**result["config"], "nodes": 4}}, four, tmp_path)
     with pytest.raises(ValueError, match=r"node count \(2 nodes: .*SimpleReduce; 4 nodes: FourNodes\)"):
         load_runs([recorded, tmp_path])

@@ -7,7 +7,7 @@ import torch
 import workloads
 
 import pysim
-from pysim.trainer import crossing_step, time_at_step, time_to_target
+from pysim.results import crossing_step, time_at_step, time_to_target
 from pysim.workload import CharWindows, Target, Workload, shakespeare_workload
 
 
