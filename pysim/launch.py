@@ -369,9 +369,8 @@ def _process_state(pid: int | None) -> str:
 
 
 def _run_under_torchrun(fn: Callable, args: tuple, timeout_s: float) -> list[Any] | None:
-    import torch.distributed as dist
-
     import torch
+    import torch.distributed as dist
 
     from pysim import _C
 
