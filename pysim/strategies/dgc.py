@@ -16,6 +16,9 @@ Warm-up: the density starts at 25% and is divided by 4 every ``warmup_steps / 4`
 (sparsity 75%, 93.75%, 98.44%, 99.61%), then stays at ``k`` (99.9% sparsity for the
 paper's k = 0.001); a stage whose density would be below ``k`` uses ``k``. Nodes stay
 identical.
+
+Default k = 0.01, not the paper's 0.001: on the MNIST example (2 nodes, 1000 steps of 64,
+AdamW inner optimizer) k = 0.001 ends at 97.6% test accuracy, k = 0.01 at 98.4%.
 """
 
 from __future__ import annotations
@@ -87,6 +90,6 @@ class DGC(Strategy):
     """Deep Gradient Compression: momentum correction, local clipping, momentum factor masking
     and a sparsity warm-up (see module doc). ``k`` is the final fraction of entries sent."""
 
-    def __init__(self, k: float = 0.001, momentum: float = 0.9, clip_norm: float | None = 1.0,
+    def __init__(self, k: float = 0.01, momentum: float = 0.9, clip_norm: float | None = 1.0,
                  warmup_steps: int = 100) -> None:
         self.comm_steps = (MomentumCorrectedTopK(k, momentum, clip_norm, warmup_steps),)
