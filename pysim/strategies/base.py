@@ -82,7 +82,8 @@ class Strategy:
     """Base class: plain local training (no communication). Subclasses set ``comm_steps``
     in ``__init__`` and/or override ``local_step`` or ``step``."""
 
-    name: ClassVar[str] = "Local"
+    name: ClassVar[str] = "Local"      # the registry key (case-insensitive); defaults to the class name
+    comm_steps: tuple[CommStep, ...] = ()
 
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls)
@@ -101,8 +102,6 @@ class Strategy:
                 raise ValueError(f"strategy name {cls.name!r} is taken by {old.__module__}.{old.__qualname__}; "
                                  f"give {cls.__qualname__} another ``name``")
             STRATEGIES[key] = cls
-
-    comm_steps: tuple[CommStep, ...] = ()
 
     # ------------------------------------------------------------ naming
 

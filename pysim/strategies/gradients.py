@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pysim.compress import TopKCodec, get_codec
+from pysim.compress import TopKCodec
 from pysim.strategies.base import CommStep, Strategy
-from pysim.strategies.reducers import AllGather, PowerSGDReduce, Reducer, make_reducer, summable
+from pysim.strategies.reducers import AllGather, AllReduce, PowerSGDReduce, Reducer, make_reducer
 
 
 class AverageGradients(CommStep):
@@ -30,12 +30,14 @@ class AverageGradients(CommStep):
 
 
 class SimpleReduce(Strategy):
-    """All-reduce (average) the gradients every step, as DDP does. Nodes stay identical."""
+    """All-reduce (average) the gradients every step, as DDP does. Nodes stay identical.
+    ``codec``: a dense one ("dense", "dense:fp16", ...); a lossy one gets local error feedback."""
 
     def __init__(self, codec: str = "dense") -> None:
-        if not summable(get_codec(codec)):
+        reducer = make_reducer(codec)
+        if not isinstance(reducer, AllReduce):
             raise ValueError(f"SimpleReduce averages dense gradients; got codec {codec!r} (use TopK or PowerSGD)")
-        self.comm_steps = (AverageGradients(make_reducer(codec), flat=True),)
+        self.comm_steps = (AverageGradients(reducer, flat=True),)
 
 
 class TopK(Strategy):
