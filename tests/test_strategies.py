@@ -147,32 +147,6 @@ def test_powersgd_rank_full_equals_simple_reduce_for_rank_deficient_grads():
     assert all(torch.isfinite(p).all() for p in res[0]["params"])
 
 
-class Int8Quantised(Strategy):
-    """Example of a new algorithm in ~20 lines: gradients quantised to int8 codes (sent as fp16 scale+codes)."""
-
-    name = "Int8"
-
-    def step(self, step: int, last: bool = False) -> None:
-        flat = self.flat_grads()
-        with self.compute():
-            scale = flat.abs().max().clamp_min(1e-12) / 127
-            codes = torch.round(flat / scale)
-        self.set_grads(self.comm.allreduce_mean(codes * scale))
-        self.optimizer_step()
-
-
-def test_a_new_strategy_is_a_small_subclass():
-    model = tiny_model()
-    comm = Comm(0, 1, Network.uniform(1, "1Gbps"), ComputeMeter())
-    s = Int8Quantised()
-    s.setup(model, torch.optim.SGD(model.parameters(), lr=0.1), comm)
-    before = [p.detach().clone() for p in model.parameters()]
-    local_grad(model, 0, 0)
-    s.step(0)
-    assert not torch.equal(before[0], model[0].weight)
-    assert comm.bytes_sent == 0 and len(comm.segments) == 1  # one all-reduce, free on one node
-
-
 def test_unknown_or_misspelled_arguments_are_errors():
     with pytest.raises(ValueError, match="DiLoCo got unknown argument 'h' \\(did you mean 'H'\\?\\)"):
         make_strategy("DiLoCo", h=10)
@@ -182,3 +156,306 @@ def test_unknown_or_misspelled_arguments_are_errors():
                          ("TopK", {"k": 0.0}), ("SimpleReduce", {"codec": "topk:0.1"})):
         with pytest.raises(ValueError):
             make_strategy(name, **kwargs)
+    for spec in ("DiLoCo(h=5)", "SPARTA(P=0.1)"):
+        with pytest.raises(ValueError, match="did you mean"):
+            make_strategy(spec)
+    for spec, message in (("DiLoCo(H=__import__('os'))", "must be a literal"), ("SPARTA(0.1)", "keyword arguments"),
+                          ("DiLoCo(H=5", "cannot parse"), ("DiLoCo(**{'H': 5})", "not allowed"),
+                          ("Sparty(p=0.1)", "did you mean SPARTA")):
+        with pytest.raises(ValueError, match=message):
+            make_strategy(spec)
+    with pytest.raises(ValueError, match="both in the spec and as a keyword"):
+        make_strategy("DiLoCo(H=5)", H=6)
+    for name, kwargs in (("FedAvg", {"H": 0}), ("DeMo", {"beta": 1.0}), ("DeMo", {"topk": 0}), ("DGC", {"k": 2.0}),
+                         ("DGC", {"warmup_steps": -1}), ("SPARTADiLoCo", {"p": 0.0}),
+                         ("DiLoCo", {"codec": "powersgd:x"})):
+        with pytest.raises(ValueError):
+            make_strategy(name, **kwargs)
+
+
+# ------------------------------------------------------------ spec, label, registration
+
+def test_spec_string_sets_arguments_and_label_and_spec_recreate_it():
+    s = make_strategy("DiLoCo(H=25, codec='lowrank:8', outer_lr=1.0, outer_momentum=0.5)")
+    assert s.label == "DiLoCo H=25 lowrank:8+EF outer 1.0/0.5"
+    assert s.spec == "DiLoCo(H=25, outer_lr=1.0, outer_momentum=0.5, codec='lowrank:8')"
+    assert make_strategy("sparta", p=0.005).label == "SPARTA p=0.005"
+    assert make_strategy("SimpleReduce").label == "SimpleReduce" == make_strategy("SimpleReduce").spec
+    assert make_strategy("DiLoCo(codec='dense:fp16')").label == "DiLoCo H=50 dense:fp16+EF outer 0.7/0.9"
+    for spec in ("DiLoCo", "SPARTA(p=0.02, seed=3)", "FedAvg(H=4)", "DGC(k=0.01, clip_norm=None)",
+                 "DeMo(topk=8)", "SPARTADiLoCo(H=20)", "PowerSGD(rank=2)", "TopK(k=0.05)"):
+        s = make_strategy(spec)
+        again = make_strategy(s.spec)
+        assert (type(again), again.spec, again.label) == (type(s), s.spec, s.label)
+
+
+def test_a_subclass_registers_itself_and_a_taken_name_is_an_error():
+    from pysim.strategies import STRATEGIES
+
+    class Twice(Strategy, register=False):
+        def step(self, step, last=False):
+            self.local_step()
+            self.local_step()
+
+    assert "twice" not in STRATEGIES
+
+    class EveryOther(Strategy):
+        name = "EveryOtherTest"
+
+    try:
+        assert type(make_strategy("everyothertest")) is EveryOther
+        with pytest.raises(ValueError, match="taken"):
+            type("Imposter", (Strategy,), {"name": "SPARTA"})
+    finally:
+        del STRATEGIES["everyothertest"]
+
+
+# ------------------------------------------------------------ new strategies against hand-written rules
+
+def flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def dense_ring_bytes(n: int, bytes_per_value: int = 4) -> int:
+    """Bytes one of 2 nodes sends in a ring all-reduce of n values: one chunk packet per phase."""
+    return sum(24 + 4 + bytes_per_value * c for c in (n // 2, n - n // 2))
+
+
+N_TINY = 6 * 5 + 5 + 5 * 3 + 3
+
+
+def test_fedavg_is_local_sgd_then_parameter_average_every_h_steps():
+    res = both("FedAvg", {"H": 2}, 4)
+    ref = tiny_model()
+    for rnd in range(2):
+        finals = [list(local_sgd(ref, rank, range(2 * rnd, 2 * rnd + 2)).parameters()) for rank in range(2)]
+        with torch.no_grad():
+            for i, p in enumerate(ref.parameters()):
+                p.copy_((finals[0][i] + finals[1][i]) / 2)
+    for r in res:
+        torch.testing.assert_close(flat(r["params"]), flat(ref.parameters()), atol=1e-6, rtol=0)
+        torch.testing.assert_close(flat(r["local"]), flat(ref.parameters()), atol=1e-6, rtol=0)
+        assert r["sent"] == 2 * dense_ring_bytes(N_TINY)
+
+
+def test_sparta_deploys_the_node_average_without_charging_it():
+    res = both("SPARTA", {"p": 0.2, "seed": 5}, 2)
+    mean = (flat(res[0]["local"]) + flat(res[1]["local"])) / 2
+    assert not torch.equal(flat(res[0]["local"]), flat(res[1]["local"]))
+    for r in res:
+        torch.testing.assert_close(flat(r["params"]), mean, atol=1e-7, rtol=0)
+        assert r["sent"] == 2 * dense_ring_bytes(round(0.2 * N_TINY))  # the averaging for eval is free
+
+
+def test_sparta_diloco_averages_a_subset_every_step_and_takes_outer_steps():
+    from pysim.compress import RandomKCodec
+
+    H, p, seed = 2, 0.3, 3
+    res = both("SPARTADiLoCo", {"p": p, "H": H, "seed": seed, "outer_lr": 0.7, "outer_momentum": 0.9}, 2 * H)
+    glob = tiny_model()
+    outer = torch.optim.SGD(glob.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    locals_ = [local_sgd(glob, rank, range(0)) for rank in range(2)]
+    for step in range(2 * H):
+        locals_ = [local_sgd(locals_[rank], rank, range(step, step + 1)) for rank in range(2)]
+        vecs = [flat(m.parameters()) for m in locals_]
+        idx = RandomKCodec(p, seed).indices(N_TINY, step)
+        mean = (vecs[0][idx] + vecs[1][idx]) / 2
+        for m, v in zip(locals_, vecs, strict=True):
+            v[idx] = mean
+            torch.nn.utils.vector_to_parameters(v, m.parameters())
+        if (step + 1) % H == 0:
+            outer.zero_grad()
+            for i, g in enumerate(glob.parameters()):
+                ls = [list(m.parameters())[i] for m in locals_]
+                g.grad = ((g - ls[0]) + (g - ls[1])).detach() / 2
+            outer.step()
+            locals_ = [local_sgd(glob, rank, range(0)) for rank in range(2)]
+    for r in res:
+        torch.testing.assert_close(flat(r["params"]), flat(glob.parameters()), atol=1e-5, rtol=0)
+        k = round(p * N_TINY)
+        assert r["sent"] == 2 * H * dense_ring_bytes(k) + 2 * dense_ring_bytes(N_TINY)
+
+
+def test_diloco_dense_fp16_all_reduces_with_local_error_feedback():
+    res = both("DiLoCo", {"H": 1, "outer_lr": 1.0, "outer_momentum": 0.0, "codec": "dense:fp16"}, 2)
+    ref = flat(tiny_model().parameters())
+    residual = [torch.zeros(N_TINY), torch.zeros(N_TINY)]
+    half = N_TINY // 2
+    for step in range(2):
+        start = tiny_model()
+        torch.nn.utils.vector_to_parameters(ref, start.parameters())
+        corrected = [ref - flat(local_sgd(start, rank, range(step, step + 1)).parameters()) + residual[rank]
+                     for rank in range(2)]
+        residual = [c - c.half().float() for c in corrected]
+        # ring on 2 nodes: node 1 finishes chunk 0 (its value + node 0's fp16), node 0 chunk 1; fp16 on the wire
+        x0, x1 = corrected
+        total = torch.cat([(x1[:half] + x0[:half].half().float()).half().float(),
+                           (x0[half:] + x1[half:].half().float()).half().float()])
+        ref = ref - total / 2
+    for r in res:
+        torch.testing.assert_close(flat(r["params"]), ref, atol=1e-6, rtol=0)
+        assert r["sent"] == 2 * dense_ring_bytes(N_TINY, bytes_per_value=2)
+
+
+def test_diloco_powersgd_codec_shares_q_and_all_reduces_p_then_q():
+    res = both("DiLoCo", {"H": 2, "outer_lr": 1.0, "outer_momentum": 0.0, "codec": "powersgd:1"}, 2)
+    glob = tiny_model()
+    finals = [list(local_sgd(glob, rank, range(2)).parameters()) for rank in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i, g in enumerate(glob.parameters()):
+            deltas = [(g - f[i]).reshape(g.shape[0], -1) for f in finals]
+            if g.dim() == 1:  # vectors travel dense
+                g -= ((deltas[0] + deltas[1]) / 2).view_as(g)
+                continue
+            q = torch.randn(deltas[0].shape[1], 1, generator=gen)
+            p = (deltas[0] @ q + deltas[1] @ q) / 2
+            p = p / p.norm()
+            q = (deltas[0].T @ p + deltas[1].T @ p) / 2
+            g -= (p @ q.T).view_as(g)
+    for r in res:
+        torch.testing.assert_close(flat(r["params"]), flat(glob.parameters()), atol=1e-5, rtol=0)
+        p_values = 5 + 5 + 3 + 3  # P of each matrix (rows x rank 1) and the dense biases
+        q_values = 6 + 5          # Q of each matrix (cols x rank 1)
+        assert r["sent"] == dense_ring_bytes(p_values) + dense_ring_bytes(q_values)
+
+
+def dct_by_hand(n: int) -> torch.Tensor:
+    """D[k, i] = sqrt((1 if k == 0 else 2) / n) * cos(pi (2i + 1) k / (2n)), written out entry by entry."""
+    import math
+
+    return torch.tensor([[math.sqrt((1 if k == 0 else 2) / n) * math.cos(math.pi * (2 * i + 1) * k / (2 * n))
+                          for i in range(n)] for k in range(n)], dtype=torch.float32)
+
+
+def test_demo_matches_hand_written_dct_topk_decoupling_and_sign_rule():
+    from pysim.compress import TopKCodec
+
+    beta, lr, wd, topk, steps = 0.9, 0.1, 0.1, 4, 2
+    res = both("DeMo", {"beta": beta, "chunk": 5, "topk": topk, "weight_decay": wd}, steps, opt="sgd", lr=lr)
+    # chunk 5: Linear(6,5).weight 5x6 -> 5x3 blocks; bias 5 -> 5; Linear(5,3).weight 3x5 -> 3x5; bias 3 -> 3
+    blocks = [(5, 3), (5, 1), (3, 5), (3, 1)]
+    model = tiny_model()
+    moms = [[torch.zeros_like(p) for p in model.parameters()] for _ in range(2)]
+    for step in range(steps):
+        grads = []
+        for rank in range(2):
+            local_grad(model, rank, step)
+            grads.append([p.grad.clone() for p in model.parameters()])
+        with torch.no_grad():
+            for i, (p, (a, b)) in enumerate(zip(model.parameters(), blocks, strict=True)):
+                p *= 1 - lr * wd
+                mat = (lambda t: t.reshape(-1, 1)) if p.dim() == 1 else (lambda t: t)  # noqa: E731
+                da, db = dct_by_hand(a), dct_by_hand(b)
+                sent = [torch.zeros_like(mat(p)) for _ in range(2)]
+                for rank in range(2):
+                    moms[rank][i] = beta * moms[rank][i] + lr * grads[rank][i]
+                    m = mat(moms[rank][i])
+                    for r0 in range(0, m.shape[0], a):
+                        for c0 in range(0, m.shape[1], b):
+                            coeffs = da @ m[r0:r0 + a, c0:c0 + b] @ db.T
+                            keep = coeffs.abs().reshape(-1).topk(min(topk, a * b)).indices
+                            kept = torch.zeros(a * b)
+                            kept[keep] = coeffs.reshape(-1)[keep]
+                            kept = kept.reshape(a, b)
+                            m[r0:r0 + a, c0:c0 + b] -= da.T @ kept @ db
+                            sent[rank][r0:r0 + a, c0:c0 + b] = kept
+                q = torch.zeros_like(mat(p))
+                avg = (sent[0] + sent[1]) / 2
+                for r0 in range(0, q.shape[0], a):
+                    for c0 in range(0, q.shape[1], b):
+                        q[r0:r0 + a, c0:c0 + b] = da.T @ avg[r0:r0 + a, c0:c0 + b] @ db
+                p -= lr * torch.sign(q).view_as(p)
+    count = 2 * 4 + 4 + 4 + 3  # kept coefficients: two 5x3 blocks, bias 5, one 3x5 block, bias 3 (all 3)
+    for r in res:
+        torch.testing.assert_close(flat(r["params"]), flat(model.parameters()), atol=1e-6, rtol=0)
+        assert r["sent"] == steps * TopKCodec(count).nbytes((N_TINY,))
+
+
+def test_dgc_density_warms_up_in_four_stages_then_stays_at_k():
+    from pysim.strategies.dgc import dgc_density
+
+    assert [dgc_density(s, 0.001, 8) for s in range(10)] == [0.25, 0.25, 0.0625, 0.0625, 0.015625, 0.015625,
+                                                            0.00390625, 0.00390625, 0.001, 0.001]
+    assert [dgc_density(s, 0.05, 4) for s in range(5)] == [0.25, 0.0625, 0.05, 0.05, 0.05]
+    assert dgc_density(0, 0.01, 0) == 0.01
+
+
+def test_dgc_matches_hand_written_clipping_momentum_correction_and_masking():
+    from pysim.compress import TopKCodec
+
+    lr, mom, clip = 0.1, 0.9, 0.5
+    res = both("DGC", {"k": 0.05, "momentum": mom, "clip_norm": clip, "warmup_steps": 4}, 3, opt="sgd", lr=lr)
+    counts = [[8, 1, 4, 1], [2, 1, 1, 1], [2, 1, 1, 1]]  # densities 0.25, 0.0625, 0.05 of 30, 5, 15, 3 entries
+    model = tiny_model()
+    u = [[torch.zeros_like(p) for p in model.parameters()] for _ in range(2)]
+    v = [[torch.zeros_like(p) for p in model.parameters()] for _ in range(2)]
+    clipped = False
+    for step in range(3):
+        sent = [[], []]
+        for rank in range(2):
+            local_grad(model, rank, step)
+            grads = [p.grad.clone() for p in model.parameters()]
+            norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+            limit = clip / 2 ** 0.5
+            if norm > limit:
+                grads = [g * limit / norm for g in grads]
+                clipped = True
+            for i, g in enumerate(grads):
+                u[rank][i] = mom * u[rank][i] + g
+                v[rank][i] = v[rank][i] + u[rank][i]
+                idx = v[rank][i].abs().reshape(-1).topk(counts[step][i]).indices
+                s = torch.zeros(g.numel())
+                s[idx] = v[rank][i].reshape(-1)[idx]
+                sent[rank].append(s.view_as(g))
+                u[rank][i].view(-1)[idx] = 0
+                v[rank][i].view(-1)[idx] = 0
+        with torch.no_grad():
+            for i, p in enumerate(model.parameters()):
+                p -= lr * (sent[0][i] + sent[1][i]) / 2
+    assert clipped
+    for r in res:
+        torch.testing.assert_close(flat(r["params"]), flat(model.parameters()), atol=1e-6, rtol=0)
+        assert r["sent"] == sum(TopKCodec(sum(c)).nbytes((N_TINY,)) for c in counts)
+
+
+def run_all(rank: int, world: int, specs: list[str], steps: int) -> dict:
+    out = {}
+    for spec in specs:
+        out[spec] = run_strategy(rank, world, spec, {}, steps, "adamw", 0.01)["params"]
+    return out
+
+
+def test_every_builtin_strategy_deploys_the_same_model_on_every_node():
+    from pysim.strategies import STRATEGIES
+
+    specs = [cls.name for cls in STRATEGIES.values() if cls.__module__.startswith("pysim.")]
+    assert {"FedAvg", "DeMo", "DGC", "SPARTADiLoCo", "SPARTA", "DiLoCo"} <= set(specs)
+    res = run_nodes(run_all, 2, (specs, 3))
+    for spec in specs:
+        if spec != "Local":
+            assert torch.equal(flat(res[0][spec]), flat(res[1][spec])), spec
+            assert not torch.equal(flat(res[0][spec]), flat(tiny_model().parameters())), spec
+
+
+def test_custom_strategy_example_runs_and_sends_int8_codes_as_fp16(monkeypatch, capsys):
+    import pathlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "example"))
+    import custom_strategy
+
+    try:
+        results = custom_strategy.main()
+    finally:
+        from pysim.strategies import STRATEGIES
+
+        STRATEGIES.pop("int8", None)
+        sys.modules.pop("custom_strategy", None)
+    n = sum(p.numel() for p in torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Linear(32, 1)).parameters())
+    scale_packet = 24 + 4 + 4  # one fp32 value
+    assert results["Int8"][0]["sent"] == 20 * (scale_packet + dense_ring_bytes(n, bytes_per_value=2))
+    assert results["SimpleReduce"][0]["sent"] == 20 * dense_ring_bytes(n)
+    gap = (results["Int8"][0]["params"] - results["SimpleReduce"][0]["params"]).abs().max()
+    assert 0 < gap < 0.01
+    assert "Int8 codes as fp16" in capsys.readouterr().out

@@ -1,0 +1,27 @@
+"""Communication strategies: a local optimizer step plus an ordered list of comm steps.
+
+Build one by name or spec with :func:`make_strategy`; every strategy class in
+:data:`STRATEGIES` registered itself by subclassing :class:`Strategy`. One
+module per concept:
+
+- ``base``: Strategy, CommStep, the registry;  ``spec``: make_strategy;
+- ``reducers``: averaging tensors over nodes, the collective chosen from the codec;
+- ``gradients``: SimpleReduce, TopK, PowerSGD;  ``diloco``: DiLoCo;  ``sparta``: SPARTA;
+  ``fedavg``: FedAvg;  ``composed``: SPARTADiLoCo;  ``demo``: DeMo;  ``dgc``: DGC.
+"""
+
+from pysim.strategies.base import STRATEGIES, CommStep, Strategy, node_average_uncharged, split_like
+from pysim.strategies.composed import SPARTADiLoCo
+from pysim.strategies.demo import DeMo
+from pysim.strategies.dgc import DGC
+from pysim.strategies.diloco import DiLoCo, OuterStep
+from pysim.strategies.fedavg import AverageModels, FedAvg
+from pysim.strategies.gradients import AverageGradients, PowerSGD, SimpleReduce, TopK
+from pysim.strategies.reducers import Reducer, make_reducer
+from pysim.strategies.sparta import SPARTA, AverageRandomSubset
+from pysim.strategies.spec import make_strategy, parse_spec
+
+__all__ = ["STRATEGIES", "AverageGradients", "AverageModels", "AverageRandomSubset", "CommStep", "DGC", "DeMo",
+           "DiLoCo", "FedAvg", "OuterStep", "PowerSGD", "Reducer", "SPARTA", "SPARTADiLoCo", "SimpleReduce",
+           "Strategy", "TopK", "make_reducer", "make_strategy", "node_average_uncharged", "parse_spec",
+           "split_like"]

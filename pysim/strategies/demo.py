@@ -1,0 +1,143 @@
+"""DeMo (Peng, Quesnelle & Kingma 2024, "Decoupled Momentum Optimization").
+
+Per step, on every node, for each parameter (viewed as a matrix ``shape[0] x rest``,
+or a vector):
+
+1. ``accumulate``: p *= 1 - lr*weight_decay; m = beta*m + lr*g (momentum scaled by lr,
+   as in the authors' optimizer);
+2. ``compress``: cut m into chunks (per dimension, the largest divisor of the size that
+   is <= ``chunk``), take the orthonormal DCT-II of each chunk (2-D chunks for matrices)
+   and keep the ``topk`` coefficients of largest magnitude per chunk;
+3. ``decouple``: remove what is sent from m: m -= IDCT(kept coefficients);
+4. all-gather every node's kept coefficients as one top-k packet (values + Elias-Fano
+   indices) and average them;
+5. ``decompress``: q = IDCT(mean coefficients); p -= lr * sign(q).
+
+The paper's defaults are beta = 0.999, chunk = 64, topk = 32. Nodes stay identical.
+The trainer's optimizer provides the learning rate (and its scheduler steps); its
+own update rule is replaced by the sign step above.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pysim.strategies.base import CommStep, Strategy
+from pysim.strategies.reducers import sparse_mean
+
+
+def dct_matrix(n: int) -> torch.Tensor:
+    """The orthonormal DCT-II matrix D (n x n): coefficients = D @ x, and x = D.T @ coefficients."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2 / n)
+    d[0] /= math.sqrt(2)
+    return d.float()
+
+
+def chunk_size(n: int, target: int) -> int:
+    """The largest divisor of ``n`` that is <= ``target``."""
+    return max(d for d in range(1, min(n, target) + 1) if n % d == 0)
+
+
+class ChunkedDCT:
+    """DCT-II of a tensor in chunks: a matrix (rows x cols) in (a x b) blocks, a vector in chunks."""
+
+    def __init__(self, shape: torch.Size, target: int) -> None:
+        self.shape = shape
+        dims = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (math.prod(shape),)
+        self.dims = dims
+        self.chunks = tuple(chunk_size(n, target) for n in dims)
+        self.mats = [dct_matrix(c) for c in self.chunks]
+
+    @property
+    def chunk_numel(self) -> int:
+        return math.prod(self.chunks)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Coefficients, shaped (number of chunks, coefficients per chunk)."""
+        if len(self.dims) == 1:
+            (c,), (d,) = self.chunks, self.mats
+            return x.reshape(-1, c) @ d.T
+        (r, c), (a, b), (da, db) = self.dims, self.chunks, self.mats
+        blocks = x.reshape(r // a, a, c // b, b).permute(0, 2, 1, 3)      # (R, C, a, b)
+        return (da @ blocks @ db.T).reshape(-1, a * b)
+
+    def decode(self, coeffs: torch.Tensor) -> torch.Tensor:
+        if len(self.dims) == 1:
+            (c,), (d,) = self.chunks, self.mats
+            return (coeffs.reshape(-1, c) @ d).reshape(self.shape)
+        (r, c), (a, b), (da, db) = self.dims, self.chunks, self.mats
+        blocks = da.T @ coeffs.reshape(r // a, c // b, a, b) @ db
+        return blocks.permute(0, 2, 1, 3).reshape(self.shape)
+
+
+def keep_topk_per_chunk(coeffs: torch.Tensor, k: int) -> torch.Tensor:
+    """``coeffs`` (chunks x per chunk) with all but the ``k`` largest |values| of each chunk zeroed."""
+    k = min(k, coeffs.shape[1])
+    idx = coeffs.abs().topk(k, dim=1).indices
+    return torch.zeros_like(coeffs).scatter_(1, idx, coeffs.gather(1, idx))
+
+
+class DecoupledMomentum(CommStep):
+    """Steps 1-5 of the module docstring; leaves q in every ``p.grad`` for the sign step."""
+
+    def __init__(self, beta: float, chunk: int, topk: int, weight_decay: float | None) -> None:
+        if not 0 <= beta < 1:
+            raise ValueError(f"DeMo beta (momentum decay) must be in [0, 1), got {beta!r}")
+        for arg, v in (("chunk", chunk), ("topk", topk)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"DeMo {arg} must be an integer >= 1, got {v!r}")
+        if weight_decay is not None and not weight_decay >= 0:
+            raise ValueError(f"DeMo weight_decay must be >= 0 (or None: the optimizer's), got {weight_decay!r}")
+        self.beta, self.chunk, self.topk, self.weight_decay = beta, chunk, topk, weight_decay
+        self.label = f"top{topk}/chunk{chunk} beta={beta:g}"
+
+    def setup(self, strategy) -> None:
+        super().setup(strategy)
+        self.momentum = [torch.zeros_like(p) for p in strategy.params]
+        self.dcts = [ChunkedDCT(p.shape, self.chunk) for p in strategy.params]
+        self.count = sum(min(self.topk, d.chunk_numel) * (p.numel() // d.chunk_numel)
+                         for p, d in zip(strategy.params, self.dcts, strict=True))
+
+    def before_local_step(self, step: int, last: bool) -> None:
+        s = self.strategy
+        lr = s.lr()
+        wd = s.optimizer.param_groups[0].get("weight_decay", 0.0) if self.weight_decay is None else self.weight_decay
+        with s.compute():
+            sent = []
+            for p, g, m, dct in zip(s.params, s.grads(), self.momentum, self.dcts, strict=True):
+                with torch.no_grad():
+                    p.mul_(1 - lr * wd)
+                m.mul_(self.beta).add_(g, alpha=lr)
+                kept = keep_topk_per_chunk(dct.encode(m), self.topk)
+                m.sub_(dct.decode(kept))
+                sent.append(kept.reshape(-1))
+            flat = torch.cat(sent)
+        avg = sparse_mean(s.comm, flat, self.count, key="demo", step=step)
+        with s.compute():
+            offset = 0
+            for p, dct in zip(s.params, self.dcts, strict=True):
+                n = p.numel()
+                p.grad = dct.decode(avg[offset:offset + n])
+                offset += n
+
+
+class DeMo(Strategy):
+    """DeMo: decoupled momentum, top-k DCT coefficients exchanged, sign-SGD step (see module doc).
+    ``weight_decay`` None takes the inner optimizer's."""
+
+    def __init__(self, beta: float = 0.999, chunk: int = 64, topk: int = 32,
+                 weight_decay: float | None = None) -> None:
+        self.comm_steps = (DecoupledMomentum(beta, chunk, topk, weight_decay),)
+
+    def local_step(self) -> None:
+        """Sign-SGD with the inner optimizer's learning rate; its scheduler steps."""
+        lr = self.lr()
+        with self.compute(), torch.no_grad():
+            for p in self.params:
+                p.sub_(p.grad.sign(), alpha=lr)
+            if self.scheduler is not None:
+                self.scheduler.step()

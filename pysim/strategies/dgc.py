@@ -1,0 +1,95 @@
+"""DGC: Deep Gradient Compression (Lin et al. 2018).
+
+Per step, on every node, with N nodes:
+
+1. ``clip``: local gradient clipping: g *= min(1, (clip_norm / sqrt(N)) / ||g||) (the
+   paper scales the global threshold by N^-1/2);
+2. momentum correction: u = momentum*u + g; v = v + u;
+3. per tensor, select the ``density(step)`` fraction of entries of v with the largest |v|
+   (at least one per tensor); all-gather every node's selection as one top-k packet and
+   average;
+4. momentum factor masking: u = v = 0 where this node sent;
+5. the gradient becomes the average, and the inner optimizer steps (use SGD without
+   momentum for the paper's rule: the momentum lives in u).
+
+Warm-up: the density starts at 25% and is divided by 4 every ``warmup_steps / 4`` steps
+(sparsity 75%, 93.75%, 98.44%, 99.61%), then stays at ``k`` (99.9% sparsity for the
+paper's k = 0.001); a stage whose density would be below ``k`` uses ``k``. Nodes stay
+identical.
+
+Default k = 0.01, not the paper's 0.001: on the MNIST example (2 nodes, 1000 steps of 64,
+AdamW inner optimizer) k = 0.001 ends at 97.6% test accuracy, k = 0.01 at 98.4%.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pysim.strategies.base import CommStep, Strategy
+from pysim.strategies.reducers import sparse_mean
+
+WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.00390625)
+
+
+def dgc_density(step: int, k: float, warmup_steps: int) -> float:
+    """The fraction of entries sent at ``step`` (0-based): the warm-up stages, then ``k``."""
+    if step < warmup_steps:
+        return max(k, WARMUP_DENSITIES[step * len(WARMUP_DENSITIES) // warmup_steps])
+    return k
+
+
+class MomentumCorrectedTopK(CommStep):
+    """Steps 1-4 of the module docstring; leaves the average in every ``p.grad``."""
+
+    def __init__(self, k: float, momentum: float, clip_norm: float | None, warmup_steps: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, float) or not 0 < k <= 1:
+            raise ValueError(f"DGC k is the final fraction of entries sent, a float in (0, 1]; got {k!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"DGC momentum must be in [0, 1), got {momentum!r}")
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"DGC clip_norm must be > 0 (or None for no clipping), got {clip_norm!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"DGC warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        self.k, self.momentum, self.clip_norm, self.warmup_steps = k, momentum, clip_norm, warmup_steps
+        self.label = f"k={k:g} warmup={warmup_steps}"
+
+    def setup(self, strategy) -> None:
+        super().setup(strategy)
+        self.u = [torch.zeros_like(p) for p in strategy.params]
+        self.v = [torch.zeros_like(p) for p in strategy.params]
+
+    def before_local_step(self, step: int, last: bool) -> None:
+        s = self.strategy
+        density = dgc_density(step, self.k, self.warmup_steps)
+        with s.compute():
+            grads = s.grads()
+            if self.clip_norm is not None:
+                norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+                scale = min(1.0, self.clip_norm / math.sqrt(s.comm.world) / (float(norm) + 1e-12))
+                grads = [g * scale for g in grads]
+            sent, count = [], 0
+            for g, u, v in zip(grads, self.u, self.v, strict=True):
+                u.mul_(self.momentum).add_(g)
+                v.add_(u)
+                n = max(1, round(density * v.numel()))
+                idx = v.reshape(-1).abs().topk(n).indices
+                flat = torch.zeros(v.numel())
+                flat[idx] = v.reshape(-1)[idx]
+                u.view(-1)[idx] = 0.0
+                v.view(-1)[idx] = 0.0
+                sent.append(flat)
+                count += n
+            flat = torch.cat(sent)
+        avg = sparse_mean(s.comm, flat, count, key="dgc", step=step)
+        s.set_grads(avg)
+
+
+class DGC(Strategy):
+    """Deep Gradient Compression: momentum correction, local clipping, momentum factor masking
+    and a sparsity warm-up (see module doc). ``k`` is the final fraction of entries sent."""
+
+    def __init__(self, k: float = 0.01, momentum: float = 0.9, clip_norm: float | None = 1.0,
+                 warmup_steps: int = 100) -> None:
+        self.comm_steps = (MomentumCorrectedTopK(k, momentum, clip_norm, warmup_steps),)

@@ -1,0 +1,41 @@
+"""SPARTA's random-subset averaging, and the SPARTA strategy."""
+
+from __future__ import annotations
+
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from pysim.compress import RandomKCodec
+from pysim.strategies.base import CommStep, Strategy, node_average_uncharged
+
+
+class AverageRandomSubset(CommStep):
+    """After every local step, average a random fraction ``p`` of the parameters over nodes
+    (one dense all-reduce of the chosen values). The indices come from ``seed`` and the step,
+    the same on every node, so only values cross the wire.
+
+    Nodes' models differ between exchanges; the deployed model is their average, computed
+    outside the simulated network (uncharged: see ``node_average_uncharged``)."""
+
+    def __init__(self, p: float, seed: int = 0) -> None:
+        self.sampler = RandomKCodec(p, seed)
+        self.label = f"p={p:g}"
+
+    def after_local_step(self, step: int, last: bool) -> None:
+        s = self.strategy
+        with s.compute():
+            flat = parameters_to_vector(s.params).detach()
+            idx = self.sampler.indices(flat.numel(), step)
+            values = flat[idx]
+        flat[idx] = s.comm.allreduce_mean(values)
+        with s.compute():
+            vector_to_parameters(flat, s.params)
+
+    def eval_model(self):
+        return node_average_uncharged(self.strategy.model)
+
+
+class SPARTA(Strategy):
+    """SPARTA: after every local step, average a random fraction ``p`` of the parameters."""
+
+    def __init__(self, p: float = 0.005, seed: int = 0) -> None:
+        self.comm_steps = (AverageRandomSubset(p, seed),)
