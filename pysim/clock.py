@@ -17,9 +17,13 @@ and then, by its event:
 
 A collective's time on its own is ``collective_s`` = L + W
 (:func:`pysim.network.collective_parts`: L its latency part, W its transfer
-part), so end = start + L + W. Collectives on *different* streams in flight at
-the same time share the links (every collective here spans all nodes, so any
-two share every node's link): fluid processor sharing, where a collective first
+part), so end = start + L + W. A grouped collective (disjoint groups, e.g.
+FedAvg's islands, each running the collective among its members) is one
+collective: its phases hold every group's messages at once, it starts when the
+last node of any group arrives and ends for every node at the same time.
+Collectives on *different* streams in flight at the same time share the links
+(every collective here spans all nodes, so any two share every node's link):
+fluid processor sharing, where a collective first
 spends its latency L (not shared) and then its transfer work W progresses at
 rate 1/k while k collectives are in their transfer part. Then
 
@@ -216,7 +220,7 @@ class Clock:
             coll = event_collective(event)
             if coll is None:
                 raise ValueError(f"unknown trace event {event!r}")
-            cost, latency = collective_parts(self.network, coll.op, coll.algo, coll.sizes)
+            cost, latency = collective_parts(self.network, coll.op, coll.algo, coll.sizes, coll.groups)
             stream = event.stream if isinstance(event, Start) else 0
             k = self.links.issue(float(arrive.max()), stream, cost, latency)
             if isinstance(event, Start):
@@ -314,7 +318,7 @@ def _replay_without_sharing(trace: Trace, nets: list[Network], comp: np.ndarray)
     unique: dict[Collective, np.ndarray] = {}   # a run repeats few distinct collectives
     for c in trace.collectives():
         if c not in unique:
-            unique[c] = np.array([collective_parts(net, c.op, c.algo, c.sizes)[0] for net in nets])
+            unique[c] = np.array([collective_parts(net, c.op, c.algo, c.sizes, c.groups)[0] for net in nets])
     t = np.zeros((nodes, m))
     ends = np.empty((len(trace.events), nodes, m))
     free: dict[int, np.ndarray] = {}

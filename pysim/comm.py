@@ -31,11 +31,18 @@ reduce::
     means = [p.wait() for p in pending]
 
 and a streaming sync with delay tau: start at step k, ``wait()`` at step k+tau.
+
+Grouped all-reduce. ``allreduce_mean(x, groups=[[0, 2], [1, 3]])`` gives each
+node the mean over its own group (FedAvg's islands): every group runs its own
+ring (or star, root = its first member) at once, along the grouped schedule of
+:mod:`pysim.schedule`, and the trace records one collective with its groups.
+The metadata rows then travel in the small separate all-gather (a ring within
+a group would not carry the other groups' clocks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -46,7 +53,7 @@ from pysim.clock import Clock, ComputeScaling
 from pysim.compress import Codec, DenseCodec, split_packets
 from pysim.compute import ComputeMeter
 from pysim.network import Network
-from pysim.schedule import phases, ring_hop
+from pysim.schedule import Groups, check_groups, group_of, phases, ring_hop
 from pysim.trace import Collective, Event, Start, Wait
 
 T = TypeVar("T")
@@ -142,11 +149,12 @@ class Comm:
         table[self.rank] = (self.clock_s, comp, flops, my_bytes)
         return table
 
-    def _charge(self, op: str, algo: str, sizes: list[int], table: np.ndarray, stream: int | None = None) -> int:
+    def _charge(self, op: str, algo: str, sizes: list[int], table: np.ndarray, stream: int | None = None,
+                groups: Groups | None = None) -> int:
         """Records a collective, given every node's metadata row: blocking (``stream`` None)
-        or started on ``stream``. Returns its handle."""
+        or started on ``stream``, within ``groups`` if given. Returns its handle."""
         comp, flops = float(table[self.rank, 1]), float(table[self.rank, 2])
-        coll = Collective(op, algo, tuple(sizes))
+        coll = Collective(op, algo, tuple(sizes), groups)
         handle = self._next_handle
         self._next_handle += 1
         event: Event = coll if stream is None else Start(handle, coll, stream)
@@ -156,17 +164,18 @@ class Comm:
         self.segments.append((comp, flops, event))
         return handle
 
-    def _begin(self, op: str, algo: str, my_bytes: int, stream: int | None = None) -> tuple[list[int], int]:
+    def _begin(self, op: str, algo: str, my_bytes: int, stream: int | None = None,
+               groups: Groups | None = None) -> tuple[list[int], int]:
         """Exchanges metadata in a separate small collective (for packets whose sizes the
-        receivers cannot know in advance) and charges the clock; returns the member sizes
-        and the collective's handle."""
+        receivers cannot know in advance, and for grouped collectives) and charges the
+        clock; returns the member sizes and the collective's handle."""
         table = self._my_row(my_bytes)
         if self.world > 1:
             rows = [torch.empty(4, dtype=torch.float64) for _ in range(self.world)]
             dist.all_gather(rows, torch.from_numpy(table[self.rank].copy()))
             table = torch.stack(rows).numpy()
         sizes = [int(v) for v in table[:, 3]]
-        return sizes, self._charge(op, algo, sizes, table, stream)
+        return sizes, self._charge(op, algo, sizes, table, stream, groups)
 
     # ------------------------------------------------------------ transport
 
@@ -205,79 +214,112 @@ class Comm:
 
     # ------------------------------------------------------------ collectives
 
-    def allreduce_mean(self, x: torch.Tensor, codec: Codec | None = None) -> torch.Tensor:
+    def allreduce_mean(self, x: torch.Tensor, codec: Codec | None = None,
+                       groups: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         """Mean of ``x`` over all nodes, blocking (stream 0). Values travel as packets of a
         summable ``codec`` (dense fp32 default; fp16/bf16/int8/int4 quantise every hop, as on a
-        real wire)."""
-        return self._allreduce(x, codec, None)[0]
+        real wire). With ``groups`` (disjoint lists of ranks holding every node once, the
+        same on every node), the mean over this node's group only: see the module docstring."""
+        return self._allreduce(x, codec, None, groups)[0]
 
-    def allreduce_mean_async(self, x: torch.Tensor, codec: Codec | None = None, stream: int = 0
-                             ) -> Pending[torch.Tensor]:
-        """Starts the mean of ``x`` over all nodes on ``stream`` (an int >= 0) and returns a
-        :class:`Pending`; its ``wait()`` gives the mean. See the module docstring."""
+    def allreduce_mean_async(self, x: torch.Tensor, codec: Codec | None = None, stream: int = 0,
+                             groups: Sequence[Sequence[int]] | None = None) -> Pending[torch.Tensor]:
+        """Starts the mean of ``x`` over all nodes (or over this node's group of ``groups``)
+        on ``stream`` (an int >= 0) and returns a :class:`Pending`; its ``wait()`` gives the
+        mean. See the module docstring."""
         _check_stream(stream)
-        result, handle = self._allreduce(x, codec, stream)
+        result, handle = self._allreduce(x, codec, stream, groups)
         return Pending(self, handle, result)
 
-    def _allreduce(self, x: torch.Tensor, codec: Codec | None, stream: int | None
-                   ) -> tuple[torch.Tensor, int]:
+    def _allreduce(self, x: torch.Tensor, codec: Codec | None, stream: int | None,
+                   groups: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, int]:
         codec = codec or self._dense
         if not codec.summable:
             raise ValueError(f"allreduce_mean takes a summable codec (dense, int8, int4); "
                              f"use allgather_mean for {codec.name}")
         flat = x.detach().reshape(-1).float().clone()
+        norm = check_groups(groups, self.world)
+        members = group_of(norm, self.rank, self.world)
         if self.algorithm == "star":
-            out, handle = self._star_allreduce(flat, codec, stream)
-            return out.reshape(x.shape).to(x.dtype), handle
-        n, r = self.world, self.rank
-        bounds = [flat.numel() * c // n for c in range(n + 1)]
-        chunks = [flat[bounds[c]:bounds[c + 1]] for c in range(n)]
-        sizes = [codec.nbytes((bounds[c + 1] - bounds[c],)) for c in range(n)]
-        table = self._my_row(sizes[r])
-        if n == 1:
-            return flat.reshape(x.shape).to(x.dtype), self._charge("allreduce", "ring", sizes, table, stream)
-        schedule = phases("allreduce", "ring", tuple(sizes))
-        right, left = (r + 1) % n, (r - 1) % n
-        with self.meter.measure():
-            packet = codec.pack(chunks[r])
-        # reduce-scatter; the metadata rows travel with it: after n-1 hops every node has all
-        for phase in schedule[:n - 1]:
-            _, into = ring_hop(phase, r)
-            got = self._exchange(packet, right, into.nbytes, left, table)
-            with self.meter.measure():
-                chunks[into.item] += codec.unpack(got)
-                packet = codec.pack(chunks[into.item])
-        handle = self._charge("allreduce", "ring", sizes, table, stream)
-        # node r now owns the full sum of chunk (r+1); everyone keeps the wire version of it
-        if codec.lossy:
-            chunks[(r + 1) % n].copy_(codec.unpack(packet))
-        for phase in schedule[n - 1:]:  # all-gather
-            _, into = ring_hop(phase, r)
-            got = self._exchange(packet, right, into.nbytes, left)
-            chunks[into.item].copy_(codec.unpack(got))
-            packet = got
-        return (flat / n).reshape(x.shape).to(x.dtype), handle
+            out, handle = self._star_allreduce(flat, codec, stream, norm, members)
+        else:
+            out, handle = self._ring_allreduce(flat, codec, stream, norm, members)
+        return out.reshape(x.shape).to(x.dtype), handle
 
-    def _star_allreduce(self, flat: torch.Tensor, codec: Codec, stream: int | None
-                        ) -> tuple[torch.Tensor, int]:
-        n = self.world
+    def _ring_allreduce(self, flat: torch.Tensor, codec: Codec, stream: int | None, groups: Groups | None,
+                        members: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        """Ring all-reduce among ``members`` (this node's group; every group at once)."""
+        n, r = self.world, self.rank
+        k, j = len(members), members.index(r)   # ring size, this node's place in it
+        bounds = [flat.numel() * c // k for c in range(k + 1)]
+        chunks = [flat[bounds[c]:bounds[c + 1]] for c in range(k)]
+        local = {m: c for c, m in enumerate(members)}   # member -> its chunk
+        handle: int | None = None
+        table: np.ndarray | None = None
+        if groups is None:  # the metadata rows ride the reduce-scatter
+            sizes = [codec.nbytes((bounds[c + 1] - bounds[c],)) for c in range(n)]
+            table = self._my_row(sizes[r])
+        else:
+            sizes, handle = self._begin("allreduce", "ring", codec.nbytes((bounds[j + 1] - bounds[j],)), stream,
+                                        groups)
+        if k == 1:
+            if handle is None:
+                handle = self._charge("allreduce", "ring", sizes, table, stream)
+            return flat, handle
+        schedule = phases("allreduce", "ring", tuple(sizes), groups)
+        with self.meter.measure():
+            packet = codec.pack(chunks[j])
+        # reduce-scatter; ungrouped, the metadata rows travel with it: after n-1 hops every node has all
+        for phase in schedule[:k - 1]:
+            out, into = ring_hop(phase, r)
+            got = self._exchange(packet, out.dst, into.nbytes, into.src, table)
+            with self.meter.measure():
+                chunks[local[into.item]] += codec.unpack(got)
+                packet = codec.pack(chunks[local[into.item]])
+        if handle is None:
+            handle = self._charge("allreduce", "ring", sizes, table, stream)
+        # this node now owns the full sum of chunk j+1; everyone keeps the wire version of it
+        if codec.lossy:
+            chunks[(j + 1) % k].copy_(codec.unpack(packet))
+        for phase in schedule[k - 1:2 * (k - 1)]:  # all-gather
+            out, into = ring_hop(phase, r)
+            got = self._exchange(packet, out.dst, into.nbytes, into.src)
+            chunks[local[into.item]].copy_(codec.unpack(got))
+            packet = got
+        return flat / k, handle
+
+    def _star_allreduce(self, flat: torch.Tensor, codec: Codec, stream: int | None, groups: Groups | None,
+                        members: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        """Parameter-server all-reduce among ``members``, root = members[0] (every group at once)."""
+        n, r, root, k = self.world, self.rank, members[0], len(members)
         size = codec.nbytes((flat.numel(),))
-        table = self._my_row(size)
-        sizes = [size] * n
-        if n == 1:
-            return flat, self._charge("allreduce", "star", sizes, table, stream)
-        gather, scatter = phases("allreduce", "star", tuple(sizes))
-        if self.rank == 0:  # workers' rows arrive with their packets, the full table goes back
+        handle: int | None = None
+        table: np.ndarray | None = None
+        if groups is None:  # workers' rows arrive with their packets, the full table goes back
+            sizes = [size] * n
+            table = self._my_row(size)
+        else:
+            sizes, handle = self._begin("allreduce", "star", size, stream, groups)
+
+        def charged() -> int:
+            return handle if handle is not None else self._charge("allreduce", "star", sizes, table, stream)
+
+        if k == 1:
+            return flat, charged()
+        gather, scatter = phases("allreduce", "star", tuple(sizes), groups)
+        if r == root:
             total = flat.clone()
             for m in gather:
-                total += codec.unpack(self._exchange(None, 0, m.nbytes, m.src, table))
-            packet = codec.pack(total / n)
+                if m.dst == r:
+                    total += codec.unpack(self._exchange(None, r, m.nbytes, m.src, table))
+            packet = codec.pack(total / k)
             for m in scatter:
-                self._exchange(packet, m.dst, None, 0, table)
-            return codec.unpack(packet).float(), self._charge("allreduce", "star", sizes, table, stream)
-        self._exchange(codec.pack(flat), 0, None, 0, table)
-        result = codec.unpack(self._exchange(None, 0, size, 0, table)).float()
-        return result, self._charge("allreduce", "star", sizes, table, stream)
+                if m.src == r:
+                    self._exchange(packet, m.dst, None, r, table)
+            return codec.unpack(packet).float(), charged()
+        self._exchange(codec.pack(flat), root, None, root, table)
+        result = codec.unpack(self._exchange(None, root, size, root, table)).float()
+        return result, charged()
 
     def allgather(self, packet: torch.Tensor) -> list[torch.Tensor]:
         """Every node's packet (index = rank), moved around a ring; packets may differ in size."""

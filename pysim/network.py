@@ -36,6 +36,12 @@ textbook formulas:
 - parameter server (star) all-reduce, root = node 0, packets of S bytes:
   2 * (alpha + 8(n-1)S/beta): the root's downlink takes n-1 packets, then its
   uplink sends n-1 results.
+- a grouped collective (disjoint groups, each running the collective among its
+  members, phase t of every group at once; :mod:`pysim.schedule`) is timed as one
+  collective whose phase t holds every group's phase-t messages. Groups share no
+  access link, so on uniform links it costs what one group's collective costs
+  (e.g. groups of g: ring all-reduce 2(g-1) * (alpha + 8c/beta)); on other links a
+  phase waits for the slowest group's message.
 
 :func:`collective_parts` also splits a collective's time into its latency part
 (the latency of each phase's slowest message) and its transfer part (the
@@ -335,31 +341,42 @@ def _check_nodes(n: int) -> None:
 # ---------------------------------------------------------------- collectives
 
 
-@functools.lru_cache(maxsize=65536)
-def collective_parts(net: Network, op: str, algo: str, sizes: tuple[int, ...]) -> tuple[float, float]:
+def collective_parts(net: Network, op: str, algo: str, sizes: Sequence[int],
+                     groups: Sequence[Sequence[int]] | None = None) -> tuple[float, float]:
     """(seconds, latency part) of one collective on ``net`` (schedule: :mod:`pysim.schedule`;
-    ``sizes`` are bytes per member). Cached: the replay of long traces calls this with few
-    distinct arguments."""
+    ``sizes`` are bytes per member; ``groups``: run within each group at once, see
+    :func:`pysim.schedule.phases`): the sum over phases of :meth:`Network.phase_parts`."""
+    sizes = tuple(int(s) for s in sizes)
+    return _collective_parts(net, op, algo, sizes, schedule.check_groups(groups, len(sizes)))
+
+
+@functools.lru_cache(maxsize=65536)
+def _collective_parts(net: Network, op: str, algo: str, sizes: tuple[int, ...],
+                      groups: schedule.Groups | None) -> tuple[float, float]:
+    """:func:`collective_parts` on normalised arguments. Cached: the replay of long traces
+    calls this with few distinct arguments."""
     if len(sizes) != net.n:
         raise ValueError(f"collective over {len(sizes)} members on a network of {net.n} nodes")
     total = latency = 0.0
-    for phase in schedule.phases(op, algo, tuple(sizes)):
+    for phase in schedule.phases(op, algo, sizes, groups):
         s, lat = net.phase_parts([(m.src, m.dst, m.nbytes) for m in phase])
         total += s
         latency += lat
     return total, latency
 
 
-def collective_s(net: Network, op: str, algo: str, sizes: tuple[int, ...]) -> float:
+def collective_s(net: Network, op: str, algo: str, sizes: Sequence[int],
+                 groups: Sequence[Sequence[int]] | None = None) -> float:
     """Seconds one collective takes on ``net`` on its own (see :func:`collective_parts`)."""
-    return collective_parts(net, op, algo, tuple(sizes))[0]
+    return collective_parts(net, op, algo, sizes, groups)[0]
 
 
-def framing_bytes(framing: Framing | Network, op: str, algo: str, sizes: Sequence[int]) -> list[int]:
+def framing_bytes(framing: Framing | Network, op: str, algo: str, sizes: Sequence[int],
+                  groups: Sequence[Sequence[int]] | None = None) -> list[int]:
     """Framing bytes each member sends in one collective (on top of :func:`bytes_sent`)."""
     f = framing.framing if isinstance(framing, Network) else framing
     out = [0] * len(sizes)
-    for phase in schedule.phases(op, algo, tuple(sizes)):
+    for phase in schedule.phases(op, algo, tuple(sizes), groups):
         for m in phase:
             out[m.src] += f.overhead(m.nbytes)
     return out

@@ -26,11 +26,25 @@ Star all-reduce (parameter server at node 0): every other node sends its
 packet to 0, then 0 sends the reduced packet (node 0's size) to each.
 Star broadcast: the root sends to every other node in one phase. Binomial tree
 broadcast: in round r every node that has the message sends it 2^r further on.
+
+Every message satisfies ``nbytes == sizes[item]``.
+
+Grouped collectives (``groups``): the members are split into disjoint groups
+that together hold every member (e.g. FedAvg's islands); each group runs the
+collective above among its own members, in the order listed (group
+(g_0, .., g_(k-1)): its local member j is g_j, so a ring sends g_j -> g_(j+1)),
+and phase t of the grouped collective is phase t of every group at once (a
+group with fewer phases is done early). Items are member indices of the whole
+collective (g_item), so ``nbytes == sizes[item]`` still holds. ``groups=None``
+is one group of all members in rank order. Example: 4 members in groups
+(0, 2), (1, 3), ring all-reduce with chunk sizes c: phase 0 = 0->2 (chunk 0),
+2->0 (chunk 2), 1->3 (chunk 1), 3->1 (chunk 3); phase 1 is the all-gather hop.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 ALGORITHMS = {
@@ -49,11 +63,35 @@ class Message(NamedTuple):
 
 
 Phase = tuple[Message, ...]
+Groups = tuple[tuple[int, ...], ...]
 
 
 def check_collective(op: str, algo: str) -> None:
     if op not in ALGORITHMS or algo not in ALGORITHMS[op]:
         raise ValueError(f"unknown collective {op}/{algo}; known: {ALGORITHMS}")
+
+
+def check_groups(groups: Sequence[Sequence[int]] | None, n: int) -> Groups | None:
+    """``groups`` as a tuple of tuples of member indices, or None for one group of all ``n``
+    members in rank order (``None`` itself, or that single group). Raises ValueError unless
+    the groups are non-empty, disjoint and together hold exactly members 0 .. n-1."""
+    if groups is None:
+        return None
+    try:
+        out = tuple(tuple(int(m) for m in g) for g in groups)
+    except TypeError:
+        raise ValueError(f"groups must be a sequence of sequences of member indices, got {groups!r}") from None
+    flat = [m for g in out for m in g]
+    if any(not g for g in out) or sorted(flat) != list(range(n)):
+        raise ValueError(f"groups {out} must be non-empty, disjoint and hold every member 0..{n - 1} exactly once")
+    return None if out == (tuple(range(n)),) else out
+
+
+def group_of(groups: Groups | None, member: int, n: int) -> tuple[int, ...]:
+    """The members of ``member``'s group, in ring order (all ``n`` members for None)."""
+    if groups is None:
+        return tuple(range(n))
+    return next(g for g in groups if member in g)
 
 
 def ring_reduce_scatter(sizes: tuple[int, ...]) -> list[Phase]:
@@ -82,14 +120,35 @@ def tree_broadcast(nbytes: int, n: int) -> list[Phase]:
     return phases
 
 
-@functools.lru_cache(maxsize=65536)
-def phases(op: str, algo: str, sizes: tuple[int, ...]) -> tuple[Phase, ...]:
-    """The phases of one collective (empty for a single member). Cached: a run repeats
-    few distinct collectives."""
-    check_collective(op, algo)
+def phases(op: str, algo: str, sizes: Sequence[int], groups: Sequence[Sequence[int]] | None = None
+           ) -> tuple[Phase, ...]:
+    """The phases of one collective (empty for a single member), run within each of
+    ``groups`` at once if given (see the module docstring). ``sizes``: bytes per member;
+    ``groups``: a partition of the members (see :func:`check_groups`) or None."""
     sizes = tuple(int(s) for s in sizes)
+    return _phases(op, algo, sizes, check_groups(groups, len(sizes)))
+
+
+@functools.lru_cache(maxsize=65536)
+def _phases(op: str, algo: str, sizes: tuple[int, ...], groups: Groups | None) -> tuple[Phase, ...]:
+    """:func:`phases` on normalised arguments. Cached: a run repeats few distinct collectives."""
+    check_collective(op, algo)
     if any(s < 0 for s in sizes):
         raise ValueError(f"negative message size in {sizes}")
+    if groups is not None:
+        return _grouped(op, algo, sizes, groups)
+    return _one_group(op, algo, sizes)
+
+
+def _grouped(op: str, algo: str, sizes: tuple[int, ...], groups: Groups) -> tuple[Phase, ...]:
+    """Each group's own schedule with its members renamed, phase t of all groups merged."""
+    per_group = [[tuple(Message(g[m.src], g[m.dst], m.nbytes, g[m.item]) for m in phase)
+                  for phase in _one_group(op, algo, tuple(sizes[m] for m in g))] for g in groups]
+    count = max(len(p) for p in per_group)
+    return tuple(tuple(m for p in per_group if t < len(p) for m in p[t]) for t in range(count))
+
+
+def _one_group(op: str, algo: str, sizes: tuple[int, ...]) -> tuple[Phase, ...]:
     n = len(sizes)
     if n <= 1:
         return ()
@@ -104,25 +163,34 @@ def phases(op: str, algo: str, sizes: tuple[int, ...]) -> tuple[Phase, ...]:
     return tuple(tree_broadcast(sizes[0], n))
 
 
-def bytes_sent(op: str, algo: str, sizes: tuple[int, ...] | list[int]) -> list[int]:
-    """Bytes each member sends in one collective (the packets that really cross)."""
+def bytes_sent(op: str, algo: str, sizes: Sequence[int],
+               groups: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """Bytes each member sends in one collective (the packets that really cross), within
+    ``groups`` if given."""
     out = [0] * len(sizes)
-    for phase in phases(op, algo, tuple(sizes)):
+    for phase in phases(op, algo, tuple(sizes), groups):
         for m in phase:
             out[m.src] += m.nbytes
     return out
 
 
-def bytes_received(op: str, algo: str, sizes: tuple[int, ...] | list[int]) -> list[int]:
-    """Bytes each member receives in one collective."""
+def bytes_received(op: str, algo: str, sizes: Sequence[int],
+                   groups: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """Bytes each member receives in one collective, within ``groups`` if given."""
     out = [0] * len(sizes)
-    for phase in phases(op, algo, tuple(sizes)):
+    for phase in phases(op, algo, tuple(sizes), groups):
         for m in phase:
             out[m.dst] += m.nbytes
     return out
 
 
 def ring_hop(phase: Phase, rank: int) -> tuple[Message, Message]:
-    """In a ring phase: the message ``rank`` sends and the one it receives."""
+    """In a ring phase (grouped or not): the message ``rank`` sends and the one it receives."""
     n = len(phase)
-    return phase[rank], phase[(rank - 1) % n]
+    if n > rank and phase[rank].src == rank and phase[(rank - 1) % n].dst == rank:  # one ring in rank order
+        return phase[rank], phase[(rank - 1) % n]
+    out = [m for m in phase if m.src == rank]
+    into = [m for m in phase if m.dst == rank]
+    if len(out) != 1 or len(into) != 1:
+        raise ValueError(f"member {rank} does not send and receive one message each in this phase")
+    return out[0], into[0]

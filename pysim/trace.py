@@ -11,11 +11,14 @@ the event ``events[s]``:
 - :class:`Wait`: the node needs the result of the collective started with the
   same ``id``.
 
-A collective's ``sizes`` are its exact packet bytes per member (see
+A collective's ``sizes`` are its exact packet bytes per member and its
+``groups``, if any, the disjoint groups it runs within (see
 :mod:`pysim.schedule`). How long anything takes is the clock's business
-(:mod:`pysim.clock`). JSON form (version 2): events are ``null``,
+(:mod:`pysim.clock`). JSON form (version 3): events are ``null``,
 ``[op, algo, sizes]`` (blocking), ``["start", id, stream, op, algo, sizes]``
-or ``["wait", id]``; version 1 traces (blocking collectives only) still load.
+or ``["wait", id]``; a grouped collective appends its groups (a list of lists
+of node indices) to its list. Versions 1 (blocking collectives only) and 2 (no
+groups) still load.
 """
 
 from __future__ import annotations
@@ -27,18 +30,25 @@ from pathlib import Path
 from typing import Union
 
 from pysim.network import Framing, Network, framing_bytes
-from pysim.schedule import bytes_received, bytes_sent, check_collective
+from pysim.schedule import Groups, bytes_received, bytes_sent, check_collective, check_groups
 
-TRACE_VERSION = 2
+TRACE_VERSION = 3
+READS_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
 class Collective:
-    """One collective: op, algorithm, and packet bytes per member (see :mod:`pysim.schedule`)."""
+    """One collective: op, algorithm, packet bytes per member and the groups it runs within
+    (None: one group of all members; see :mod:`pysim.schedule`). ``groups`` is stored
+    normalised (tuples; one group of all members in rank order is None)."""
 
     op: str
     algo: str
     sizes: tuple[int, ...]
+    groups: Groups | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "groups", check_groups(self.groups, len(self.sizes)))
 
 
 @dataclass(frozen=True)
@@ -128,9 +138,9 @@ class Trace:
     @classmethod
     def from_json(cls, d: dict) -> Trace:
         version = d.get("version") if isinstance(d, dict) else type(d).__name__
-        if version not in (1, TRACE_VERSION):
-            raise ValueError(f"trace has format version {version!r}, this pysim reads versions 1 and "
-                             f"{TRACE_VERSION}; re-record the run with this version")
+        if version not in READS_VERSIONS:
+            raise ValueError(f"trace has format version {version!r}, this pysim reads versions "
+                             f"{', '.join(map(str, READS_VERSIONS))}; re-record the run with this version")
         try:
             raw = d["collectives"] if version == 1 else d["events"]
             events = [event_from_json(e) for e in raw]
@@ -156,8 +166,8 @@ class Trace:
         """Total packet bytes (sent, received) per node over the run."""
         sent, recv = [0] * self.nodes, [0] * self.nodes
         for c in self.collectives():
-            for i, (s, r) in enumerate(zip(bytes_sent(c.op, c.algo, c.sizes),
-                                           bytes_received(c.op, c.algo, c.sizes), strict=True)):
+            for i, (s, r) in enumerate(zip(bytes_sent(c.op, c.algo, c.sizes, c.groups),
+                                           bytes_received(c.op, c.algo, c.sizes, c.groups), strict=True)):
                 sent[i] += s
                 recv[i] += r
         return sent, recv
@@ -166,19 +176,29 @@ class Trace:
         """Total framing bytes each node sends over the run (on top of its packet bytes)."""
         out = [0] * self.nodes
         for c in self.collectives():
-            for i, b in enumerate(framing_bytes(framing, c.op, c.algo, c.sizes)):
+            for i, b in enumerate(framing_bytes(framing, c.op, c.algo, c.sizes, c.groups)):
                 out[i] += b
         return out
+
+
+def _collective_to_json(c: Collective) -> list:
+    out = [c.op, c.algo, list(c.sizes)]
+    return out if c.groups is None else [*out, [list(g) for g in c.groups]]
+
+
+def _collective_from_json(e: list) -> Collective:
+    if len(e) not in (3, 4):
+        raise ValueError(f"a collective is [op, algo, sizes] or [op, algo, sizes, groups], got {e!r}")
+    return Collective(e[0], e[1], tuple(int(b) for b in e[2]), None if len(e) == 3 else e[3])
 
 
 def event_to_json(e: Event):
     if e is None:
         return None
     if isinstance(e, Collective):
-        return [e.op, e.algo, list(e.sizes)]
+        return _collective_to_json(e)
     if isinstance(e, Start):
-        c = e.collective
-        return ["start", e.id, e.stream, c.op, c.algo, list(c.sizes)]
+        return ["start", e.id, e.stream, *_collective_to_json(e.collective)]
     return ["wait", e.id]
 
 
@@ -186,10 +206,10 @@ def event_from_json(e) -> Event:
     if e is None:
         return None
     if e[0] == "start":
-        return Start(int(e[1]), Collective(e[3], e[4], tuple(int(b) for b in e[5])), int(e[2]))
+        return Start(int(e[1]), _collective_from_json(e[3:]), int(e[2]))
     if e[0] == "wait":
         return Wait(int(e[1]))
-    return Collective(e[0], e[1], tuple(int(b) for b in e[2]))
+    return _collective_from_json(e)
 
 
 def trace_from_nodes(segments: Sequence[Sequence[tuple[float, float, Event]]], step_ends: Sequence[int]) -> Trace:
