@@ -185,18 +185,43 @@ class ComputeMeter:
     block's work (or takes the ``work`` given, for blocks counted once) and
     costs it with the profile. C++ kernels are invisible to torch's counters:
     code that calls one reports its memory traffic with :meth:`add_bytes`.
+    :meth:`hold` and :meth:`release` split an accumulated block into parts charged to
+    successive segments.
     """
 
     def __init__(self, profile: ComputeProfile | str | None = None) -> None:
         self.profile = resolve_compute(profile) if isinstance(profile, str) else profile
         self.seconds = 0.0
         self.flops = 0.0
+        self.held_seconds = 0.0     # compute held back from take() (see hold)
+        self.held_flops = 0.0
         self._depth = 0
+        self._reused: dict[str, Work] = {}   # counted work of blocks measured with ``reuse``
+        self._counted_once: set[str] = set()
 
     @contextmanager
-    def measure(self, flops: float = 0.0, work: Work | None = None, key: str | None = None):
+    def measure(self, flops: float = 0.0, work: Work | None = None, key: str | None = None,
+                reuse: str | None = None):
         """Charges the body as compute. ``work`` (with ``flops``) is its pre-counted work and
-        ``key`` its step key for a calibrated profile; without them the body is counted."""
+        ``key`` its step key for a calibrated profile; without them the body is counted.
+        ``reuse``: a name for a block that does the same work every time it runs (an
+        optimizer step over fixed shapes): counted the first two times, the second count
+        reused after (counting runs every kernel through Python and costs more real time than the work)."""
+        if work is None and reuse is not None and self.profile is not None:
+            work = self._reused.get(reuse)
+            if work is None and self._depth == 0:
+                with counting() as box:
+                    self._depth += 1
+                    try:
+                        yield
+                    finally:
+                        self._depth -= 1
+                if reuse in self._counted_once:  # the first run may differ (optimizer state is created)
+                    self._reused[reuse] = box[0]
+                self._counted_once.add(reuse)
+                self.seconds += self.profile.seconds(box[0])
+                self.flops += box[0].flops
+                return
         if work is not None:
             flops = work.flops
         self._depth += 1
@@ -227,10 +252,33 @@ class ComputeMeter:
             self.seconds += nbytes / self.profile.bytes_per_s + self.profile.kernel_s
 
     def take(self) -> tuple[float, float]:
-        """(seconds, flops) since the last take."""
+        """(seconds, flops) since the last take (held compute excluded)."""
         seconds, flops = self.seconds, self.flops
         self.seconds = self.flops = 0.0
         return seconds, flops
+
+    def hold(self) -> tuple[float, float]:
+        """Holds back all compute accumulated so far: :meth:`take` no longer sees it until it is
+        given back piece by piece with :meth:`release`. Returns the (seconds, flops) now held.
+        A strategy uses it to hand one measured block (forward + backward) to the clock in parts,
+        e.g. a backward that produces gradient buckets one after another."""
+        self.held_seconds += self.seconds
+        self.held_flops += self.flops
+        self.seconds = self.flops = 0.0
+        return self.held_seconds, self.held_flops
+
+    def release(self, seconds: float | None = None, flops: float | None = None) -> None:
+        """Gives back ``seconds`` and ``flops`` of held compute (default: all that is held), to be
+        taken with the next segment. Releasing more than is held is a ValueError."""
+        seconds = self.held_seconds if seconds is None else seconds
+        flops = self.held_flops if flops is None else flops
+        if not 0 <= seconds <= self.held_seconds or not 0 <= flops <= self.held_flops:
+            raise ValueError(f"release of ({seconds}, {flops}) s/FLOPs; only ({self.held_seconds}, "
+                             f"{self.held_flops}) are held")
+        self.held_seconds -= seconds
+        self.held_flops -= flops
+        self.seconds += seconds
+        self.flops += flops
 
 
 def step_key(workload_name: str, n_params: int, batch_size: int) -> str:

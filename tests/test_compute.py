@@ -60,3 +60,26 @@ def test_bad_compute_modes_and_profile_files(tmp_path):
         resolve_compute(f"profile:{foreign}")
     good = ComputeProfile("calibrated", 1e10, 1e10, 1e-6, {"k": 0.01}).save(tmp_path / "p.json")
     assert resolve_compute(f"profile:{good}").steps == {"k": 0.01}
+
+
+def test_reused_block_is_counted_twice_then_charged_the_same_without_counting(monkeypatch):
+    import pysim.compute as compute
+
+    meter = ComputeMeter("cpu")
+    x = torch.randn(64, 64)
+    calls = []
+    real = compute.counting
+
+    def spy():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(compute, "counting", spy)
+    charged = []
+    for _ in range(5):
+        with meter.measure(reuse="mm"):
+            x @ x
+        charged.append(meter.take()[0])
+    assert len(calls) == 2  # the first run may create state; the second count is kept
+    expected = DEVICE_PROFILES["cpu"].seconds(count_work(lambda: x @ x))
+    assert charged[1:] == [expected] * 4 and expected > 0

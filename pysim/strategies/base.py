@@ -138,7 +138,7 @@ class Strategy:
 
     def local_step(self) -> None:
         """The inner optimizer's step (and its scheduler's), as compute."""
-        with self.compute():
+        with self.compute(reuse="local_step"):
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -155,9 +155,10 @@ class Strategy:
 
     # ------------------------------------------------------------ helpers
 
-    def compute(self) -> AbstractContextManager:
-        """Context manager: the body counts as this node's compute time."""
-        return self.comm.meter.measure()
+    def compute(self, reuse: str | None = None) -> AbstractContextManager:
+        """Context manager: the body counts as this node's compute time. ``reuse`` names a block
+        that does the same work every time (see :meth:`pysim.compute.ComputeMeter.measure`)."""
+        return self.comm.meter.measure(reuse=reuse)
 
     def lr(self) -> float:
         """The inner optimizer's current learning rate (its first parameter group's)."""

@@ -22,12 +22,12 @@ class AverageRandomSubset(CommStep):
 
     def after_local_step(self, step: int, last: bool) -> None:
         s = self.strategy
-        with s.compute():
+        with s.compute(reuse="sparta.gather"):
             flat = parameters_to_vector(s.params).detach()
             idx = self.sampler.indices(flat.numel(), step)
             values = flat[idx]
         flat[idx] = s.comm.allreduce_mean(values)
-        with s.compute():
+        with s.compute(reuse="sparta.scatter"):
             vector_to_parameters(flat, s.params)
 
     def eval_model(self):
