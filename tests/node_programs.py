@@ -78,6 +78,65 @@ def async_patterns(rank: int, world: int, net: Network, algorithm: str, scaling)
     return out
 
 
+def grouped_allreduces(rank: int, world: int, net: Network, algorithm: str, groups, scaling=None) -> dict:
+    """All-reduces within ``groups`` (blocking fp32, blocking fp16, one on stream 1 overlapping
+    compute and an ungrouped one); returns what a test needs to check means, bytes and clocks."""
+    comm = Comm(rank, world, net, algorithm=algorithm, scaling=scaling)
+    g = torch.Generator().manual_seed(50 + rank)
+    xs = [torch.randn(1000, generator=g) for _ in range(3)]
+
+    def work(n: int) -> None:
+        with comm.meter.measure():
+            sum(range(n))
+
+    work(10000 * (rank + 1))   # nodes arrive at different times
+    out: dict = {"x": xs, "mean": comm.allreduce_mean(xs[0], groups=groups),
+                 "mean16": comm.allreduce_mean(xs[1], get_codec("dense:fp16"), groups=groups)}
+    comm.end_step()
+    pending = comm.allreduce_mean_async(xs[2], stream=1, groups=groups)
+    work(20000)
+    out["all"] = comm.allreduce_mean(xs[0])
+    out["async"] = pending.wait()
+    comm.end_step()
+    out["sent"], out["received"] = comm.bytes_sent, comm.bytes_received
+    out["segments"], out["step_ends"], out["clock_s"] = comm.segments, comm.step_ends, comm.clock_s
+    return out
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+
+def tiny_batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def train_strategy(rank: int, world: int, net: Network, spec: str, steps: int, lr: float = 0.1,
+                   mark_last: bool = True) -> dict:
+    """``steps`` of plain SGD (lr ``lr``) on :func:`tiny_batch` under the strategy ``spec``
+    (the last one flagged ``last`` if ``mark_last``, as a run's end is); returns the local
+    and deployed parameters, bytes and the node's trace record."""
+    from pysim.strategies import make_strategy
+
+    model = tiny_model()
+    comm = Comm(rank, world, net)
+    strategy = make_strategy(spec)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=lr), comm)
+    for step in range(steps):
+        x, y = tiny_batch(rank, step)
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        strategy.step(step, last=mark_last and step == steps - 1)
+        comm.end_step()
+    flat = torch.nn.utils.parameters_to_vector
+    return {"local": flat(model.parameters()).detach().clone(),
+            "deployed": flat(strategy.eval_model().parameters()).detach().clone(),
+            "sent": comm.bytes_sent, "received": comm.bytes_received,
+            "segments": comm.segments, "step_ends": comm.step_ends, "clock_s": comm.clock_s}
+
+
 def fail_on(rank: int, world: int, bad_rank: int) -> None:
     if rank == bad_rank:
         raise RuntimeError(f"boom on purpose in node {rank}")
