@@ -4,12 +4,20 @@ Every node builds the same model from the same seed, takes its shard of the
 training set, and for each step computes the loss and gradients on a batch
 of its shard (timed as compute), then lets the strategy communicate and
 update. Node 0 evaluates the strategy's model every ``eval_every`` steps (and
-after the last) on a fixed subset of the evaluation set (cheap and frequent,
-for time to target), and on the whole set at the end (the final metrics).
+after the last) on a fixed subset of the evaluation set (cheap, for time to
+target), and on the whole set at the end (the final metrics).
+
+Time to target at step resolution: until the target is reached, node 0 keeps a
+copy of the deployed model of every step since the last evaluation. When an
+evaluation first reaches the target, the steps in between are bisected on
+those copies (about log2(eval_every) more evaluations), so the run records the
+first step whose model reaches the target with the step before it below the
+target: the crossing is known to one step, not to ``eval_every`` steps.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from typing import TYPE_CHECKING, NamedTuple
@@ -93,6 +101,55 @@ class Subset:
         return self.data.batch(self.idx[idx])
 
 
+class CrossingFinder:
+    """Finds the first step whose deployed model reaches ``target`` (see the module docstring).
+
+    ``keep(step, model)`` stores a copy of the model deployed after ``step`` while the target
+    is not reached; ``evaluated(step, metrics)`` is told every regular evaluation and, at the
+    first one that reaches the target, returns the (step, metrics) of the bisection
+    evaluations it ran on the stored copies (``evaluate(model) -> metrics``)."""
+
+    def __init__(self, target, evaluate) -> None:
+        self.target, self.evaluate = target, evaluate
+        self.reached = False
+        self.last_step = 0                      # step of the last evaluation below the target
+        self.kept: dict[int, list[torch.Tensor]] = {}
+        self._scratch: torch.nn.Module | None = None
+
+    def keep(self, step: int, model: torch.nn.Module) -> None:
+        if self.reached:
+            return
+        if self._scratch is None:
+            self._scratch = copy.deepcopy(model)
+        self.kept[step] = [t.detach().clone() for t in model.state_dict().values()]
+
+    def evaluated(self, step: int, metrics: dict[str, float]) -> list[tuple[int, dict[str, float]]]:
+        if self.reached:
+            return []
+        value = metrics.get(self.target.metric)
+        if value is None or not self.target.reached(value):
+            self.last_step = step
+            self.kept.clear()
+            return []
+        self.reached = True
+        lo, hi, found = self.last_step, step, []
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if mid not in self.kept:
+                break
+            with torch.no_grad():
+                for dst, src in zip(self._scratch.state_dict().values(), self.kept[mid], strict=True):
+                    dst.copy_(src)
+            m = self.evaluate(self._scratch)
+            found.append((mid, m))
+            if self.target.reached(m[self.target.metric]):
+                hi = mid
+            else:
+                lo = mid
+        self.kept.clear()
+        return sorted(found, key=lambda e: e[0])
+
+
 def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
     """One node's training run; returns its records (steps, evaluations on node 0, trace segments)."""
     wl = cfg.workload
@@ -129,6 +186,7 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
     evals: list[EvalRecord] = []
     bar = tqdm(total=cfg.steps, desc=f"{cfg.name} (node 0)", unit="step", leave=False, mininterval=0.5,
                disable=rank != 0 or cfg.steps < 200 or not sys.stderr.isatty())
+    crossing = CrossingFinder(cfg.goal, lambda m: wl.metrics(m, quick)) if evaluation is not None else None
     for step in range(cfg.steps):
         x, y = batches.next()
         with meter.measure(work=work, key=key):
@@ -141,11 +199,16 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
                                 comm.comm_s))
         if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
             deployed = strategy.eval_model()  # collective: a strategy may average the nodes' models (uncharged)
-            if evaluation is not None:
+            if crossing is not None:
                 metrics = wl.metrics(deployed, quick)
+                evals += [EvalRecord(k, m, len(quick)) for k, m in crossing.evaluated(step + 1, metrics)]
                 evals.append(EvalRecord(step + 1, metrics, len(quick)))
-                shown = {k: f"{v:.4g}" for k, v in metrics.items() if k == wl.target.metric}
+                shown = {k: f"{v:.4g}" for k, v in metrics.items() if k == cfg.goal.metric}
                 bar.set_postfix(shown | {"sim": f"{clock:.1f}s"})
+        elif cfg.resolve_target:
+            deployed = strategy.eval_model()  # every node: it may be a collective
+            if crossing is not None:
+                crossing.keep(step + 1, deployed)
         bar.update()
     bar.close()
     deployed = strategy.eval_model()

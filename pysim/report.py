@@ -159,11 +159,14 @@ def plot_runs(results: list[dict], path: str | Path, title: str = "") -> Path:
     scale = 100.0 if metric == "accuracy" else 1.0
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, runs in group_by_label(results).items():
-        steps = sorted(set.intersection(*[{e["step"] for e in r["evals"]} for r in runs]))
-        at = [{e["step"]: e for e in r["evals"]} for r in runs]
-        vals = np.array([[scale * a[s]["metrics"][metric] for s in steps] for a in at])
-        times = np.array([[a[s]["sim_time_s"] for s in steps] for a in at]).mean(axis=0)
-        sent = np.maximum(np.array([[a[s]["bytes_sent_per_node"] for s in steps] for a in at]).mean(axis=0), 1)
+        # seeds may be evaluated at different steps (bisection near the target): each seed's
+        # metric is interpolated in steps onto the union of their evaluation steps
+        steps = np.array(sorted(set().union(*[{e["step"] for e in r["evals"]} for r in runs])))
+        vals = np.array([np.interp(steps, [e["step"] for e in r["evals"]],
+                                   [scale * e["metrics"][metric] for e in r["evals"]]) for r in runs])
+        times = np.array([[r["steps"][s - 1]["sim_time_s"] for s in steps] for r in runs]).mean(axis=0)
+        sent = np.maximum(np.array([[r["steps"][s - 1]["bytes_sent_per_node"] for s in steps]
+                                    for r in runs]).mean(axis=0), 1)
         for ax, x in ((ax_t, times), (ax_b, sent)):
             line, = ax.plot(x, vals.mean(axis=0), label=label, lw=1.5)
             if len(runs) > 1:

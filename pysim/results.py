@@ -262,16 +262,20 @@ def load_result(path: str | Path) -> tuple[dict, Trace]:
 
 
 def crossing_step(evals: list[tuple[int, float]], target: Target) -> tuple[float, int, int] | None:
-    """Where the metric first reaches ``target``: (fractional step, step of the evaluation before,
-    step of the first evaluation at or past it), None if never. The step is linearly interpolated
-    in the metric between the two evaluations; before the first evaluation there is nothing to
-    interpolate from (the bracket then starts at step 0 and the crossing is put at its end)."""
+    """Where the metric first reaches ``target``: (step, step of the evaluation before, step of the
+    first evaluation at or past it), None if never. Evaluations one step apart (the node
+    bisects to that resolution) give the first step that reached it, exactly; wider brackets
+    are linearly interpolated in the metric between the two evaluations; before the first
+    evaluation there is nothing to interpolate from (the bracket then starts at step 0 and the
+    crossing is put at its end)."""
     prev = None
     for step, value in evals:
         if target.reached(value):
             if prev is None:
                 return float(step), 0, step
             s0, v0 = prev
+            if step - s0 <= 1:
+                return float(step), s0, step
             frac = (target.value - v0) / (value - v0) if value != v0 else 1.0
             return s0 + (step - s0) * frac, s0, step
         prev = (step, value)

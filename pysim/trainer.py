@@ -50,6 +50,8 @@ class TrainConfig:
     such as ``"mnist"``); ``target`` overrides the workload's. ``sharding``: ``iid``,
     ``contiguous`` or ``dirichlet:ALPHA``. ``eval_every``: steps between evaluations on
     ``eval_subset`` examples of the evaluation set (None: all); the final metrics use all.
+    ``resolve_target``: node 0 keeps each step's deployed model between evaluations and
+    bisects to the first step that reached the target (time to target known to one step).
     ``train_examples`` keeps only the first N training examples (quick studies, tests).
     ``compute``: how compute time is charged (see :mod:`pysim.compute`); ``profile`` is
     the resolved profile (set by :meth:`check`, or given: a comparison shares one).
@@ -74,6 +76,7 @@ class TrainConfig:
     label: str | None = None
     profile: ComputeProfile | None = None
     seed_in_name: bool = False         # save as "<name> seed<N>" (comparisons keep every seed in one folder)
+    resolve_target: bool = True        # find the first step reaching the target by bisection (see pysim.node)
 
     def __post_init__(self) -> None:
         if isinstance(self.workload, str):
