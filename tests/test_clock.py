@@ -222,3 +222,47 @@ def test_framing_bytes_are_reported_apart_from_packet_bytes():
     assert t.framing_bytes_per_node(Framing(per_message=5)) == [15, 15]
     assert t.bytes_per_node() == ([3 + 5 + 6, 3 + 6 + 5], [3 + 6 + 5, 3 + 5 + 6])
     assert t.framing_bytes_per_node(Network.uniform(2, 8)) == [0, 0]
+
+
+PAIRS = ((0, 2), (1, 3))
+
+
+def test_grouped_collective_is_one_collective_from_the_last_arrival_of_any_group():
+    net = Network.uniform(4, 8 * 100, 0.5)   # 100 bytes per second, 0.5 s latency
+    pairs = Collective("allreduce", "ring", (100, 100, 100, 100), PAIRS)
+    cost = 2 * (0.5 + 1.0)                   # a ring of 2: 2 phases of one 100-byte chunk
+    t = trace_of(4, [([1.0, 2.0, 3.0, 4.0], pairs), ([0.0] * 4, None)])
+    tl = replay(t, net)
+    # island (0, 2) waits for node 3 of the other island: the grouped collective is timed as one
+    assert list(tl.end_s[0]) == [4.0 + cost] * 4
+    clock = Clock(net, 4)
+    assert list(clock.advance(np.array([1.0, 2.0, 3.0, 4.0]), pairs)) == list(tl.end_s[0])
+    # started on stream 1 while a blocking ungrouped one runs (no latency: 2 s and 6 s of transfer):
+    # they share the links, 1/2 each while both move, so the pairs end at 4 s and the whole ring at 8 s
+    net0 = Network.uniform(4, 8 * 100, 0.0)
+    whole = Collective("allreduce", "ring", (100,) * 4)
+    both = trace_of(4, [([0.0] * 4, Start(0, pairs, 1)), ([0.0] * 4, whole), ([0.0] * 4, Wait(0)),
+                        ([0.0] * 4, None)])
+    clock = Clock(net0, 4)
+    ends = np.array([clock.advance(np.array(c), e) for c, e in zip(both.compute_s, both.events, strict=True)])
+    assert np.array_equal(ends, replay(both, net0).end_s)
+    assert list(ends[:, 0]) == pytest.approx([0.0, 8.0, 8.0, 8.0], abs=1e-12)
+
+
+def test_grouped_collective_json_round_trip_and_version_2_still_loads(tmp_path):
+    pairs = Collective("allreduce", "ring", (7, 8, 9, 10), [[0, 2], [1, 3]])
+    assert pairs.groups == PAIRS and Collective("allreduce", "ring", (1, 1), [[0, 1]]).groups is None
+    t = trace_of(4, [([1] * 4, pairs), ([1] * 4, Start(3, pairs, 1)), ([0] * 4, Wait(3)), ([0] * 4, None)])
+    d = t.to_json()
+    assert d["version"] == 3 and d["events"][0] == ["allreduce", "ring", [7, 8, 9, 10], [[0, 2], [1, 3]]]
+    t.save(tmp_path / "t.json")
+    assert Trace.load(tmp_path / "t.json") == t
+    # each pair's ring: a node sends its own chunk, then its partner's; the trace has the collective twice
+    assert Trace.load(tmp_path / "t.json").bytes_per_node()[0] == [2 * (7 + 9), 2 * (8 + 10), 2 * (9 + 7),
+                                                                   2 * (10 + 8)]
+    v2 = {"version": 2, "nodes": 2, "compute_s": [[1.0, 1.0], [0.0, 0.0]], "flops": [[0, 0], [0, 0]],
+          "events": [["start", 0, 1, "allgather", "ring", [3, 3]], ["wait", 0]], "step_ends": []}
+    assert Trace.from_json(v2).events == [Start(0, gather(3), 1), Wait(0)]
+    bad = dict(d, events=[["allreduce", "ring", [7, 8, 9, 10], [[0, 2], [2, 3]]]] + d["events"][1:])
+    with pytest.raises(ValueError, match="groups"):
+        Trace.from_json(bad)

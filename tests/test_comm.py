@@ -106,3 +106,48 @@ def test_bad_algorithm_is_refused():
 
     with pytest.raises(ValueError, match="algorithm"):
         Comm(0, 1, Network.uniform(1, "1Gbps"), algorithm="butterfly")
+
+
+@pytest.mark.parametrize("algorithm, groups", [("ring", ((0, 2), (1, 3))), ("star", ((0, 2), (1, 3))),
+                                               ("ring", ((3,), (2, 0, 1)))])
+def test_grouped_allreduce_means_bytes_and_live_clock_equal_replay(algorithm, groups):
+    net = Network.uniform(4, "2Mbit", "2ms")   # slow: the grouped collective on stream 1 overlaps stream 0
+    scaling = ComputeScaling(speed=(1.0, 0.5, 1.0, 1.0), jitter=0.1, seed=4)
+    res = run_nodes(node_programs.grouped_allreduces, 4, (net, algorithm, groups, scaling))
+    for g in groups:
+        for key, k in (("mean", 0), ("async", 2)):
+            want = sum(res[i]["x"][k] for i in g) / len(g)
+            for i in g:
+                torch.testing.assert_close(res[i][key], want, atol=1e-6, rtol=0)
+                assert torch.equal(res[i][key], res[g[0]][key])   # identical within an island
+        want16 = sum(res[i]["x"][1] for i in g) / len(g)
+        for i in g:
+            torch.testing.assert_close(res[i]["mean16"], want16, atol=3e-3, rtol=0)
+    everyone = sum(r["x"][0] for r in res) / 4
+    for r in res:
+        torch.testing.assert_close(r["all"], everyone, atol=1e-6, rtol=0)
+    trace = trace_from_nodes([r["segments"] for r in res], res[0]["step_ends"])
+    assert [c.groups for c in trace.collectives()] == [groups, groups, groups, None]  # the async one starts first
+    sent, recv = trace.bytes_per_node()
+    assert sent == [r["sent"] for r in res] and recv == [r["received"] for r in res]
+    if groups == ((0, 2), (1, 3)):   # by hand: a pair moves 2 messages per node of half the vector (ring) or
+        fp32, fp16, ring4 = 24 + 4 + 4 * 500, 24 + 4 + 2 * 500, 6 * (24 + 4 + 4 * 250)   # all of it (star)
+        if algorithm == "ring":
+            assert sent == [2 * fp32 + 2 * fp16 + ring4 + 2 * fp32] * 4
+        else:   # star: each worker sends its vector, each root the mean; then node 0 of 4 sends 3 means
+            fp32_all, fp16_all = 24 + 4 + 4000, 24 + 4 + 2000
+            assert sent == [2 * fp32_all + fp16_all + 3 * fp32_all, 2 * fp32_all + fp16_all + fp32_all,
+                            2 * fp32_all + fp16_all + fp32_all, 2 * fp32_all + fp16_all + fp32_all]
+    tl = replay(trace, net, scaling=scaling)
+    assert [r["clock_s"] for r in res] == list(tl.end_s[-1])
+    free_ends = _replay_without_sharing(trace, [net], scaled_compute(trace, scaling))[0]
+    assert tl.total_s > free_ends[-1, :, 0].max()   # the grouped collective on stream 1 really shared the links
+
+
+def test_grouped_allreduce_refuses_groups_that_miss_a_node():
+    from pysim.comm import Comm
+
+    comm = Comm(0, 1, Network.uniform(1, "1Gbps"))
+    with pytest.raises(ValueError, match="groups"):
+        comm.allreduce_mean(torch.ones(3), groups=[[0], [1]])
+    assert torch.equal(comm.allreduce_mean(torch.ones(3), groups=[[0]]), torch.ones(3))
