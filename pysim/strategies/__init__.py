@@ -6,7 +6,8 @@ module per concept:
 
 - ``base``: Strategy, CommStep, the registry;  ``spec``: make_strategy;
 - ``reducers``: averaging tensors over nodes, the collective chosen from the codec;
-- ``gradients``: SimpleReduce, TopK, PowerSGD;  ``diloco``: DiLoCo;  ``sparta``: SPARTA;
+- ``gradients``: SimpleReduce (optionally bucketed overlap), TopK, PowerSGD;  ``diloco``: DiLoCo;
+  ``streaming``: StreamingDiLoCo;  ``sparta``: SPARTA;
   ``fedavg``: FedAvg;  ``composed``: SPARTADiLoCo;  ``demo``: DeMo;  ``dgc``: DGC.
 """
 
@@ -16,12 +17,13 @@ from pysim.strategies.demo import DeMo
 from pysim.strategies.dgc import DGC
 from pysim.strategies.diloco import DiLoCo, OuterStep
 from pysim.strategies.fedavg import AverageModels, FedAvg
-from pysim.strategies.gradients import AverageGradients, PowerSGD, SimpleReduce, TopK
+from pysim.strategies.gradients import AverageGradients, BucketedAverageGradients, PowerSGD, SimpleReduce, TopK
 from pysim.strategies.reducers import Reducer, make_reducer
 from pysim.strategies.sparta import SPARTA, AverageRandomSubset
 from pysim.strategies.spec import make_strategy, parse_spec
+from pysim.strategies.streaming import StreamingDiLoCo, StreamingOuterStep
 
-__all__ = ["STRATEGIES", "AverageGradients", "AverageModels", "AverageRandomSubset", "CommStep", "DGC", "DeMo",
-           "DiLoCo", "FedAvg", "OuterStep", "PowerSGD", "Reducer", "SPARTA", "SPARTADiLoCo", "SimpleReduce",
-           "Strategy", "TopK", "make_reducer", "make_strategy", "node_average_uncharged", "parse_spec",
-           "split_like"]
+__all__ = ["STRATEGIES", "AverageGradients", "AverageModels", "AverageRandomSubset", "BucketedAverageGradients",
+           "CommStep", "DGC", "DeMo", "DiLoCo", "FedAvg", "OuterStep", "PowerSGD", "Reducer", "SPARTA", "SPARTADiLoCo",
+           "SimpleReduce", "Strategy", "StreamingDiLoCo", "StreamingOuterStep", "TopK", "make_reducer",
+           "make_strategy", "node_average_uncharged", "parse_spec", "split_like"]
