@@ -12,6 +12,7 @@ the same seeds, so runs pair up by seed.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -62,6 +63,10 @@ def add_arguments(ap: argparse.ArgumentParser, strategies: str, steps: int, batc
     ap.add_argument("--compute-profile", default=None,
                     help="a saved compute profile (compute_profile.json of an earlier comparison): the same "
                          "seeds then give the same simulated times on any machine")
+    ap.add_argument("--compute-speed", default=None,
+                    help="per-node compute speed factors, e.g. 1,1,1,0.5 (node 3 takes twice as long)")
+    ap.add_argument("--jitter", type=float, default=0.0,
+                    help="per-step compute jitter: sigma of a lognormal factor exp(sigma * z), seeded")
     ap.add_argument("--eval-every", type=int, default=eval_every, help="steps between evaluations")
     ap.add_argument("--eval-subset", type=int, default=eval_subset,
                     help="evaluation examples used between full evaluations (the final one uses all)")
@@ -72,6 +77,19 @@ def add_arguments(ap: argparse.ArgumentParser, strategies: str, steps: int, batc
     ap.add_argument("--seeds", type=int, default=seeds, help="number of seeds per strategy")
 
 
+def parse_speeds(text: str | None) -> tuple[float, ...]:
+    """``"1,1,1,0.5"`` -> (1.0, 1.0, 1.0, 0.5); None -> () (every node at speed 1)."""
+    if text is None:
+        return ()
+    try:
+        speeds = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"bad --compute-speed {text!r}: give one number per node, e.g. 1,1,1,0.5") from None
+    if not all(math.isfinite(v) and v > 0 for v in speeds):
+        raise ValueError(f"bad --compute-speed {text!r}: speeds must be positive finite numbers")
+    return speeds
+
+
 def configs_from_args(a: argparse.Namespace, workload: Workload) -> list[TrainConfig]:
     """One TrainConfig per (strategy, seed), checked."""
     if isinstance(a.seeds, bool) or a.seeds < 1:
@@ -80,6 +98,7 @@ def configs_from_args(a: argparse.Namespace, workload: Workload) -> list[TrainCo
         raise ValueError(f"--seed must be >= 0, got {a.seed}")
     network = parse_network(a.nodes, a.bandwidth, a.latency, a.topology)
     compute = f"profile:{a.compute_profile}" if a.compute_profile else a.compute
+    speeds = parse_speeds(a.compute_speed)
     specs = split_specs(a.strategies)
     if not specs:
         raise ValueError("--strategies is empty; name at least one strategy")
@@ -89,7 +108,7 @@ def configs_from_args(a: argparse.Namespace, workload: Workload) -> list[TrainCo
             cfg = TrainConfig(workload=workload, strategy=spec, nodes=a.nodes, network=network, steps=a.steps,
                               batch_size=a.batch_size, eval_every=a.eval_every, eval_subset=a.eval_subset, seed=seed,
                               compute=compute, algorithm=a.algorithm, sharding=Sharding.parse(a.sharding),
-                              target=a.target, seed_in_name=True)
+                              target=a.target, seed_in_name=True, compute_speed=speeds, jitter=a.jitter)
             cfg.check()
             configs.append(cfg)
     return configs

@@ -173,7 +173,7 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps))
     strategy = make_strategy(cfg.strategy, **cfg.strategy_args)
     meter = ComputeMeter(cfg.profile)
-    comm = Comm(rank, world, cfg.network, meter, cfg.algorithm)
+    comm = Comm(rank, world, cfg.network, meter, cfg.algorithm, cfg.scaling)
     strategy.setup(model, optimizer, comm, scheduler)
 
     x, y = batches.next()

@@ -88,7 +88,7 @@ def results_table(results: list[dict]) -> str:
     fmt = _metric_format(metric)
     seeds = max(len(g) for g in groups.values())
     head = ["strategy", f"final {metric}", "sim. wall-clock", f"time to {target}", "bytes sent/node",
-            f"vs {BASELINE}", "real runtime"]
+            f"vs {BASELINE}", "idle/node", "real runtime"]
     base = groups.get(BASELINE) or next((g for g in groups.values() if g[0]["config"]["strategy"] == BASELINE), None)
     base_bytes = float(np.mean([r["final"]["bytes_sent_per_node"] for r in base])) if base else None
     rows = []
@@ -108,11 +108,15 @@ def results_table(results: list[dict]) -> str:
             ratio = "baseline"
         else:
             ratio = f"{base_bytes / sent:.3g}x fewer" if sent < base_bytes else f"{sent / base_bytes:.3g}x more"
+        idle = [f["idle_s"] / f["sim_time_s"] for f in finals if f.get("idle_s") is not None and f["sim_time_s"]]
         rows.append([label, mean_std([f["metrics"][metric] for f in finals], fmt),
                      mean_std([f["sim_time_s"] for f in finals], human_seconds), ttt, human_bytes(sent), ratio,
+                     f"{100 * float(np.mean(idle)):.0f}%" if idle else "-",
                      f"{sum(f['real_runtime_s'] for f in finals):.0f} s"])
-    note = (f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed: no spread shown; use --seeds") + \
-        "; time to target interpolated between evaluations; real runtime summed over seeds"
+    note = (f"mean ± std (sample) over {seeds} seeds" if seeds > 1 else "one seed: no spread shown; use --seeds") + \
+        "; time to target: end of the first step whose model reaches it (bisected between evaluations); " \
+        "idle/node: share of the simulated time a node spends in collectives or waiting for others, not " \
+        "computing; real runtime summed over seeds"
     return markdown_table(head, rows) + "\n" + note
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pysim.clock import replay
+from pysim.clock import ComputeScaling, replay
 from pysim.network import Link, Network, format_bandwidth, parse_bandwidth, parse_latency
 from pysim.report import BASELINE, markdown_table, plot_sweep, spread
 from pysim.results import crossing_step, load_result, metric_series, run_dirs, time_at_step
@@ -167,12 +167,18 @@ def sweep(runs: list[tuple[dict, Trace]], bandwidths_bps: list[float], latencies
     for result, trace in runs:
         k, j = names.index(result["label"]), seeds.index(int(result["config"]["seed"]))
         nets = [build_network(trace.nodes, topology, b, lat) for b in bandwidths_bps for lat in latencies_s]
-        tl = replay(trace, nets)
+        tl = replay(trace, nets, run_scaling(result))
         total[k, j] = tl.total_s.reshape(shape[2:])
         reached = time_to_target_grid(result, target, tl.step_end_s)
         if reached is not None:
             ttt[k, j] = reached.reshape(shape[2:])
     return Sweep(names, seeds, list(bandwidths_bps), list(latencies_s), ttt, total, target)
+
+
+def run_scaling(result: dict) -> ComputeScaling:
+    """The compute scaling (stragglers, jitter) a recorded run was timed with."""
+    c = result["config"]
+    return ComputeScaling(tuple(c.get("compute_speed") or ()), float(c.get("jitter") or 0.0), int(c["seed"]))
 
 
 def time_to_target_grid(result: dict, target: Target, step_end_s: np.ndarray) -> np.ndarray | None:

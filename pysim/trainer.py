@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from pysim.clock import replay
+from pysim.clock import ComputeScaling, replay
 from pysim.compute import ComputeProfile, calibrate_machine, calibrate_step, resolve_compute, step_key
 from pysim.launch import run_nodes
 from pysim.network import Network, network_from_json, network_to_json
@@ -55,6 +55,9 @@ class TrainConfig:
     ``train_examples`` keeps only the first N training examples (quick studies, tests).
     ``compute``: how compute time is charged (see :mod:`pysim.compute`); ``profile`` is
     the resolved profile (set by :meth:`check`, or given: a comparison shares one).
+    ``compute_speed`` and ``jitter``: stragglers, applied by the clock to every node's compute
+    (:class:`pysim.clock.ComputeScaling`: time / speed_i * exp(jitter * z), z ~ N(0, 1) per node
+    and step, seeded by ``seed``); the numerics do not change, only when things happen.
     """
 
     workload: Workload | str = "mnist"
@@ -77,8 +80,11 @@ class TrainConfig:
     profile: ComputeProfile | None = None
     seed_in_name: bool = False         # save as "<name> seed<N>" (comparisons keep every seed in one folder)
     resolve_target: bool = True        # find the first step reaching the target by bisection (see pysim.node)
+    compute_speed: tuple[float, ...] = ()  # per-node compute speed factors (1: as recorded; 0.5: half speed)
+    jitter: float = 0.0                # sigma of the per-node, per-step lognormal compute-time factor
 
     def __post_init__(self) -> None:
+        self.compute_speed = tuple(self.compute_speed)
         if isinstance(self.workload, str):
             self.workload = get_workload(self.workload)
         self.sharding = Sharding.parse(self.sharding)
@@ -106,6 +112,10 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.profile is None and self.compute != "calibrated":
             self.profile = resolve_compute(self.compute)
+        if self.compute_speed and len(self.compute_speed) != self.nodes:
+            raise ValueError(f"--compute-speed gives {len(self.compute_speed)} speeds for {self.nodes} nodes; "
+                             f"give one per node, e.g. {','.join(['1'] * (self.nodes - 1) + ['0.5'])}")
+        self.scaling  # checks speeds and jitter
         if self.algorithm not in ("ring", "star"):
             raise ValueError(f"algorithm must be 'ring' or 'star', got {self.algorithm!r}")
         self.network = self.network.with_nodes(self.nodes)
@@ -118,6 +128,11 @@ class TrainConfig:
                 raise ValueError(f"batch size {self.batch_size} exceeds each node's shard of {size // self.nodes} "
                                  f"training examples ({size} over {self.nodes} nodes); use --batch-size "
                                  f"{max(1, size // self.nodes)} or less")
+
+    @property
+    def scaling(self) -> ComputeScaling:
+        """The clock's compute scaling of this run (speeds and jitter, seeded by the run's seed)."""
+        return ComputeScaling(self.compute_speed, self.jitter, self.seed)
 
     @property
     def name(self) -> str:
@@ -135,6 +150,7 @@ class TrainConfig:
         d["sharding"] = str(self.sharding)
         d["target"] = None if self.target is None else str(self.target)
         d["profile"] = None if self.profile is None else asdict(self.profile)
+        d["compute_speed"] = list(self.compute_speed)
         return d
 
     @classmethod
@@ -191,7 +207,7 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 
     runtime_s = time.perf_counter() - t0
     trace = trace_from_nodes([[(c, f, event_from_json(e)) for c, f, e in r["segments"]] for r in nodes],
                              nodes[0]["step_ends"])
-    timeline = replay(trace, cfg.network)
+    timeline = replay(trace, cfg.network, cfg.scaling)
     live = [r["steps"][-1][1] for r in nodes]
     if list(timeline.end_s[-1]) != live:  # the invariant everything else rests on
         raise RuntimeError(f"live clock {live} and replay {list(timeline.end_s[-1])} disagree")
@@ -232,6 +248,7 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 
         "bytes_received_per_node": sum(recv) / n,
         "compute_s": steps[-1]["compute_s"],
         "comm_s": steps[-1]["comm_s"],
+        "idle_s": float(timeline.waited_s.mean()),   # per node: in collectives or waiting for others
         "real_runtime_s": runtime_s,
     }
     if out_dir is not None:

@@ -34,6 +34,11 @@ BAD_INPUTS = [
     (["--bandwidth", "fast"], "bad bandwidth"),
     (["--topology", "weird"], "bad topology"),
     (["--data-dir", "/nonexistent/mnist"], "does not exist"),
+    (["--compute-speed", "1,x"], "bad --compute-speed"),
+    (["--compute-speed", "1,0"], "bad --compute-speed"),
+    (["--compute-speed", "1,1,1"], "3 speeds for 2 nodes"),
+    (["--jitter", "-1"], "jitter"),
+    (["--jitter", "inf"], "jitter"),
 ]
 
 

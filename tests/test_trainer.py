@@ -75,3 +75,36 @@ def test_incompatible_results_file(tmp_path):
         load_result(p)
     with pytest.raises(ValueError, match="no run at"):
         load_result(tmp_path / "missing.json")
+
+
+def test_a_half_speed_node_slows_simple_reduce_every_step_and_diloco_every_h_steps(tmp_path):
+    """Stragglers through TrainConfig: node 1 at half speed. The live clock charges the scaling
+    (replay with it equals the run; without it does not), and the idle share tells the story:
+    under SimpleReduce the fast node waits every step for the slow one."""
+    from pysim.clock import ComputeScaling, replay
+
+    for name, args in (("SimpleReduce", {}), ("DiLoCo", {"H": 10})):
+        base = cfg(name, **args)
+        base.compute, base.steps, base.eval_every = "cpu", 20, 20
+        slow = cfg(name, **args)
+        slow.compute, slow.steps, slow.eval_every, slow.compute_speed = "cpu", 20, 20, (1.0, 0.5)
+        r0, r1 = run(base), run(slow)
+        trace = r1["trace"]
+        assert replay(trace, slow.network, ComputeScaling((1.0, 0.5), 0.0, slow.seed)).total_s \
+            == r1["final"]["sim_time_s"]
+        assert replay(trace, slow.network).total_s == r0["final"]["sim_time_s"]  # same work, other timing
+        assert r1["final"]["metrics"] == r0["final"]["metrics"]  # numerics do not change
+        comp = [sum(row[i] for row in trace.compute_s) for i in (0, 1)]
+        assert comp[0] == comp[1] > 0
+        # the slow node computes 2x as long; the run cannot end before its compute does
+        assert r1["final"]["sim_time_s"] >= 2 * comp[1]
+        assert r1["final"]["sim_time_s"] - r0["final"]["sim_time_s"] == pytest.approx(comp[1], rel=0.05)
+        assert r1["final"]["idle_s"] > r0["final"]["idle_s"]
+    with pytest.raises(ValueError, match="2 speeds for 3 nodes|3 nodes"):
+        bad = cfg("SimpleReduce")
+        bad.nodes, bad.compute_speed = 3, (1.0, 0.5)
+        bad.check()
+    with pytest.raises(ValueError, match="jitter"):
+        bad = cfg("SimpleReduce")
+        bad.jitter = float("nan")
+        bad.check()
