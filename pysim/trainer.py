@@ -115,7 +115,7 @@ class TrainConfig:
         if self.compute_speed and len(self.compute_speed) != self.nodes:
             raise ValueError(f"--compute-speed gives {len(self.compute_speed)} speeds for {self.nodes} nodes; "
                              f"give one per node, e.g. {','.join(['1'] * (self.nodes - 1) + ['0.5'])}")
-        self.scaling  # checks speeds and jitter
+        self.scaling.speeds(self.nodes)  # ComputeScaling checks speeds and jitter
         if self.algorithm not in ("ring", "star"):
             raise ValueError(f"algorithm must be 'ring' or 'star', got {self.algorithm!r}")
         self.network = self.network.with_nodes(self.nodes)
