@@ -18,11 +18,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pysim.compute import ComputeProfile
 from pysim.datasets import DataError
 from pysim.launch import NodeError, RunInterrupted
 from pysim.network import parse_network
 from pysim.report import plot_runs, results_table, verdicts
-from pysim.results import check_out_dir
+from pysim.results import check_out_dir, load_result, run_path
 from pysim.sharding import Sharding
 from pysim.trainer import TrainConfig, calibrate, run
 from pysim.workload import Workload
@@ -73,6 +74,11 @@ def add_arguments(ap: argparse.ArgumentParser, strategies: str, steps: int, batc
     ap.add_argument("--target", default=None, help="e.g. accuracy>=0.98 or loss<=1.7 (default: the workload's)")
     ap.add_argument("--data-dir", default=None, help="folder of the data set (default: the one shipped in data/)")
     ap.add_argument("--out", default=out)
+    ap.add_argument("--checkpoint-every", type=int, default=100,
+                    help="steps between checkpoints of the run in progress (see --resume)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted comparison in --out: finished runs are kept, a killed run "
+                         "continues from its last checkpoint, the saved compute profile is reused")
     ap.add_argument("--seed", type=int, default=0, help="first seed")
     ap.add_argument("--seeds", type=int, default=seeds, help="number of seeds per strategy")
 
@@ -108,10 +114,26 @@ def configs_from_args(a: argparse.Namespace, workload: Workload) -> list[TrainCo
             cfg = TrainConfig(workload=workload, strategy=spec, nodes=a.nodes, network=network, steps=a.steps,
                               batch_size=a.batch_size, eval_every=a.eval_every, eval_subset=a.eval_subset, seed=seed,
                               compute=compute, algorithm=a.algorithm, sharding=Sharding.parse(a.sharding),
-                              target=a.target, seed_in_name=True, compute_speed=speeds, jitter=a.jitter)
+                              target=a.target, seed_in_name=True, compute_speed=speeds, jitter=a.jitter,
+                              checkpoint_every=a.checkpoint_every)
             cfg.check()
             configs.append(cfg)
     return configs
+
+
+def finished_run(cfg: TrainConfig, out: str) -> dict | None:
+    """The saved result of ``cfg`` in ``out`` if one of the same configuration is complete there."""
+    path = run_path(out, cfg.run_name)
+    if not (path / "manifest.json").is_file():
+        return None
+    try:
+        result, trace = load_result(path)
+    except ValueError:
+        return None
+    if result["config"] != cfg.to_json():
+        return None
+    result["trace"] = trace
+    return result
 
 
 def main(argv: list[str] | None, description: str, build_workload: Callable[[argparse.Namespace], Workload],
@@ -125,7 +147,13 @@ def main(argv: list[str] | None, description: str, build_workload: Callable[[arg
         configs = configs_from_args(a, workload)
         check_out_dir(a.out)
         net = configs[0].network
-        if configs[0].compute == "calibrated":  # one profile for the whole comparison, saved with it
+        saved_profile = Path(a.out) / "compute_profile.json"
+        if configs[0].compute == "calibrated" and a.resume and saved_profile.is_file():
+            profile = ComputeProfile.load(saved_profile)
+            for cfg in configs:
+                cfg.profile = profile
+            print(f"compute profile: reusing {saved_profile} (--resume)")
+        elif configs[0].compute == "calibrated":  # one profile for the whole comparison, saved with it
             t0 = time.perf_counter()
             profile = calibrate(configs[0])
             for cfg in configs:
@@ -138,13 +166,18 @@ def main(argv: list[str] | None, description: str, build_workload: Callable[[arg
               f"node, seeds {a.seed}..{a.seed + a.seeds - 1}, target {configs[0].goal}")
         results = []
         for cfg in configs:
+            done = finished_run(cfg, a.out) if a.resume else None
+            if done is not None:
+                print(f"{cfg.name} (seed {cfg.seed}): finished earlier, kept (--resume)")
+                results.append(done)
+                continue
             print(f"training {cfg.name} (seed {cfg.seed}) ...", flush=True)
-            results.append(run(cfg, a.out))
+            results.append(run(cfg, a.out, resume=a.resume))
     except (ValueError, DataError, NodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunInterrupted as e:
-        print(str(e), file=sys.stderr)
+        print(f"{e}; finished runs are saved in {a.out}/, run again with --resume to continue", file=sys.stderr)
         return 130
     print()
     print(results_table(results))

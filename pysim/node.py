@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import sys
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from pysim.checkpoint import CheckpointPlan, load_node_state, prune, save_node_state
 from pysim.comm import Comm
 from pysim.compute import ComputeMeter, count_work, step_key
 from pysim.sharding import shard_indices
@@ -55,14 +59,18 @@ class EvalRecord(NamedTuple):
     examples: int            # evaluation examples used (the subset, or the whole set at the end)
 
 
-def lr_lambda(warmup: int, total: int):
-    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0.05 at the last step."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
+class WarmupCosine:
+    """Learning-rate factor of step ``step``: linear warm-up to 1 over ``warmup`` steps, then cosine
+    decay to 0.05 at step ``total``. A class, not a closure, so a checkpoint can pickle it."""
+
+    def __init__(self, warmup: int, total: int) -> None:
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
 
 
 class ShardSampler:
@@ -72,6 +80,14 @@ class ShardSampler:
         self.data, self.shard, self.batch_size = data, shard, batch_size
         self.gen = torch.Generator().manual_seed(seed)
         self.order, self.pos = self.shard[torch.randperm(len(shard), generator=self.gen)], 0
+
+    def state(self) -> dict:
+        """Where the sampler is (for checkpoints): the pass order, position and generator."""
+        return {"order": self.order, "pos": self.pos, "gen": self.gen.get_state()}
+
+    def restore(self, state: dict) -> None:
+        self.order, self.pos = state["order"], state["pos"]
+        self.gen.set_state(state["gen"])
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pos + self.batch_size > len(self.order):
@@ -150,8 +166,19 @@ class CrossingFinder:
         return sorted(found, key=lambda e: e[0])
 
 
-def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
-    """One node's training run; returns its records (steps, evaluations on node 0, trace segments)."""
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | None = None) -> dict:
+    """One node's training run; returns its records (steps, evaluations on node 0, trace segments).
+    ``plan``: where to write checkpoints and from which step to resume (:mod:`pysim.checkpoint`)."""
     wl = cfg.workload
     # data: this node's shard of the training set; node 0 also keeps the evaluation set
     train_set, eval_set = wl.data()
@@ -170,7 +197,7 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = wl.model()
     optimizer = wl.optimizer(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.warmup_steps, cfg.steps))
     strategy = make_strategy(cfg.strategy, **cfg.strategy_args)
     meter = ComputeMeter(cfg.profile)
     comm = Comm(rank, world, cfg.network, meter, cfg.algorithm, cfg.scaling)
@@ -184,10 +211,23 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
 
     steps: list[StepRecord] = []
     evals: list[EvalRecord] = []
-    bar = tqdm(total=cfg.steps, desc=f"{cfg.name} (node 0)", unit="step", leave=False, mininterval=0.5,
-               disable=rank != 0 or cfg.steps < 200 or not sys.stderr.isatty())
     crossing = CrossingFinder(cfg.goal, lambda m: wl.metrics(m, quick)) if evaluation is not None else None
-    for step in range(cfg.steps):
+    start = 0
+    if plan is not None and plan.resume_step:
+        # everything the loop carries from step to step, as it was after ``resume_step`` steps
+        state = load_node_state(plan.folder, plan.resume_step, rank)
+        strategy = state["strategy"]
+        model, optimizer, scheduler, comm = strategy.model, strategy.optimizer, strategy.scheduler, strategy.comm
+        meter = comm.meter
+        batches.restore(state["sampler"])
+        steps, evals = state["steps"], state["evals"]
+        if crossing is not None:
+            crossing.reached, crossing.last_step, crossing.kept = state["crossing"]
+        _set_rng_state(state["rng"])
+        start = plan.resume_step
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.name} (node 0)", unit="step", leave=False,
+               mininterval=0.5, disable=rank != 0 or cfg.steps < 200 or not sys.stderr.isatty())
+    for step in range(start, cfg.steps):
         x, y = batches.next()
         with meter.measure(work=work, key=key):
             loss = wl.loss(model(x), y)
@@ -209,6 +249,15 @@ def train_node(rank: int, world: int, cfg: TrainConfig) -> dict:
             deployed = strategy.eval_model()  # every node: it may be a collective
             if crossing is not None:
                 crossing.keep(step + 1, deployed)
+        if plan is not None and plan.due(step + 1, cfg.steps):
+            save_node_state(plan.folder, step + 1, rank, {
+                "strategy": strategy,  # holds the model, optimizer, schedule and comm (clock, trace so far)
+                "sampler": batches.state(), "steps": steps, "evals": evals, "rng": _rng_state(),
+                "crossing": None if crossing is None else (crossing.reached, crossing.last_step, crossing.kept)})
+            if world > 1:
+                dist.barrier()  # every node's file is written: older checkpoints can go (uncharged)
+            if rank == 0:
+                prune(plan.folder, step + 1)
         bar.update()
     bar.close()
     deployed = strategy.eval_model()

@@ -12,12 +12,13 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from pysim import checkpoint
 from pysim.clock import ComputeScaling, replay
 from pysim.compute import ComputeProfile, calibrate_machine, calibrate_step, resolve_compute, step_key
 from pysim.launch import run_nodes
 from pysim.network import Network, network_from_json, network_to_json
 from pysim.node import StepRecord, train_node
-from pysim.results import RESULT_VERSION, check_out_dir, save_result, time_to_target
+from pysim.results import RESULT_VERSION, check_out_dir, run_path, save_result, time_to_target
 from pysim.sharding import Sharding
 from pysim.strategies import make_strategy
 from pysim.trace import event_from_json, trace_from_nodes
@@ -80,6 +81,7 @@ class TrainConfig:
     profile: ComputeProfile | None = None
     seed_in_name: bool = False         # save as "<name> seed<N>" (comparisons keep every seed in one folder)
     resolve_target: bool = True        # find the first step reaching the target by bisection (see pysim.node)
+    checkpoint_every: int | None = None  # steps between checkpoints (with an out_dir; see pysim.checkpoint)
     compute_speed: tuple[float, ...] = ()  # per-node compute speed factors (1: as recorded; 0.5: half speed)
     jitter: float = 0.0                # sigma of the per-node, per-step lognormal compute-time factor
 
@@ -104,7 +106,7 @@ class TrainConfig:
             raise ValueError(f"{self.nodes} nodes need about {self.nodes * NODE_MEMORY_BYTES / 2**30:.0f} GiB "
                              f"({NODE_MEMORY_BYTES >> 20} MiB per node process) but this machine has "
                              f"{available_memory() / 2**30:.1f} GiB available: use at most {limit} nodes")
-        for name in ("eval_subset", "train_examples"):
+        for name in ("eval_subset", "train_examples", "checkpoint_every"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {v!r}")
@@ -137,6 +139,11 @@ class TrainConfig:
     @property
     def name(self) -> str:
         return self.label or self.strategy
+
+    @property
+    def run_name(self) -> str:
+        """The name the run is saved under (its folder in ``out_dir``)."""
+        return f"{self.name} seed{self.seed}" if self.seed_in_name else self.name
 
     @property
     def goal(self) -> Target:
@@ -191,17 +198,30 @@ def calibrate(cfg: TrainConfig, profile: ComputeProfile | None = None) -> Comput
     return profile
 
 
-def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 300.0) -> dict | None:
+def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 300.0,
+        resume: bool = False) -> dict | None:
     """Trains ``cfg`` in ``cfg.nodes`` processes; returns (and writes) the result (None on the
     ranks other than 0 under torchrun). With
-    ``compute="calibrated"`` and no profile, the machine and step are calibrated first."""
+    ``compute="calibrated"`` and no profile, the machine and step are calibrated first.
+    With ``out_dir`` and ``cfg.checkpoint_every``, checkpoints are written as training goes;
+    ``resume`` continues from the latest one of the same configuration, if any
+    (:mod:`pysim.checkpoint`). ``real_runtime_s`` of a resumed run counts the resumed part."""
     cfg.check()
     if cfg.compute == "calibrated" and cfg.profile is None:
         cfg.profile = calibrate(cfg)
+    plan = None
     if out_dir is not None:
         check_out_dir(out_dir)  # an unwritable --out fails now, not after training
+        folder = run_path(out_dir, cfg.run_name) / "checkpoint"
+        same = {k: v for k, v in cfg.to_json().items() if k != "checkpoint_every"}  # what a resume must match
+        plan = checkpoint.prepare(folder, same, cfg.nodes, cfg.checkpoint_every, resume)
+        if plan.resume_step:
+            print(f"{cfg.run_name}: resuming from the checkpoint after step {plan.resume_step}", flush=True)
+    elif resume or cfg.checkpoint_every:
+        raise ValueError("checkpoints live beside the results: give an output folder (--out) to checkpoint "
+                         "or resume")
     t0 = time.perf_counter()
-    nodes = run_nodes(train_node, cfg.nodes, (cfg,), timeout_s=timeout_s)
+    nodes = run_nodes(train_node, cfg.nodes, (cfg, plan), timeout_s=timeout_s)
     if nodes is None:  # under torchrun, ranks other than 0: rank 0 assembles, prints and writes
         return None
     runtime_s = time.perf_counter() - t0
@@ -230,7 +250,7 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 
     sent, recv = trace.bytes_per_node()
     result = {
         "version": RESULT_VERSION,
-        "name": f"{cfg.name} seed{cfg.seed}" if cfg.seed_in_name else cfg.name,
+        "name": cfg.run_name,
         "label": cfg.name,
         "config": cfg.to_json(),
         "network": cfg.network.describe(),
@@ -253,5 +273,7 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 
     }
     if out_dir is not None:
         save_result(result, trace, out_dir)
+        if plan is not None:
+            checkpoint.remove(plan.folder)
     result["trace"] = trace
     return result

@@ -54,3 +54,19 @@ def test_bad_input_is_one_line_before_training(argv, message, capsys):
 def test_strategy_specs_split_outside_parentheses():
     assert split_specs("SimpleReduce, DiLoCo(H=5, codec='lowrank:8'); SPARTA(p=0.01)") == \
         ["SimpleReduce", "DiLoCo(H=5, codec='lowrank:8')", "SPARTA(p=0.01)"]
+
+
+def test_resume_keeps_finished_runs_and_the_saved_profile(tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    argv = ["--strategies", "SimpleReduce; DiLoCo(H=5)", "--out", out]
+    first = main(argv, "test", build, "MNIST", strategies="SimpleReduce", steps=10, batch_size=8, eval_every=5,
+                 eval_subset=100, seeds=1, out=out)
+    assert first == 0
+    table = capsys.readouterr().out.split("| strategy")[1]
+    again = main(argv + ["--resume"], "test", build, "MNIST", strategies="SimpleReduce", steps=10, batch_size=8,
+                 eval_every=5, eval_subset=100, seeds=1, out=out)
+    printed = capsys.readouterr().out
+    assert again == 0 and "reusing" in printed and "training" not in printed
+    assert printed.count("finished earlier, kept") == 2
+    # the same runs, so the same table (real runtimes included: nothing was retrained)
+    assert printed.split("| strategy")[1] == table

@@ -1,0 +1,109 @@
+"""Checkpoints: a run killed mid-training and resumed ends exactly where an uninterrupted one does."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pysim import checkpoint
+from pysim.network import Network
+from pysim.results import load_result, run_path
+from pysim.trainer import TrainConfig, run
+
+STEPS, EVERY = 120, 20
+
+CHILD = """
+import json, sys
+from pysim.trainer import TrainConfig, run
+if __name__ == "__main__":
+    cfg = TrainConfig.from_json(json.loads(open(sys.argv[1]).read()))
+    cfg.checkpoint_every = int(sys.argv[3])
+    run(cfg, sys.argv[2])
+"""
+
+
+def make_cfg(strategy: str) -> TrainConfig:
+    return TrainConfig(workload="mnist", strategy=strategy, nodes=2, network=Network.uniform(2, "100Mbit", "20ms"),
+                       steps=STEPS, batch_size=32, eval_every=15, eval_subset=300, train_examples=4000,
+                       warmup_steps=5, compute="cpu")
+
+
+def processes_marked(mark: str) -> list[int]:
+    """Processes whose environment holds ``mark`` (the killed run's node processes inherit it)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if mark.encode() in (d / "environ").read_bytes():
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.parametrize("strategy", ["DiLoCo(H=10, codec='dense:fp16')", "StreamingDiLoCo(H=12, fragments=3, tau=2)"])
+def test_a_killed_run_resumes_to_the_same_numbers(strategy, tmp_path):
+    cfg = make_cfg(strategy)
+    cfg.check()
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(cfg.to_json()))
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    out = tmp_path / "runs"
+    folder = run_path(out, cfg.run_name) / "checkpoint"
+    mark = f"PYSIM_TEST_MARK={uuid.uuid4().hex}"
+    env = dict(os.environ, **dict([mark.split("=")]))
+    child = subprocess.Popen([sys.executable, str(script), str(config_file), str(out), str(EVERY)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(s >= 2 * EVERY for s in checkpoint.complete_steps(folder, 2)):
+        assert child.poll() is None, child.stderr.read().decode()
+        time.sleep(0.02)
+    os.killpg(child.pid, signal.SIGKILL)  # the launcher and, through PDEATHSIG, its nodes
+    child.wait()
+    deadline = time.monotonic() + 5
+    while processes_marked(mark) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_marked(mark) == []
+    done = checkpoint.complete_steps(folder, 2)
+    assert done and EVERY <= done[-1] < STEPS and len(done) <= 2  # older steps are pruned
+    assert not (run_path(out, cfg.run_name) / "manifest.json").exists()  # nothing was saved as a result
+
+    resumed = run(make_cfg(strategy), out, resume=True)
+    whole = run(make_cfg(strategy))
+    for key in ("metrics", "bytes_sent_per_node", "bytes_received_per_node", "sim_time_s", "time_to_target_s"):
+        assert resumed["final"][key] == whole["final"][key], key
+    assert resumed["steps"] == whole["steps"] and resumed["evals"] == whole["evals"]
+    assert not folder.exists()  # the results are saved: the checkpoint is gone
+    saved, _ = load_result(run_path(out, cfg.run_name))
+    assert saved["final"]["metrics"] == whole["final"]["metrics"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
+    cfg = make_cfg("SimpleReduce")
+    cfg.check()
+    folder = tmp_path / "ck"
+    plan = checkpoint.prepare(folder, cfg.to_json(), 2, 10, resume=False)
+    assert plan.resume_step == 0 and (folder / checkpoint.CONFIG_FILE).is_file()
+    other = make_cfg("SimpleReduce")
+    other.steps = 50
+    other.check()
+    with pytest.raises(ValueError, match="another configuration .*steps"):
+        checkpoint.prepare(folder, other.to_json(), 2, 10, resume=True)
+    # a step is complete only when every node's file is there
+    checkpoint.save_node_state(folder, 10, 0, {"x": 1})
+    assert checkpoint.complete_steps(folder, 2) == []
+    checkpoint.save_node_state(folder, 10, 1, {"x": 2})
+    assert checkpoint.complete_steps(folder, 2) == [10]
+    assert checkpoint.prepare(folder, cfg.to_json(), 2, 10, resume=True).resume_step == 10
+    (checkpoint.step_dir(folder, 10) / "node1.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        checkpoint.load_node_state(folder, 10, 1)
+    with pytest.raises(ValueError, match="give an output folder"):
+        run(make_cfg("SimpleReduce"), None, resume=True)
