@@ -138,7 +138,9 @@ class TrainConfig:
 
     @property
     def name(self) -> str:
-        return self.label or self.strategy
+        """What ran, for tables and folders: ``label``, else the strategy's own label naming its
+        configuration (e.g. ``DiLoCo H=25 lowrank:8+EF outer 1.0/0.5``)."""
+        return self.label or make_strategy(self.strategy, **self.strategy_args).label
 
     @property
     def run_name(self) -> str:

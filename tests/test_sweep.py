@@ -26,7 +26,10 @@ def recorded(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     base = Network.uniform(2, "1Gbps", "1ms")
     run(config(base), out)
-    run(config(base, "DiLoCo", H=10), out)
+    diloco = config(base, "DiLoCo", H=10)
+    assert diloco.name == "DiLoCo H=10 outer 0.7/0.9"  # a row says what ran
+    diloco.label = "DiLoCo"
+    run(diloco, out)
     return out
 
 
@@ -119,7 +122,7 @@ def test_sweep_trains_missing_runs_from_a_config(tmp_path, capsys):
     argv = ["sweep", "--config", str(path), "--runs-dir", str(tmp_path / "runs"), "--bandwidths", "1Mbit,1Gbps",
             "--latencies", "1ms", "--target", "accuracy>=0.5", "--out", str(tmp_path / "out")]
     assert cli(argv) == 0
-    assert "SPARTA: training" in capsys.readouterr().out
+    assert "SPARTA p=0.01: training" in capsys.readouterr().out
     assert cli(argv) == 0  # second time the recorded run is reused
     assert "using recorded run" in capsys.readouterr().out
     path.write_text(json.dumps({"strategy": "SPARTA"}))

@@ -7,7 +7,7 @@ import pytest
 
 from pysim.compress import TopKCodec
 from pysim.network import Network
-from pysim.results import load_result
+from pysim.results import load_result, run_path
 from pysim.trainer import TrainConfig, run
 from pysim.workload import image_workload
 
@@ -38,7 +38,9 @@ EXPECTED_BYTES_PER_NODE = {
                                            ("TopK", {"k": 0.01}), ("PowerSGD", {"rank": 2}),
                                            ("DiLoCo", {"H": 10, "codec": "lowrank:4"})])
 def test_every_strategy_learns_and_bytes_match_formula(strategy, args, tmp_path):
-    r = run(cfg(strategy, **args), tmp_path)
+    c = cfg(strategy, **args)
+    r = run(c, tmp_path)
+    folder = run_path(tmp_path, c.run_name)
     assert r["final"]["metrics"]["accuracy"] > 0.35, r["final"]  # chance is 0.1; 30 steps
     if strategy in EXPECTED_BYTES_PER_NODE and "codec" not in args:
         assert r["final"]["bytes_sent_per_node"] == EXPECTED_BYTES_PER_NODE[strategy]
@@ -46,9 +48,9 @@ def test_every_strategy_learns_and_bytes_match_formula(strategy, args, tmp_path)
     assert sent == recv or sum(sent) == sum(recv)
     assert r["steps"][-1]["bytes_sent_per_node"] == r["final"]["bytes_sent_per_node"]
     assert math.isclose(r["steps"][-1]["sim_time_s"], r["final"]["sim_time_s"])
-    saved, trace = load_result(tmp_path / strategy)
+    saved, trace = load_result(folder)
     assert saved["final"] == r["final"] and trace == r["trace"]
-    assert (tmp_path / strategy / "steps.csv").read_text().count("\n") == STEPS + 1
+    assert (folder / "steps.csv").read_text().count("\n") == STEPS + 1
 
 
 def test_same_seed_reproduces_accuracy_and_bytes():
