@@ -98,10 +98,16 @@ def loopback_interface() -> str:
     return "lo0" if sys.platform == "darwin" else "lo"
 
 
+UNGUARDED_MAIN_EXIT = 87  # a node process found the user's script starting runs at import time
+
+
 def describe_exit(exitcode: int | None) -> str:
     """Words for a process's exit: "killed by signal 9 (SIGKILL)", "exited with code 7"."""
     if exitcode is None:
         return "still running"
+    if exitcode == UNGUARDED_MAIN_EXIT:
+        return ("stopped: your script starts pysim runs when it is imported, and node processes import it; "
+                "put that code under `if __name__ == \"__main__\":`")
     if exitcode < 0:
         try:
             return f"killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
@@ -228,6 +234,12 @@ def run_nodes(fn: Callable[..., Any], n: int, args: tuple = (), timeout_s: float
     for name, v in (("timeout_s", timeout_s), ("heartbeat_s", heartbeat_s)):
         if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < float("inf"):
             raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
+    if getattr(mp.current_process(), "_inheriting", False):
+        # a spawned node process is importing the user's script, which calls us at import time
+        sys.stderr.write("pysim: a node process imported a script that starts runs at import time; guard its "
+                         "entry point with `if __name__ == \"__main__\":`\n")
+        sys.stderr.flush()
+        os._exit(UNGUARDED_MAIN_EXIT)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _run_under_torchrun(fn, args, timeout_s)
     return _LocalRun(fn, n, args, timeout_s, heartbeat_s).run()
@@ -300,6 +312,8 @@ class _LocalRun:
                 r = silent[0]
                 p = self.procs[r]
                 p.join(1.0)
+                if p.exitcode == UNGUARDED_MAIN_EXIT:
+                    raise NodeError(r, describe_exit(p.exitcode)) from None
                 raise NodeError(r, f"process {p.pid} {describe_exit(p.exitcode)} without a report "
                                    "(killed, out of memory, or crashed in native code)") from None
             if self.errors:

@@ -189,3 +189,16 @@ def test_same_code_runs_under_torchrun_and_only_rank_0_gets_results():
     # results travel as JSON: tuples come back as lists; only rank 0 prints
     assert out.stdout.count("RESULT") == 1 and "RESULT [[0, 2, 1.0], [1, 2, 1.0]]" in out.stdout, out.stdout
 
+
+
+def test_a_script_without_a_main_guard_is_told_so_in_one_line(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text("from pysim.launch import run_nodes\nrun_nodes(print, 2, ())\n")
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and time.monotonic() - t0 < 60
+    last = p.stderr.strip().splitlines()[-1]
+    assert 'put that code under `if __name__ == "__main__":`' in last and last.startswith("pysim.launch.NodeError")
+    # the node processes say it in one line, without tracebacks of their own
+    assert p.stderr.count("a node process imported a script that starts runs at import time") >= 1
+    assert p.stderr.count("Traceback") == 1
