@@ -21,7 +21,7 @@ from pathlib import Path
 from pysim.compute import ComputeProfile
 from pysim.datasets import DataError
 from pysim.launch import NodeError, RunInterrupted
-from pysim.network import parse_network
+from pysim.network import load_network_file, parse_network
 from pysim.report import plot_runs, results_table, verdicts
 from pysim.results import check_out_dir, load_result, run_path
 from pysim.sharding import Sharding
@@ -53,6 +53,12 @@ def add_arguments(ap: argparse.ArgumentParser, strategies: str, steps: int, batc
     ap.add_argument("--bandwidth", default="100Mbit", help="per-node link, e.g. 100Mbit, 1Gbps, 10MB/s")
     ap.add_argument("--latency", default="20ms", help="one-way link latency, e.g. 20ms, 150us")
     ap.add_argument("--topology", default="uniform", help="uniform | two-tier:G:BW:LAT | slow-node:I:BW:LAT")
+    ap.add_argument("--framing", default="ideal",
+                    help="protocol bytes charged on top of the packets: ideal | tcp (TCP/IPv4 as tc counts it, "
+                         "66 B per 1448-byte segment) | tcp-ethernet (90 B per segment, a physical wire)")
+    ap.add_argument("--network", default=None,
+                    help="a network file (e.g. written by `python -m pysim calibrate`); replaces --bandwidth, "
+                         "--latency, --topology and --framing")
     ap.add_argument("--algorithm", default="ring", choices=["ring", "star"], help="all-reduce algorithm")
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--batch-size", type=int, default=batch_size, help="per node")
@@ -102,7 +108,8 @@ def configs_from_args(a: argparse.Namespace, workload: Workload) -> list[TrainCo
         raise ValueError(f"--seeds must be an integer >= 1, got {a.seeds}")
     if a.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {a.seed}")
-    network = parse_network(a.nodes, a.bandwidth, a.latency, a.topology)
+    network = load_network_file(a.network).with_nodes(a.nodes) if a.network else \
+        parse_network(a.nodes, a.bandwidth, a.latency, a.topology, a.framing)
     compute = f"profile:{a.compute_profile}" if a.compute_profile else a.compute
     speeds = parse_speeds(a.compute_speed)
     specs = split_specs(a.strategies)

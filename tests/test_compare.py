@@ -39,6 +39,8 @@ BAD_INPUTS = [
     (["--compute-speed", "1,1,1"], "3 speeds for 2 nodes"),
     (["--jitter", "-1"], "jitter"),
     (["--jitter", "inf"], "jitter"),
+    (["--framing", "udp"], "framing"),
+    (["--network", "/nonexistent/net.json"], "network"),
 ]
 
 
@@ -70,3 +72,22 @@ def test_resume_keeps_finished_runs_and_the_saved_profile(tmp_path, capsys):
     assert printed.count("finished earlier, kept") == 2
     # the same runs, so the same table (real runtimes included: nothing was retrained)
     assert printed.split("| strategy")[1] == table
+
+
+def test_network_file_and_framing_reach_every_config(tmp_path):
+    import argparse
+    import json
+
+    from pysim.compare import add_arguments, configs_from_args
+    from pysim.network import Network, network_to_json
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap, strategies="SimpleReduce", steps=10, batch_size=8, eval_every=5, eval_subset=100, seeds=2,
+                  out=str(tmp_path))
+    wl = image_workload()
+    cfgs = configs_from_args(ap.parse_args(["--framing", "tcp"]), wl)
+    assert len(cfgs) == 2 and all(c.network.framing_name() == "tcp" for c in cfgs)
+    path = tmp_path / "net.json"
+    path.write_text(json.dumps(network_to_json(Network.uniform(1, "93.5Mbit", "0.4ms", "tcp"))))
+    cfgs = configs_from_args(ap.parse_args(["--network", str(path), "--bandwidth", "1Gbps"]), wl)
+    assert cfgs[0].network.n == 2 and "93.5 Mbit/s" in cfgs[0].network.describe()
