@@ -97,11 +97,16 @@ class ShardSampler:
         return self.data.batch(idx)
 
 
-def eval_subset(n: int, size: int | None, seed: int) -> torch.Tensor:
-    """The fixed evaluation examples used between full evaluations: ``size`` of ``n``, seeded."""
+EVAL_SUBSET_SEED = 7919
+
+
+def eval_subset(n: int, size: int | None, seed: int = EVAL_SUBSET_SEED) -> torch.Tensor:
+    """The fixed evaluation examples used between full evaluations: ``size`` of ``n``. The same
+    for every run seed: the evaluation set is the ruler, and a subset drawn per seed would add
+    its own difficulty (+-0.4% accuracy for 1000 MNIST images) to the spread over seeds."""
     if size is None or size >= n:
         return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))[:size].sort().values
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
 
 
 class Subset:
@@ -191,7 +196,7 @@ def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | N
                          f"{cfg.batch_size}; use a smaller --batch-size or fewer nodes")
     batches = ShardSampler(train, shard, cfg.batch_size, cfg.seed * 1000 + rank)
     evaluation = Batches(eval_set) if rank == 0 else None
-    quick = Subset(evaluation, eval_subset(len(evaluation), cfg.eval_subset, cfg.seed)) if evaluation else None
+    quick = Subset(evaluation, eval_subset(len(evaluation), cfg.eval_subset)) if evaluation else None
 
     # model, optimizer, strategy: identical initial model on every node
     torch.manual_seed(cfg.seed)

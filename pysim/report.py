@@ -1,8 +1,9 @@
 """Tables and plots of finished runs and sweeps: every figure pysim draws is drawn here.
 
-Runs of one configuration with several seeds are summarised as mean ± the
-sample standard deviation over seeds (the table says so); curves are drawn
-as the mean with a band from the lowest to the highest seed.
+Runs of one configuration with several seeds are summarised as the mean ±
+the half-width of its 95% confidence interval over seeds (Student's t; the
+table says so); curves are drawn as the mean with a band from the lowest to
+the highest seed.
 """
 
 from __future__ import annotations
@@ -48,11 +49,28 @@ def spread(values: list[float | None], unit: str = "") -> str:
     return text + (f" ({missing} never)" if missing else "")
 
 
-def mean_std(values: list[float], fmt) -> str:
-    """``mean ± std`` (sample standard deviation; just the value for one seed)."""
+# two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond the table)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
+
+
+def ci95_half_width(values: list[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean of ``values`` (Student's t, n-1
+    degrees of freedom; the next smaller tabulated df is used between table entries)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    df = max(k for k in _T95 if k <= n - 1) if n - 1 <= 60 else None
+    t = _T95[df] if df is not None else 1.96
+    return t * float(np.std(values, ddof=1)) / math.sqrt(n)
+
+
+def mean_ci(values: list[float], fmt) -> str:
+    """``mean ± h``: h the half-width of the 95% confidence interval of the mean over seeds (just
+    the value for one seed)."""
     if len(values) == 1:
         return fmt(values[0])
-    return f"{fmt(float(np.mean(values)))} ± {fmt(float(np.std(values, ddof=1)))}"
+    return f"{fmt(float(np.mean(values)))} ± {fmt(ci95_half_width(values))}"
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
@@ -81,7 +99,7 @@ def _metric_format(metric: str):
 
 def results_table(results: list[dict]) -> str:
     """One row per configuration: final metric, simulated time, time to target, bytes, real runtime;
-    mean ± std over its seeds. The target and metric are the runs' own."""
+    mean ± 95% interval over its seeds. The target and metric are the runs' own."""
     groups = group_by_label(results)
     target = results[0]["target"]
     metric = target.split(">=")[0].split("<=")[0]
@@ -96,9 +114,9 @@ def results_table(results: list[dict]) -> str:
         finals = [r["final"] for r in runs]
         reached = [f["time_to_target_s"] for f in finals if f["time_to_target_s"] is not None]
         if len(reached) == len(finals):
-            ttt = mean_std(reached, human_seconds)
+            ttt = mean_ci(reached, human_seconds)
         elif reached:
-            ttt = f"{mean_std(reached, human_seconds)} ({len(finals) - len(reached)}/{len(finals)} never)"
+            ttt = f"{mean_ci(reached, human_seconds)} ({len(finals) - len(reached)}/{len(finals)} never)"
         else:
             ttt = "never"
         sent = float(np.mean([f["bytes_sent_per_node"] for f in finals]))
@@ -109,11 +127,12 @@ def results_table(results: list[dict]) -> str:
         else:
             ratio = f"{base_bytes / sent:.3g}x fewer" if sent < base_bytes else f"{sent / base_bytes:.3g}x more"
         idle = [f["idle_s"] / f["sim_time_s"] for f in finals if f.get("idle_s") is not None and f["sim_time_s"]]
-        rows.append([label, mean_std([f["metrics"][metric] for f in finals], fmt),
-                     mean_std([f["sim_time_s"] for f in finals], human_seconds), ttt, human_bytes(sent), ratio,
+        rows.append([label, mean_ci([f["metrics"][metric] for f in finals], fmt),
+                     mean_ci([f["sim_time_s"] for f in finals], human_seconds), ttt, human_bytes(sent), ratio,
                      f"{100 * float(np.mean(idle)):.0f}%" if idle else "-",
                      f"{sum(f['real_runtime_s'] for f in finals):.0f} s"])
-    note = (f"mean ± std (sample) over {seeds} seeds" if seeds > 1 else "one seed: no spread shown; use --seeds") + \
+    note = (f"mean ± 95% confidence interval of the mean over {seeds} seeds (Student's t)" if seeds > 1
+            else "one seed: no spread shown; use --seeds") + \
         "; time to target: end of the first step whose model reaches it (bisected between evaluations); " \
         "idle/node: share of the simulated time a node spends in collectives or waiting for others, not " \
         "computing; real runtime summed over seeds"

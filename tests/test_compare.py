@@ -91,3 +91,12 @@ def test_network_file_and_framing_reach_every_config(tmp_path):
     path.write_text(json.dumps(network_to_json(Network.uniform(1, "93.5Mbit", "0.4ms", "tcp"))))
     cfgs = configs_from_args(ap.parse_args(["--network", str(path), "--bandwidth", "1Gbps"]), wl)
     assert cfgs[0].network.n == 2 and "93.5 Mbit/s" in cfgs[0].network.describe()
+
+
+def test_the_table_spread_is_a_95_percent_interval_of_the_mean():
+    from pysim.report import ci95_half_width, mean_ci
+
+    # n = 3: t(0.975, 2) = 4.303; std of (1, 2, 3) is 1, so h = 4.303 / sqrt(3)
+    assert ci95_half_width([1.0, 2.0, 3.0]) == pytest.approx(4.303 / 3 ** 0.5)
+    assert ci95_half_width([5.0]) == 0.0
+    assert mean_ci([1.0, 2.0, 3.0], lambda v: f"{v:.2f}") == "2.00 ± 2.48"
