@@ -141,10 +141,36 @@ def test_topk_and_powersgd_keep_nodes_in_sync_and_learn():
         assert not torch.equal(res[0]["params"][0], tiny_model()[0].weight), name
 
 
-def test_powersgd_rank_full_equals_simple_reduce_for_rank_deficient_grads():
-    # Linear(6,5) gradient of a batch of 8 has rank <= 5; PowerSGD compresses only if (rows+cols)*r < rows*cols
+def test_powersgd_first_step_matches_a_hand_written_power_iteration():
+    # Reference (Vogels et al. 2019, one step, residuals still zero), written out in plain torch:
+    # for each matrix M_i (node i's gradient): P = mean_i(M_i Q), P <- P / |P| (rank 1), Q' =
+    # mean_i(M_i^T P), update = P Q'^T; vectors (biases) are averaged exactly. Q starts from
+    # randn(cols, 1) drawn in parameter order from a generator seeded with PowerSGD's seed (0).
     res = both("PowerSGD", {"rank": 1}, 1)
-    assert all(torch.isfinite(p).all() for p in res[0]["params"])
+    start = tiny_model()
+    grads = []
+    for rank in (0, 1):
+        m = tiny_model()
+        local_grad(m, rank, 0)
+        grads.append([p.grad.clone() for p in m.parameters()])
+    gen = torch.Generator().manual_seed(0)
+    expected = []
+    for k, p in enumerate(start.parameters()):
+        g = [grads[0][k], grads[1][k]]
+        if p.dim() == 2:
+            q = torch.randn(p.shape[1], 1, generator=gen)
+            pm = (g[0] @ q + g[1] @ q) / 2
+            pm = pm / pm.norm()
+            qm = (g[0].T @ pm + g[1].T @ pm) / 2
+            update = pm @ qm.T
+            assert torch.linalg.matrix_rank(update) == 1
+        else:
+            update = (g[0] + g[1]) / 2
+        expected.append(p.detach() - 0.1 * update)
+    for got, want in zip(res[0]["params"], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(res[0]["params"], res[1]["params"], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_unknown_or_misspelled_arguments_are_errors():

@@ -1,6 +1,8 @@
 """Workloads: a user's model and data train through the public API; the GPT learns; targets and
 time to target follow hand-made series."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -123,3 +125,25 @@ def test_crossing_finder_bisects_the_kept_models_to_the_first_step():
     crossing = crossing_step([(s, m["accuracy"]) for s, m in series], Target("accuracy", ">=", 0.98))
     assert crossing == (float(first), first - 1, first) and first - 1 in steps
     assert finder.reached and not finder.kept  # nothing kept once reached
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "example" / "custom_model.py"
+
+
+@pytest.mark.parametrize("launcher", ["spawned", "torchrun"])
+def test_readme_custom_model_example_runs_spawned_and_under_torchrun(launcher, tmp_path):
+    import subprocess
+    import sys
+
+    from pysim.launch import free_port
+
+    cmd = [sys.executable, str(EXAMPLE)] if launcher == "spawned" else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+         str(EXAMPLE)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if "accuracy" in line]
+    assert len(lines) == 2, out.stdout  # one line per strategy, printed by rank 0 only
+    for line in lines:
+        accuracy = float(line.split("accuracy ")[1].split(",")[0])
+        assert accuracy > 0.8, line  # the linear teacher is learnable; chance is 0.25
