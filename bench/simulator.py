@@ -12,7 +12,8 @@
   ring (full-duplex hops) vs torch.distributed.all_reduce.
 - sweep: 3 recorded 1,000-step runs over a 20 x 10 bandwidth x latency grid;
   target < 5 s.
-- overhead: 2 node processes train the MNIST CNN (batch 64); per step, (a)
+- overhead: 2 node processes train the MNIST CNN (batch 64), then the character
+  GPT (batch 16 x 64 characters, 0.8M parameters); per step, (a)
   forward/backward/AdamW plus a ring all-reduce of raw float32 chunks over
   gloo point-to-point (the same transport, no simulator), (b) the same step
   through pysim (SimpleReduce, packets with headers and CRC, compute
@@ -41,6 +42,24 @@ from pysim.schedule import phases, ring_hop
 from pysim.trace import Collective, Start, Trace, Wait
 
 N_PARAMS = 46730
+
+
+def workload_step(kind: str, seed: int = 0):
+    """A model, one batch and its loss for the overhead figures: ``cnn`` (the MNIST CNN, batch 64)
+    or ``gpt`` (the Tiny Shakespeare character GPT, batch 16 x 64 characters, 65 symbols)."""
+    from pysim.models import CharGPT, ImageCNN
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
+    if kind == "cnn":
+        model = ImageCNN()
+        x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+        return model, x, y, F.cross_entropy
+    if kind == "gpt":
+        model = CharGPT(65)
+        x, y = torch.randint(0, 65, (16, 64), generator=g), torch.randint(0, 65, (16, 64), generator=g)
+        return model, x, y, lambda out, t: F.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1))
+    raise ValueError(f"unknown workload {kind!r}")
 
 
 def synthetic_trace(nodes: int, steps: int, seed: int = 0, buckets: int = 0) -> Trace:
@@ -145,23 +164,19 @@ def _raw_ring_allreduce(flat: torch.Tensor, rank: int, world: int) -> torch.Tens
     return flat / world
 
 
-def overhead_node(rank: int, world: int, steps: int, rounds: int) -> dict:
+def overhead_node(rank: int, world: int, steps: int, rounds: int, kind: str = "cnn") -> dict:
     from pysim.comm import Comm
     from pysim.compute import ComputeMeter
-    from pysim.models import MnistCNN
     from pysim.strategies import SimpleReduce
 
-    torch.manual_seed(0)
-    model = MnistCNN()
+    model, x, y, loss_fn = workload_step(kind, rank)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(rank)
-    x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
     comm = Comm(rank, world, Network.uniform(world, "1Gbps", "1ms"), ComputeMeter())
     strategy = SimpleReduce()
     strategy.setup(model, opt, comm)
 
     def plain(reduce):
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
         flat = reduce(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
@@ -170,7 +185,7 @@ def overhead_node(rank: int, world: int, steps: int, rounds: int) -> dict:
 
     def simulated(step):
         with comm.meter.measure():
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
             opt.zero_grad()
             loss.backward()
         strategy.step(step)
@@ -203,38 +218,37 @@ def overhead_node(rank: int, world: int, steps: int, rounds: int) -> dict:
     return {"wall": wall, "cpu": cpu}
 
 
-def bench_overhead(steps: int, rounds: int) -> dict[str, dict[str, float]]:
+def bench_overhead(steps: int, rounds: int, kind: str = "cnn") -> dict[str, dict[str, float]]:
     """Per variant: CPU time per step (median over rounds, mean of the two nodes: all threads
     of the process, so waiting does not count) and wall time per step (best round)."""
     from pysim.launch import run_nodes
 
-    res = run_nodes(overhead_node, 2, (steps, rounds), timeout_s=600)
+    res = run_nodes(overhead_node, 2, (steps, rounds, kind), timeout_s=600)
     return {k: {"cpu": float(np.mean([np.median(r["cpu"][k]) for r in res])),
                 "wall": float(min(max(r["wall"][k][i] for r in res) for i in range(rounds)))}
             for k in res[0]["cpu"]}
 
 
-def bench_bookkeeping(steps: int = 300) -> tuple[float, float]:
-    """In one process, without a second node: CPU seconds of a bare MNIST training step and
-    of pysim's extra work per SimpleReduce step on 2 nodes (compute metering, packing and
-    unpacking both chunk packets with header and CRC, the metadata table, the clock, the
-    trace). No transport: this isolates the simulator's own cost from gloo and scheduling."""
+def bench_bookkeeping(steps: int = 300, kind: str = "cnn") -> tuple[float, float]:
+    """In one process, without a second node: CPU seconds of a bare training step (``kind``:
+    see :func:`workload_step`) and of pysim's extra work per SimpleReduce step on 2 nodes
+    (compute metering, packing and unpacking both chunk packets with header and CRC, the
+    metadata table, the clock, the trace). No transport: this isolates the simulator's own
+    cost from gloo and scheduling."""
     from pysim.comm import Comm
     from pysim.compute import ComputeMeter
-    from pysim.models import MnistCNN
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = MnistCNN()
+    model, x, y, loss_fn = workload_step(kind)
+    n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     comm = Comm(0, 2, Network.uniform(2, "1Gbps", "1ms"), ComputeMeter())
     codec = DenseCodec()
-    half = N_PARAMS // 2
-    sizes = [codec.nbytes((half,)), codec.nbytes((N_PARAMS - half,))]
+    half = n_params // 2
+    sizes = [codec.nbytes((half,)), codec.nbytes((n_params - half,))]
 
     def bare():
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -296,17 +310,19 @@ def main() -> None:
           f"torch.distributed.all_reduce {tr['torch']:.4f} s ({100 * (tr['pysim'] / tr['torch'] - 1):+.0f}%)")
     s = min(bench_sweep() for _ in range(3))
     print(f"sweep: 3 runs x 20 x 10 grid: {s:.3f} s (target < 5 s)")
-    step_s, extra_s = bench_bookkeeping()
-    print(f"bookkeeping, in one process: bare MNIST step {step_s * 1e3:.2f} ms CPU, pysim's own work per "
-          f"SimpleReduce step {extra_s * 1e3:.3f} ms CPU = {100 * extra_s / step_s:.1f}% (target < 5%)")
-    o = bench_overhead(a.overhead_steps, a.overhead_rounds)
-    print("overhead, MNIST CNN step (batch 64), 2 nodes:   CPU ms/step (median)   wall ms/step (best round)")
-    for k, v in o.items():
-        print(f"  {k:18} {v['cpu'] * 1e3:26.2f} {v['wall'] * 1e3:24.2f}")
-    for ref, what in (("raw_ring", "the same transport without the simulator"),
-                      ("torch_all_reduce", "torch.distributed.all_reduce")):
-        print(f"  pysim vs {what}: CPU {100 * (o['pysim']['cpu'] / o[ref]['cpu'] - 1):+.1f}%, "
-              f"wall {100 * (o['pysim']['wall'] / o[ref]['wall'] - 1):+.1f}%")
+    for kind, what in (("cnn", "MNIST CNN step (batch 64)"), ("gpt", "char GPT step (16 x 64 chars, 0.8M params)")):
+        step_s, extra_s = bench_bookkeeping(kind=kind)
+        print(f"bookkeeping, in one process, {what}: bare step {step_s * 1e3:.2f} ms CPU, pysim's own work per "
+              f"SimpleReduce step {extra_s * 1e3:.3f} ms CPU = {100 * extra_s / step_s:.1f}% (target < 5%)")
+    for kind, what in (("cnn", "MNIST CNN step (batch 64)"), ("gpt", "char GPT step (batch 16 x 64)")):
+        o = bench_overhead(a.overhead_steps, a.overhead_rounds, kind)
+        print(f"overhead, {what}, 2 nodes:   CPU ms/step (median)   wall ms/step (best round)")
+        for k, v in o.items():
+            print(f"  {k:18} {v['cpu'] * 1e3:26.2f} {v['wall'] * 1e3:24.2f}")
+        for ref, what_ref in (("raw_ring", "the same transport without the simulator"),
+                              ("torch_all_reduce", "torch.distributed.all_reduce")):
+            print(f"  pysim vs {what_ref}: CPU {100 * (o['pysim']['cpu'] / o[ref]['cpu'] - 1):+.1f}%, "
+                  f"wall {100 * (o['pysim']['wall'] / o[ref]['wall'] - 1):+.1f}%")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,10 @@ step timeline through the strategy, bytes per bucket, and numerics equal to the 
 import math
 
 import pytest
+import tiny
 import torch
-from torch import nn
 
 from pysim.clock import replay
-from pysim.comm import Comm
 from pysim.compute import ComputeMeter, ComputeProfile, Work
 from pysim.launch import run_nodes
 from pysim.network import Network
@@ -25,36 +24,6 @@ NET = Network.uniform(2, BANDWIDTH, LATENCY)
 PROFILE = ComputeProfile("hand", math.inf, math.inf, 0.0, steps={"step": T_STEP})
 # reverse order: b1 (12 B) + w1 (60 B) = 72 B fit 80 B; b0 (20 B) would pass it; w0 (120 B) is alone
 BUCKET_MB = 80e-6
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-
-
-def batch(rank: int, step: int):
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
-
-
-def train(rank: int, world: int, spec: str, steps: int) -> dict:
-    model = tiny_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-    meter = ComputeMeter(PROFILE)
-    comm = Comm(rank, world, NET, meter)
-    strategy = make_strategy(spec)
-    strategy.setup(model, optimizer, comm)
-    clocks = []
-    for step in range(steps):
-        x, y = batch(rank, step)
-        with meter.measure(work=Work(), key="step"):
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-        strategy.step(step, last=step == steps - 1)
-        clocks.append(comm.end_step())
-    return {"params": [p.detach().clone() for p in model.parameters()], "clocks": clocks, "sent": comm.bytes_sent,
-            "label": strategy.label, "segments": [(c, e) for c, _, e in comm.segments]}
 
 
 def chunk_bytes(numel: int) -> int:
@@ -92,8 +61,8 @@ def test_meter_hold_and_release_hand_the_block_out_in_pieces():
 
 
 def test_overlap_step_time_equals_the_hand_computed_timeline_and_beats_blocking():
-    over = run_nodes(train, 2, (f"SimpleReduce(overlap=True, bucket_mb={BUCKET_MB})", 2))
-    flat = run_nodes(train, 2, ("SimpleReduce", 2))
+    over = run_nodes(tiny.train, 2, (f"SimpleReduce(overlap=True, bucket_mb={BUCKET_MB})", 2, NET, PROFILE))
+    flat = run_nodes(tiny.train, 2, ("SimpleReduce", 2, NET, PROFILE))
     # FLOPs of one forward on a batch of 8: Linear(6,5) 2*8*6*5 = 480, Linear(5,3) 2*8*5*3 = 240, each
     # split over its weight and bias by element count. Forward = T/3; a bucket's backward =
     # 2T/3 * (its forward FLOPs) / 720.
@@ -123,8 +92,8 @@ def test_overlap_step_time_equals_the_hand_computed_timeline_and_beats_blocking(
 
 
 def test_overlap_changes_only_time_mean_gradient_is_bit_equal():
-    over = run_nodes(train, 2, (f"SimpleReduce(overlap=True, bucket_mb={BUCKET_MB})", 6))
-    flat = run_nodes(train, 2, ("SimpleReduce", 6))
+    over = run_nodes(tiny.train, 2, (f"SimpleReduce(overlap=True, bucket_mb={BUCKET_MB})", 6, NET, PROFILE))
+    flat = run_nodes(tiny.train, 2, ("SimpleReduce", 6, NET, PROFILE))
     for a, b in zip(over[0]["params"] + over[1]["params"], flat[0]["params"] + flat[1]["params"], strict=True):
         assert torch.equal(a, b)
 

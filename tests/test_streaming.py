@@ -4,12 +4,13 @@ simulated timeline, the reduction to DiLoCo, bytes by formula, and live clock = 
 import math
 
 import pytest
+import tiny
 import torch
+from tiny import batch, tiny_model
 from torch import nn
 
 from pysim.clock import replay
-from pysim.comm import Comm
-from pysim.compute import DEVICE_PROFILES, ComputeMeter, ComputeProfile, Work
+from pysim.compute import DEVICE_PROFILES, ComputeProfile
 from pysim.launch import run_nodes
 from pysim.network import Network
 from pysim.strategies import make_strategy
@@ -23,37 +24,6 @@ LATENCY = 0.01               # s
 NET = Network.uniform(2, BANDWIDTH, LATENCY)
 HAND = ComputeProfile("hand", math.inf, math.inf, 0.0, steps={"step": T_STEP})  # everything else costs 0
 LR, OUTER_LR, MU = 0.1, 0.7, 0.9
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))   # 35 + 18 parameters
-
-
-def batch(rank: int, step: int):
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
-
-
-def train(rank: int, world: int, spec: str, steps: int, profile) -> dict:
-    model = tiny_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    meter = ComputeMeter(profile)
-    comm = Comm(rank, world, NET, meter)
-    strategy = make_strategy(spec)
-    strategy.setup(model, optimizer, comm)
-    clocks = []
-    for step in range(steps):
-        x, y = batch(rank, step)
-        with meter.measure(work=Work(), key="step"):
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-        strategy.step(step, last=step == steps - 1)
-        clocks.append(comm.end_step())
-    return {"global": [p.detach().clone() for p in strategy.eval_model().parameters()],
-            "local": [p.detach().clone() for p in model.parameters()], "clocks": clocks, "sent": comm.bytes_sent,
-            "events": [type(e).__name__ for _, _, e in comm.segments], "label": strategy.label}
 
 
 def reference(steps: int, H: int, M: int, tau: int, alpha: float) -> tuple[list, list]:
@@ -103,7 +73,7 @@ def reference(steps: int, H: int, M: int, tau: int, alpha: float) -> tuple[list,
 def test_update_rule_matches_hand_written_reference_over_three_rounds():
     # H=4, M=2: fragment 0 syncs after steps 3, 7 and 10 (the last); fragment 1 (offset 2) after 1, 5, 9, 10
     spec = "StreamingDiLoCo(H=4, fragments=2, tau=1, alpha=0.5, outer_lr=0.7, outer_momentum=0.9)"
-    out = run_nodes(train, 2, (spec, 11, HAND))
+    out = run_nodes(tiny.train, 2, (spec, 11, NET, HAND, "sgd", LR))
     glob, local = reference(11, H=4, M=2, tau=1, alpha=0.5)
     for a, b in zip(out[0]["global"], glob, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -134,21 +104,22 @@ def test_wait_tau_steps_later_hides_the_all_reduce_behind_training():
     # all-reduce of 53 floats ends at 0.4 + C, C = 0.292 s: the wait costs 0.092 s, not C.
     # The last step syncs blocking. Blocking DiLoCo(H=4) pays C twice.
     c = ring2_s(53)
-    out = run_nodes(train, 2, ("StreamingDiLoCo(H=4, fragments=1, tau=2)", 8, HAND))
+    out = run_nodes(tiny.train, 2, ("StreamingDiLoCo(H=4, fragments=1, tau=2)", 8, NET, HAND, "sgd", LR))
     after_wait = 4 * T_STEP + c
     expected = [T_STEP, 2 * T_STEP, 3 * T_STEP, 4 * T_STEP, 5 * T_STEP, after_wait,
                 after_wait + T_STEP, after_wait + 2 * T_STEP + c]
     assert out[0]["clocks"] == pytest.approx(expected, rel=1e-12)
     assert out[0]["events"][:6] == ["NoneType"] * 3 + ["Start", "NoneType", "NoneType"]
-    diloco = run_nodes(train, 2, ("DiLoCo(H=4)", 8, HAND))
+    diloco = run_nodes(tiny.train, 2, ("DiLoCo(H=4)", 8, NET, HAND, "sgd", LR))
     assert diloco[0]["clocks"][5] == pytest.approx(6 * T_STEP + c, rel=1e-12)
     assert out[0]["clocks"][-1] < diloco[0]["clocks"][-1] == pytest.approx(8 * T_STEP + 2 * c, rel=1e-12)
 
 
 def test_tau0_alpha0_one_fragment_is_diloco_exactly():
     spec = "StreamingDiLoCo(H=3, fragments=1, tau=0, alpha=0.0, outer_lr=0.7, outer_momentum=0.9)"
-    ours = run_nodes(train, 2, (spec, 10, DEVICE_PROFILES["cpu"]))
-    diloco = run_nodes(train, 2, ("DiLoCo(H=3, outer_lr=0.7, outer_momentum=0.9)", 10, DEVICE_PROFILES["cpu"]))
+    ours = run_nodes(tiny.train, 2, (spec, 10, NET, DEVICE_PROFILES["cpu"], "sgd", LR))
+    diloco = run_nodes(tiny.train, 2, ("DiLoCo(H=3, outer_lr=0.7, outer_momentum=0.9)", 10, NET,
+                                       DEVICE_PROFILES["cpu"], "sgd", LR))
     for r in range(2):
         for key in ("global", "local"):
             for a, b in zip(ours[r][key], diloco[r][key], strict=True):
@@ -163,7 +134,7 @@ def test_bytes_follow_the_fragment_schedule(codec, width):
     # H=4, M=2, 8 steps: fragment 0 (35 values) syncs after steps 3 and 7 (last); fragment 1 (18 values,
     # offset 2) after 1, 5 and 7 (last)
     spec = "StreamingDiLoCo(H=4, fragments=2, tau=1" + (f", codec={codec!r})" if codec else ")")
-    out = run_nodes(train, 2, (spec, 8, HAND))
+    out = run_nodes(tiny.train, 2, (spec, 8, NET, HAND, "sgd", LR))
     assert out[0]["sent"] == out[1]["sent"] == 2 * ring2(35, width) + 3 * ring2(18, width)
 
 
