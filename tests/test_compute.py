@@ -83,3 +83,21 @@ def test_reused_block_is_counted_twice_then_charged_the_same_without_counting(mo
     assert len(calls) == 2  # the first run may create state; the second count is kept
     expected = DEVICE_PROFILES["cpu"].seconds(count_work(lambda: x @ x))
     assert charged[1:] == [expected] * 4 and expected > 0
+
+
+def test_calibration_takes_the_fastest_run_noise_only_adds_time():
+    from pysim.compute import _min_thread_time
+
+    calls = []
+
+    def work():  # every third call does 20x the work, as a disturbed step would take longer
+        calls.append(1)
+        n = 20 if len(calls) % 3 == 0 else 1
+        x = torch.randn(64, 64)
+        for _ in range(n * 20):
+            x = x @ x / 64
+
+    light = _min_thread_time(work, 9, 1)
+    assert len(calls) == 10
+    heavy_only = _min_thread_time(lambda: [work() for _ in range(3)], 2, 0)
+    assert light < heavy_only / 5

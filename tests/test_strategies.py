@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny import batch, tiny_model
 from torch import nn
 
 from pysim.comm import Comm
@@ -11,16 +12,6 @@ from pysim.network import Network
 from pysim.strategies import Strategy, make_strategy
 
 NET = Network.uniform(2, "1Gbps", "1ms")
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-
-
-def batch(rank: int, step: int):
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
 
 
 def local_grad(model: nn.Module, rank: int, step: int) -> None:
