@@ -128,8 +128,9 @@ def bench_replay_shared(networks_count: int = 10) -> float:
 def synthetic_runs() -> list[tuple[dict, Trace]]:
     runs = []
     for k, name in enumerate(("SimpleReduce", "DiLoCo", "SPARTA")):
-        evals = [{"step": s, "test_acc": 0.9 + 0.09 * s / 1000, "sim_time_s": 0.0} for s in range(100, 1001, 100)]
-        runs.append(({"name": name, "config": {"compute": "measured"}, "evals": evals}, synthetic_trace(2, 1000, k)))
+        evals = [{"step": s, "metrics": {"accuracy": 0.9 + 0.09 * s / 1000}} for s in range(100, 1001, 100)]
+        result = {"name": name, "label": name, "target": "accuracy>=0.98", "config": {"seed": 0}, "evals": evals}
+        runs.append((result, synthetic_trace(2, 1000, k)))
     return runs
 
 
@@ -138,7 +139,7 @@ def bench_sweep() -> float:
 
     runs = synthetic_runs()
     t0 = time.perf_counter()
-    sweep(runs, list(np.geomspace(1e7, 1e11, 20)), list(np.geomspace(1e-4, 0.2, 10)), 0.98)
+    sweep(runs, list(np.geomspace(1e7, 1e11, 20)), list(np.geomspace(1e-4, 0.2, 10)))
     return time.perf_counter() - t0
 
 

@@ -108,6 +108,8 @@ def configs_from_args(a: argparse.Namespace, workload: Workload) -> list[TrainCo
         raise ValueError(f"--seeds must be an integer >= 1, got {a.seeds}")
     if a.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {a.seed}")
+    if a.lr is not None and not 0 < a.lr < math.inf:
+        raise ValueError(f"--lr must be a positive finite learning rate, got {a.lr}")
     network = load_network_file(a.network).with_nodes(a.nodes) if a.network else \
         parse_network(a.nodes, a.bandwidth, a.latency, a.topology, a.framing)
     compute = f"profile:{a.compute_profile}" if a.compute_profile else a.compute

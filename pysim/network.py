@@ -86,6 +86,9 @@ def _bandwidth_unit_bps(value: str, unit: str) -> float:
                      "or bytes/s with a capital B (MB, MBps, GB/s)")
 
 
+MIN_BANDWIDTH_BPS = 1.0  # slower links make simulated times of real packets overflow to inf
+
+
 def parse_bandwidth(value: str | float | int) -> float:
     """Bits per second from ``"100Mbit"``, ``"1Gbps"``, ``"100MBps"`` / ``"25GB/s"`` (bytes:
     capital B, x8) or a plain number of bits/s. Raises ValueError for zero, negative, unknown
@@ -103,6 +106,9 @@ def parse_bandwidth(value: str | float | int) -> float:
         raise ValueError(f"bad bandwidth {value!r}: expected a string like '1Gbps' or a number of bits/s")
     if not math.isfinite(bps) or bps <= 0:
         raise ValueError(f"bad bandwidth {value!r}: must be a positive, finite rate")
+    if bps < MIN_BANDWIDTH_BPS:
+        raise ValueError(f"bad bandwidth {value!r}: below {MIN_BANDWIDTH_BPS:g} bit/s a run's times overflow; "
+                         "give at least 1bit")
     return bps
 
 

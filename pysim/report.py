@@ -155,10 +155,13 @@ def verdicts(results: list[dict]) -> list[str]:
         inf = float("inf")
         wins = [(a if a is not None else inf) < (b if b is not None else inf) for a, b in pairs]
         losses = [(a if a is not None else inf) > (b if b is not None else inf) for a, b in pairs]
-        if all(wins):
-            lines.append(f"{label} reaches the target before {BASELINE} in all {len(pairs)} seeds")
+        seeds = f"in all {len(pairs)} seeds" if len(pairs) > 1 else "(one seed)"
+        if all(a is None for a, _ in pairs) and all(b is not None for _, b in pairs):
+            lines.append(f"{label} never reaches the target, {BASELINE} does {seeds}")
+        elif all(wins):
+            lines.append(f"{label} reaches the target before {BASELINE} {seeds}")
         elif all(losses):
-            lines.append(f"{label} reaches the target after {BASELINE} in all {len(pairs)} seeds")
+            lines.append(f"{label} reaches the target after {BASELINE} {seeds}")
         else:
             lines.append(f"{label} and {BASELINE} tie: the seeds disagree ({sum(wins)} of {len(pairs)} faster)")
     return lines

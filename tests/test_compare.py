@@ -40,6 +40,11 @@ BAD_INPUTS = [
     (["--jitter", "-1"], "jitter"),
     (["--jitter", "inf"], "jitter"),
     (["--framing", "udp"], "framing"),
+    (["--strategies", "DiLoCo(outer_lr=1e999)"], "finite outer_lr"),
+    (["--bandwidth", "1e-320"], "bad bandwidth"),
+    (["--lr", "inf"], "--lr must be"),
+    (["--lr", "-1"], "--lr must be"),
+    (["--checkpoint-every", "0"], "checkpoint_every must be"),
     (["--network", "/nonexistent/net.json"], "network"),
 ]
 
@@ -100,3 +105,20 @@ def test_the_table_spread_is_a_95_percent_interval_of_the_mean():
     assert ci95_half_width([1.0, 2.0, 3.0]) == pytest.approx(4.303 / 3 ** 0.5)
     assert ci95_half_width([5.0]) == 0.0
     assert mean_ci([1.0, 2.0, 3.0], lambda v: f"{v:.2f}") == "2.00 ± 2.48"
+
+
+def test_verdicts_only_where_every_seed_agrees():
+    from pysim.report import verdicts
+
+    def res(label, seed, t):
+        return {"label": label, "config": {"seed": seed, "strategy": label}, "final": {"time_to_target_s": t}}
+
+    base = [res("SimpleReduce", s, 10.0) for s in (0, 1, 2)]
+    lines = verdicts(base + [res("A", 0, 5.0), res("A", 1, 6.0), res("A", 2, 9.0),
+                             res("B", 0, 5.0), res("B", 1, 12.0), res("B", 2, 9.0),
+                             res("C", 0, None), res("C", 1, None), res("C", 2, None),
+                             res("D", 0, 11.0), res("D", 1, None), res("D", 2, 30.0)])
+    assert lines == ["A reaches the target before SimpleReduce in all 3 seeds",
+                     "B and SimpleReduce tie: the seeds disagree (2 of 3 faster)",
+                     "C never reaches the target, SimpleReduce does in all 3 seeds",
+                     "D reaches the target after SimpleReduce in all 3 seeds"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -19,8 +20,8 @@ class OuterStep(CommStep):
     def __init__(self, H: int, outer_lr: float, outer_momentum: float, codec: str | None) -> None:
         if isinstance(H, bool) or not isinstance(H, int) or H < 1:
             raise ValueError(f"H (local steps per outer step) must be an integer >= 1, got {H!r}")
-        if not outer_lr > 0 or not 0 <= outer_momentum < 1:
-            raise ValueError(f"outer step needs outer_lr > 0 and 0 <= outer_momentum < 1, "
+        if not 0 < outer_lr < math.inf or not 0 <= outer_momentum < 1:
+            raise ValueError(f"outer step needs a finite outer_lr > 0 and 0 <= outer_momentum < 1, "
                              f"got {outer_lr}, {outer_momentum}")
         self.H, self.outer_lr, self.outer_momentum = H, outer_lr, outer_momentum
         self.reducer = make_reducer(codec)

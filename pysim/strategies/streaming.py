@@ -7,6 +7,7 @@ schedule, each fragment's all-reduce overlapping tau inner steps of training.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -60,8 +61,8 @@ class StreamingOuterStep(CommStep):
             raise ValueError(f"fragments ({fragments}) must be at most H ({H}) to stagger their syncs")
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha (weight of the local fragment in the merge) must be in [0, 1], got {alpha!r}")
-        if not outer_lr > 0 or not 0 <= outer_momentum < 1:
-            raise ValueError(f"outer step needs outer_lr > 0 and 0 <= outer_momentum < 1, "
+        if not 0 < outer_lr < math.inf or not 0 <= outer_momentum < 1:
+            raise ValueError(f"outer step needs a finite outer_lr > 0 and 0 <= outer_momentum < 1, "
                              f"got {outer_lr}, {outer_momentum}")
         self.codec = get_codec(codec)
         if not summable(self.codec):
