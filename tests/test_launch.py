@@ -124,9 +124,10 @@ def test_bad_arguments():
 
 
 INTERRUPTIBLE = """
-import sys
+import faulthandler, sys
 from pysim.launch import RunInterrupted, run_nodes
 import node_programs
+faulthandler.dump_traceback_later(45, exit=True)  # a hang shows where every thread was, then exits
 try:
     run_nodes(node_programs.collective_loop, 2, (sys.argv[1],))
 except RunInterrupted as e:
@@ -143,7 +144,7 @@ def test_ctrl_c_stops_every_node_with_one_line(tmp_path):
         pids = wait_for_pids(tmp_path, 2)
         time.sleep(0.3)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
