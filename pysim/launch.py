@@ -32,6 +32,7 @@ lists). Rank 0 gets the list of results, the other ranks get None.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import multiprocessing as mp
@@ -392,20 +393,27 @@ def _run_under_torchrun(fn: Callable, args: tuple, timeout_s: float) -> list[Any
     threads = torch.get_num_threads(), _C.get_num_threads()
     torch.set_num_threads(1)  # as spawned nodes: one thread, so thread CPU time is the node's whole compute
     _C.set_num_threads(1)
-    owned = not dist.is_initialized()
-    if owned:
+    if not dist.is_initialized():
+        # one process group for every run of this process: a second init_process_group after a
+        # destroy hangs in torchrun's rendezvous store; it is destroyed at exit (a group left
+        # alive at exit aborts in gloo's threads)
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+        atexit.register(_destroy_process_group)
     try:
         result = fn(rank, world, *args)
         gathered = gather_json(result, rank, world)
-        if owned:
-            dist.barrier()
+        dist.barrier()
         return gathered
     finally:
         torch.set_num_threads(threads[0])
         _C.set_num_threads(threads[1])
-        if owned:  # a process group left alive at exit aborts in gloo's threads
-            dist.destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather_json(value: Any, rank: int, world: int) -> list[Any] | None:
