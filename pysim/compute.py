@@ -207,20 +207,7 @@ class ComputeMeter:
         optimizer step over fixed shapes): counted the first two times, the second count
         reused after (counting runs every kernel through Python and costs more real time than the work)."""
         if work is None and reuse is not None and self.profile is not None:
-            work = self._reused.get(reuse)
-            if work is None and self._depth == 0:
-                with counting() as box:
-                    self._depth += 1
-                    try:
-                        yield
-                    finally:
-                        self._depth -= 1
-                if reuse in self._counted_once:  # the first run may differ (optimizer state is created)
-                    self._reused[reuse] = box[0]
-                self._counted_once.add(reuse)
-                self.seconds += self.profile.seconds(box[0])
-                self.flops += box[0].flops
-                return
+            work = self._reused.get(reuse)  # None until counted twice (below)
         if work is not None:
             flops = work.flops
         self._depth += 1
@@ -240,6 +227,10 @@ class ComputeMeter:
                     yield
                 flops = box[0].flops
                 self.seconds += self.profile.seconds(box[0], key)
+                if reuse is not None:
+                    if reuse in self._counted_once:  # the first run may differ (optimizer state is created)
+                        self._reused[reuse] = box[0]
+                    self._counted_once.add(reuse)
         finally:
             self._depth -= 1
         self.flops += flops
