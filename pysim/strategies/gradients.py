@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pysim.comm import Pending
 from pysim.compress import Codec, TopKCodec
 from pysim.strategies.base import CommStep, Strategy, split_like
-from pysim.strategies.reducers import AllGather, AllReduce, PowerSGDReduce, Reducer, make_reducer
+from pysim.strategies.reducers import AllGather, AllReduce, PowerSGDReduce, Reducer, local_error_feedback, make_reducer
 
 MB = 1e6  # bytes in a megabyte, as DDP's bucket_cap_mb counts them here
 
@@ -149,9 +149,7 @@ class BucketedAverageGradients(CommStep):
             flat = torch.cat([grads[i].reshape(-1) for i in bucket])
             if self.codec.lossy:
                 with meter.measure():
-                    r = self.residuals[b]
-                    flat = flat.float() + (r if r is not None else 0.0)
-                    self.residuals[b] = flat - self.codec.unpack(self.codec.pack(flat)).float()
+                    flat, self.residuals[b] = local_error_feedback(self.codec, flat, self.residuals[b])
             pending.append(s.comm.allreduce_mean_async(flat, self.codec))
         for bucket, p in zip(self.buckets, pending, strict=True):
             mean = p.wait()

@@ -42,6 +42,15 @@ class Reducer:
         raise NotImplementedError
 
 
+def local_error_feedback(codec: Codec, x: torch.Tensor, residual: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error feedback for a lossy summable codec, kept on the node: returns (c, r) with
+    c = x + residual (what goes into the all-reduce) and r = c - unpack(pack(c)) (the next
+    residual). ``residual`` None: none yet."""
+    c = x.float() + (residual if residual is not None else 0.0)
+    return c, c - codec.unpack(codec.pack(c)).float()
+
+
 class AllReduce(Reducer):
     """All tensors flattened into one all-reduce of a summable codec; local error feedback if lossy."""
 
@@ -53,8 +62,7 @@ class AllReduce(Reducer):
         flat = torch.cat([t.reshape(-1) for t in tensors.values()])
         if self.codec.lossy:
             with self.comm.meter.measure():
-                flat = flat.float() + (self.residual if self.residual is not None else 0.0)
-                self.residual = flat - self.codec.unpack(self.codec.pack(flat)).float()
+                flat, self.residual = local_error_feedback(self.codec, flat, self.residual)
         avg = self.comm.allreduce_mean(flat, self.codec)
         return dict(zip(tensors, split_like(avg, tensors.values()), strict=True))
 
