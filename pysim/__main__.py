@@ -64,8 +64,8 @@ def train_missing(config_path: str, runs_dir: str) -> list[Path]:
     """Trains each config of the file whose results are not in runs_dir yet (same config)."""
     import json
 
-    from pysim.results import load_result, run_path
-    from pysim.trainer import TrainConfig, run
+    from pysim.results import run_path
+    from pysim.trainer import TrainConfig, finished_run, run
 
     try:
         items = json.loads(Path(config_path).read_text())
@@ -81,16 +81,11 @@ def train_missing(config_path: str, runs_dir: str) -> list[Path]:
         except TypeError as e:
             raise ValueError(f"bad config in {config_path}: {e}") from None
         cfg.check()
-        path = run_path(runs_dir, cfg.name)
-        if path.is_dir():
-            try:
-                saved, _ = load_result(path)
-                if saved["config"] == cfg.to_json():
-                    print(f"{cfg.name}: using recorded run {path}")
-                    out.append(path)
-                    continue
-            except ValueError:
-                pass
+        path = run_path(runs_dir, cfg.run_name)
+        if finished_run(cfg, runs_dir) is not None:
+            print(f"{cfg.name}: using recorded run {path}")
+            out.append(path)
+            continue
         print(f"{cfg.name}: training ...", flush=True)
         run(cfg, runs_dir)
         out.append(path)

@@ -23,9 +23,9 @@ from pysim.datasets import DataError
 from pysim.launch import NodeError, RunInterrupted
 from pysim.network import load_network_file, parse_network
 from pysim.report import plot_runs, results_table, verdicts
-from pysim.results import check_out_dir, load_result, run_path
+from pysim.results import check_out_dir
 from pysim.sharding import Sharding
-from pysim.trainer import TrainConfig, calibrate, run
+from pysim.trainer import TrainConfig, calibrate, finished_run, run
 from pysim.workload import Workload
 
 
@@ -130,21 +130,6 @@ def configs_from_args(a: argparse.Namespace, workload: Workload) -> list[TrainCo
     return configs
 
 
-def finished_run(cfg: TrainConfig, out: str) -> dict | None:
-    """The saved result of ``cfg`` in ``out`` if one of the same configuration is complete there."""
-    path = run_path(out, cfg.run_name)
-    if not (path / "manifest.json").is_file():
-        return None
-    try:
-        result, trace = load_result(path)
-    except ValueError:
-        return None
-    if result["config"] != cfg.to_json():
-        return None
-    result["trace"] = trace
-    return result
-
-
 def main(argv: list[str] | None, description: str, build_workload: Callable[[argparse.Namespace], Workload],
          title: str, **defaults) -> int:
     """Parses flags, trains every (strategy, seed), prints the table and verdicts, writes a plot."""
@@ -157,20 +142,19 @@ def main(argv: list[str] | None, description: str, build_workload: Callable[[arg
         check_out_dir(a.out)
         net = configs[0].network
         saved_profile = Path(a.out) / "compute_profile.json"
-        if configs[0].compute == "calibrated" and a.resume and saved_profile.is_file():
-            profile = ComputeProfile.load(saved_profile)
+        if configs[0].compute == "calibrated":  # one profile for the whole comparison, saved with it
+            if a.resume and saved_profile.is_file():
+                profile = ComputeProfile.load(saved_profile)
+                print(f"compute profile: reusing {saved_profile} (--resume)")
+            else:
+                t0 = time.perf_counter()
+                profile = calibrate(configs[0])
+                profile.save(saved_profile)
+                step = next(iter(profile.steps.values()))
+                print(f"compute profile: {1e3 * step:.2f} ms per forward+backward step on this machine "
+                      f"({time.perf_counter() - t0:.1f} s to calibrate), saved to {saved_profile}")
             for cfg in configs:
                 cfg.profile = profile
-            print(f"compute profile: reusing {saved_profile} (--resume)")
-        elif configs[0].compute == "calibrated":  # one profile for the whole comparison, saved with it
-            t0 = time.perf_counter()
-            profile = calibrate(configs[0])
-            for cfg in configs:
-                cfg.profile = profile
-            saved = profile.save(Path(a.out) / "compute_profile.json")
-            step = next(iter(profile.steps.values()))
-            print(f"compute profile: {1e3 * step:.2f} ms per forward+backward step on this machine "
-                  f"({time.perf_counter() - t0:.1f} s to calibrate), saved to {saved}")
         print(f"{workload.name}: {a.nodes} nodes, network {net.describe()}, {a.steps} steps x {a.batch_size} per "
               f"node, seeds {a.seed}..{a.seed + a.seeds - 1}, target {configs[0].goal}")
         results = []

@@ -18,7 +18,7 @@ from pysim.compute import ComputeProfile, calibrate_machine, calibrate_step, res
 from pysim.launch import run_nodes
 from pysim.network import Network, network_from_json, network_to_json
 from pysim.node import StepRecord, train_node
-from pysim.results import RESULT_VERSION, check_out_dir, run_path, save_result, time_to_target
+from pysim.results import RESULT_VERSION, check_out_dir, load_result, run_path, save_result, time_to_target
 from pysim.sharding import Sharding
 from pysim.strategies import make_strategy
 from pysim.trace import event_from_json, trace_from_nodes
@@ -198,6 +198,20 @@ def calibrate(cfg: TrainConfig, profile: ComputeProfile | None = None) -> Comput
     calibrate_step(profile, step_key(cfg.workload.name, sum(p.numel() for p in model.parameters()), cfg.batch_size),
                    step)
     return profile
+
+
+def finished_run(cfg: TrainConfig, out_dir: str | Path) -> dict | None:
+    """The saved result (with its trace) of a complete run of exactly ``cfg`` in ``out_dir``, or
+    None: not there, incomplete or stale (see :func:`pysim.results.load_result`), or of
+    another configuration."""
+    try:
+        result, trace = load_result(run_path(out_dir, cfg.run_name))
+    except ValueError:
+        return None
+    if result["config"] != cfg.to_json():
+        return None
+    result["trace"] = trace
+    return result
 
 
 def run(cfg: TrainConfig, out_dir: str | Path | None = None, timeout_s: float = 300.0,
