@@ -137,6 +137,14 @@ class CrossingFinder:
         self.kept: dict[int, list[torch.Tensor]] = {}
         self._scratch: torch.nn.Module | None = None
 
+    def state(self) -> tuple:
+        """What a checkpoint keeps of it: whether the target is reached, the last evaluation below
+        it, and the kept models."""
+        return self.reached, self.last_step, self.kept
+
+    def restore(self, state: tuple) -> None:
+        self.reached, self.last_step, self.kept = state
+
     def keep(self, step: int, model: torch.nn.Module) -> None:
         if self.reached:
             return
@@ -227,7 +235,7 @@ def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | N
         batches.restore(state["sampler"])
         steps, evals = state["steps"], state["evals"]
         if crossing is not None:
-            crossing.reached, crossing.last_step, crossing.kept = state["crossing"]
+            crossing.restore(state["crossing"])
         _set_rng_state(state["rng"])
         start = plan.resume_step
     bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.name} (node 0)", unit="step", leave=False,
@@ -258,7 +266,7 @@ def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | N
             save_node_state(plan.folder, step + 1, rank, {
                 "strategy": strategy,  # holds the model, optimizer, schedule and comm (clock, trace so far)
                 "sampler": batches.state(), "steps": steps, "evals": evals, "rng": _rng_state(),
-                "crossing": None if crossing is None else (crossing.reached, crossing.last_step, crossing.kept)})
+                "crossing": None if crossing is None else crossing.state()})
             if world > 1:
                 dist.barrier()  # every node's file is written: older checkpoints can go (uncharged)
             if rank == 0:
