@@ -8,7 +8,9 @@ after the last) on a fixed subset of the evaluation set (cheap, for time to
 target), and on the whole set at the end (the final metrics).
 
 Time to target at step resolution: until the target is reached, node 0 keeps a
-copy of the deployed model of every step since the last evaluation. When an
+copy of the deployed model of every step since the last evaluation (every node
+asks the strategy for it, as it may be a collective; node 0 tells the others at
+each evaluation once the target is reached, and they stop). When an
 evaluation first reaches the target, the steps in between are bisected on
 those copies (about log2(eval_every) more evaluations), so the run records the
 first step whose model reaches the target with the step before it below the
@@ -189,6 +191,16 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
+def _from_node0(flag: bool, world: int) -> bool:
+    """Node 0's ``flag`` on every node (a one-value broadcast outside the simulated network,
+    uncharged: simulator bookkeeping, as the evaluations are)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
 def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | None = None) -> dict:
     """One node's training run; returns its records (steps, evaluations on node 0, trace segments).
     ``plan``: where to write checkpoints and from which step to resume (:mod:`pysim.checkpoint`)."""
@@ -226,6 +238,7 @@ def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | N
     evals: list[EvalRecord] = []
     crossing = CrossingFinder(cfg.goal, lambda m: wl.metrics(m, quick)) if evaluation is not None else None
     start = 0
+    target_reached = False   # on every node: node 0 has seen the target reached (told at evaluations)
     if plan is not None and plan.resume_step:
         # everything the loop carries from step to step, as it was after ``resume_step`` steps
         state = load_node_state(plan.folder, plan.resume_step, rank)
@@ -237,6 +250,7 @@ def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | N
         if crossing is not None:
             crossing.restore(state["crossing"])
         _set_rng_state(state["rng"])
+        target_reached = state["target_reached"]
         start = plan.resume_step
     bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.name} (node 0)", unit="step", leave=False,
                mininterval=0.5, disable=rank != 0 or cfg.steps < 200 or not sys.stderr.isatty())
@@ -258,7 +272,9 @@ def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | N
                 evals.append(EvalRecord(step + 1, metrics, len(quick)))
                 shown = {k: f"{v:.4g}" for k, v in metrics.items() if k == cfg.goal.metric}
                 bar.set_postfix(shown | {"sim": f"{clock:.1f}s"})
-        elif cfg.resolve_target:
+            if cfg.resolve_target and not target_reached:
+                target_reached = _from_node0(crossing is not None and crossing.reached, world)
+        elif cfg.resolve_target and not target_reached:
             deployed = strategy.eval_model()  # every node: it may be a collective
             if crossing is not None:
                 crossing.keep(step + 1, deployed)
@@ -266,6 +282,7 @@ def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | N
             save_node_state(plan.folder, step + 1, rank, {
                 "strategy": strategy,  # holds the model, optimizer, schedule and comm (clock, trace so far)
                 "sampler": batches.state(), "steps": steps, "evals": evals, "rng": _rng_state(),
+                "target_reached": target_reached,
                 "crossing": None if crossing is None else crossing.state()})
             if world > 1:
                 dist.barrier()  # every node's file is written: older checkpoints can go (uncharged)

@@ -147,3 +147,23 @@ def test_readme_custom_model_example_runs_spawned_and_under_torchrun(launcher, t
     for line in lines:
         accuracy = float(line.split("accuracy ")[1].split(",")[0])
         assert accuracy > 0.8, line  # the linear teacher is learnable; chance is 0.25
+
+
+def test_deployed_model_is_asked_for_every_step_only_until_the_target_is_reached(monkeypatch):
+    # one node in this process: every call of the strategy's eval_model is counted
+    from pysim.node import train_node
+    from pysim.strategies import Strategy
+    from pysim.trainer import TrainConfig
+
+    calls = []
+    real = Strategy.eval_model
+    monkeypatch.setattr(Strategy, "eval_model", lambda self: calls.append(1) or real(self))
+    cfg = TrainConfig(workload="mnist", strategy="SimpleReduce", nodes=1, steps=40, eval_every=10, eval_subset=200,
+                      train_examples=1000, batch_size=16, compute="cpu", target="accuracy>=0.3")
+    cfg.check()
+    out = train_node(0, 1, cfg)
+    regular = [step for step, metrics, _ in out["evals"] if step % 10 == 0]
+    first = next(step for step, metrics, _ in out["evals"] if step % 10 == 0 and metrics["accuracy"] >= 0.3)
+    # every step up to the first evaluation that reaches the target, then evaluations only, then the final one
+    assert len(calls) == first + sum(1 for s in regular if s > first) + 1
+    assert first < 40
