@@ -31,4 +31,4 @@ def build(a: argparse.Namespace):
 
 if __name__ == "__main__":
     sys.exit(main(None, __doc__, build, "MNIST", strategies=STRATEGIES, steps=600, batch_size=64, eval_every=25,
-                  eval_subset=1000, seeds=3, out="runs/mnist"))
+                  eval_subset=2000, seeds=3, out="runs/mnist"))

@@ -3,14 +3,16 @@
 Every node builds the same model from the same seed, takes its shard of the
 training set, and for each step computes the loss and gradients on a batch
 of its shard (timed as compute), then lets the strategy communicate and
-update. Node 0 evaluates the strategy's model every ``eval_every`` steps (and
+update. Node 0's deployed model is evaluated every ``eval_every`` steps (and
 after the last) on a fixed subset of the evaluation set (cheap, for time to
-target), and on the whole set at the end (the final metrics).
+target), and on the whole set at the end (the final metrics); every node
+evaluates a share of the examples unless the workload says otherwise
+(:class:`pysim.evaluation.NodeEvaluation`).
 
 Time to target at step resolution: until the target is reached, node 0 keeps a
 copy of the deployed model of every step since the last evaluation (every node
-asks the strategy for it, as it may be a collective; node 0 tells the others at
-each evaluation once the target is reached, and they stop). When an
+asks the strategy for it, as it may be a collective; every node learns at each
+evaluation whether the target is reached, and then they stop). When an
 evaluation first reaches the target, the steps in between are bisected on
 those copies (about log2(eval_every) more evaluations), so the run records the
 first step whose model reaches the target with the step before it below the
@@ -19,7 +21,6 @@ target: the crossing is known to one step, not to ``eval_every`` steps.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import sys
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from pysim.checkpoint import CheckpointPlan, load_node_state, prune, save_node_state
 from pysim.comm import Comm
 from pysim.compute import ComputeMeter, count_work, step_key
+from pysim.evaluation import CrossingFinder, NodeEvaluation, Subset, eval_subset
 from pysim.sharding import shard_indices
 from pysim.strategies import make_strategy
 from pysim.trace import event_to_json
@@ -99,88 +101,6 @@ class ShardSampler:
         return self.data.batch(idx)
 
 
-EVAL_SUBSET_SEED = 7919
-
-
-def eval_subset(n: int, size: int | None, seed: int = EVAL_SUBSET_SEED) -> torch.Tensor:
-    """The fixed evaluation examples used between full evaluations: ``size`` of ``n``. The same
-    for every run seed: the evaluation set is the ruler, and a subset drawn per seed would add
-    its own difficulty (+-0.4% accuracy for 1000 MNIST images) to the spread over seeds."""
-    if size is None or size >= n:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
-
-
-class Subset:
-    """The rows ``idx`` of a ``Batches`` set, as a set of its own."""
-
-    def __init__(self, data: Batches, idx: torch.Tensor) -> None:
-        self.data, self.idx = data, idx
-
-    def __len__(self) -> int:
-        return len(self.idx)
-
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data.batch(self.idx[idx])
-
-
-class CrossingFinder:
-    """Finds the first step whose deployed model reaches ``target`` (see the module docstring).
-
-    ``keep(step, model)`` stores a copy of the model deployed after ``step`` while the target
-    is not reached; ``evaluated(step, metrics)`` is told every regular evaluation and, at the
-    first one that reaches the target, returns the (step, metrics) of the bisection
-    evaluations it ran on the stored copies (``evaluate(model) -> metrics``)."""
-
-    def __init__(self, target, evaluate) -> None:
-        self.target, self.evaluate = target, evaluate
-        self.reached = False
-        self.last_step = 0                      # step of the last evaluation below the target
-        self.kept: dict[int, list[torch.Tensor]] = {}
-        self._scratch: torch.nn.Module | None = None
-
-    def state(self) -> tuple:
-        """What a checkpoint keeps of it: whether the target is reached, the last evaluation below
-        it, and the kept models."""
-        return self.reached, self.last_step, self.kept
-
-    def restore(self, state: tuple) -> None:
-        self.reached, self.last_step, self.kept = state
-
-    def keep(self, step: int, model: torch.nn.Module) -> None:
-        if self.reached:
-            return
-        if self._scratch is None:
-            self._scratch = copy.deepcopy(model)
-        self.kept[step] = [t.detach().clone() for t in model.state_dict().values()]
-
-    def evaluated(self, step: int, metrics: dict[str, float]) -> list[tuple[int, dict[str, float]]]:
-        if self.reached:
-            return []
-        value = metrics.get(self.target.metric)
-        if value is None or not self.target.reached(value):
-            self.last_step = step
-            self.kept.clear()
-            return []
-        self.reached = True
-        lo, hi, found = self.last_step, step, []
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if mid not in self.kept:
-                break
-            with torch.no_grad():
-                for dst, src in zip(self._scratch.state_dict().values(), self.kept[mid], strict=True):
-                    dst.copy_(src)
-            m = self.evaluate(self._scratch)
-            found.append((mid, m))
-            if self.target.reached(m[self.target.metric]):
-                hi = mid
-            else:
-                lo = mid
-        self.kept.clear()
-        return sorted(found, key=lambda e: e[0])
-
-
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
@@ -215,7 +135,8 @@ def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | N
         raise ValueError(f"node {rank}'s shard has {len(shard)} examples, fewer than the batch size "
                          f"{cfg.batch_size}; use a smaller --batch-size or fewer nodes")
     batches = ShardSampler(train, shard, cfg.batch_size, cfg.seed * 1000 + rank)
-    evaluation = Batches(eval_set) if rank == 0 else None
+    evaluate = NodeEvaluation(rank, world, wl.metrics, wl.split_evaluation)
+    evaluation = Batches(eval_set) if evaluate.takes_part else None
     quick = Subset(evaluation, eval_subset(len(evaluation), cfg.eval_subset)) if evaluation else None
 
     # model, optimizer, strategy: identical initial model on every node
@@ -236,7 +157,8 @@ def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | N
 
     steps: list[StepRecord] = []
     evals: list[EvalRecord] = []
-    crossing = CrossingFinder(cfg.goal, lambda m: wl.metrics(m, quick)) if evaluation is not None else None
+    crossing = CrossingFinder(cfg.goal, lambda m: evaluate(m, quick), store=rank == 0) \
+        if evaluation is not None else None
     start = 0
     target_reached = False   # on every node: node 0 has seen the target reached (told at evaluations)
     if plan is not None and plan.resume_step:
@@ -267,13 +189,16 @@ def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | N
         if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
             deployed = strategy.eval_model()  # collective: a strategy may average the nodes' models (uncharged)
             if crossing is not None:
-                metrics = wl.metrics(deployed, quick)
-                evals += [EvalRecord(k, m, len(quick)) for k, m in crossing.evaluated(step + 1, metrics)]
-                evals.append(EvalRecord(step + 1, metrics, len(quick)))
-                shown = {k: f"{v:.4g}" for k, v in metrics.items() if k == cfg.goal.metric}
-                bar.set_postfix(shown | {"sim": f"{clock:.1f}s"})
+                metrics = evaluate(deployed, quick)
+                bisected = crossing.evaluated(step + 1, metrics)
+                if rank == 0:
+                    evals += [EvalRecord(k, m, len(quick)) for k, m in bisected]
+                    evals.append(EvalRecord(step + 1, metrics, len(quick)))
+                    shown = {k: f"{v:.4g}" for k, v in metrics.items() if k == cfg.goal.metric}
+                    bar.set_postfix(shown | {"sim": f"{clock:.1f}s"})
             if cfg.resolve_target and not target_reached:
-                target_reached = _from_node0(crossing is not None and crossing.reached, world)
+                target_reached = crossing.reached if evaluate.split else \
+                    _from_node0(crossing is not None and crossing.reached, world)
         elif cfg.resolve_target and not target_reached:
             deployed = strategy.eval_model()  # every node: it may be a collective
             if crossing is not None:
@@ -291,7 +216,9 @@ def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | N
         bar.update()
     bar.close()
     deployed = strategy.eval_model()
-    final = wl.metrics(deployed, evaluation) if evaluation is not None else None
+    final = evaluate(deployed, evaluation) if evaluation is not None else None
+    if rank != 0:
+        evals, final = [], None   # node 0 reports the evaluations
     # plain JSON-able data: under torchrun, results cross between ranks as JSON
     return {"steps": [list(s) for s in steps], "evals": [list(e) for e in evals], "final_metrics": final,
             "segments": [(c, f, event_to_json(e)) for c, f, e in comm.segments], "step_ends": comm.step_ends}

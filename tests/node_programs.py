@@ -200,8 +200,9 @@ def _listening_addresses(inodes: set[str]) -> list[str]:
     return out
 
 
-def listening_sockets(rank: int, world: int) -> list[str]:
-    """On node 0, once every node is connected: what the parent and all nodes listen on."""
+def listening_sockets(rank: int, world: int, parent_pid: int) -> list[str]:
+    """On node 0, once every node is connected: what the parent (``parent_pid``: the process that
+    started the run, not the fork server the nodes come from) and all nodes listen on."""
     import torch.distributed as dist
 
     pids = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
@@ -209,7 +210,7 @@ def listening_sockets(rank: int, world: int) -> list[str]:
     found = []
     if rank == 0:
         inodes = set()
-        for pid in [os.getppid(), *(int(p) for p in pids)]:
+        for pid in [parent_pid, *(int(p) for p in pids)]:
             inodes |= _socket_inodes(pid)
         found = _listening_addresses(inodes)
     dist.barrier()
@@ -231,3 +232,57 @@ if __name__ == "__main__":  # run under torchrun by tests/test_comm.py
     result = run_nodes(rank_and_world, 2)
     if result is not None:  # rank 0 only
         print("RESULT", result, flush=True)
+
+
+def split_evaluation(rank: int, world: int, n_examples: int) -> dict:
+    """Node 0's model evaluated split across the nodes, while every other node holds a different
+    model; plus a bisection of kept copies by a split CrossingFinder. Returns what rank 0 saw."""
+    from pysim.evaluation import CrossingFinder, NodeEvaluation
+    from pysim.workload import Target, classification_metrics
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(n_examples, 6, generator=g), torch.randint(0, 3, (n_examples,), generator=g)
+    data = _Rows(x, y)
+    torch.manual_seed(rank)                      # each node's own model differs: only node 0's may count
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    evaluate = NodeEvaluation(rank, world, classification_metrics)
+    split = evaluate(model, data)
+
+    # bisection: the deployed "model" after step k scores accuracy k / 100 (its bias encodes k)
+    class Scored(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.k = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, inp):
+            return torch.zeros(len(inp), 2)
+
+    def score(m, d):
+        return {"accuracy": float(m.k.detach()) / 100, "examples": float(len(d))}
+
+    scored = Scored()
+    finder_eval = NodeEvaluation(rank, world, score)
+    finder = CrossingFinder(Target("accuracy", ">=", 0.37), lambda m: finder_eval(m, data), store=rank == 0)
+    found = []
+    for step in range(1, 51):
+        with torch.no_grad():
+            scored.k.fill_(step if rank == 0 else -1)   # only node 0's copies are the deployed model
+        if step % 25:
+            finder.keep(step, scored)
+        else:
+            found += finder.evaluated(step, finder_eval(scored, data))
+    return {"split": split, "alone": classification_metrics(model, data), "found": [s for s, _ in found],
+            "reached": finder.reached}
+
+
+class _Rows:
+    """A minimal ``Batches``: rows of (x, y) tensors."""
+
+    def __init__(self, x, y) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, idx):
+        return self.x[idx], self.y[idx]

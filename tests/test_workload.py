@@ -90,43 +90,6 @@ def test_crossing_one_step_apart_is_that_step_not_an_interpolation():
     assert crossing_step(series, Target("accuracy", ">=", 0.98)) == (27.0, 26, 27)
 
 
-class _Scalar(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-
-
-def test_crossing_finder_bisects_the_kept_models_to_the_first_step():
-    from pysim.node import CrossingFinder
-
-    # the "accuracy" of the model after step k is its weight: a rise that first reaches 0.98 at step 37
-    values = {k: min(1.0, 0.5 + 0.013 * k) for k in range(1, 101)}
-    first = min(k for k, v in values.items() if v >= 0.98)
-    evaluated = []
-
-    def evaluate(model):
-        evaluated.append(float(model.w.detach()))
-        return {"accuracy": float(model.w.detach())}
-
-    finder = CrossingFinder(Target("accuracy", ">=", 0.98), evaluate)
-    model = _Scalar()
-    found = []
-    for step in range(1, 101):
-        with torch.no_grad():
-            model.w.fill_(values[step])
-        if step % 25:
-            finder.keep(step, model)
-        else:
-            found += finder.evaluated(step, {"accuracy": values[step]})
-    series = sorted(found + [(s, {"accuracy": values[s]}) for s in (25, 50, 75, 100)])
-    steps = [s for s, _ in series]
-    # bisection of (25, 50]: about log2(25) evaluations, and the step before the crossing is below
-    assert len(found) <= 5 and len(evaluated) == len(found)
-    crossing = crossing_step([(s, m["accuracy"]) for s, m in series], Target("accuracy", ">=", 0.98))
-    assert crossing == (float(first), first - 1, first) and first - 1 in steps
-    assert finder.reached and not finder.kept  # nothing kept once reached
-
-
 EXAMPLE = Path(__file__).resolve().parents[1] / "example" / "custom_model.py"
 
 

@@ -1,0 +1,77 @@
+"""Evaluation inside a run: subsets, split evaluation across nodes, and the bisection to the first step."""
+
+import node_programs
+import pytest
+import torch
+
+from pysim.evaluation import CrossingFinder, NodeEvaluation, eval_subset
+from pysim.launch import run_nodes
+from pysim.results import crossing_step
+from pysim.workload import Target
+
+
+def test_eval_subset_is_fixed_sorted_and_independent_of_the_run_seed():
+    a, b = eval_subset(10_000, 1000), eval_subset(10_000, 1000)
+    assert torch.equal(a, b) and len(a) == 1000 and bool((a[1:] > a[:-1]).all())
+    assert torch.equal(eval_subset(50, None), torch.arange(50)) and torch.equal(eval_subset(50, 80), torch.arange(50))
+
+
+@pytest.mark.parametrize("world, n", [(2, 301), (3, 2)])   # uneven shares; a node with no examples
+def test_split_evaluation_is_node0s_model_on_every_example(world, n):
+    out = run_nodes(node_programs.split_evaluation, world, (n,))
+    ref = out[0]["alone"]                                    # node 0 alone, on every example
+    for r in range(world):
+        assert out[r]["split"]["accuracy"] == ref["accuracy"]   # counts: exact
+        # float32 batch means, summed in another order
+        assert out[r]["split"]["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    # the other nodes held other models: had theirs been evaluated, the loss would differ
+    assert all(out[r]["alone"]["loss"] != ref["loss"] for r in range(1, world))
+
+
+def test_split_bisection_finds_the_same_step_on_every_node():
+    out = run_nodes(node_programs.split_evaluation, 2, (40,))
+    # the score is node 0's step / 100: the first step at or above 0.37 is 37, bisected in (25, 50]
+    assert out[0]["reached"] and out[1]["reached"]
+    assert out[0]["found"] == out[1]["found"] and 37 in out[0]["found"] and 36 in out[0]["found"]
+
+
+def test_not_split_evaluates_on_node_0_alone():
+    evaluate = NodeEvaluation(1, 2, lambda m, d: {"accuracy": 1.0}, split=False)
+    assert not evaluate.takes_part
+    assert NodeEvaluation(0, 2, lambda m, d: {}, split=False).takes_part
+    assert NodeEvaluation(0, 1, lambda m, d: {}).split is False   # one node: nothing to split
+
+
+class _Scalar(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+
+def test_crossing_finder_bisects_the_kept_models_to_the_first_step():
+    # the "accuracy" of the model after step k is its weight: a rise that first reaches 0.98 at step 37
+    values = {k: min(1.0, 0.5 + 0.013 * k) for k in range(1, 101)}
+    first = min(k for k, v in values.items() if v >= 0.98)
+    evaluated = []
+
+    def evaluate(model):
+        evaluated.append(float(model.w.detach()))
+        return {"accuracy": float(model.w.detach())}
+
+    finder = CrossingFinder(Target("accuracy", ">=", 0.98), evaluate)
+    model = _Scalar()
+    found = []
+    for step in range(1, 101):
+        with torch.no_grad():
+            model.w.fill_(values[step])
+        if step % 25:
+            finder.keep(step, model)
+        else:
+            found += finder.evaluated(step, {"accuracy": values[step]})
+    series = sorted(found + [(s, {"accuracy": values[s]}) for s in (25, 50, 75, 100)])
+    steps = [s for s, _ in series]
+    # bisection of (25, 50]: about log2(25) evaluations, and the step before the crossing is below
+    assert len(found) <= 5 and len(evaluated) == len(found)
+    crossing = crossing_step([(s, m["accuracy"]) for s, m in series], Target("accuracy", ">=", 0.98))
+    assert crossing == (float(first), first - 1, first) and first - 1 in steps
+    assert finder.reached and not finder.kept  # nothing kept once reached
