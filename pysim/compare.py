@@ -55,7 +55,8 @@ def add_arguments(ap: argparse.ArgumentParser, strategies: str, steps: int, batc
     ap.add_argument("--topology", default="uniform", help="uniform | two-tier:G:BW:LAT | slow-node:I:BW:LAT")
     ap.add_argument("--framing", default="ideal",
                     help="protocol bytes charged on top of the packets: ideal | tcp (TCP/IPv4 as tc counts it, "
-                         "66 B per 1448-byte segment) | tcp-ethernet (90 B per segment, a physical wire)")
+                         "66 B per 1448-byte segment, and a 66 B ACK per 2 segments on the reverse path) | "
+                         "tcp-ethernet (90 B per segment and per ACK, a physical wire)")
     ap.add_argument("--network", default=None,
                     help="a network file (e.g. written by `python -m pysim calibrate`); replaces --bandwidth, "
                          "--latency, --topology and --framing")

@@ -117,17 +117,36 @@ def test_tcp_framing_per_segment():
     assert tcp.wire_bytes(0) == 66  # an empty message still takes one frame
     assert FRAMINGS["tcp-ethernet"].wire_bytes(1448) == 1538
     assert FRAMINGS["ideal"].wire_bytes(1234) == 1234
-    # a 2-rank ring all-reduce of 10 MB at 100 Mbit/s: 2 phases, each a 5 MB chunk each way
+    # a 2-rank ring all-reduce of 10 MB at 100 Mbit/s: 2 phases, each a 5 MB chunk each way, and
+    # each direction also carries the ACKs of the other's chunk: 66 bytes per 2 segments
     net = Network.uniform(2, "100Mbit", 0.0, framing="tcp")
     chunk = 5_000_000
     frames = -(-chunk // 1448)
-    assert collective_s(net, "allreduce", "ring", (chunk, chunk)) == pytest.approx(2 * 8 * (chunk + 66 * frames) / 1e8)
-    assert framing_bytes(net, "allreduce", "ring", (chunk, chunk)) == [2 * 66 * frames] * 2
-    assert parse_framing("40,1448,66") == Framing(40, 1448, 66)
+    acks = 66 * -(-frames // 2)
+    assert tcp.acks(chunk) == acks and tcp.acks(1448) == 66 and tcp.acks(3 * 1448) == 2 * 66
+    assert collective_s(net, "allreduce", "ring", (chunk, chunk)) == \
+        pytest.approx(2 * 8 * (chunk + 66 * frames + acks) / 1e8)
+    assert framing_bytes(net, "allreduce", "ring", (chunk, chunk)) == [2 * (66 * frames + acks)] * 2
+    assert parse_framing("40,1448,66") == Framing(40, 1448, 66) and Framing(40, 1448, 66).acks(10**6) == 0
+    assert parse_framing("40,1448,66,66") == Framing(40, 1448, 66, 66)
+    with pytest.raises(ValueError, match="framing"):
+        parse_framing("1,2")
     with pytest.raises(ValueError, match="framing"):
         parse_framing("jumbo")
     with pytest.raises(ValueError, match="MSS"):
         Framing(0, 0, 66)
+    with pytest.raises(ValueError, match="MSS"):
+        Framing(0, 0, 0, 66)
+
+
+def test_acks_load_the_reverse_path_only_when_it_is_busy():
+    # 8 bit/s links: a byte is a second. One 1448-byte segment each: ACK 10 bytes per segment.
+    f = Framing(0, 1448, 0, 10, 1)
+    one_way = Network.uniform(2, 8, 0.0, framing=f).phase_s([(0, 1, 1448)])
+    both_ways = Network.uniform(2, 8, 0.0, framing=f).phase_s([(0, 1, 1448), (1, 0, 1448)])
+    assert one_way == pytest.approx(1448.0)             # the ACK travels on the idle reverse link
+    assert both_ways == pytest.approx(1448.0 + 10.0)    # each uplink: its data + the other's ACK
+    assert framing_bytes(f, "allreduce", "ring", (1448, 1448)) == [2 * 10, 2 * 10]
 
 
 def test_phase_ends_with_its_slowest_message_not_max_latency_plus_max_load():
