@@ -22,25 +22,25 @@ from pathlib import Path
 from pysim.calibrate import ShapedVeth, model_allreduce_s, veth_missing
 from pysim.network import format_bandwidth, load_network_file
 
-FIT_SIZES = "262144,2097152,8388608"
+FIT_SIZES = "262144,524288,2097152,6291456,8388608"
 TEST_SIZES = (1_000_000, 4_000_000, 10_000_000)
 
 
-def bench_rate(rate: str, reps: int, tmp: Path) -> list[str]:
+def bench_rate(rate: str, reps: int, tmp: Path, burst: str | None = None, stat: str = "min") -> list[str]:
     net_file, timings = tmp / f"{rate}.json", tmp / f"{rate}_times.json"
-    with ShapedVeth(rate, name="pysimbench") as link:
-        fit = link.calibrate(["--sizes", FIT_SIZES, "--reps", str(reps), "--out", str(net_file)])
+    with ShapedVeth(rate, name="pysimbench", burst=burst) as link:
+        fit = link.calibrate(["--sizes", FIT_SIZES, "--reps", str(reps), "--stat", stat, "--out", str(net_file)])
         if fit.returncode != 0:
             raise RuntimeError(fit.stderr[-2000:])
-        run = link.calibrate(["--sizes", ",".join(map(str, TEST_SIZES)), "--reps", str(reps), "--pysim",
+        run = link.calibrate(["--sizes", ",".join(map(str, TEST_SIZES)), "--reps", str(reps), "--stat", stat, "--pysim",
                               "--out", str(tmp / "unused.json"), "--json", str(timings)], port=29578)
         if run.returncode != 0:
             raise RuntimeError(run.stderr[-2000:])
     net = load_network_file(net_file)
     t = json.loads(timings.read_text())
     lk = net.links[0]
-    rows = [f"tbf {rate}: calibrated {format_bandwidth(lk.up_bps)}, latency {lk.latency_s * 1e6:.0f} us, "
-            f"framing {net.framing_name()}"]
+    rows = [f"tbf {rate} burst {link.burst}: calibrated {format_bandwidth(lk.up_bps)}, "
+            f"latency {lk.latency_s * 1e6:.0f} us, framing {net.framing_name()}"]
     for size, real, own in zip(t["sizes"], t["torch"], t["pysim"], strict=True):
         model = model_allreduce_s(net, size)
         err = 100 * (model / real - 1)
@@ -52,7 +52,9 @@ def bench_rate(rate: str, reps: int, tmp: Path) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="100mbit,1gbit", help="tbf rates (tc syntax)")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--stat", choices=("min", "median"), default="min", help="per size: fastest or median repetition")
+    ap.add_argument("--burst", default=None, help="tbf burst (tc syntax, e.g. 4kb; default: 1 ms of traffic)")
     a = ap.parse_args()
     why = veth_missing()
     if why:
@@ -60,7 +62,7 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         for rate in a.rates.split(","):
-            print("\n".join(bench_rate(rate, a.reps, Path(tmp))), flush=True)
+            print("\n".join(bench_rate(rate, a.reps, Path(tmp), a.burst, a.stat)), flush=True)
     return 0
 
 

@@ -3,11 +3,15 @@
 Two processes, one at each end of the link (``python -m pysim calibrate
 --rank R --master ADDR:PORT``, rank 0's address first), time
 ``torch.distributed.all_reduce`` (gloo) of float32 tensors of several sizes S
-(the slower rank's time, median over repetitions). The model is pysim's
+(the slower rank's time; per size the fastest of 9 repetitions, or ``--stat
+median``). The model is pysim's
 2-member ring all-reduce: two phases, each a message of c = S/2 bytes in
 each direction at once,
 
-    T(S) = 2 * (alpha + 8 * wire(S/2) / beta)      (wire: :class:`pysim.network.Framing`)
+    T(S) = 2 * (alpha + 8 * (wire(S/2) + acks(S/2)) / beta)
+
+(wire, acks: :class:`pysim.network.Framing`; both directions are busy at once, so each
+carries its data and the ACKs of the other's)
 
 which is linear in alpha and 1/beta. Least squares over the sizes fits
 
@@ -59,10 +63,16 @@ DEFAULT_SIZES = (262_144, 1_048_576, 4_194_304, 10_485_760)
 # ---------------------------------------------------------------- measuring
 
 
-def time_allreduces(sizes: list[int], reps: int, pysim_too: bool = False) -> dict[str, list[float]]:
-    """In an initialised 2-process gloo group: per size (bytes, float32), the median over
-    ``reps`` of the slower rank's real seconds for torch.distributed.all_reduce (and, with
-    ``pysim_too``, for pysim's ring ``Comm.allreduce_mean``). Both ranks call this."""
+STATISTICS = {"min": min, "median": statistics.median}
+
+
+def time_allreduces(sizes: list[int], reps: int, pysim_too: bool = False,
+                    every_rep: dict[str, list[list[float]]] | None = None, stat: str = "min") -> dict[str, list[float]]:
+    """In an initialised 2-process gloo group: per size (bytes, float32), the fastest (``stat``
+    "min": on a shared machine noise only adds time) or the median over ``reps`` of the slower
+    rank's real seconds for torch.distributed.all_reduce (and, with ``pysim_too``, for pysim's
+    ring ``Comm.allreduce_mean``). Both ranks call this. ``every_rep``, if given, receives
+    every repetition's time per kind and size."""
     import torch
     import torch.distributed as dist
 
@@ -86,7 +96,9 @@ def time_allreduces(sizes: list[int], reps: int, pysim_too: bool = False) -> dic
                 t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 times.append(float(t))
-            out[name].append(statistics.median(times))
+            out[name].append(STATISTICS[stat](times))
+            if every_rep is not None:
+                every_rep.setdefault(name, []).append(times)
     return out
 
 
@@ -134,22 +146,29 @@ def fit_link(sizes: list[int], real_s: list[float], framing: str | Framing = "tc
     y = np.asarray(real_s, dtype=np.float64)
     base = parse_framing(framing)
     if bandwidth is None:
-        # T = 2 alpha + (16 / beta) wire(S/2)
-        wire = np.array([base.wire_bytes(s // 2) for s in sizes], dtype=np.float64)
+        # T = 2 alpha + (16 / beta) (wire(S/2) + acks(S/2)); relative errors weigh alike (rows / T)
+        wire = np.array([base.wire_bytes(s // 2) + base.acks(s // 2) for s in sizes], dtype=np.float64)
         a = np.column_stack([np.full(len(sizes), 2.0), 16.0 * wire])
-        (alpha, inv_beta), *_ = np.linalg.lstsq(a, y, rcond=None)
+        (alpha, inv_beta), *_ = np.linalg.lstsq(a / y[:, None], np.ones_like(y), rcond=None)
+        if alpha < 0:  # latency cannot be negative: the best fit through alpha = 0
+            alpha = 0.0
+            (inv_beta,), *_ = np.linalg.lstsq(a[:, 1:] / y[:, None], np.ones_like(y), rcond=None)
         if inv_beta <= 0:
             raise ValueError("calibration: time does not grow with size; use larger sizes")
         fitted, bps = base, 1.0 / inv_beta
     else:
-        # known raw rate: T = 2 alpha + 16 (c + p * segments(c)) / beta, fit alpha and p
+        # known raw rate: T = 2 alpha + 16 (c + p * segments(c) + acks(c)) / beta, fit alpha and p
         bps = parse_bandwidth(bandwidth)
         mss = base.mss or FRAMINGS["tcp"].mss
-        c = np.array([s // 2 + base.per_message for s in sizes], dtype=np.float64)
-        segments = np.maximum(1, np.ceil(c / mss))
+        base = Framing(base.per_message, mss, base.per_segment, base.ack_bytes, base.segments_per_ack)
+        c = np.array([s // 2 + base.per_message + base.acks(s // 2) for s in sizes], dtype=np.float64)
+        segments = np.maximum(1, np.ceil(np.array([s // 2 + base.per_message for s in sizes]) / mss))
         a = np.column_stack([np.full(len(sizes), 2.0), 16.0 * segments / bps])
-        (alpha, per_segment), *_ = np.linalg.lstsq(a, y - 16.0 * c / bps, rcond=None)
-        fitted = Framing(base.per_message, mss, max(int(round(per_segment)), 0))
+        (alpha, per_segment), *_ = np.linalg.lstsq(a / y[:, None], (y - 16.0 * c / bps) / y, rcond=None)
+        if alpha < 0:
+            alpha = 0.0
+            (per_segment,), *_ = np.linalg.lstsq(a[:, 1:] / y[:, None], (y - 16.0 * c / bps) / y, rcond=None)
+        fitted = Framing(base.per_message, mss, max(int(round(per_segment)), 0), base.ack_bytes, base.segments_per_ack)
     fit = Fit(max(float(alpha), 0.0), float(bps), fitted, list(sizes), list(map(float, y)), [])
     fit.model_s = [model_allreduce_s(fit.network(), s) for s in sizes]
     return fit
@@ -170,7 +189,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--master", required=True, help="ADDR:PORT of rank 0 on the link to calibrate")
     ap.add_argument("--ifname", help="network interface gloo uses on this end (GLOO_SOCKET_IFNAME)")
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="all-reduce sizes in bytes")
-    ap.add_argument("--reps", type=int, default=5, help="repetitions per size (median)")
+    ap.add_argument("--reps", type=int, default=9, help="repetitions per size")
+    ap.add_argument("--stat", choices=sorted(STATISTICS), default="min",
+                    help="per size, the fastest repetition (default: noise only adds time) or the median")
     ap.add_argument("--framing", default="tcp", help="ideal | tcp | tcp-ethernet | PER_MESSAGE,MSS,PER_SEGMENT")
     ap.add_argument("--bandwidth", help="the link's known raw rate: fit the framing's bytes per segment")
     ap.add_argument("--pysim", action="store_true", help="also time pysim's own ring all-reduce")
@@ -198,7 +219,8 @@ def run_cli(a: argparse.Namespace) -> int:
     dist.init_process_group("gloo", init_method=f"tcp://{a.master}", rank=a.rank, world_size=2,
                             timeout=timedelta(seconds=a.timeout))
     try:
-        times = time_allreduces(sizes, a.reps, a.pysim)
+        every_rep: dict[str, list[list[float]]] = {}
+        times = time_allreduces(sizes, a.reps, a.pysim, every_rep, a.stat)
     finally:
         dist.destroy_process_group()
     if a.rank != 0:
@@ -207,7 +229,7 @@ def run_cli(a: argparse.Namespace) -> int:
     print(fit.table())
     write_network_file(fit, a.out)
     if a.json:
-        Path(a.json).write_text(json.dumps({"sizes": sizes, **times}) + "\n")
+        Path(a.json).write_text(json.dumps({"sizes": sizes, **times, "every_rep": every_rep}) + "\n")
     if "pysim" in times:
         for s, t, p in zip(sizes, times["torch"], times["pysim"], strict=True):
             print(f"pysim all-reduce {s} bytes: {p:.4f} s real vs torch {t:.4f} s ({100 * (p / t - 1):+.1f}%)")
@@ -238,10 +260,13 @@ class ShapedVeth:
 
     ADDRS = ("10.77.0.1", "10.77.0.2")
 
-    def __init__(self, rate: str, name: str = "pysimcal", burst: str | None = None) -> None:
-        self.rate, self.name = rate, name
-        bps = parse_bandwidth(rate)
-        self.burst = burst or f"{max(16384, int(bps / 8 / 1000))}b"   # 1 ms of traffic, at least 16 KiB
+    def __init__(self, rate: str, name: str = "pysimcal", burst: str | None = None, queue: str = "1s") -> None:
+        self.rate, self.name, self.queue = rate, name, queue
+        # the bucket's credit lets a transfer start faster than the rate: 16 KiB (1.3 ms at 100 Mbit/s,
+        # 0.13 ms at 1 Gbit/s) is small beside the transfers calibrated; 1 ms of traffic (125 kB at
+        # 1 Gbit/s) made 256 KiB all-reduces nearly free and the fit find 1.16 Gbit/s on a 1 Gbit/s link
+        self.burst = burst or "16384b"
+        parse_bandwidth(rate)  # a bad rate fails here, not in tc
         self.ns = (f"{name}a", f"{name}b")
         self.dev = (f"{name}0", f"{name}1")
 
@@ -260,7 +285,7 @@ class ShapedVeth:
                 self._ip("ip", "-n", ns, "link", "set", dev, "up")
                 self._ip("ip", "-n", ns, "link", "set", "lo", "up")
                 self._ip("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
-                         self.rate, "burst", self.burst, "latency", "1s")
+                         self.rate, "burst", self.burst, "latency", self.queue)
         except BaseException:
             self.close()
             raise
