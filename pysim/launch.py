@@ -158,8 +158,10 @@ class _Reporter:
             while True:
                 self.send(("alive", os.getpid()))
                 time.sleep(period_s)
-        except OSError:  # the parent is gone; PR_SET_PDEATHSIG ends this process
-            pass
+        except OSError:
+            # the parent is gone (its end of the pipe closed): end this node now. PR_SET_PDEATHSIG
+            # cannot do it for a node forked from the fork server, whose parent is the server
+            os._exit(1)
 
 
 def _node_main(rank: int, world: int, store_port: int, timeout_s: float, heartbeat_s: float, job: bytes,

@@ -155,6 +155,44 @@ def test_ctrl_c_stops_every_node_with_one_line(tmp_path):
     assert not any(exists(p) for p in pids)
 
 
+PARENT = """
+import sys
+from pysim.launch import run_nodes
+import node_programs
+run_nodes(node_programs.collective_loop, 2, (sys.argv[1],))
+"""
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_nodes_and_their_fork_server_end_when_the_parent_is_killed(tmp_path, sig):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        pids = wait_for_pids(tmp_path, 2)
+        with open(f"/proc/{pids[0]}/stat") as f:
+            server = int(f.read().rsplit(")", 1)[1].split()[1])   # the nodes' parent: the fork server
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in [*pids, server]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not any(alive(p) for p in pids), "a node outlived its parent"
+    assert not alive(server) or server == proc.pid
+
+
 KILL_ONE = """
 import os, signal, sys, threading, time
 from pathlib import Path
