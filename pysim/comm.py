@@ -185,32 +185,28 @@ class Comm:
         the receive and the send are posted together, so both directions move at once.
         With ``table``, the metadata table rides along, uncharged, ahead of the packet and
         the rows the sender knew are merged into ``table`` in place."""
-        trailer = 0 if table is None else table.nbytes
         reqs = []
-        buf = None
+        buf = theirs = None
         if recv_bytes is not None:
-            buf = torch.empty(recv_bytes + trailer, dtype=torch.uint8)
+            if table is not None:  # a message of its own ahead of the packet: the packet is not copied
+                theirs = np.empty_like(table)
+                reqs.append(dist.irecv(torch.from_numpy(theirs.reshape(-1)), src))
+            buf = torch.empty(recv_bytes, dtype=torch.uint8)
             reqs.append(dist.irecv(buf, src))
         if send is not None:
-            if table is None:
-                wire = send
-            else:
-                wire = torch.empty(trailer + send.numel(), dtype=torch.uint8)
-                w = wire.numpy()
-                w[:trailer] = table.reshape(-1).view(np.uint8)
-                w[trailer:] = send.numpy()
-            reqs.append(dist.isend(wire, dst))
+            if table is not None:
+                reqs.append(dist.isend(torch.from_numpy(table.reshape(-1)), dst))
+            reqs.append(dist.isend(send, dst))
             self.bytes_sent += send.numel()
         for req in reqs:
             req.wait()
         if buf is None:
             return None
         self.bytes_received += recv_bytes
-        if table is not None:
-            theirs = buf.numpy()[:trailer].view(np.float64).reshape(table.shape)
+        if theirs is not None:
             unknown = np.isnan(table[:, 0])
             table[unknown] = theirs[unknown]
-        return buf[trailer:]
+        return buf
 
     # ------------------------------------------------------------ collectives
 
@@ -286,7 +282,7 @@ class Comm:
             got = self._exchange(packet, out.dst, into.nbytes, into.src)
             chunks[local[into.item]].copy_(codec.unpack(got))
             packet = got
-        return flat / k, handle
+        return flat.div_(k), handle
 
     def _star_allreduce(self, flat: torch.Tensor, codec: Codec, stream: int | None, groups: Groups | None,
                         members: tuple[int, ...]) -> tuple[torch.Tensor, int]:

@@ -131,6 +131,8 @@ def parse_latency(value: str | float | int) -> float:
 
 
 def format_bandwidth(bps: float) -> str:
+    """Three significant digits in the largest unit that fits: 999.6e6 -> "1 Gbit/s"."""
+    bps = float(f"{bps:.3g}")
     for unit, scale in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("Kbit/s", 1e3)):
         if bps >= scale:
             return f"{bps / scale:.3g} {unit}"

@@ -12,6 +12,7 @@ from pysim.network import (
     bytes_received,
     bytes_sent,
     collective_s,
+    format_bandwidth,
     framing_bytes,
     load_network_file,
     network_to_json,
@@ -46,6 +47,11 @@ def test_bad_bandwidth_one_line_error(bad):
     with pytest.raises(ValueError, match="bad bandwidth") as e:
         parse_bandwidth(bad)
     assert "\n" not in str(e.value)
+
+
+def test_format_bandwidth_rounds_before_choosing_the_unit():
+    assert format_bandwidth(999.6e6) == "1 Gbit/s" and format_bandwidth(93.5e6) == "93.5 Mbit/s"
+    assert format_bandwidth(1e8) == "100 Mbit/s" and format_bandwidth(5) == "5 bit/s"
 
 
 def test_parse_latency():
