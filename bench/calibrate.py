@@ -4,10 +4,11 @@
 
 For each rate (100 Mbit/s, 1 Gbit/s): build two network namespaces joined by a
 veth pair shaped with tbf (:class:`pysim.calibrate.ShapedVeth`; traffic stays
-inside them), calibrate the link with ``python -m pysim calibrate`` on one set
-of sizes (256 KiB, 2 MiB, 8 MiB), then time 2-rank all-reduces of 1, 4 and
-10 MB (held out from the fit) with torch.distributed.all_reduce (gloo) and
-with pysim's own ring all-reduce, and compare with the calibrated model.
+inside them; tbf burst 16 KiB), calibrate the link with ``python -m pysim
+calibrate`` on one set of sizes (256 KiB, 512 KiB, 2 MiB, 6 MiB, 8 MiB), then
+time 2-rank all-reduces of 1, 4 and 10 MB (held out from the fit) with
+torch.distributed.all_reduce (gloo) and with pysim's own ring all-reduce
+(fastest of 9 repetitions each), and compare with the calibrated model.
 Targets: model within +-2% of gloo; pysim's transport within 10% of gloo at 10 MB.
 """
 

@@ -6,7 +6,7 @@
     python example/mnist.py --data-dir ~/fashion-mnist        # any image set in MNIST's IDX layout
 
 Prints a table (final test accuracy, simulated wall-clock, time to the
-target, bytes sent per node, real runtime; mean ± std over seeds), which
+target, bytes sent per node, real runtime; mean ± 95% interval over seeds), which
 strategy reaches the target first in every seed, and writes results (JSON,
 CSV, traces for replay) and a PNG plot to --out.
 """
