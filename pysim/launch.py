@@ -288,7 +288,13 @@ class _LocalRun:
         self.last_beat: dict[int, float] = {}
 
     def run(self) -> list[Any]:
-        store = _loopback_store(self.n, self.timeout_s)
+        # the store's server threads start with SIGINT blocked, as the report readers do: Ctrl-C is
+        # then delivered to the main thread, the one that acts on it
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            store = _loopback_store(self.n, self.timeout_s)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         try:
             self._start(store.port)
             return self._watch()
