@@ -126,9 +126,12 @@ def test_bad_arguments():
 
 
 INTERRUPTIBLE = """
-import faulthandler, sys
+import faulthandler, signal, sys
 from pysim.launch import RunInterrupted, run_nodes
 import node_programs
+# Python keeps SIGINT ignored if it starts ignored, as every background job of a shell does (the
+# suite run as `pytest &`): a program at a terminal has the default handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 faulthandler.dump_traceback_later(45, exit=True)  # a hang shows where every thread was, then exits
 try:
     run_nodes(node_programs.collective_loop, 2, (sys.argv[1],))
@@ -146,13 +149,7 @@ def test_ctrl_c_stops_every_node_with_one_line(tmp_path):
         pids = wait_for_pids(tmp_path, 2)
         time.sleep(0.3)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
-        try:
-            out, err = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            # about one full-suite run in four, the first Ctrl-C was not acted on (cause not found; see
-            # the issue notes): a user presses it again, and the run must then end in one line
-            os.killpg(proc.pid, signal.SIGINT)
-            out, err = proc.communicate(timeout=25)
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
