@@ -137,6 +137,18 @@ def model_allreduce_s(net: Network, nbytes: int) -> float:
     return collective_s(net.with_nodes(2), "allreduce", "ring", (half, nbytes - half))
 
 
+def _latency_and_slope(x: np.ndarray, target: np.ndarray, real_s: np.ndarray) -> tuple[float, float]:
+    """Least squares of ``target = 2 alpha + slope * x`` weighing every size's relative error
+    alike (rows divided by its real time), with alpha >= 0: where the free fit wants a negative
+    latency, the best fit through alpha = 0."""
+    a = np.column_stack([np.full(len(x), 2.0), x]) / real_s[:, None]
+    (alpha, slope), *_ = np.linalg.lstsq(a, target / real_s, rcond=None)
+    if alpha < 0:
+        alpha = 0.0
+        (slope,), *_ = np.linalg.lstsq(a[:, 1:], target / real_s, rcond=None)
+    return float(alpha), float(slope)
+
+
 def fit_link(sizes: list[int], real_s: list[float], framing: str | Framing = "tcp",
              bandwidth: str | float | None = None) -> Fit:
     """Least-squares fit of the 2-member ring all-reduce model to measured times (see the
@@ -146,13 +158,9 @@ def fit_link(sizes: list[int], real_s: list[float], framing: str | Framing = "tc
     y = np.asarray(real_s, dtype=np.float64)
     base = parse_framing(framing)
     if bandwidth is None:
-        # T = 2 alpha + (16 / beta) (wire(S/2) + acks(S/2)); relative errors weigh alike (rows / T)
+        # T = 2 alpha + (16 / beta) (wire(S/2) + acks(S/2))
         wire = np.array([base.wire_bytes(s // 2) + base.acks(s // 2) for s in sizes], dtype=np.float64)
-        a = np.column_stack([np.full(len(sizes), 2.0), 16.0 * wire])
-        (alpha, inv_beta), *_ = np.linalg.lstsq(a / y[:, None], np.ones_like(y), rcond=None)
-        if alpha < 0:  # latency cannot be negative: the best fit through alpha = 0
-            alpha = 0.0
-            (inv_beta,), *_ = np.linalg.lstsq(a[:, 1:] / y[:, None], np.ones_like(y), rcond=None)
+        alpha, inv_beta = _latency_and_slope(16.0 * wire, y, y)
         if inv_beta <= 0:
             raise ValueError("calibration: time does not grow with size; use larger sizes")
         fitted, bps = base, 1.0 / inv_beta
@@ -162,14 +170,10 @@ def fit_link(sizes: list[int], real_s: list[float], framing: str | Framing = "tc
         mss = base.mss or FRAMINGS["tcp"].mss
         base = Framing(base.per_message, mss, base.per_segment, base.ack_bytes, base.segments_per_ack)
         c = np.array([s // 2 + base.per_message + base.acks(s // 2) for s in sizes], dtype=np.float64)
-        segments = np.maximum(1, np.ceil(np.array([s // 2 + base.per_message for s in sizes]) / mss))
-        a = np.column_stack([np.full(len(sizes), 2.0), 16.0 * segments / bps])
-        (alpha, per_segment), *_ = np.linalg.lstsq(a / y[:, None], (y - 16.0 * c / bps) / y, rcond=None)
-        if alpha < 0:
-            alpha = 0.0
-            (per_segment,), *_ = np.linalg.lstsq(a[:, 1:] / y[:, None], (y - 16.0 * c / bps) / y, rcond=None)
+        segments = np.array([base.segments(s // 2) for s in sizes], dtype=np.float64)
+        alpha, per_segment = _latency_and_slope(16.0 * segments / bps, y - 16.0 * c / bps, y)
         fitted = Framing(base.per_message, mss, max(int(round(per_segment)), 0), base.ack_bytes, base.segments_per_ack)
-    fit = Fit(max(float(alpha), 0.0), float(bps), fitted, list(sizes), list(map(float, y)), [])
+    fit = Fit(alpha, float(bps), fitted, list(sizes), list(map(float, y)), [])
     fit.model_s = [model_allreduce_s(fit.network(), s) for s in sizes]
     return fit
 

@@ -189,12 +189,13 @@ class Framing:
         if self.segments_per_ack < 1:
             raise ValueError(f"segments_per_ack must be >= 1, got {self.segments_per_ack}")
 
+    def segments(self, nbytes: int) -> int:
+        """Segments a message of ``nbytes`` packet bytes is cut into (0 without an MSS)."""
+        return max(1, -(-(nbytes + self.per_message) // self.mss)) if self.mss else 0
+
     def wire_bytes(self, nbytes: int) -> int:
         """Bytes a message of ``nbytes`` packet bytes occupies on the link."""
-        b = nbytes + self.per_message
-        if self.mss:
-            b += self.per_segment * max(1, -(-b // self.mss))
-        return b
+        return nbytes + self.per_message + self.per_segment * self.segments(nbytes)
 
     def overhead(self, nbytes: int) -> int:
         """Framing bytes of one message of ``nbytes`` packet bytes."""
@@ -202,10 +203,7 @@ class Framing:
 
     def acks(self, nbytes: int) -> int:
         """Bytes of acknowledgements the receiver of a message of ``nbytes`` sends back."""
-        if not self.ack_bytes:
-            return 0
-        segments = max(1, -(-(nbytes + self.per_message) // self.mss))
-        return self.ack_bytes * -(-segments // self.segments_per_ack)
+        return self.ack_bytes * -(-self.segments(nbytes) // self.segments_per_ack)
 
 
 FRAMINGS = {
