@@ -136,14 +136,17 @@ class CrossingFinder:
     def keep(self, step: int, model: nn.Module) -> None:
         if self.reached:
             return
+        if not self.store:
+            self.kept[step] = None
+            return
         if self._scratch is None:
             self._scratch = copy.deepcopy(model)
-        self.kept[step] = [t.detach().clone() for t in model.state_dict().values()] if self.store else None
+        self.kept[step] = [t.detach().clone() for t in model.state_dict().values()]
 
     def _kept_model(self, step: int) -> nn.Module | None:
         tensors = self.kept[step]
         if tensors is None:
-            return self._scratch   # another node's copy: the weights come from node 0
+            return None   # not stored here: the evaluation takes node 0's weights
         with torch.no_grad():
             for dst, src in zip(self._scratch.state_dict().values(), tensors, strict=True):
                 dst.copy_(src)
