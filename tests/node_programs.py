@@ -286,3 +286,15 @@ class _Rows:
 
     def batch(self, idx):
         return self.x[idx], self.y[idx]
+
+
+def mismatched_metrics(rank: int, world: int) -> dict:
+    """A split evaluation whose metrics name other values on node 1's share."""
+    from pysim.evaluation import NodeEvaluation
+
+    def metrics(model, data):
+        return {"accuracy": 1.0} if rank == 0 else {"accuracy": 1.0, "f1": 0.5}
+
+    g = torch.Generator().manual_seed(5)
+    data = _Rows(torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g))
+    return NodeEvaluation(rank, world, metrics)(torch.nn.Linear(6, 3), data)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pysim.evaluation import CrossingFinder, NodeEvaluation, eval_subset
-from pysim.launch import run_nodes
+from pysim.launch import NodeError, run_nodes
 from pysim.results import crossing_step
 from pysim.workload import Target
 
@@ -33,6 +33,12 @@ def test_split_bisection_finds_the_same_step_on_every_node():
     # the score is node 0's step / 100: the first step at or above 0.37 is 37, bisected in (25, 50]
     assert out[0]["reached"] and out[1]["reached"]
     assert out[0]["found"] == out[1]["found"] and 37 in out[0]["found"] and 36 in out[0]["found"]
+
+
+def test_split_metrics_that_differ_between_shares_are_one_clear_error():
+    with pytest.raises(NodeError, match=r"node 1 failed: ValueError: node 1's metrics \['accuracy', 'f1'\] differ "
+                                        r"from node 0's \['accuracy'\].*split_evaluation=False"):
+        run_nodes(node_programs.mismatched_metrics, 2)
 
 
 def test_not_split_evaluates_on_node_0_alone():

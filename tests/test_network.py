@@ -143,6 +143,10 @@ def test_tcp_framing_per_segment():
         Framing(0, 0, 66)
     with pytest.raises(ValueError, match="MSS"):
         Framing(0, 0, 0, 66)
+    with pytest.raises(ValueError, match="segments_per_ack"):
+        Framing(0, 1448, 66, 66, 0)
+    with pytest.raises(ValueError, match=">= 0"):
+        Framing(0, 1448, 66, -1)
 
 
 def test_acks_load_the_reverse_path_only_when_it_is_busy():
