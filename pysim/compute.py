@@ -130,6 +130,7 @@ class _KernelCounter(TorchDispatchMode):
         super().__init__()
         self.kernels = 0
         self.bytes = 0
+        self.native_flops = 0.0   # FLOPs of pysim's C++ kernels (record_native_kernel)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -140,7 +141,8 @@ class _KernelCounter(TorchDispatchMode):
 
 
 _VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "as_strided", "detach",
-          "alias", "slice", "select", "unsqueeze", "squeeze", "split", "split_with_sizes", "_to_copy_noop"}
+          "alias", "slice", "select", "unsqueeze", "squeeze", "split", "split_with_sizes", "_to_copy_noop",
+          "lift_fresh"}  # lift_fresh: torch.from_numpy wrapping an existing buffer
 
 
 def _tensor_bytes(x) -> int:
@@ -153,16 +155,35 @@ def _tensor_bytes(x) -> int:
     return 0
 
 
+_open_counters: list[_KernelCounter] = []   # the counting() blocks now open, innermost last
+
+
+def record_native_kernel(work: Work) -> None:
+    """Adds one kernel that torch cannot see (pysim's C++ codecs) to the innermost open
+    :func:`counting` block, if any: its FLOPs and the bytes it read and wrote."""
+    if _open_counters:
+        counter = _open_counters[-1]
+        counter.kernels += work.kernels
+        counter.bytes += work.bytes
+        counter.native_flops += work.flops
+
+
 @contextmanager
 def counting():
-    """Counts the work of the body; yields a list that holds its :class:`Work` afterwards."""
+    """Counts the work of the body (torch's kernels and pysim's C++ ones); yields a list that
+    holds its :class:`Work` afterwards."""
     from torch.utils.flop_counter import FlopCounterMode
 
     box: list[Work] = []
     flop_mode, kernel_mode = FlopCounterMode(display=False), _KernelCounter()
-    with flop_mode, kernel_mode:
-        yield box
-    box.append(Work(float(flop_mode.get_total_flops()), float(kernel_mode.bytes), kernel_mode.kernels))
+    _open_counters.append(kernel_mode)
+    try:
+        with flop_mode, kernel_mode:
+            yield box
+    finally:
+        _open_counters.pop()
+    box.append(Work(float(flop_mode.get_total_flops()) + kernel_mode.native_flops, float(kernel_mode.bytes),
+                    kernel_mode.kernels))
 
 
 def count_work(fn: Callable[[], object]) -> Work:
@@ -183,7 +204,7 @@ class ComputeMeter:
     Measured mode times each block's thread CPU time; profile mode counts the
     block's work (or takes the ``work`` given, for blocks counted once) and
     costs it with the profile. C++ kernels are invisible to torch's counters:
-    code that calls one reports its memory traffic with :meth:`add_bytes`.
+    the code that calls one reports its work with :func:`record_native_kernel`.
     :meth:`hold` and :meth:`release` split an accumulated block into parts charged to
     successive segments.
     """
@@ -234,12 +255,6 @@ class ComputeMeter:
         finally:
             self._depth -= 1
         self.flops += flops
-
-    def add_bytes(self, nbytes: float) -> None:
-        """Charges memory traffic of work torch cannot see (C++ kernels); profile mode only (measured
-        mode already timed it)."""
-        if self.profile is not None:
-            self.seconds += nbytes / self.profile.bytes_per_s + self.profile.kernel_s
 
     def take(self) -> tuple[float, float]:
         """(seconds, flops) since the last take (held compute excluded)."""

@@ -34,6 +34,24 @@ def test_profile_meter_charges_the_same_work_the_same_time():
     assert times[0] == pytest.approx(expected)
 
 
+def test_cpp_codec_kernels_are_counted_like_torch_kernels():
+    from pysim.compress import DenseCodec, lowrank_mq, lowrank_mtp, orthonormalize
+
+    x, codec = torch.randn(10_000), DenseCodec()
+    packet = codec.pack(x)
+    assert count_work(lambda: codec.pack(x)) == Work(0.0, 40_000 + packet.numel(), 1)  # x in, packet out
+    assert count_work(lambda: codec.unpack(packet)) == Work(0.0, packet.numel() + 40_000, 1)
+    m, q, p = torch.randn(64, 32), torch.randn(32, 4), torch.randn(64, 4)
+    assert count_work(lambda: lowrank_mq(m, q)) == Work(2.0 * 64 * 32 * 4, 4 * (64 * 32 + 32 * 4 + 64 * 4), 1)
+    assert count_work(lambda: lowrank_mtp(m, p)) == Work(2.0 * 64 * 32 * 4, 4 * (64 * 32 + 64 * 4 + 32 * 4), 1)
+    assert count_work(lambda: orthonormalize(p)).flops == 2.0 * 64 * 4 ** 2
+    # outside a count the kernels cost nothing extra, and a profile meter charges them
+    meter = ComputeMeter("cpu")
+    with meter.measure():
+        codec.pack(x)
+    assert meter.take()[0] == pytest.approx(DEVICE_PROFILES["cpu"].seconds(Work(0.0, 40_000 + packet.numel(), 1)))
+
+
 def test_codec_heavy_strategy_costs_more_than_simple_reduce_at_equal_model_work():
     from pysim.network import Network
     from pysim.trainer import TrainConfig, run

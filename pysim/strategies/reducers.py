@@ -18,9 +18,18 @@ from __future__ import annotations
 
 import torch
 
-from pysim import _C
 from pysim.comm import Comm
-from pysim.compress import Codec, DenseCodec, ErrorFeedback, LowRankCodec, TopKCodec, get_codec
+from pysim.compress import (
+    Codec,
+    DenseCodec,
+    ErrorFeedback,
+    LowRankCodec,
+    TopKCodec,
+    get_codec,
+    lowrank_mq,
+    lowrank_mtp,
+    orthonormalize,
+)
 from pysim.strategies.base import split_like
 
 
@@ -124,7 +133,7 @@ class PowerSGDReduce(Reducer):
     def compute_ps(self, xs):
         ms = [(x + r).reshape(x.shape[0], -1) if q is not None else x + r
               for x, r, q in zip(xs, self.residual, self.q, strict=True)]
-        ps = [torch.from_numpy(_C.lowrank_mq(m.contiguous().numpy(), q.numpy())) if q is not None else m.reshape(-1)
+        ps = [lowrank_mq(m, q) if q is not None else m.reshape(-1)
               for m, q in zip(ms, self.q, strict=True)]
         return ms, ps
 
@@ -137,9 +146,8 @@ class PowerSGDReduce(Reducer):
             if q is None:
                 ms[i] = part.view_as(m)  # dense: already the average
                 continue
-            p_avg = _C.orthonormalize(part.reshape(p.shape).contiguous().numpy())
-            ps[i] = torch.from_numpy(p_avg)
-            qs.append(torch.from_numpy(_C.lowrank_mtp(m.contiguous().numpy(), p_avg)))
+            ps[i] = orthonormalize(part.reshape(p.shape))
+            qs.append(lowrank_mtp(m, ps[i]))
         return qs
 
     def decompress(self, ms, ps, q_avg):
