@@ -11,6 +11,7 @@
 #include "elias_fano.hpp"
 #include "lowrank.hpp"
 #include "parallel.hpp"
+#include "pieces.hpp"
 #include "quant.hpp"
 #include "randomk.hpp"
 #include "topk.hpp"
@@ -86,6 +87,22 @@ py::dict header_dict(const Header& h) {
   return d;
 }
 
+// A writeable contiguous 1-D uint8 array's bytes.
+uint8_t* bytes_mut(py::array& a, const char* what) {
+  if (a.ndim() != 1 || a.itemsize() != 1 || a.dtype().kind() != 'u' || !(a.flags() & py::array::c_style))
+    fail(std::string(what) + " must be a contiguous 1-D uint8 array");
+  if (!a.writeable()) fail(std::string(what) + " must be writeable");
+  return static_cast<uint8_t*>(a.mutable_data());
+}
+
+// The number of values a piece of `bytes` bytes holds in dtype d, or a ValueError.
+size_t piece_values(size_t bytes, size_t values, DType d, const char* what) {
+  if (bytes != values * dtype_bytes(d))
+    fail(std::string(what) + " holds " + std::to_string(bytes) + " bytes, not " + std::to_string(values) +
+         " values of " + std::to_string(dtype_bytes(d)) + " bytes");
+  return values;
+}
+
 Limits limits_of(uint64_t max_numel, const std::optional<std::vector<uint32_t>>& expect_shape) {
   Limits l;
   l.max_numel = max_numel;
@@ -126,8 +143,9 @@ PYBIND11_MODULE(_C, m) {
     return quant_payload_bytes(n, quant_codec(bits), block);
   }, py::arg("numel"), py::arg("bits"), py::arg("block"));
   m.def("elias_fano_bytes", &elias_fano_bytes, py::arg("n"), py::arg("k"));
-  m.def("crc32c", [](const py::buffer& b) { auto [p, n] = bytes_of(b); return crc32c(p, n); }, py::arg("data"),
-        "CRC-32C (Castagnoli) of a byte buffer, as the packet checksum uses it.");
+  m.def("crc32c", [](const py::buffer& b, uint32_t crc) { auto [p, n] = bytes_of(b); return crc32c(p, n, crc); },
+        py::arg("data"), py::arg("crc") = 0,
+        "CRC-32C (Castagnoli) of a byte buffer, as the packet checksum uses it; crc continues an earlier one.");
   m.def("packet_length", [](const py::buffer& b) { auto [p, n] = bytes_of(b); return announced_length(p, n); },
         py::arg("packet"), "Header + payload bytes that the packet starting this buffer announces.");
   m.def("peak_buffer_bytes", &peak_buffer_bytes, py::arg("reset") = true,
@@ -187,6 +205,55 @@ PYBIND11_MODULE(_C, m) {
     return to_numpy(std::move(out));
   }, py::arg("x"), py::arg("shape"), py::arg("source_dtype"), py::arg("bits"), py::arg("block"), py::arg("stochastic"),
      py::arg("seed"), "Block-absmax int8/int4 quantisation (bf16 scales); seed is used by stochastic rounding only.");
+
+  // Dense packets piece by piece (pieces.hpp): a ring hop's codec work overlaps the wire.
+  m.def("dense_header", [](std::vector<uint32_t> shape, int source_dtype, int value_dtype) {
+    return to_numpy(dense_header(shape, dtype_from_int(source_dtype), dtype_from_int(value_dtype)));
+  }, py::arg("shape"), py::arg("source_dtype"), py::arg("value_dtype"),
+     "The header of a dense packet of this shape, checksum field zero.");
+  m.def("seal_header", [](py::array header, uint32_t crc) {
+    uint8_t* h = bytes_mut(header, "header");
+    if (header.size() < static_cast<py::ssize_t>(kBaseHeaderBytes)) fail("header shorter than 24 bytes");
+    put_checksum(h, crc);
+  }, py::arg("header"), py::arg("crc"), "Writes the chained CRC into a streamed packet's header.");
+  m.def("encode_piece", [](const py::array& x, py::array out, int value_dtype, uint32_t crc) {
+    const float* px = f32_data(x, "x");
+    const DType d = dtype_from_int(value_dtype);
+    const size_t n = piece_values(static_cast<size_t>(out.size()), static_cast<size_t>(x.size()), d, "out");
+    uint8_t* po = bytes_mut(out, "out");
+    py::gil_scoped_release nogil;
+    return encode_piece(px, n, d, po, crc);
+  }, py::arg("x"), py::arg("out"), py::arg("value_dtype"), py::arg("crc"),
+     "out = x encoded; returns crc continued over out.");
+  m.def("add_encode_piece", [](const py::buffer& got, const py::array& x, py::array out, int value_dtype,
+                               uint32_t crc_got, uint32_t crc_out) {
+    auto [pg, ng] = bytes_of(got);
+    const float* px = f32_data(x, "x");
+    const DType d = dtype_from_int(value_dtype);
+    const size_t n = piece_values(ng, static_cast<size_t>(x.size()), d, "got");
+    piece_values(static_cast<size_t>(out.size()), n, d, "out");
+    uint8_t* po = bytes_mut(out, "out");
+    std::pair<uint32_t, uint32_t> crcs;
+    { py::gil_scoped_release nogil; crcs = add_encode_piece(pg, px, n, d, po, crc_got, crc_out); }
+    return py::make_tuple(crcs.first, crcs.second);
+  }, py::arg("got"), py::arg("x"), py::arg("out"), py::arg("value_dtype"), py::arg("crc_got"), py::arg("crc_out"),
+     "out = encode(decode(got) + x); returns the crcs continued over got and over out.");
+  m.def("decode_piece", [](const py::buffer& got, py::array out, int value_dtype, float divisor, uint32_t crc) {
+    auto [pg, ng] = bytes_of(got);
+    const DType d = dtype_from_int(value_dtype);
+    float* po = f32_mut(out, "out");
+    const size_t n = piece_values(ng, static_cast<size_t>(out.size()), d, "got");
+    py::gil_scoped_release nogil;
+    return decode_piece(pg, n, d, divisor, po, crc);
+  }, py::arg("got"), py::arg("out"), py::arg("value_dtype"), py::arg("divisor"), py::arg("crc"),
+     "out = decode(got) / divisor; returns crc continued over got.");
+  m.def("check_streamed", [](const py::buffer& packet, const py::buffer& expected, uint32_t crc) {
+    auto [p, n] = bytes_of(packet);
+    auto [e, hn] = bytes_of(expected);
+    py::gil_scoped_release nogil;
+    check_streamed(p, n, e, hn, crc);
+  }, py::arg("packet"), py::arg("expected_header"), py::arg("crc"),
+     "Raises ValueError unless a streamed packet is the expected one with the chained CRC.");
 
   m.def("parse_header", [](const py::buffer& packet) {
     auto [p, n] = bytes_of(packet);

@@ -143,11 +143,9 @@ static uint32_t packet_crc(const uint8_t* p, size_t len) {
   return crc32c(p + 16, len - 16, c);
 }
 
-Bytes start_packet(Header& h) {
+void write_header(Header& h, uint8_t* p) {
   h.numel = checked_numel(h.shape);
   h.header_bytes = header_bytes(h.codec, h.shape.size());
-  Bytes out(h.header_bytes + h.payload_bytes);
-  uint8_t* p = out.data();
   std::memset(p, 0, h.header_bytes);
   put<uint32_t>(p, kMagic);
   p[4] = kVersion;
@@ -167,8 +165,16 @@ Bytes start_packet(Header& h) {
     case Codec::Int8:
     case Codec::Int4: put<uint64_t>(p + o, h.seed); put<uint32_t>(p + o + 8, h.block); break;
   }
+}
+
+Bytes start_packet(Header& h) {
+  Bytes out(checked_add(header_bytes(h.codec, h.shape.size()), h.payload_bytes, "packet length"));
+  write_header(h, out.data());
   return out;
 }
+
+void put_checksum(uint8_t* packet, uint32_t crc) { put<uint32_t>(packet + 12, crc); }
+uint32_t stored_checksum(const uint8_t* packet) { return get<uint32_t>(packet + 12); }
 
 void seal(Bytes& packet) { put<uint32_t>(packet.data() + 12, packet_crc(packet.data(), packet.size())); }
 

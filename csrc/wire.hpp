@@ -145,10 +145,16 @@ struct Limits {
 // Throws std::invalid_argument (ValueError in Python) for a bad shape.
 uint64_t checked_numel(const std::vector<uint32_t>& shape);
 
+// Writes h's header (checksum field zero) at p, which holds header_bytes(h.codec,
+// h.shape.size()) bytes; sets h.numel and h.header_bytes.
+void write_header(Header& h, uint8_t* p);
 // Allocates header + payload, writes the header; the caller fills the payload
 // (at out.data() + h.header_bytes) and then calls seal().
 Bytes start_packet(Header& h);
 void seal(Bytes& packet);
+// The checksum field of a packet's header (a packet sealed piece by piece: pieces.hpp).
+void put_checksum(uint8_t* packet, uint32_t crc);
+uint32_t stored_checksum(const uint8_t* packet);
 
 // Parses and validates a packet's frame: magic, version, ids, sizes, checksum.
 // Throws std::invalid_argument with a message that says what is wrong. The

@@ -30,8 +30,8 @@ def randomk_payload_bytes(k: int, value_dtype: int) -> int: ...
 def lowrank_payload_bytes(rows: int, cols: int, rank: int, value_dtype: int) -> int: ...
 def quant_payload_bytes(numel: int, bits: int, block: int) -> int: ...
 def elias_fano_bytes(n: int, k: int) -> int: ...
-def crc32c(data: Buffer) -> int:
-    """CRC-32C (Castagnoli) of a byte buffer, as the packet checksum uses it."""
+def crc32c(data: Buffer, crc: int = 0) -> int:
+    """CRC-32C (Castagnoli) of a byte buffer, as the packet checksum uses it; crc continues an earlier one."""
 
 def packet_length(packet: Buffer) -> int:
     """Header + payload bytes that the packet starting this buffer announces."""
@@ -48,6 +48,24 @@ def pack_lowrank(x: F32, shape: Sequence[int], source_dtype: int, rows: int, q: 
 def pack_quant(x: F32, shape: Sequence[int], source_dtype: int, bits: int, block: int, stochastic: bool,
                seed: int) -> U8:
     """Block-absmax int8/int4 quantisation (bf16 scales); seed is used by stochastic rounding only."""
+
+def dense_header(shape: Sequence[int], source_dtype: int, value_dtype: int) -> U8:
+    """The header of a dense packet of this shape, checksum field zero."""
+
+def seal_header(header: U8, crc: int) -> None:
+    """Writes the chained CRC into a streamed packet's header."""
+
+def encode_piece(x: F32, out: U8, value_dtype: int, crc: int) -> int:
+    """out = x encoded; returns crc continued over out."""
+
+def add_encode_piece(got: Buffer, x: F32, out: U8, value_dtype: int, crc_got: int, crc_out: int) -> tuple[int, int]:
+    """out = encode(decode(got) + x); returns the crcs continued over got and over out."""
+
+def decode_piece(got: Buffer, out: F32, value_dtype: int, divisor: float, crc: int) -> int:
+    """out = decode(got) / divisor; returns crc continued over got."""
+
+def check_streamed(packet: Buffer, expected_header: Buffer, crc: int) -> None:
+    """Raises ValueError unless a streamed packet is the expected one with the chained CRC."""
 
 def parse_header(packet: Buffer) -> dict[str, Any]:
     """Validates a packet (size, checksum, structure) and returns its header as a dict."""

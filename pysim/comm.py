@@ -53,6 +53,7 @@ from pysim.clock import Clock, ComputeScaling
 from pysim.compress import Codec, DenseCodec, split_packets
 from pysim.compute import ComputeMeter
 from pysim.network import Network
+from pysim.pieces import PIECE_BYTES, BufferPool, DenseLayout, add_encode_piece, decode_piece, encode_piece
 from pysim.schedule import Groups, check_groups, group_of, phases, ring_hop
 from pysim.trace import Collective, Event, Start, Wait
 
@@ -108,6 +109,8 @@ class Comm:
         self.step_ends: list[int] = []
         self._next_handle = 0
         self._dense = DenseCodec()
+        self.piece_bytes = PIECE_BYTES   # dense ring packets travel in pieces of this many payload bytes
+        self._pool = BufferPool()        # their buffers, reused from one collective to the next
 
     # ------------------------------------------------------------ clock
 
@@ -233,13 +236,15 @@ class Comm:
         if not codec.summable:
             raise ValueError(f"allreduce_mean takes a summable codec (dense, int8, int4); "
                              f"use allgather_mean for {codec.name}")
-        flat = x.detach().reshape(-1).float().clone()
         norm = check_groups(groups, self.world)
         members = group_of(norm, self.rank, self.world)
-        if self.algorithm == "star":
-            out, handle = self._star_allreduce(flat, codec, stream, norm, members)
+        if self.algorithm == "ring" and isinstance(codec, DenseCodec):  # x is only read: no copy
+            out, handle = self._ring_allreduce_in_pieces(x.detach().reshape(-1).float().contiguous(), codec,
+                                                         stream, norm, members)
+        elif self.algorithm == "star":
+            out, handle = self._star_allreduce(x.detach().reshape(-1).float().clone(), codec, stream, norm, members)
         else:
-            out, handle = self._ring_allreduce(flat, codec, stream, norm, members)
+            out, handle = self._ring_allreduce(x.detach().reshape(-1).float().clone(), codec, stream, norm, members)
         return out.reshape(x.shape).to(x.dtype), handle
 
     def _ring_allreduce(self, flat: torch.Tensor, codec: Codec, stream: int | None, groups: Groups | None,
@@ -283,6 +288,110 @@ class Comm:
             chunks[local[into.item]].copy_(codec.unpack(got))
             packet = got
         return flat.div_(k), handle
+
+    def _ring_allreduce_in_pieces(self, x: torch.Tensor, codec: DenseCodec, stream: int | None,
+                                  groups: Groups | None, members: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        """The ring all-reduce of :meth:`_ring_allreduce` for dense packets, each sent as pieces
+        (:mod:`pysim.pieces`) so that decoding, reducing and re-encoding piece i overlaps the
+        transfer of piece i+1. Same packets, bytes, schedule and float32 arithmetic. Every
+        receive is posted before anything is sent (gloo matches a pair's messages in order),
+        so no sender waits for its receiver to get ready. ``x`` is read, never written."""
+        n, r = self.world, self.rank
+        k, j = len(members), members.index(r)
+        bounds = [x.numel() * c // k for c in range(k + 1)]
+        layouts = [DenseLayout(bounds[c + 1] - bounds[c], codec.dtype, self.piece_bytes) for c in range(k)]
+        local = {m: c for c, m in enumerate(members)}
+        handle: int | None = None
+        table: np.ndarray | None = None
+        if groups is None:  # the metadata rows ride the reduce-scatter, one message ahead of each packet
+            sizes = [layouts[c].nbytes for c in range(n)]
+            table = self._my_row(sizes[r])
+        else:
+            sizes, handle = self._begin("allreduce", "ring", layouts[j].nbytes, stream, groups)
+        if k == 1:
+            if handle is None:
+                handle = self._charge("allreduce", "ring", sizes, table, stream)
+            return x.clone(), handle
+        hops = [ring_hop(phase, r) for phase in phases("allreduce", "ring", tuple(sizes), groups)[:2 * (k - 1)]]
+        mean = torch.empty(x.numel(), dtype=torch.float32)
+        # post every receive of the collective: per hop its table (reduce-scatter, ungrouped), pieces, header
+        inbox: list[tuple[DenseLayout, torch.Tensor, list[dist.Work], dist.Work]] = []
+        tables: list[tuple[np.ndarray, dist.Work]] = []
+        for h, (_, into) in enumerate(hops):
+            lay = layouts[local[into.item]]
+            buf = self._pool.take(lay.nbytes)
+            if table is not None and h < k - 1:
+                theirs = np.empty_like(table)
+                tables.append((theirs, dist.irecv(torch.from_numpy(theirs.reshape(-1)), into.src)))
+            pieces = [dist.irecv(lay.piece(buf, i), into.src) for i in range(len(lay.pieces))]
+            inbox.append((lay, buf, pieces, dist.irecv(lay.header_of(buf), into.src)))
+        sends: list[tuple[dist.Work, torch.Tensor]] = []   # kept with their buffers until sent
+
+        def send(t: torch.Tensor, dst: int) -> None:
+            sends.append((dist.isend(t, dst), t))
+
+        # hop 0 sends this node's own chunk, encoded piece by piece
+        dst = hops[0][0].dst
+        if table is not None:
+            send(torch.from_numpy(table.reshape(-1).copy()), dst)
+        lay, own = layouts[j], x[bounds[j]:bounds[j + 1]]
+        packet, crc = lay.new_packet(self._pool), lay.start_crc
+        packets = [packet]
+        for i, (a, b) in enumerate(lay.pieces):
+            with self.meter.measure():
+                crc = encode_piece(own[a:b], lay.piece(packet, i), codec.dtype, crc)
+            send(lay.piece(packet, i), dst)
+        lay.seal(packet, crc)
+        send(lay.header_of(packet), dst)
+        self.bytes_sent += lay.nbytes
+        for h, (lay, buf, pieces, header) in enumerate(inbox):
+            item = local[hops[h][1].item]
+            a0 = bounds[item]
+            forward = h + 1 < len(hops)
+            dst = hops[h + 1][0].dst if forward else -1
+            crc_in = lay.start_crc
+            if h < k - 1:  # reduce-scatter: add this node's values, re-encode, send on
+                if table is not None:
+                    theirs, req = tables[h]
+                    req.wait()
+                    unknown = np.isnan(table[:, 0])
+                    table[unknown] = theirs[unknown]
+                    if h + 1 < k - 1:
+                        send(torch.from_numpy(table.reshape(-1).copy()), dst)
+                owned = h == k - 2   # this hop completes the sum of the chunk this node owns
+                packet, crc_out = lay.new_packet(self._pool), lay.start_crc
+                packets.append(packet)
+                for i, (a, b) in enumerate(lay.pieces):
+                    pieces[i].wait()
+                    with self.meter.measure():
+                        crc_in, crc_out = add_encode_piece(lay.piece(buf, i), x[a0 + a:a0 + b], lay.piece(packet, i),
+                                                           codec.dtype, crc_in, crc_out)
+                    send(lay.piece(packet, i), dst)
+                    if owned:  # everyone keeps the wire version of the sum
+                        decode_piece(lay.piece(packet, i), mean[a0 + a:a0 + b], codec.dtype, float(k), 0)
+                header.wait()
+                lay.check(buf, crc_in)
+                lay.seal(packet, crc_out)
+                send(lay.header_of(packet), dst)
+                self.bytes_sent += lay.nbytes
+            else:  # all-gather: decode into the result, forward the same bytes
+                for i, (a, b) in enumerate(lay.pieces):
+                    pieces[i].wait()
+                    crc_in = decode_piece(lay.piece(buf, i), mean[a0 + a:a0 + b], codec.dtype, float(k), crc_in)
+                    if forward:
+                        send(lay.piece(buf, i), dst)
+                header.wait()
+                lay.check(buf, crc_in)
+                if forward:
+                    send(lay.header_of(buf), dst)
+                    self.bytes_sent += lay.nbytes
+            self.bytes_received += lay.nbytes
+            if h == k - 2 and handle is None:
+                handle = self._charge("allreduce", "ring", sizes, table, stream)
+        for req, _ in sends:
+            req.wait()
+        self._pool.give([buf for _, buf, _, _ in inbox] + packets)
+        return mean, handle  # type: ignore[return-value]
 
     def _star_allreduce(self, flat: torch.Tensor, codec: Codec, stream: int | None, groups: Groups | None,
                         members: tuple[int, ...]) -> tuple[torch.Tensor, int]:

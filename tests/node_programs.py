@@ -44,6 +44,64 @@ def allreduce_with_codec(rank: int, world: int, net: Network, spec: str, n: int)
     return {"x": x, "mean": comm.allreduce_mean(x, get_codec(spec)), "sent": comm.bytes_sent}
 
 
+def ring_in_pieces_and_whole(rank: int, world: int, n: int, piece_bytes: int, groups=None) -> dict:
+    """Dense ring all-reduces of the same seeded vector sent in pieces (the transport) and as
+    whole packets (the hop-by-hop ring other summable codecs use), per wire dtype."""
+    from pysim.schedule import check_groups, group_of
+
+    comm = Comm(rank, world, Network.uniform(world, "1Gbps", "1ms"))
+    comm.piece_bytes = piece_bytes
+    x = torch.randn(n, generator=torch.Generator().manual_seed(300 + rank)) * 3
+    norm = check_groups(groups, world)
+    members = group_of(norm, rank, world)
+    out: dict = {"x": x}
+    for dtype in ("fp32", "fp16", "bf16"):
+        codec = get_codec(f"dense:{dtype}")
+        sent = comm.bytes_sent
+        out[dtype] = comm.allreduce_mean(x, codec, groups=groups)
+        out[f"{dtype}_sent"] = comm.bytes_sent - sent
+        sent = comm.bytes_sent
+        out[f"{dtype}_whole"] = comm._ring_allreduce(x.clone(), codec, None, norm, members)[0]
+        out[f"{dtype}_whole_sent"] = comm.bytes_sent - sent
+    out["x_after"] = x
+    return out
+
+
+def corrupt_a_piece(rank: int, world: int, what: str) -> None:
+    """Rank 0 sends a dense all-reduce whose second piece it changes after the CRC was chained
+    over it (``what`` = "piece"), or a valid packet of another tensor ("header": source dtype
+    fp16, resealed); the receiver must refuse the packet."""
+    import pysim.comm
+    import pysim.pieces
+
+    comm = Comm(rank, world, Network.uniform(world, "1Gbps", "1ms"))
+    comm.piece_bytes = 400
+    if rank == 0 and what == "piece":
+        real = pysim.comm.encode_piece
+        calls = []
+
+        def flip(x, out, dtype, crc):
+            crc = real(x, out, dtype, crc)
+            calls.append(1)
+            if len(calls) == 2:
+                out[5] ^= 0x10   # after the CRC was chained over it: corrupted in transit
+            return crc
+
+        pysim.comm.encode_piece = flip
+    if rank == 0 and what == "header":
+        real_seal = pysim.pieces.DenseLayout.seal
+
+        def seal_foreign(self, packet, crc):
+            from pysim import _C
+
+            packet[7] = 1                      # source dtype fp16: a valid packet, not the one expected
+            real_seal(self, packet, 0)
+            real_seal(self, packet, _C.crc32c(packet.numpy()))
+
+        pysim.pieces.DenseLayout.seal = seal_foreign
+    comm.allreduce_mean(torch.ones(1000))
+
+
 def async_patterns(rank: int, world: int, net: Network, algorithm: str, scaling) -> dict:
     """Bucketed all-reduces overlapping compute, a collective on stream 1 waited two steps
     later, blocking ones in between; returns what a test needs to compare with replay."""

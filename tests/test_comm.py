@@ -151,3 +151,30 @@ def test_grouped_allreduce_refuses_groups_that_miss_a_node():
     with pytest.raises(ValueError, match="groups"):
         comm.allreduce_mean(torch.ones(3), groups=[[0], [1]])
     assert torch.equal(comm.allreduce_mean(torch.ones(3), groups=[[0]]), torch.ones(3))
+
+
+@pytest.mark.parametrize("world,n,piece_bytes,groups", [(2, 1001, 512, None), (3, 5000, 1000, None),
+                                                        (3, 10, 1 << 19, None), (4, 3001, 700, [[0, 2], [1, 3]])])
+def test_dense_ring_in_pieces_equals_whole_packets_bit_for_bit(world, n, piece_bytes, groups):
+    res = run_nodes(node_programs.ring_in_pieces_and_whole, world, (n, piece_bytes, groups))
+    for r in res:
+        assert torch.equal(r["x_after"], r["x"])   # the input is only read
+        for dtype in ("fp32", "fp16", "bf16"):
+            assert torch.equal(r[dtype], r[f"{dtype}_whole"])      # same packets, same float32 arithmetic
+            assert r[f"{dtype}_sent"] == r[f"{dtype}_whole_sent"]  # exactly the packets' bytes
+    members = [list(range(world))] if groups is None else groups
+    for group in members:
+        expected = sum(res[m]["x"] for m in group) / len(group)
+        for m in group:
+            torch.testing.assert_close(res[m]["fp32"], expected, atol=1e-5, rtol=0)
+            for dtype in ("fp32", "fp16", "bf16"):   # every member holds the same mean
+                assert torch.equal(res[m][dtype], res[group[0]][dtype])
+
+
+@pytest.mark.parametrize("what,message", [("piece", "checksum mismatch"),
+                                          ("header", "another tensor than this ring hop expects")])
+def test_a_corrupted_piece_or_header_is_refused(what, message):
+    from pysim.launch import NodeError
+
+    with pytest.raises(NodeError, match=message):
+        run_nodes(node_programs.corrupt_a_piece, 2, (what,))
