@@ -315,7 +315,7 @@ class Comm:
         hops = [ring_hop(phase, r) for phase in phases("allreduce", "ring", tuple(sizes), groups)[:2 * (k - 1)]]
         mean = torch.empty(x.numel(), dtype=torch.float32)
         # post every receive of the collective: per hop its table (reduce-scatter, ungrouped), pieces, header
-        inbox: list[tuple[DenseLayout, torch.Tensor, list[dist.Work], dist.Work]] = []
+        inbox: list[tuple[DenseLayout, torch.Tensor, list[dist.Work]]] = []
         tables: list[tuple[np.ndarray, dist.Work]] = []
         for h, (_, into) in enumerate(hops):
             lay = layouts[local[into.item]]
@@ -323,8 +323,7 @@ class Comm:
             if table is not None and h < k - 1:
                 theirs = np.empty_like(table)
                 tables.append((theirs, dist.irecv(torch.from_numpy(theirs.reshape(-1)), into.src)))
-            pieces = [dist.irecv(lay.piece(buf, i), into.src) for i in range(len(lay.pieces))]
-            inbox.append((lay, buf, pieces, dist.irecv(lay.header_of(buf), into.src)))
+            inbox.append((lay, buf, [dist.irecv(m, into.src) for m in lay.messages(buf)]))
         sends: list[tuple[dist.Work, torch.Tensor]] = []   # kept with their buffers until sent
 
         def send(t: torch.Tensor, dst: int) -> None:
@@ -340,11 +339,12 @@ class Comm:
         for i, (a, b) in enumerate(lay.pieces):
             with self.meter.measure():
                 crc = encode_piece(own[a:b], lay.piece(packet, i), codec.dtype, crc)
-            send(lay.piece(packet, i), dst)
+            if lay.streamed:
+                send(lay.piece(packet, i), dst)
         lay.seal(packet, crc)
-        send(lay.header_of(packet), dst)
+        send(lay.messages(packet)[-1], dst)   # the header, or the whole packet
         self.bytes_sent += lay.nbytes
-        for h, (lay, buf, pieces, header) in enumerate(inbox):
+        for h, (lay, buf, msgs) in enumerate(inbox):
             item = local[hops[h][1].item]
             a0 = bounds[item]
             forward = h + 1 < len(hops)
@@ -361,36 +361,35 @@ class Comm:
                 owned = h == k - 2   # this hop completes the sum of the chunk this node owns
                 packet, crc_out = lay.new_packet(self._pool), lay.start_crc
                 packets.append(packet)
-                for i, (a, b) in enumerate(lay.pieces):
-                    pieces[i].wait()
+                for i in lay.arrivals(msgs):
+                    a, b = lay.pieces[i]
                     with self.meter.measure():
                         crc_in, crc_out = add_encode_piece(lay.piece(buf, i), x[a0 + a:a0 + b], lay.piece(packet, i),
                                                            codec.dtype, crc_in, crc_out)
-                    send(lay.piece(packet, i), dst)
+                    if lay.streamed:
+                        send(lay.piece(packet, i), dst)
                     if owned:  # everyone keeps the wire version of the sum
                         decode_piece(lay.piece(packet, i), mean[a0 + a:a0 + b], codec.dtype, float(k), 0)
-                header.wait()
                 lay.check(buf, crc_in)
                 lay.seal(packet, crc_out)
-                send(lay.header_of(packet), dst)
+                send(lay.messages(packet)[-1], dst)
                 self.bytes_sent += lay.nbytes
             else:  # all-gather: decode into the result, forward the same bytes
-                for i, (a, b) in enumerate(lay.pieces):
-                    pieces[i].wait()
+                for i in lay.arrivals(msgs):
+                    a, b = lay.pieces[i]
                     crc_in = decode_piece(lay.piece(buf, i), mean[a0 + a:a0 + b], codec.dtype, float(k), crc_in)
-                    if forward:
+                    if forward and lay.streamed:
                         send(lay.piece(buf, i), dst)
-                header.wait()
                 lay.check(buf, crc_in)
                 if forward:
-                    send(lay.header_of(buf), dst)
+                    send(lay.messages(buf)[-1], dst)
                     self.bytes_sent += lay.nbytes
             self.bytes_received += lay.nbytes
             if h == k - 2 and handle is None:
                 handle = self._charge("allreduce", "ring", sizes, table, stream)
         for req, _ in sends:
             req.wait()
-        self._pool.give([buf for _, buf, _, _ in inbox] + packets)
+        self._pool.give([buf for _, buf, _ in inbox] + packets)
         return mean, handle  # type: ignore[return-value]
 
     def _star_allreduce(self, flat: torch.Tensor, codec: Codec, stream: int | None, groups: Groups | None,

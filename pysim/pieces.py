@@ -3,8 +3,9 @@
 A ring all-reduce hop that sends a whole packet cannot start sending before it
 has encoded the packet, nor reduce before the whole packet has arrived: on a
 bandwidth-bound link every codec pass is added to the wire time. Here a dense
-packet (``csrc/wire.hpp``) travels as its payload in pieces of at most
-:data:`PIECE_BYTES` followed by its header. The header's CRC-32C is chained
+packet (``csrc/wire.hpp``) of more than :data:`PIECE_BYTES` of payload travels
+as its payload in pieces of at most that size followed by its header (a
+smaller one travels whole: one message costs less than two). The header's CRC-32C is chained
 over the header (checksum field zero) and the pieces in order, so the sender
 puts piece i on the wire while it encodes piece i+1, and the receiver decodes
 and reduces piece i while piece i+1 is still arriving (``csrc/pieces.hpp``).
@@ -16,6 +17,8 @@ collective returns.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -75,6 +78,32 @@ class DenseLayout:
 
     def header_of(self, packet: torch.Tensor) -> torch.Tensor:
         return packet[:self.header_bytes]
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the packet travels in pieces; a packet of one piece gains nothing from it and
+        travels whole, as one message."""
+        return len(self.pieces) > 1
+
+    def messages(self, packet: torch.Tensor) -> list[torch.Tensor]:
+        """The messages that carry ``packet``, in wire order: its pieces then its header, or the
+        whole packet. Piece i arrives with message ``i if streamed else 0``; the header with the last."""
+        if not self.streamed:
+            return [packet]
+        return [self.piece(packet, i) for i in range(len(self.pieces))] + [self.header_of(packet)]
+
+    def arrivals(self, receives: list) -> Iterator[int]:
+        """Waits for the receives posted for :meth:`messages` in order: yields each piece's index
+        once it has arrived, and returns once the header has. Each receive is waited exactly once
+        (waiting twice on a gloo receive waits for a second message that never comes)."""
+        if not self.streamed:
+            receives[0].wait()
+        for i in range(len(self.pieces)):
+            if self.streamed:
+                receives[i].wait()
+            yield i
+        if self.streamed:
+            receives[-1].wait()
 
     def seal(self, packet: torch.Tensor, crc: int) -> None:
         """Writes the CRC chained over the header and every piece into the header."""

@@ -102,3 +102,24 @@ def test_piece_kernels_are_counted_as_compute():
     assert count_work(lambda: encode_piece(x, lay.piece(packet, 0), 0, 0)) == Work(0.0, 8000, 1)
     assert count_work(lambda: add_encode_piece(lay.piece(packet, 0), x, lay.piece(packet, 0), 0, 0, 0)
                       ) == Work(0.0, 12000, 1)
+
+
+@pytest.mark.parametrize("n,piece_bytes,messages", [(1000, 400, 11), (1000, 1 << 20, 1), (0, 400, 1)])
+def test_arrivals_wait_for_every_message_once_in_wire_order(n, piece_bytes, messages):
+    class Receive:
+        def __init__(self, log, i):
+            self.log, self.i = log, i
+
+        def wait(self):
+            self.log.append(self.i)
+
+    lay = DenseLayout(n, 0, piece_bytes)
+    assert len(lay.messages(lay.new_packet(BufferPool()))) == messages
+    log: list[int] = []
+    seen = []
+    for i in lay.arrivals([Receive(log, m) for m in range(messages)]):
+        seen.append((i, list(log)))
+    assert log == list(range(messages))                      # each once, in order
+    assert [i for i, _ in seen] == list(range(len(lay.pieces)))
+    if lay.streamed:
+        assert all(waited == list(range(i + 1)) for i, waited in seen)   # piece i only needs message i
