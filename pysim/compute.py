@@ -295,7 +295,9 @@ def _min_thread_time(fn: Callable[[], object], repeats: int, warmup: int) -> flo
     """The fastest thread time of ``repeats`` calls after ``warmup``. Noise on a shared machine
     (other processes, frequency changes, cache pollution) only adds time, so the minimum is
     the stable figure: on this 2-core VM under load, the median of 30 MNIST steps moved
-    9.9-13.5 ms between calibrations and the minimum of 100 8.85-8.91 ms."""
+    9.9-13.5 ms between calibrations and the minimum of 100 8.85-8.91 ms. Where the host's
+    speed itself drifts from minute to minute, a longer window finds its fast moments more
+    surely: six windows in a row, minimum of 100 steps 9.31-11.05 ms, of 300 9.31-9.75 ms."""
     for _ in range(warmup):
         fn()
     best = float("inf")
@@ -306,7 +308,7 @@ def _min_thread_time(fn: Callable[[], object], repeats: int, warmup: int) -> flo
     return best
 
 
-def calibrate_machine(repeats: int = 15) -> ComputeProfile:
+def calibrate_machine(repeats: int = 50) -> ComputeProfile:
     """This machine's single-thread rates: FLOP/s of a 256x256 matmul, bytes/s of a 32 MB copy,
     and the cost of a tiny kernel. The fastest of ``repeats`` each (see :func:`_min_thread_time`)."""
     threads = torch.get_num_threads()
@@ -326,7 +328,7 @@ def calibrate_machine(repeats: int = 15) -> ComputeProfile:
                                   f"{torch.__version__}, 1 thread")
 
 
-def calibrate_step(profile: ComputeProfile, key: str, step: Callable[[], object], repeats: int = 100,
+def calibrate_step(profile: ComputeProfile, key: str, step: Callable[[], object], repeats: int = 300,
                    warmup: int = 20) -> float:
     """Measures one training step (forward + backward) as the fastest thread time of ``repeats``
     after ``warmup``, with one thread, and stores it in ``profile.steps[key]``."""
