@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from pysim.network import load_network_file, parse_network
 from pysim.report import plot_runs, results_table, verdicts
 from pysim.results import check_out_dir
 from pysim.sharding import Sharding
-from pysim.trainer import TrainConfig, calibrate, finished_run, run
+from pysim.trainer import TrainConfig, config_step_key, finished_run, machine_profile, run
 from pysim.workload import Workload
 
 
@@ -66,8 +65,11 @@ def add_arguments(ap: argparse.ArgumentParser, strategies: str, steps: int, batc
     ap.add_argument("--lr", type=float, default=None, help="inner learning rate (default: the workload's)")
     ap.add_argument("--sharding", default="iid", help="iid | contiguous | dirichlet:ALPHA")
     ap.add_argument("--compute", default="calibrated",
-                    help="'calibrated' (one profile of this machine shared by every run, saved to --out), "
-                         "'measured' (raw per step), or a device profile: cpu, t4, a100, h100")
+                    help="'calibrated' (one profile of this machine shared by every run, saved to --out, and "
+                         "kept between comparisons in $PYSIM_CACHE_DIR or ~/.cache/pysim), 'measured' (raw per "
+                         "step), or a device profile: cpu, t4, a100, h100")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="measure this machine's compute profile again instead of reusing the kept one")
     ap.add_argument("--compute-profile", default=None,
                     help="a saved compute profile (compute_profile.json of an earlier comparison): the same "
                          "seeds then give the same simulated times on any machine")
@@ -148,12 +150,11 @@ def main(argv: list[str] | None, description: str, build_workload: Callable[[arg
                 profile = ComputeProfile.load(saved_profile)
                 print(f"compute profile: reusing {saved_profile} (--resume)")
             else:
-                t0 = time.perf_counter()
-                profile = calibrate(configs[0])
+                profile, origin = machine_profile(configs[0], recalibrate=a.recalibrate)
+                step = profile.steps[config_step_key(configs[0])]
                 profile.save(saved_profile)
-                step = next(iter(profile.steps.values()))
-                print(f"compute profile: {1e3 * step:.2f} ms per forward+backward step on this machine "
-                      f"({time.perf_counter() - t0:.1f} s to calibrate), saved to {saved_profile}")
+                print(f"compute profile: {1e3 * step:.2f} ms per forward+backward step, {origin}; saved to "
+                      f"{saved_profile}")
             for cfg in configs:
                 cfg.profile = profile
         print(f"{workload.name}: {a.nodes} nodes, network {net.describe()}, {a.steps} steps x {a.batch_size} per "

@@ -30,12 +30,15 @@ synchronisation, so a tiny model does not step in microseconds on a GPU).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
@@ -72,6 +75,7 @@ class ComputeProfile:
     steps: dict[str, float] = field(default_factory=dict)
     machine: str = ""
     version: int = PROFILE_VERSION
+    calibrated_at: str = ""   # when its rates were measured (UTC, ISO 8601); empty for stated profiles
 
     def seconds(self, work: Work, key: str | None = None) -> float:
         """Simulated seconds of ``work``; a measured step time if ``key`` is one of the profile's."""
@@ -308,6 +312,27 @@ def _min_thread_time(fn: Callable[[], object], repeats: int, warmup: int) -> flo
     return best
 
 
+def this_machine() -> str:
+    """Where a calibrated profile was made: CPU model and cores, host name, torch version, one thread."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()}, {platform.node()}, torch {torch.__version__}, 1 thread"
+
+
+def machine_cache_path() -> Path:
+    """The compute profile of this machine kept between comparisons, so that comparisons made
+    minutes or days apart charge the same compute: ``$PYSIM_CACHE_DIR`` (default ~/.cache/pysim)
+    / ``compute-<hash of this_machine()>.json``."""
+    root = Path(os.environ.get("PYSIM_CACHE_DIR") or Path.home() / ".cache" / "pysim")
+    return root / f"compute-{hashlib.sha256(this_machine().encode()).hexdigest()[:12]}.json"
+
+
 def calibrate_machine(repeats: int = 50) -> ComputeProfile:
     """This machine's single-thread rates: FLOP/s of a 256x256 matmul, bytes/s of a 32 MB copy,
     and the cost of a tiny kernel. The fastest of ``repeats`` each (see :func:`_min_thread_time`)."""
@@ -324,8 +349,8 @@ def calibrate_machine(repeats: int = 50) -> ComputeProfile:
     finally:
         torch.set_num_threads(threads)
     return ComputeProfile("calibrated", 2 * 256 ** 3 / mm_s, 2 * src.numel() * 4 / copy_s, tiny_s,
-                          machine=f"{platform.processor() or platform.machine()}, {platform.node()}, torch "
-                                  f"{torch.__version__}, 1 thread")
+                          machine=this_machine(),
+                          calibrated_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
 def calibrate_step(profile: ComputeProfile, key: str, step: Callable[[], object], repeats: int = 300,

@@ -14,7 +14,15 @@ from pathlib import Path
 
 from pysim import checkpoint
 from pysim.clock import ComputeScaling, replay
-from pysim.compute import ComputeProfile, calibrate_machine, calibrate_step, resolve_compute, step_key
+from pysim.compute import (
+    ComputeProfile,
+    calibrate_machine,
+    calibrate_step,
+    machine_cache_path,
+    resolve_compute,
+    step_key,
+    this_machine,
+)
 from pysim.launch import run_nodes
 from pysim.network import Network, network_from_json, network_to_json
 from pysim.node import StepRecord, train_node
@@ -195,9 +203,41 @@ def calibrate(cfg: TrainConfig, profile: ComputeProfile | None = None) -> Comput
         model.zero_grad()
         cfg.workload.loss(model(x), y).backward()
 
-    calibrate_step(profile, step_key(cfg.workload.name, sum(p.numel() for p in model.parameters()), cfg.batch_size),
-                   step)
+    calibrate_step(profile, config_step_key(cfg, model), step)
     return profile
+
+
+def config_step_key(cfg: TrainConfig, model=None) -> str:
+    """The compute-profile key of ``cfg``'s training step (its workload, model size and batch)."""
+    model = model if model is not None else cfg.workload.model()
+    return step_key(cfg.workload.name, sum(p.numel() for p in model.parameters()), cfg.batch_size)
+
+
+def machine_profile(cfg: TrainConfig, recalibrate: bool = False) -> tuple[ComputeProfile, str]:
+    """This machine's compute profile holding ``cfg``'s step, and a phrase saying where it came
+    from. The profile kept in :func:`pysim.compute.machine_cache_path` is reused when it has the
+    step: this host's speed drifts by tens of percent from one minute to the next, so two
+    comparisons that each calibrated would charge the same model work differently. Otherwise
+    (no cache, another machine's, unreadable, or ``recalibrate``) it is calibrated here, with the
+    cached machine rates if only the step is new, and written to the cache."""
+    import time
+
+    path = machine_cache_path()
+    cached = None
+    if not recalibrate and path.is_file():
+        try:
+            cached = ComputeProfile.load(path)
+        except ValueError:
+            cached = None   # unreadable: calibrate again and replace it
+        if cached is not None and cached.machine != this_machine():
+            cached = None
+    if cached is not None and config_step_key(cfg) in cached.steps:
+        return cached, (f"calibrated on this machine at {cached.calibrated_at or 'an unknown time'}, kept in {path} "
+                        f"(--recalibrate measures it again)")
+    t0 = time.perf_counter()
+    profile = calibrate(cfg, cached)
+    profile.save(path)
+    return profile, f"calibrated now ({time.perf_counter() - t0:.1f} s), kept in {path} for later comparisons"
 
 
 def finished_run(cfg: TrainConfig, out_dir: str | Path) -> dict | None:

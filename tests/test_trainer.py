@@ -109,3 +109,39 @@ def test_a_half_speed_node_slows_simple_reduce_every_step_and_diloco_every_h_ste
         bad = cfg("SimpleReduce")
         bad.jitter = float("nan")
         bad.check()
+
+
+def test_machine_profile_is_calibrated_once_then_kept_for_later_comparisons(tmp_path, monkeypatch):
+    import pysim.trainer as trainer
+    from pysim.compute import ComputeProfile, machine_cache_path, this_machine
+    from pysim.trainer import config_step_key, machine_profile
+
+    monkeypatch.setenv("PYSIM_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_calibrate(cfg, profile=None):
+        calls.append(profile)
+        p = profile or ComputeProfile("calibrated", 1e10, 1e10, 1e-6, machine=this_machine(),
+                                      calibrated_at="2026-12-02T00:00:00Z")
+        p.steps[config_step_key(cfg)] = 0.01 * len(calls)
+        return p
+
+    monkeypatch.setattr(trainer, "calibrate", fake_calibrate)
+    cfg = TrainConfig(workload=image_workload(), batch_size=64)
+    key = config_step_key(cfg)
+    first, origin = machine_profile(cfg)
+    assert "calibrated now" in origin and machine_cache_path().is_file() and first.steps[key] == 0.01
+    again, origin = machine_profile(cfg)             # a later comparison: the same compute, not a new draw
+    assert len(calls) == 1 and again.steps[key] == 0.01 and "kept in" in origin and "2026-12-02" in origin
+    other = TrainConfig(workload=image_workload(), batch_size=32)
+    both, _ = machine_profile(other)                 # a new step is added to the kept machine rates
+    assert calls[-1] is not None and set(both.steps) == {key, config_step_key(other)}
+    fresh, origin = machine_profile(cfg, recalibrate=True)
+    assert calls[-1] is None and fresh.steps[key] == 0.03 and "calibrated now" in origin
+    assert ComputeProfile.load(machine_cache_path()).steps[key] == 0.03   # the new one is kept
+    machine_cache_path().write_text("{not json")     # unreadable: calibrated again, replaced
+    assert "calibrated now" in machine_profile(cfg)[1]
+    foreign = ComputeProfile.load(machine_cache_path())
+    foreign.machine = "another CPU"
+    foreign.save(machine_cache_path())               # another machine's rates are not used
+    assert "calibrated now" in machine_profile(cfg)[1] and calls[-1] is None
