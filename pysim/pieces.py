@@ -30,20 +30,29 @@ PIECE_BYTES = 1 << 20  # payload bytes per piece: 1 MiB, 8.4 ms at 1 Gbit/s
 
 class BufferPool:
     """Byte buffers reused from one collective to the next. Training all-reduces the same sizes
-    every step, and a fresh multi-megabyte buffer costs a page fault per 4 KiB on first touch."""
+    every step, and a fresh multi-megabyte buffer costs a page fault per 4 KiB on first touch.
+    At most ``max_bytes`` are kept between collectives (a large model's buffers are freed, as
+    before, rather than held by every node while it computes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.held_bytes = 0
         self._free: dict[int, list[torch.Tensor]] = {}
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A 1-D uint8 buffer of ``nbytes`` (contents undefined)."""
         free = self._free.get(nbytes)
-        return free.pop() if free else torch.empty(nbytes, dtype=torch.uint8)
+        if free:
+            self.held_bytes -= nbytes
+            return free.pop()
+        return torch.empty(nbytes, dtype=torch.uint8)
 
     def give(self, buffers: list[torch.Tensor]) -> None:
         """Returns buffers no longer in use (nothing may still read or write them)."""
         for b in buffers:
-            self._free.setdefault(b.numel(), []).append(b)
+            if self.held_bytes + b.numel() <= self.max_bytes:
+                self._free.setdefault(b.numel(), []).append(b)
+                self.held_bytes += b.numel()
 
 
 class DenseLayout:

@@ -123,3 +123,14 @@ def test_arrivals_wait_for_every_message_once_in_wire_order(n, piece_bytes, mess
     assert [i for i, _ in seen] == list(range(len(lay.pieces)))
     if lay.streamed:
         assert all(waited == list(range(i + 1)) for i, waited in seen)   # piece i only needs message i
+
+
+def test_buffer_pool_reuses_buffers_and_holds_at_most_its_cap():
+    pool = BufferPool(max_bytes=1000)
+    a, b = pool.take(400), pool.take(400)
+    pool.give([a, b])
+    assert pool.held_bytes == 800
+    assert pool.take(400) is b and pool.take(400) is a and pool.held_bytes == 0   # reused, not reallocated
+    big = pool.take(2000)
+    pool.give([a, big])                     # the big one would pass the cap: dropped, freed
+    assert pool.held_bytes == 400 and pool.take(2000) is not big
