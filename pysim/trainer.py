@@ -236,8 +236,12 @@ def machine_profile(cfg: TrainConfig, recalibrate: bool = False) -> tuple[Comput
                         f"(--recalibrate measures it again)")
     t0 = time.perf_counter()
     profile = calibrate(cfg, cached)
-    profile.save(path)
-    return profile, f"calibrated now ({time.perf_counter() - t0:.1f} s), kept in {path} for later comparisons"
+    took = f"calibrated now ({time.perf_counter() - t0:.1f} s)"
+    try:
+        profile.save(path)
+    except OSError as e:   # a read-only home: this comparison still has its profile, later ones recalibrate
+        return profile, f"{took}, not kept ({path}: {e.strerror or e}; set PYSIM_CACHE_DIR to a writable folder)"
+    return profile, f"{took}, kept in {path} for later comparisons"
 
 
 def finished_run(cfg: TrainConfig, out_dir: str | Path) -> dict | None:

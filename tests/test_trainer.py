@@ -145,3 +145,8 @@ def test_machine_profile_is_calibrated_once_then_kept_for_later_comparisons(tmp_
     foreign.machine = "another CPU"
     foreign.save(machine_cache_path())               # another machine's rates are not used
     assert "calibrated now" in machine_profile(cfg)[1] and calls[-1] is None
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("PYSIM_CACHE_DIR", str(blocked / "cache"))   # cannot be created: not kept, no crash
+    profile, origin = machine_profile(cfg)
+    assert key in profile.steps and "not kept" in origin and "PYSIM_CACHE_DIR" in origin
