@@ -238,13 +238,13 @@ class Comm:
                              f"use allgather_mean for {codec.name}")
         norm = check_groups(groups, self.world)
         members = group_of(norm, self.rank, self.world)
+        flat = x.detach().reshape(-1).float()
         if self.algorithm == "ring" and isinstance(codec, DenseCodec):  # x is only read: no copy
-            out, handle = self._ring_allreduce_in_pieces(x.detach().reshape(-1).float().contiguous(), codec,
-                                                         stream, norm, members)
+            out, handle = self._ring_allreduce_in_pieces(flat.contiguous(), codec, stream, norm, members)
         elif self.algorithm == "star":
-            out, handle = self._star_allreduce(x.detach().reshape(-1).float().clone(), codec, stream, norm, members)
+            out, handle = self._star_allreduce(flat.clone(), codec, stream, norm, members)
         else:
-            out, handle = self._ring_allreduce(x.detach().reshape(-1).float().clone(), codec, stream, norm, members)
+            out, handle = self._ring_allreduce(flat.clone(), codec, stream, norm, members)
         return out.reshape(x.shape).to(x.dtype), handle
 
     def _ring_allreduce(self, flat: torch.Tensor, codec: Codec, stream: int | None, groups: Groups | None,
