@@ -2,13 +2,15 @@
 
     sudo python bench/calibrate.py            # needs root and iproute2 (ip, tc)
 
-For each rate (100 Mbit/s, 1 Gbit/s): build two network namespaces joined by a
-veth pair shaped with tbf (:class:`pysim.calibrate.ShapedVeth`; traffic stays
-inside them; tbf burst 16 KiB), calibrate the link with ``python -m pysim
+For each TCP congestion control (reno, then the host's default) and rate
+(100 Mbit/s, 1 Gbit/s): build two network namespaces joined by a veth pair
+shaped with tbf (:class:`pysim.calibrate.ShapedVeth`; traffic stays inside
+them; tbf burst 16 KiB), calibrate the link with ``python -m pysim
 calibrate`` on one set of sizes (256 KiB, 512 KiB, 2 MiB, 6 MiB, 8 MiB), then
 time 2-rank all-reduces of 1, 4 and 10 MB (held out from the fit) with
 torch.distributed.all_reduce (gloo) and with pysim's own ring all-reduce
-(fastest of 9 repetitions each), and compare with the calibrated model.
+(fastest of 9 repetitions each at 100 Mbit/s, of 90 at 1 Gbit/s, every size's
+repetitions spread over the run), and compare with the calibrated model.
 Targets: model within +-2% of gloo; pysim's transport within 10% of gloo at 10 MB.
 """
 
@@ -21,15 +23,24 @@ import tempfile
 from pathlib import Path
 
 from pysim.calibrate import ShapedVeth, model_allreduce_s, veth_missing
-from pysim.network import format_bandwidth, load_network_file
+from pysim.network import format_bandwidth, load_network_file, parse_bandwidth
 
 FIT_SIZES = "262144,524288,2097152,6291456,8388608"
 TEST_SIZES = (1_000_000, 4_000_000, 10_000_000)
 
 
-def bench_rate(rate: str, reps: int, tmp: Path, burst: str | None = None, stat: str = "min") -> list[str]:
+def reps_at(rate: str, reps: int) -> int:
+    """``reps`` at 100 Mbit/s, proportionally more on a faster link, so that every rate is timed
+    for about as long: at 1 Gbit/s one repetition is a tenth as long, and the 2 cores that
+    also run the veth's packets make single repetitions vary by tens of percent."""
+    return reps * max(1, round(parse_bandwidth(rate) / 100e6))
+
+
+def bench_rate(rate: str, reps: int, tmp: Path, burst: str | None = None, stat: str = "min",
+               congestion: str | None = None) -> list[str]:
     net_file, timings = tmp / f"{rate}.json", tmp / f"{rate}_times.json"
-    with ShapedVeth(rate, name="pysimbench", burst=burst) as link:
+    reps = reps_at(rate, reps)
+    with ShapedVeth(rate, name="pysimbench", burst=burst, congestion=congestion) as link:
         fit = link.calibrate(["--sizes", FIT_SIZES, "--reps", str(reps), "--stat", stat, "--out", str(net_file)])
         if fit.returncode != 0:
             raise RuntimeError(fit.stderr[-2000:])
@@ -40,8 +51,10 @@ def bench_rate(rate: str, reps: int, tmp: Path, burst: str | None = None, stat: 
     net = load_network_file(net_file)
     t = json.loads(timings.read_text())
     lk = net.links[0]
-    rows = [f"tbf {rate} burst {link.burst}: calibrated {format_bandwidth(lk.up_bps)}, "
-            f"latency {lk.latency_s * 1e6:.0f} us, framing {net.framing_name()}"]
+    cc = json.loads(net_file.read_text())["calibration"]["tcp_congestion_control"]
+    rows = [f"tcp {cc}{'' if congestion else ' (host default)'}, tbf {rate} burst {link.burst}: "
+            f"calibrated {format_bandwidth(lk.up_bps)}, "
+            f"latency {lk.latency_s * 1e6:.0f} us, framing {net.framing_name()}, {stat} of {reps}"]
     for size, real, own in zip(t["sizes"], t["torch"], t["pysim"], strict=True):
         model = model_allreduce_s(net, size)
         err = 100 * (model / real - 1)
@@ -53,17 +66,21 @@ def bench_rate(rate: str, reps: int, tmp: Path, burst: str | None = None, stat: 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="100mbit,1gbit", help="tbf rates (tc syntax)")
-    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--reps", type=int, default=9, help="repetitions per size at 100 Mbit/s (more on faster links)")
     ap.add_argument("--stat", choices=("min", "median"), default="min", help="per size: fastest or median repetition")
-    ap.add_argument("--burst", default=None, help="tbf burst (tc syntax, e.g. 4kb; default: 1 ms of traffic)")
+    ap.add_argument("--burst", default=None, help="tbf burst (tc syntax, e.g. 4kb; default: 16 KiB)")
+    ap.add_argument("--congestion", default="reno,host",
+                    help="TCP congestion controls to run with, in turn (host: the host's default)")
     a = ap.parse_args()
     why = veth_missing()
     if why:
         print(f"cannot build the shaped link: {why}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        for rate in a.rates.split(","):
-            print("\n".join(bench_rate(rate, a.reps, Path(tmp), a.burst, a.stat)), flush=True)
+        for cc in a.congestion.split(","):
+            for rate in a.rates.split(","):
+                rows = bench_rate(rate, a.reps, Path(tmp), a.burst, a.stat, None if cc == "host" else cc)
+                print("\n".join(rows), flush=True)
     return 0
 
 

@@ -28,7 +28,16 @@ size and writes a network file for :func:`pysim.network.load_network_file`
 :class:`ShapedVeth` builds the test link used by the tests and
 ``bench/calibrate.py``: two network namespaces joined by a veth pair with
 addresses in a private /30, each end shaped with ``tc qdisc ... tbf`` (needs
-root and iproute2; traffic never leaves the two namespaces).
+root and iproute2; traffic never leaves the two namespaces), optionally with
+its own TCP congestion control.
+
+The congestion control matters. With a loss-based one (reno) both ranks keep
+the shaper's queue full and a 2-rank all-reduce takes what the link's rate,
+framing and ACKs say. BBR (the default on some hosts) paces from its own
+estimate of the bottleneck, which the ACKs queued behind the other rank's data
+disturb: on the same 100 Mbit/s link a 10 MB all-reduce then takes 2-4% more
+(its fastest of 9) and single repetitions up to 18% more. The command prints
+the congestion control its sockets use and writes it into the network file.
 """
 
 from __future__ import annotations
@@ -72,7 +81,12 @@ def time_allreduces(sizes: list[int], reps: int, pysim_too: bool = False,
     "min": on a shared machine noise only adds time) or the median over ``reps`` of the slower
     rank's real seconds for torch.distributed.all_reduce (and, with ``pysim_too``, for pysim's
     ring ``Comm.allreduce_mean``). Both ranks call this. ``every_rep``, if given, receives
-    every repetition's time per kind and size."""
+    every repetition's time per kind and size.
+
+    Repetition r of every size and kind runs before repetition r + 1 of any, so a slow spell
+    of the host (seconds, on a shared machine) costs each size one repetition, not all of one
+    size's: timed size after size, one run's fastest 10 MB all-reduce at 1 Gbit/s came out
+    43% slower than the run before it, and pysim's transport in the same seconds as well."""
     import torch
     import torch.distributed as dist
 
@@ -83,23 +97,23 @@ def time_allreduces(sizes: list[int], reps: int, pysim_too: bool = False,
     kinds = {"torch": lambda x: dist.all_reduce(x)}
     if comm is not None:
         kinds["pysim"] = comm.allreduce_mean
-    out: dict[str, list[float]] = {k: [] for k in kinds}
-    for nbytes in sizes:
-        x = torch.ones(max(nbytes // 4, 1))
-        for name, fn in kinds.items():
+    tensors = [torch.ones(max(nbytes // 4, 1)) for nbytes in sizes]
+    for x in tensors:
+        for fn in kinds.values():
             fn(x)  # warm-up: connections, buffers
-            times = []
-            for _ in range(reps):
+    times: dict[str, list[list[float]]] = {k: [[] for _ in sizes] for k in kinds}
+    for _ in range(reps):
+        for i, x in enumerate(tensors):
+            for name, fn in kinds.items():
                 dist.barrier()
                 t0 = time.perf_counter()
                 fn(x)
                 t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                times.append(float(t))
-            out[name].append(STATISTICS[stat](times))
-            if every_rep is not None:
-                every_rep.setdefault(name, []).append(times)
-    return out
+                times[name][i].append(float(t))
+    if every_rep is not None:
+        every_rep.update(times)
+    return {name: [STATISTICS[stat](per_size) for per_size in per_kind] for name, per_kind in times.items()}
 
 
 # ---------------------------------------------------------------- fitting
@@ -107,7 +121,9 @@ def time_allreduces(sizes: list[int], reps: int, pysim_too: bool = False,
 
 @dataclass
 class Fit:
-    """A calibrated link: latency (s), bandwidth (bits/s), framing; real and model seconds per size."""
+    """A calibrated link: latency (s), bandwidth (bits/s), framing; real and model seconds per
+    size; ``head_start_s``: seconds by which the fit's fixed cost per all-reduce fell below
+    zero (0 when it did not; see :func:`fit_link`)."""
 
     latency_s: float
     bandwidth_bps: float
@@ -115,6 +131,7 @@ class Fit:
     sizes: list[int]
     real_s: list[float]
     model_s: list[float]
+    head_start_s: float = 0.0
 
     def network(self) -> Network:
         return Network.uniform(2, self.bandwidth_bps, self.latency_s, self.framing)
@@ -122,8 +139,11 @@ class Fit:
     def table(self) -> str:
         lines = [f"link: {format_bandwidth(self.bandwidth_bps)}, latency {self.latency_s * 1e6:.0f} us, framing "
                  f"{self.framing.per_message},{self.framing.mss},{self.framing.per_segment} "
-                 "(per message, MSS, per segment bytes)",
-                 "size (bytes)   real (s)   model (s)   model/real - 1"]
+                 "(per message, MSS, per segment bytes)"]
+        if self.head_start_s > 0:
+            lines.append(f"fixed cost per all-reduce fitted {-self.head_start_s * 1e6:.0f} us: the link sends its "
+                         "first bytes faster than its rate (a shaper's burst?); latency set to 0")
+        lines.append("size (bytes)   real (s)   model (s)   model/real - 1")
         for s, r, m in zip(self.sizes, self.real_s, self.model_s, strict=True):
             lines.append(f"{s:12d} {r:10.4f} {m:11.4f} {100 * (m / r - 1):+14.1f}%")
         return "\n".join(lines)
@@ -138,21 +158,24 @@ def model_allreduce_s(net: Network, nbytes: int) -> float:
 
 
 def _latency_and_slope(x: np.ndarray, target: np.ndarray, real_s: np.ndarray) -> tuple[float, float]:
-    """Least squares of ``target = 2 alpha + slope * x`` weighing every size's relative error
-    alike (rows divided by its real time), with alpha >= 0: where the free fit wants a negative
-    latency, the best fit through alpha = 0."""
+    """Least squares of ``target = 2 alpha + slope * x``, weighing every size's relative error
+    alike (rows divided by its real time). alpha may come out negative (see :func:`fit_link`)."""
     a = np.column_stack([np.full(len(x), 2.0), x]) / real_s[:, None]
     (alpha, slope), *_ = np.linalg.lstsq(a, target / real_s, rcond=None)
-    if alpha < 0:
-        alpha = 0.0
-        (slope,), *_ = np.linalg.lstsq(a[:, 1:], target / real_s, rcond=None)
     return float(alpha), float(slope)
 
 
 def fit_link(sizes: list[int], real_s: list[float], framing: str | Framing = "tcp",
              bandwidth: str | float | None = None) -> Fit:
     """Least-squares fit of the 2-member ring all-reduce model to measured times (see the
-    module docstring). Needs at least two distinct sizes."""
+    module docstring). Needs at least two distinct sizes.
+
+    The slope (seconds per byte) is fitted freely. A fixed cost below zero, which a link
+    shows when it sends its first bytes faster than its rate (a token-bucket shaper's burst),
+    cannot be a latency: latency is then 0 and the amount is kept in ``Fit.head_start_s``.
+    Forcing the line through zero instead would tilt the slope and put the error on the
+    largest transfers: on a 100 Mbit/s tbf link with a 16 KiB burst that fit found 102 Mbit/s
+    and missed 10 MB all-reduces by -1.3%."""
     if len(set(sizes)) < 2 or len(sizes) != len(real_s):
         raise ValueError("calibration needs times for at least two different sizes")
     y = np.asarray(real_s, dtype=np.float64)
@@ -173,14 +196,25 @@ def fit_link(sizes: list[int], real_s: list[float], framing: str | Framing = "tc
         segments = np.array([base.segments(s // 2) for s in sizes], dtype=np.float64)
         alpha, per_segment = _latency_and_slope(16.0 * segments / bps, y - 16.0 * c / bps, y)
         fitted = Framing(base.per_message, mss, max(int(round(per_segment)), 0), base.ack_bytes, base.segments_per_ack)
-    fit = Fit(alpha, float(bps), fitted, list(sizes), list(map(float, y)), [])
+    fit = Fit(max(alpha, 0.0), float(bps), fitted, list(sizes), list(map(float, y)), [],
+              head_start_s=max(-2.0 * alpha, 0.0))
     fit.model_s = [model_allreduce_s(fit.network(), s) for s in sizes]
     return fit
 
 
-def write_network_file(fit: Fit, path: str | Path) -> None:
+def tcp_congestion_control() -> str:
+    """The TCP congestion control new sockets of this network namespace use (gloo's do not
+    choose one), or "unknown" where the kernel does not say."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def write_network_file(fit: Fit, path: str | Path, congestion: str = "unknown") -> None:
     d = network_to_json(fit.network())
     d["calibration"] = {"sizes_bytes": fit.sizes, "real_s": fit.real_s, "model_s": fit.model_s,
+                        "head_start_s": fit.head_start_s, "tcp_congestion_control": congestion,
                         "model": "2-member ring all-reduce: T(S) = 2 (alpha + 8 wire(S/2) / beta)"}
     Path(path).write_text(json.dumps(d, indent=1) + "\n")
 
@@ -230,8 +264,10 @@ def run_cli(a: argparse.Namespace) -> int:
     if a.rank != 0:
         return 0
     fit = fit_link(sizes, times["torch"], a.framing, a.bandwidth)
+    congestion = tcp_congestion_control()
+    print(f"TCP congestion control: {congestion}")
     print(fit.table())
-    write_network_file(fit, a.out)
+    write_network_file(fit, a.out, congestion)
     if a.json:
         Path(a.json).write_text(json.dumps({"sizes": sizes, **times, "every_rep": every_rep}) + "\n")
     if "pysim" in times:
@@ -259,13 +295,17 @@ def veth_missing() -> str | None:
 class ShapedVeth:
     """Two network namespaces ``{name}a`` / ``{name}b`` joined by a veth pair, addresses
     10.77.0.1/30 and 10.77.0.2/30 inside them only, each direction shaped by tbf to
-    ``rate`` (tc syntax, e.g. "100mbit"). A context manager: removes everything on exit,
-    also after a failure."""
+    ``rate`` (tc syntax, e.g. "100mbit"), with TCP congestion control ``congestion`` in both
+    (e.g. "reno"; None keeps the host's default). A context manager: removes everything on
+    exit, also after a failure."""
 
     ADDRS = ("10.77.0.1", "10.77.0.2")
 
-    def __init__(self, rate: str, name: str = "pysimcal", burst: str | None = None, queue: str = "1s") -> None:
+    def __init__(self, rate: str, name: str = "pysimcal", burst: str | None = None, queue: str = "1s",
+                 congestion: str | None = None) -> None:
         self.rate, self.name, self.queue = rate, name, queue
+        # None: the host's default (a new namespace inherits it)
+        self.congestion = congestion
         # the bucket's credit lets a transfer start faster than the rate: 16 KiB (1.3 ms at 100 Mbit/s,
         # 0.13 ms at 1 Gbit/s) is small beside the transfers calibrated; 1 ms of traffic (125 kB at
         # 1 Gbit/s) made 256 KiB all-reduces nearly free and the fit find 1.16 Gbit/s on a 1 Gbit/s link
@@ -290,10 +330,22 @@ class ShapedVeth:
                 self._ip("ip", "-n", ns, "link", "set", "lo", "up")
                 self._ip("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
                          self.rate, "burst", self.burst, "latency", self.queue)
+                if self.congestion is not None:
+                    self._set_congestion(ns)
         except BaseException:
             self.close()
             raise
         return self
+
+    def _set_congestion(self, ns: str) -> None:
+        done = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
+                               f"net.ipv4.tcp_congestion_control={self.congestion}"],
+                              capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+            names = allowed.read_text().split() if allowed.exists() else []
+            raise ValueError(f"TCP congestion control {self.congestion!r} cannot be set here; allowed: "
+                             f"{' '.join(names) or 'unknown'} (net.ipv4.tcp_allowed_congestion_control)")
 
     def close(self) -> None:
         for ns in self.ns:  # deleting a namespace deletes the veth end inside it, and its peer

@@ -28,6 +28,23 @@ def test_fit_recovers_a_known_link_with_tcp_framing():
     assert known.framing == FRAMINGS["tcp"] and known.latency_s == pytest.approx(alpha, rel=1e-6)
 
 
+def test_fit_keeps_the_slope_when_the_link_starts_ahead_of_its_rate():
+    # a token-bucket shaper sends its burst (here 16 KiB each way) at once: every all-reduce is
+    # 8 * 16384 / beta shorter than the link's rate says. The slope is still the rate; the fixed
+    # cost below zero is reported, not turned into a latency or a faster link
+    beta, credit_s = 100e6, 8 * 16384 / 100e6
+    fr = FRAMINGS["tcp"]
+    sizes = [262_144, 1_048_576, 4_194_304, 8_388_608]
+    real = [16 * (fr.wire_bytes(s // 2) + fr.acks(s // 2)) / beta - credit_s for s in sizes]
+    fit = fit_link(sizes, real, "tcp")
+    assert fit.bandwidth_bps == pytest.approx(beta, rel=1e-9)
+    assert fit.latency_s == 0.0 and fit.head_start_s == pytest.approx(credit_s, rel=1e-6)
+    assert "faster than its rate" in fit.table()
+    # the model errs by the credit alone, most on the smallest transfer
+    assert [m - r for m, r in zip(fit.model_s, real, strict=True)] == pytest.approx([credit_s] * 4, rel=1e-6)
+    assert fit_link(sizes, [r + 2 * credit_s for r in real], "tcp").head_start_s == 0.0
+
+
 def test_fit_needs_two_sizes():
     with pytest.raises(ValueError, match="two different sizes"):
         fit_link([1000, 1000], [0.1, 0.1])
@@ -43,8 +60,11 @@ def test_calibrate_command_rejects_bad_sizes(capsys):
 @pytest.mark.skipif(veth_missing() is not None, reason=f"shaped veth link unavailable: {veth_missing()}")
 def test_calibrate_over_a_tbf_shaped_veth_link(tmp_path):
     out = tmp_path / "link.json"
-    with ShapedVeth("100mbit", name="pysimtst") as link:
+    with ShapedVeth("100mbit", name="pysimtst", congestion="reno") as link:
+        ns_cc = subprocess.run(link.command(0, ["sysctl", "-n", "net.ipv4.tcp_congestion_control"]),
+                               capture_output=True, text=True).stdout.strip()
         done = link.calibrate(["--sizes", "524288,1048576,2097152", "--reps", "2", "--out", str(out)], timeout_s=120)
+    assert ns_cc == "reno"
     assert done.returncode == 0, done.stderr[-2000:]
     net = load_network_file(out)
     # tbf counts 1514-byte frames for 1448 payload bytes and the ACKs beside them: with tcp framing the fit
@@ -54,5 +74,14 @@ def test_calibrate_over_a_tbf_shaped_veth_link(tmp_path):
     cal = json.loads(out.read_text())["calibration"]
     for real, model in zip(cal["real_s"], cal["model_s"], strict=True):
         assert model == pytest.approx(real, rel=0.1)
+    assert cal["tcp_congestion_control"] == "reno" and "TCP congestion control: reno" in done.stdout
     assert "model/real" in done.stdout
     assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count("pysimtst") == 0
+
+
+@pytest.mark.skipif(veth_missing() is not None, reason=f"shaped veth link unavailable: {veth_missing()}")
+def test_shaped_link_refuses_a_congestion_control_it_cannot_set():
+    with pytest.raises(ValueError, match="'no-such-cc' cannot be set here; allowed: .*reno"):
+        with ShapedVeth("100mbit", name="pysimtcc", congestion="no-such-cc"):
+            pass
+    assert "pysimtcc" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
