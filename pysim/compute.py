@@ -65,7 +65,9 @@ class ComputeProfile:
 
     ``flops_per_s``: effective FLOP/s; ``bytes_per_s``: memory bandwidth (bytes/s);
     ``kernel_s``: fixed cost per kernel (s); ``steps``: forward+backward seconds per
-    step key (see :func:`step_key`); ``machine``: where it was calibrated.
+    step key (see :func:`step_key`); ``machine``: where it was calibrated;
+    ``calibrated_at`` and ``steps_calibrated_at``: when the rates and each step were
+    measured (UTC, ISO 8601; empty for stated profiles).
     """
 
     name: str
@@ -75,7 +77,12 @@ class ComputeProfile:
     steps: dict[str, float] = field(default_factory=dict)
     machine: str = ""
     version: int = PROFILE_VERSION
-    calibrated_at: str = ""   # when its rates were measured (UTC, ISO 8601); empty for stated profiles
+    calibrated_at: str = ""
+    steps_calibrated_at: dict[str, str] = field(default_factory=dict)
+
+    def step_calibrated_at(self, key: str) -> str:
+        """When step ``key`` was measured; the rates' time for profiles kept before steps had one."""
+        return self.steps_calibrated_at.get(key) or self.calibrated_at
 
     def seconds(self, work: Work, key: str | None = None) -> float:
         """Simulated seconds of ``work``; a measured step time if ``key`` is one of the profile's."""
@@ -290,9 +297,10 @@ class ComputeMeter:
         self.flops += flops
 
 
-def step_key(workload_name: str, n_params: int, batch_size: int) -> str:
-    """The key of a (model, batch) step in a calibrated profile."""
-    return f"{workload_name}|{n_params}|{batch_size}"
+def step_key(workload_name: str, model: torch.nn.Module, batch_size: int) -> str:
+    """The key of a (model, batch) step in a calibrated profile: the workload's name, the
+    model's parameter count and the batch size per node."""
+    return f"{workload_name}|{sum(p.numel() for p in model.parameters())}|{batch_size}"
 
 
 def _min_thread_time(fn: Callable[[], object], repeats: int, warmup: int) -> float:
@@ -349,8 +357,11 @@ def calibrate_machine(repeats: int = 50) -> ComputeProfile:
     finally:
         torch.set_num_threads(threads)
     return ComputeProfile("calibrated", 2 * 256 ** 3 / mm_s, 2 * src.numel() * 4 / copy_s, tiny_s,
-                          machine=this_machine(),
-                          calibrated_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                          machine=this_machine(), calibrated_at=_utc_now())
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def calibrate_step(profile: ComputeProfile, key: str, step: Callable[[], object], repeats: int = 300,
@@ -363,4 +374,5 @@ def calibrate_step(profile: ComputeProfile, key: str, step: Callable[[], object]
         profile.steps[key] = _min_thread_time(step, repeats, warmup)
     finally:
         torch.set_num_threads(threads)
+    profile.steps_calibrated_at[key] = _utc_now()
     return profile.steps[key]

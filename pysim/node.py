@@ -151,7 +151,7 @@ def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | N
 
     x, y = batches.next()
     work = count_work(lambda: wl.loss(model(x), y).backward())  # one step's model work, counted once
-    key = step_key(wl.name, sum(p.numel() for p in model.parameters()), cfg.batch_size)
+    key = step_key(wl.name, model, cfg.batch_size)
     optimizer.zero_grad()
     batches = ShardSampler(train, shard, cfg.batch_size, cfg.seed * 1000 + rank)  # the FLOP count used a batch
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pysim import checkpoint
 from pysim.clock import ComputeScaling, replay
@@ -31,6 +32,9 @@ from pysim.sharding import Sharding
 from pysim.strategies import make_strategy
 from pysim.trace import event_from_json, trace_from_nodes
 from pysim.workload import Target, Workload, get_workload
+
+if TYPE_CHECKING:
+    import torch
 
 NODE_MEMORY_BYTES = 300 << 20  # a node process: torch, its data shard, model and buffers (measured ~250 MiB)
 
@@ -207,10 +211,9 @@ def calibrate(cfg: TrainConfig, profile: ComputeProfile | None = None) -> Comput
     return profile
 
 
-def config_step_key(cfg: TrainConfig, model=None) -> str:
+def config_step_key(cfg: TrainConfig, model: torch.nn.Module | None = None) -> str:
     """The compute-profile key of ``cfg``'s training step (its workload, model size and batch)."""
-    model = model if model is not None else cfg.workload.model()
-    return step_key(cfg.workload.name, sum(p.numel() for p in model.parameters()), cfg.batch_size)
+    return step_key(cfg.workload.name, model if model is not None else cfg.workload.model(), cfg.batch_size)
 
 
 def machine_profile(cfg: TrainConfig, recalibrate: bool = False) -> tuple[ComputeProfile, str]:
@@ -231,9 +234,10 @@ def machine_profile(cfg: TrainConfig, recalibrate: bool = False) -> tuple[Comput
             cached = None   # unreadable: calibrate again and replace it
         if cached is not None and cached.machine != this_machine():
             cached = None
-    if cached is not None and config_step_key(cfg) in cached.steps:
-        return cached, (f"calibrated on this machine at {cached.calibrated_at or 'an unknown time'}, kept in {path} "
-                        f"(--recalibrate measures it again)")
+    key = config_step_key(cfg)
+    if cached is not None and key in cached.steps:
+        return cached, (f"calibrated on this machine at {cached.step_calibrated_at(key) or 'an unknown time'}, kept "
+                        f"in {path} (--recalibrate measures it again)")
     t0 = time.perf_counter()
     profile = calibrate(cfg, cached)
     took = f"calibrated now ({time.perf_counter() - t0:.1f} s)"

@@ -119,3 +119,14 @@ def test_calibration_takes_the_fastest_run_noise_only_adds_time():
     assert len(calls) == 10
     heavy_only = _min_thread_time(lambda: [work() for _ in range(3)], 2, 0)
     assert light < heavy_only / 5
+
+
+def test_a_calibrated_step_records_when_it_was_measured():
+    from pysim.compute import ComputeProfile, calibrate_step
+
+    profile = ComputeProfile("calibrated", 1e10, 1e10, 1e-6, calibrated_at="2026-01-01T00:00:00Z")
+    seconds = calibrate_step(profile, "w|10|4", lambda: torch.randn(8).sum(), repeats=3, warmup=1)
+    assert profile.steps["w|10|4"] == seconds > 0
+    assert profile.step_calibrated_at("w|10|4") > "2026-01-01T00:00:00Z"
+    # a profile kept before steps had their own time says when its rates were measured
+    assert profile.step_calibrated_at("old|1|1") == "2026-01-01T00:00:00Z"

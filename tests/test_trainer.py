@@ -124,6 +124,7 @@ def test_machine_profile_is_calibrated_once_then_kept_for_later_comparisons(tmp_
         p = profile or ComputeProfile("calibrated", 1e10, 1e10, 1e-6, machine=this_machine(),
                                       calibrated_at="2026-12-02T00:00:00Z")
         p.steps[config_step_key(cfg)] = 0.01 * len(calls)
+        p.steps_calibrated_at[config_step_key(cfg)] = f"2026-12-0{2 + len(calls)}T00:00:00Z"
         return p
 
     monkeypatch.setattr(trainer, "calibrate", fake_calibrate)
@@ -132,10 +133,11 @@ def test_machine_profile_is_calibrated_once_then_kept_for_later_comparisons(tmp_
     first, origin = machine_profile(cfg)
     assert "calibrated now" in origin and machine_cache_path().is_file() and first.steps[key] == 0.01
     again, origin = machine_profile(cfg)             # a later comparison: the same compute, not a new draw
-    assert len(calls) == 1 and again.steps[key] == 0.01 and "kept in" in origin and "2026-12-02" in origin
+    assert len(calls) == 1 and again.steps[key] == 0.01 and "kept in" in origin and "at 2026-12-03" in origin
     other = TrainConfig(workload=image_workload(), batch_size=32)
     both, _ = machine_profile(other)                 # a new step is added to the kept machine rates
     assert calls[-1] is not None and set(both.steps) == {key, config_step_key(other)}
+    assert "at 2026-12-04" in machine_profile(other)[1]   # the time the added step was measured
     fresh, origin = machine_profile(cfg, recalibrate=True)
     assert calls[-1] is None and fresh.steps[key] == 0.03 and "calibrated now" in origin
     assert ComputeProfile.load(machine_cache_path()).steps[key] == 0.03   # the new one is kept
