@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from pysim import _C
-from pysim.compute import Work, record_native_kernel
+from pysim.compute import record_native_kernel
 
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
 _TORCH_TO_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -97,12 +97,6 @@ def _to_torch(flat: np.ndarray, header: dict) -> torch.Tensor:
     return out if dtype == torch.float32 else out.to(dtype)
 
 
-def _native(bytes_moved: float, flops: float = 0.0) -> None:
-    """Reports one C++ codec kernel to an open compute count (:func:`pysim.compute.counting`): the
-    bytes it reads and writes and its FLOPs, so profile modes charge codec work like torch's."""
-    record_native_kernel(Work(flops, bytes_moved, 1))
-
-
 def _dtype_code(name: str) -> int:
     if name not in DTYPE_CODES:
         raise ValueError(f"unknown value dtype {name!r}; use one of {', '.join(DTYPE_CODES)}")
@@ -120,8 +114,12 @@ def header_bytes(codec: str, ndim: int) -> int:
 
 
 def split_packets(bundle) -> list[torch.Tensor]:
-    """Splits a concatenation of packets (a *bundle*) at the lengths their headers give."""
+    """Splits a concatenation of packets (a *bundle*) at the lengths their headers give. The
+    packets are views of the bundle (of a copy when it is read-only, such as ``bytes``: torch
+    tensors are writable)."""
     buf = _packet_array(bundle)
+    if not buf.flags.writeable:
+        buf = buf.copy()
     out, offset = [], 0
     while offset < buf.size:
         try:
@@ -163,7 +161,8 @@ def unpack(packet, *, expect_shape: tuple[int, ...] | torch.Size | None = None,
     buf = _packet_array(packet)
     header, flat = _C.unpack(buf, limit, shape)
     # a low-rank packet is expanded as P Q^T: 2 * numel * rank FLOPs
-    _native(buf.nbytes + flat.nbytes, 2.0 * flat.size * header["rank"] if header["codec"] == "lowrank" else 0.0)
+    flops = 2.0 * flat.size * header["rank"] if header["codec"] == "lowrank" else 0.0
+    record_native_kernel(buf.nbytes + flat.nbytes, flops)
     return _to_torch(flat, header)
 
 
@@ -215,7 +214,7 @@ class DenseCodec(Codec):
     def pack(self, x: torch.Tensor, *, key: str = "", step: int = 0) -> torch.Tensor:
         flat, shape, src = _flat_f32(x)
         packet = _C.pack_dense(flat, shape, src, self.dtype)
-        _native(flat.nbytes + packet.nbytes)
+        record_native_kernel(flat.nbytes + packet.nbytes)
         return torch.from_numpy(packet)
 
     def nbytes(self, shape) -> int:
@@ -256,7 +255,7 @@ class TopKCodec(Codec):
         flat, shape, src = _flat_f32(x)
         k = self.count(flat.size)
         packet = _C.pack_topk(flat, shape, src, k, self.dtype, self.index_code)
-        _native(2 * flat.nbytes + packet.nbytes)  # x is read by the selection and by the gather
+        record_native_kernel(2 * flat.nbytes + packet.nbytes)  # x is read by the selection and by the gather
         return torch.from_numpy(packet)
 
     def nbytes(self, shape) -> int:
@@ -298,7 +297,7 @@ class RandomKCodec(Codec):
         flat, shape, src = _flat_f32(x)
         seed, k = self.packet_seed(step, key), self.count(flat.size)
         packet = _C.pack_randomk(flat, shape, src, k, seed, self.dtype)
-        _native(8 * k + packet.nbytes)  # k indices drawn, k values gathered
+        record_native_kernel(8 * k + packet.nbytes)  # k indices drawn, k values gathered
         return torch.from_numpy(packet)
 
     def nbytes(self, shape) -> int:
@@ -351,7 +350,7 @@ class LowRankCodec(Codec):
             self.warm_start[key] = q
         packet = _C.pack_lowrank(flat, shape, src, rows, q.numpy(), self.dtype)
         # P = M Q and Q = M^T P (2 * numel * rank FLOPs each), P orthonormalised (2 * rows * rank^2)
-        _native(2 * flat.nbytes + 2 * q.numel() * 4 + packet.nbytes,
+        record_native_kernel(2 * flat.nbytes + 2 * q.numel() * 4 + packet.nbytes,
                 4.0 * flat.size * self.rank + 2.0 * rows * self.rank ** 2)
         return torch.from_numpy(packet)
 
@@ -400,7 +399,7 @@ class QuantCodec(Codec):
         stochastic = self.rounding == "stochastic"
         seed = self.packet_seed(step, key) if stochastic else 0
         packet = _C.pack_quant(flat, shape, src, self.bits, self.block, stochastic, seed)
-        _native(flat.nbytes + packet.nbytes)
+        record_native_kernel(flat.nbytes + packet.nbytes)
         return torch.from_numpy(packet)
 
     def nbytes(self, shape) -> int:
@@ -441,21 +440,21 @@ class ErrorFeedback(Codec):
 def lowrank_mq(m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """P = M Q for M (rows x cols) and Q (cols x rank), float32."""
     p = _C.lowrank_mq(m.contiguous().numpy(), q.contiguous().numpy())
-    _native(4 * (m.numel() + q.numel()) + p.nbytes, 2.0 * m.numel() * q.shape[1])
+    record_native_kernel(4 * (m.numel() + q.numel()) + p.nbytes, 2.0 * m.numel() * q.shape[1])
     return torch.from_numpy(p)
 
 
 def lowrank_mtp(m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Q = M^T P for M (rows x cols) and P (rows x rank), float32."""
     q = _C.lowrank_mtp(m.contiguous().numpy(), p.contiguous().numpy())
-    _native(4 * (m.numel() + p.numel()) + q.nbytes, 2.0 * m.numel() * p.shape[1])
+    record_native_kernel(4 * (m.numel() + p.numel()) + q.nbytes, 2.0 * m.numel() * p.shape[1])
     return torch.from_numpy(q)
 
 
 def orthonormalize(p: torch.Tensor) -> torch.Tensor:
     """P with orthonormal columns (Gram-Schmidt, in order), as a new tensor."""
     out = _C.orthonormalize(p.contiguous().numpy())
-    _native(2 * out.nbytes, 2.0 * p.shape[0] * p.shape[1] ** 2)
+    record_native_kernel(2 * out.nbytes, 2.0 * p.shape[0] * p.shape[1] ** 2)
     return torch.from_numpy(out)
 
 

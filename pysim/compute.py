@@ -169,14 +169,15 @@ def _tensor_bytes(x) -> int:
 _open_counters: list[_KernelCounter] = []   # the counting() blocks now open, innermost last
 
 
-def record_native_kernel(work: Work) -> None:
-    """Adds one kernel that torch cannot see (pysim's C++ codecs) to the innermost open
-    :func:`counting` block, if any: its FLOPs and the bytes it read and wrote."""
+def record_native_kernel(bytes_moved: float, flops: float = 0.0) -> None:
+    """Adds one kernel that torch cannot see (pysim's C++ codecs and piece kernels) to the
+    innermost open :func:`counting` block, if any: the bytes it read and wrote and its FLOPs,
+    so profile modes charge that work like torch's."""
     if _open_counters:
         counter = _open_counters[-1]
-        counter.kernels += work.kernels
-        counter.bytes += work.bytes
-        counter.native_flops += work.flops
+        counter.kernels += 1
+        counter.bytes += bytes_moved
+        counter.native_flops += flops
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 
 from pysim import _C
-from pysim.compute import Work, record_native_kernel
+from pysim.compute import record_native_kernel
 
 PIECE_BYTES = 1 << 20  # payload bytes per piece: 1 MiB, 8.4 ms at 1 Gbit/s
 
@@ -129,7 +129,7 @@ class DenseLayout:
 def encode_piece(x: torch.Tensor, out: torch.Tensor, value_dtype: int, crc: int) -> int:
     """``out`` = ``x`` (float32) encoded; returns ``crc`` continued over ``out``."""
     crc = _C.encode_piece(x.numpy(), out.numpy(), value_dtype, crc)
-    record_native_kernel(Work(0.0, 4 * x.numel() + out.numel(), 1))
+    record_native_kernel(4 * x.numel() + out.numel())
     return crc
 
 
@@ -137,13 +137,13 @@ def add_encode_piece(got: torch.Tensor, x: torch.Tensor, out: torch.Tensor, valu
                      crc_got: int, crc_out: int) -> tuple[int, int]:
     """``out`` = encode(decode(``got``) + ``x``); returns the crcs continued over got and out."""
     crcs = _C.add_encode_piece(got.numpy(), x.numpy(), out.numpy(), value_dtype, crc_got, crc_out)
-    record_native_kernel(Work(0.0, got.numel() + 4 * x.numel() + out.numel(), 1))
+    record_native_kernel(got.numel() + 4 * x.numel() + out.numel())
     return crcs
 
 
 def decode_piece(got: torch.Tensor, out: torch.Tensor, value_dtype: int, divisor: float, crc: int) -> int:
     """``out`` (float32) = decode(``got``) / ``divisor``; returns ``crc`` continued over got."""
     crc = _C.decode_piece(got.numpy(), out.numpy(), value_dtype, divisor, crc)
-    record_native_kernel(Work(0.0, got.numel() + 4 * out.numel(), 1))
+    record_native_kernel(got.numel() + 4 * out.numel())
     return crc
 
