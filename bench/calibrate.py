@@ -9,8 +9,8 @@ them; tbf burst 16 KiB), calibrate the link with ``python -m pysim
 calibrate`` on one set of sizes (256 KiB, 512 KiB, 2 MiB, 6 MiB, 8 MiB), then
 time 2-rank all-reduces of 1, 4 and 10 MB (held out from the fit) with
 torch.distributed.all_reduce (gloo) and with pysim's own ring all-reduce
-(fastest of 9 repetitions each at 100 Mbit/s, of 90 at 1 Gbit/s, every size's
-repetitions spread over the run), and compare with the calibrated model.
+(fastest of at least 9 repetitions and of as many as 20 s allow: 9 at
+100 Mbit/s, about 80 at 1 Gbit/s; every size's repetitions spread over the run), and compare with the calibrated model.
 Targets: model within +-2% of gloo; pysim's transport within 10% of gloo at 10 MB.
 """
 
@@ -23,28 +23,21 @@ import tempfile
 from pathlib import Path
 
 from pysim.calibrate import ShapedVeth, model_allreduce_s, veth_missing
-from pysim.network import format_bandwidth, load_network_file, parse_bandwidth
+from pysim.network import format_bandwidth, load_network_file
 
 FIT_SIZES = "262144,524288,2097152,6291456,8388608"
 TEST_SIZES = (1_000_000, 4_000_000, 10_000_000)
 
 
-def reps_at(rate: str, reps: int) -> int:
-    """``reps`` at 100 Mbit/s, proportionally more on a faster link, so that every rate is timed
-    for about as long: at 1 Gbit/s one repetition is a tenth as long, and the 2 cores that
-    also run the veth's packets make single repetitions vary by tens of percent."""
-    return reps * max(1, round(parse_bandwidth(rate) / 100e6))
-
-
-def bench_rate(rate: str, reps: int, tmp: Path, burst: str | None = None, stat: str = "min",
+def bench_rate(rate: str, reps: int, seconds: float, tmp: Path, burst: str | None = None, stat: str = "min",
                congestion: str | None = None) -> list[str]:
     net_file, timings = tmp / f"{rate}.json", tmp / f"{rate}_times.json"
-    reps = reps_at(rate, reps)
+    timing = ["--reps", str(reps), "--seconds", str(seconds), "--stat", stat]
     with ShapedVeth(rate, name="pysimbench", burst=burst, congestion=congestion) as link:
-        fit = link.calibrate(["--sizes", FIT_SIZES, "--reps", str(reps), "--stat", stat, "--out", str(net_file)])
+        fit = link.calibrate(["--sizes", FIT_SIZES, *timing, "--out", str(net_file)])
         if fit.returncode != 0:
             raise RuntimeError(fit.stderr[-2000:])
-        run = link.calibrate(["--sizes", ",".join(map(str, TEST_SIZES)), "--reps", str(reps), "--stat", stat, "--pysim",
+        run = link.calibrate(["--sizes", ",".join(map(str, TEST_SIZES)), *timing, "--pysim",
                               "--out", str(tmp / "unused.json"), "--json", str(timings)], port=29578)
         if run.returncode != 0:
             raise RuntimeError(run.stderr[-2000:])
@@ -54,7 +47,7 @@ def bench_rate(rate: str, reps: int, tmp: Path, burst: str | None = None, stat: 
     cc = json.loads(net_file.read_text())["calibration"]["tcp_congestion_control"]
     rows = [f"tcp {cc}{'' if congestion else ' (host default)'}, tbf {rate} burst {link.burst}: "
             f"calibrated {format_bandwidth(lk.up_bps)}, "
-            f"latency {lk.latency_s * 1e6:.0f} us, framing {net.framing_name()}, {stat} of {reps}"]
+            f"latency {lk.latency_s * 1e6:.0f} us, framing {net.framing_name()}, {stat} of {t['reps']}"]
     for size, real, own in zip(t["sizes"], t["torch"], t["pysim"], strict=True):
         model = model_allreduce_s(net, size)
         err = 100 * (model / real - 1)
@@ -66,7 +59,8 @@ def bench_rate(rate: str, reps: int, tmp: Path, burst: str | None = None, stat: 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="100mbit,1gbit", help="tbf rates (tc syntax)")
-    ap.add_argument("--reps", type=int, default=9, help="repetitions per size at 100 Mbit/s (more on faster links)")
+    ap.add_argument("--reps", type=int, default=9, help="repetitions per size, at least")
+    ap.add_argument("--seconds", type=float, default=20.0, help="and as many more as this many seconds allow")
     ap.add_argument("--stat", choices=("min", "median"), default="min", help="per size: fastest or median repetition")
     ap.add_argument("--burst", default=None, help="tbf burst (tc syntax, e.g. 4kb; default: 16 KiB)")
     ap.add_argument("--congestion", default="reno,host",
@@ -79,7 +73,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for cc in a.congestion.split(","):
             for rate in a.rates.split(","):
-                rows = bench_rate(rate, a.reps, Path(tmp), a.burst, a.stat, None if cc == "host" else cc)
+                rows = bench_rate(rate, a.reps, a.seconds, Path(tmp), a.burst, a.stat, None if cc == "host" else cc)
                 print("\n".join(rows), flush=True)
     return 0
 

@@ -3,9 +3,9 @@
 Two processes, one at each end of the link (``python -m pysim calibrate
 --rank R --master ADDR:PORT``, rank 0's address first), time
 ``torch.distributed.all_reduce`` (gloo) of float32 tensors of several sizes S
-(the slower rank's time; per size the fastest of 9 repetitions, or ``--stat
-median``). The model is pysim's
-2-member ring all-reduce: two phases, each a message of c = S/2 bytes in
+(the slower rank's time; per size the fastest repetition, or ``--stat
+median``, of at least 9 and of as many as 10 s of timing allow, the sizes
+interleaved). The model is pysim's 2-member ring all-reduce: two phases, each a message of c = S/2 bytes in
 each direction at once,
 
     T(S) = 2 * (alpha + 8 * (wire(S/2) + acks(S/2)) / beta)
@@ -77,17 +77,20 @@ STATISTICS = {"min": min, "median": statistics.median}
 
 
 def time_allreduces(sizes: list[int], reps: int, pysim_too: bool = False,
-                    every_rep: dict[str, list[list[float]]] | None = None, stat: str = "min") -> dict[str, list[float]]:
+                    every_rep: dict[str, list[list[float]]] | None = None, stat: str = "min",
+                    min_seconds: float = 0.0) -> dict[str, list[float]]:
     """In an initialised 2-process gloo group: per size (bytes, float32), the fastest (``stat``
-    "min": on a shared machine noise only adds time) or the median over ``reps`` of the slower
-    rank's real seconds for torch.distributed.all_reduce (and, with ``pysim_too``, for pysim's
-    ring ``Comm.allreduce_mean``). Both ranks call this. ``every_rep``, if given, receives
-    every repetition's time per kind and size.
+    "min": on a shared machine noise only adds time) or the median over the repetitions of the
+    slower rank's real seconds for torch.distributed.all_reduce (and, with ``pysim_too``, for
+    pysim's ring ``Comm.allreduce_mean``). Both ranks call this. ``every_rep``, if given,
+    receives every repetition's time per kind and size.
 
     Repetition r of every size and kind runs before repetition r + 1 of any, so a slow spell
     of the host (seconds, on a shared machine) costs each size one repetition, not all of one
     size's: timed size after size, one run's fastest 10 MB all-reduce at 1 Gbit/s came out
-    43% slower than the run before it, and pysim's transport in the same seconds as well."""
+    43% slower than the run before it, and pysim's transport in the same seconds as well.
+    Rounds go on until there are ``reps`` of them and ``min_seconds`` have passed (rank 0's
+    clock decides), so a fast link gets as much measuring as a slow one."""
     import torch
     import torch.distributed as dist
 
@@ -103,7 +106,8 @@ def time_allreduces(sizes: list[int], reps: int, pysim_too: bool = False,
         for fn in kinds.values():
             fn(x)  # warm-up: connections, buffers
     times: dict[str, list[list[float]]] = {k: [[] for _ in sizes] for k in kinds}
-    for _ in range(reps):
+    start, rounds = time.perf_counter(), 0
+    while True:
         for i, x in enumerate(tensors):
             for name, fn in kinds.items():
                 dist.barrier()
@@ -112,6 +116,11 @@ def time_allreduces(sizes: list[int], reps: int, pysim_too: bool = False,
                 t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 times[name][i].append(float(t))
+        rounds += 1
+        more = torch.tensor([rounds < reps or time.perf_counter() - start < min_seconds], dtype=torch.uint8)
+        dist.broadcast(more, 0)
+        if not more.item():
+            break
     if every_rep is not None:
         every_rep.update(times)
     return {name: [STATISTICS[stat](per_size) for per_size in per_kind] for name, per_kind in times.items()}
@@ -228,7 +237,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--master", required=True, help="ADDR:PORT of rank 0 on the link to calibrate")
     ap.add_argument("--ifname", help="network interface gloo uses on this end (GLOO_SOCKET_IFNAME)")
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="all-reduce sizes in bytes")
-    ap.add_argument("--reps", type=int, default=9, help="repetitions per size")
+    ap.add_argument("--reps", type=int, default=9, help="repetitions per size, at least")
+    ap.add_argument("--seconds", type=float, default=10.0,
+                    help="and repeat until this many seconds of timing have passed (a fast link gets more)")
     ap.add_argument("--stat", choices=sorted(STATISTICS), default="min",
                     help="per size, the fastest repetition (default: noise only adds time) or the median")
     ap.add_argument("--framing", default="tcp", help="ideal | tcp | tcp-ethernet | PER_MESSAGE,MSS,PER_SEGMENT")
@@ -249,8 +260,8 @@ def run_cli(a: argparse.Namespace) -> int:
         sizes = [int(s) for s in a.sizes.split(",")]
     except ValueError:
         raise ValueError(f"bad --sizes {a.sizes!r}: a comma-separated list of byte counts") from None
-    if a.reps < 1 or any(s < 8 for s in sizes):
-        raise ValueError("--reps must be >= 1 and every size >= 8 bytes")
+    if a.reps < 1 or a.seconds < 0 or any(s < 8 for s in sizes):
+        raise ValueError("--reps must be >= 1, --seconds >= 0 and every size >= 8 bytes")
     parse_framing(a.framing)
     if a.ifname:
         os.environ["GLOO_SOCKET_IFNAME"] = a.ifname
@@ -259,18 +270,19 @@ def run_cli(a: argparse.Namespace) -> int:
                             timeout=timedelta(seconds=a.timeout))
     try:
         every_rep: dict[str, list[list[float]]] = {}
-        times = time_allreduces(sizes, a.reps, a.pysim, every_rep, a.stat)
+        times = time_allreduces(sizes, a.reps, a.pysim, every_rep, a.stat, a.seconds)
     finally:
         dist.destroy_process_group()
     if a.rank != 0:
         return 0
     fit = fit_link(sizes, times["torch"], a.framing, a.bandwidth)
     congestion = tcp_congestion_control()
-    print(f"TCP congestion control: {congestion}")
+    print(f"TCP congestion control: {congestion}; {a.stat} of {len(every_rep['torch'][0])} repetitions per size")
     print(fit.table())
     write_network_file(fit, a.out, congestion)
     if a.json:
-        Path(a.json).write_text(json.dumps({"sizes": sizes, **times, "every_rep": every_rep}) + "\n")
+        Path(a.json).write_text(json.dumps({"sizes": sizes, **times, "every_rep": every_rep,
+                                            "reps": len(every_rep["torch"][0])}) + "\n")
     if "pysim" in times:
         for s, t, p in zip(sizes, times["torch"], times["pysim"], strict=True):
             print(f"pysim all-reduce {s} bytes: {p:.4f} s real vs torch {t:.4f} s ({100 * (p / t - 1):+.1f}%)")

@@ -1,6 +1,7 @@
 """Calibration: the least-squares fit against known links, and a real run over a tbf-shaped veth pair."""
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -55,6 +56,8 @@ def test_calibrate_command_rejects_bad_sizes(capsys):
 
     assert main(["calibrate", "--rank", "0", "--master", "127.0.0.1:1", "--sizes", "1MB"]) == 2
     assert "bad --sizes" in capsys.readouterr().err
+    assert main(["calibrate", "--rank", "0", "--master", "127.0.0.1:1", "--seconds", "-1"]) == 2
+    assert "--seconds >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(veth_missing() is not None, reason=f"shaped veth link unavailable: {veth_missing()}")
@@ -63,7 +66,8 @@ def test_calibrate_over_a_tbf_shaped_veth_link(tmp_path):
     with ShapedVeth("100mbit", name="pysimtst", congestion="reno") as link:
         ns_cc = subprocess.run(link.command(0, ["sysctl", "-n", "net.ipv4.tcp_congestion_control"]),
                                capture_output=True, text=True).stdout.strip()
-        done = link.calibrate(["--sizes", "524288,1048576,2097152", "--reps", "2", "--out", str(out)], timeout_s=120)
+        done = link.calibrate(["--sizes", "524288,1048576,2097152", "--reps", "2", "--seconds", "2", "--out", str(out)],
+                              timeout_s=120)
     assert ns_cc == "reno"
     assert done.returncode == 0, done.stderr[-2000:]
     net = load_network_file(out)
@@ -75,6 +79,8 @@ def test_calibrate_over_a_tbf_shaped_veth_link(tmp_path):
     for real, model in zip(cal["real_s"], cal["model_s"], strict=True):
         assert model == pytest.approx(real, rel=0.1)
     assert cal["tcp_congestion_control"] == "reno" and "TCP congestion control: reno" in done.stdout
+    # at least 2 rounds, and more until 2 s have passed: a round of 3.5 MiB takes ~0.3 s at 100 Mbit/s
+    assert int(re.search(r"min of (\d+) repetitions", done.stdout).group(1)) > 2
     assert "model/real" in done.stdout
     assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count("pysimtst") == 0
 
