@@ -4,7 +4,7 @@ Two processes, one at each end of the link (``python -m pysim calibrate
 --rank R --master ADDR:PORT``, rank 0's address first), time
 ``torch.distributed.all_reduce`` (gloo) of float32 tensors of several sizes S
 (the slower rank's time; per size the fastest repetition, or ``--stat
-median``, of at least 9 and of as many as 10 s of timing allow, the sizes
+median``, of at least 9, repeated until 10 s have passed, the sizes
 interleaved). The model is pysim's 2-member ring all-reduce: two phases, each a message of c = S/2 bytes in
 each direction at once,
 
@@ -35,10 +35,10 @@ The congestion control matters. With a loss-based one (reno) both ranks keep
 the shaper's queue full and a 2-rank all-reduce takes what the link's rate,
 framing and ACKs say. BBR (the default on some hosts) paces from its own
 estimate of the bottleneck, which the ACKs queued behind the other rank's data
-disturb: on a 100 Mbit/s tbf link a 10 MB all-reduce took 0.6-4.0% more than
-with reno (its fastest of 9, six runs), single repetitions up to 20% more. The
-command prints the congestion control its sockets use and writes it into the
-network file.
+disturb: on a 100 Mbit/s tbf link a 10 MB all-reduce took 0.8-3.2% more than
+with reno (its fastest of 9, six runs of ``bench/calibrate.py``), single
+repetitions up to 20% more. The command prints the congestion control each
+end's sockets send with and writes it into the network file.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -239,7 +240,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="all-reduce sizes in bytes")
     ap.add_argument("--reps", type=int, default=9, help="repetitions per size, at least")
     ap.add_argument("--seconds", type=float, default=10.0,
-                    help="and repeat until this many seconds of timing have passed (a fast link gets more)")
+                    help="and repeat until this many seconds of timing have passed (a fast link gets more repetitions)")
     ap.add_argument("--stat", choices=sorted(STATISTICS), default="min",
                     help="per size, the fastest repetition (default: noise only adds time) or the median")
     ap.add_argument("--framing", default="tcp", help="ideal | tcp | tcp-ethernet | PER_MESSAGE,MSS,PER_SEGMENT")
@@ -271,12 +272,14 @@ def run_cli(a: argparse.Namespace) -> int:
     try:
         every_rep: dict[str, list[list[float]]] = {}
         times = time_allreduces(sizes, a.reps, a.pysim, every_rep, a.stat, a.seconds)
+        ends: list[str | None] = [None, None]
+        dist.all_gather_object(ends, tcp_congestion_control())   # each end's sockets send with its own
     finally:
         dist.destroy_process_group()
     if a.rank != 0:
         return 0
     fit = fit_link(sizes, times["torch"], a.framing, a.bandwidth)
-    congestion = tcp_congestion_control()
+    congestion = ends[0] if ends[0] == ends[1] else f"{ends[0]} (rank 0), {ends[1]} (rank 1)"
     print(f"TCP congestion control: {congestion}; {a.stat} of {len(every_rep['torch'][0])} repetitions per size")
     print(fit.table())
     write_network_file(fit, a.out, congestion)
@@ -318,6 +321,8 @@ class ShapedVeth:
                  congestion: str | None = None) -> None:
         self.rate, self.name, self.queue = rate, name, queue
         # None: the host's default (a new namespace inherits it)
+        if congestion is not None and not re.fullmatch(r"[a-z0-9_]+", congestion):
+            raise ValueError(f"bad TCP congestion control name {congestion!r}: e.g. reno, cubic, bbr")
         self.congestion = congestion
         # the bucket's credit lets a transfer start faster than the rate: 16 KiB (1.3 ms at 100 Mbit/s,
         # 0.13 ms at 1 Gbit/s) is small beside the transfers calibrated; 1 ms of traffic (125 kB at
@@ -351,13 +356,15 @@ class ShapedVeth:
         return self
 
     def _set_congestion(self, ns: str) -> None:
-        done = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
-                               f"net.ipv4.tcp_congestion_control={self.congestion}"],
+        # written through /proc by sh (always there; sysctl may not be), the name passed as an argument
+        done = subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", 'printf %s "$1" > "$2"', "sh", self.congestion,
+                               "/proc/sys/net/ipv4/tcp_congestion_control"],
                               capture_output=True, text=True, timeout=30)
         if done.returncode != 0:
             allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
             names = allowed.read_text().split() if allowed.exists() else []
-            raise ValueError(f"TCP congestion control {self.congestion!r} cannot be set here; allowed: "
+            why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+            raise ValueError(f"TCP congestion control {self.congestion!r} cannot be set here ({why}); allowed: "
                              f"{' '.join(names) or 'unknown'} (net.ipv4.tcp_allowed_congestion_control)")
 
     def close(self) -> None:

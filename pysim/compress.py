@@ -351,7 +351,7 @@ class LowRankCodec(Codec):
         packet = _C.pack_lowrank(flat, shape, src, rows, q.numpy(), self.dtype)
         # P = M Q and Q = M^T P (2 * numel * rank FLOPs each), P orthonormalised (2 * rows * rank^2)
         record_native_kernel(2 * flat.nbytes + 2 * q.numel() * 4 + packet.nbytes,
-                4.0 * flat.size * self.rank + 2.0 * rows * self.rank ** 2)
+                             4.0 * flat.size * self.rank + 2.0 * rows * self.rank ** 2)
         return torch.from_numpy(packet)
 
     def nbytes(self, shape) -> int:

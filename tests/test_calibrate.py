@@ -46,6 +46,11 @@ def test_fit_keeps_the_slope_when_the_link_starts_ahead_of_its_rate():
     assert fit_link(sizes, [r + 2 * credit_s for r in real], "tcp").head_start_s == 0.0
 
 
+def test_shaped_link_refuses_a_malformed_congestion_control_name():
+    with pytest.raises(ValueError, match="bad TCP congestion control name 'reno; reboot'"):
+        ShapedVeth("100mbit", congestion="reno; reboot")
+
+
 def test_fit_needs_two_sizes():
     with pytest.raises(ValueError, match="two different sizes"):
         fit_link([1000, 1000], [0.1, 0.1])
@@ -87,7 +92,7 @@ def test_calibrate_over_a_tbf_shaped_veth_link(tmp_path):
 
 @pytest.mark.skipif(veth_missing() is not None, reason=f"shaped veth link unavailable: {veth_missing()}")
 def test_shaped_link_refuses_a_congestion_control_it_cannot_set():
-    with pytest.raises(ValueError, match="'no-such-cc' cannot be set here; allowed: .*reno"):
-        with ShapedVeth("100mbit", name="pysimtcc", congestion="no-such-cc"):
+    with pytest.raises(ValueError, match=r"'no_such_cc' cannot be set here \(.+\); allowed: .*reno"):
+        with ShapedVeth("100mbit", name="pysimtcc", congestion="no_such_cc"):
             pass
     assert "pysimtcc" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
