@@ -744,3 +744,24 @@ def test_quant_header_edits_raise(spec):
     for cut in range(len(packet)):
         with pytest.raises(ValueError):
             unpack(reseal(packet[:cut]) if cut >= 16 else packet[:cut])
+
+
+def _crc32c_bitwise(data: bytes, crc: int = 0) -> int:
+    """CRC-32C (Castagnoli, reflected, polynomial 0x82F63B78) one bit at a time: the reference."""
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def test_crc32c_matches_a_bitwise_reference_across_its_three_block_loop_and_chains():
+    assert _C.crc32c(np.frombuffer(b"123456789", np.uint8), 0) == 0xE3069283   # the standard check value
+    rng = np.random.default_rng(7)
+    # three 2 KiB blocks are checksummed at once and joined: lengths around 6 KiB and its multiples
+    for n in (0, 1, 7, 8, 9, 6143, 6144, 6145, 12288, 12288 + 13, 20000):
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        assert _C.crc32c(data, 0) == _crc32c_bitwise(data.tobytes()), n
+        for cut in {0, n // 3, n - 1} if n else ():
+            assert _C.crc32c(data[cut:], _C.crc32c(data[:cut], 0)) == _C.crc32c(data, 0)   # a continuation
