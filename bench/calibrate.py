@@ -10,7 +10,8 @@ calibrate`` on one set of sizes (256 KiB, 512 KiB, 2 MiB, 6 MiB, 8 MiB), then
 time 2-rank all-reduces of 1, 4 and 10 MB (held out from the fit) with
 torch.distributed.all_reduce (gloo) and with pysim's own ring all-reduce
 (fastest of at least 9 repetitions, repeated until 20 s have passed: 9 at
-100 Mbit/s, 50-67 at 1 Gbit/s; every size's repetitions spread over the run), and compare with the calibrated model.
+100 Mbit/s, 50-67 at 1 Gbit/s; every size's repetitions spread over the run),
+and compare with the calibrated model.
 Targets: model within +-2% of gloo; pysim's transport within 10% of gloo at 10 MB.
 """
 

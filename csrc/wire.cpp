@@ -216,7 +216,7 @@ Bytes start_packet(Header& h) {
 void put_checksum(uint8_t* packet, uint32_t crc) { put<uint32_t>(packet + 12, crc); }
 uint32_t stored_checksum(const uint8_t* packet) { return get<uint32_t>(packet + 12); }
 
-void seal(Bytes& packet) { put<uint32_t>(packet.data() + 12, packet_crc(packet.data(), packet.size())); }
+void seal(Bytes& packet) { put_checksum(packet.data(), packet_crc(packet.data(), packet.size())); }
 
 // Checks the fields every reader needs before trusting the header's length.
 static void check_frame(const uint8_t* p, size_t len) {

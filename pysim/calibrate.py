@@ -5,8 +5,8 @@ Two processes, one at each end of the link (``python -m pysim calibrate
 ``torch.distributed.all_reduce`` (gloo) of float32 tensors of several sizes S
 (the slower rank's time; per size the fastest repetition, or ``--stat
 median``, of at least 9, repeated until 10 s have passed, the sizes
-interleaved). The model is pysim's 2-member ring all-reduce: two phases, each a message of c = S/2 bytes in
-each direction at once,
+interleaved). The model is pysim's 2-member ring all-reduce: two phases, each
+a message of c = S/2 bytes in each direction at once,
 
     T(S) = 2 * (alpha + 8 * (wire(S/2) + acks(S/2)) / beta)
 

@@ -342,7 +342,7 @@ class Comm:
             if lay.streamed:
                 send(lay.piece(packet, i), dst)
         lay.seal(packet, crc)
-        send(lay.messages(packet)[-1], dst)   # the header, or the whole packet
+        send(lay.last_message(packet), dst)
         self.bytes_sent += lay.nbytes
         for h, (lay, buf, msgs) in enumerate(inbox):
             item = local[hops[h][1].item]
@@ -372,7 +372,7 @@ class Comm:
                         decode_piece(lay.piece(packet, i), mean[a0 + a:a0 + b], codec.dtype, float(k), 0)
                 lay.check(buf, crc_in)
                 lay.seal(packet, crc_out)
-                send(lay.messages(packet)[-1], dst)
+                send(lay.last_message(packet), dst)
                 self.bytes_sent += lay.nbytes
             else:  # all-gather: decode into the result, forward the same bytes
                 for i in lay.arrivals(msgs):
@@ -382,7 +382,7 @@ class Comm:
                         send(lay.piece(buf, i), dst)
                 lay.check(buf, crc_in)
                 if forward:
-                    send(lay.messages(buf)[-1], dst)
+                    send(lay.last_message(buf), dst)
                     self.bytes_sent += lay.nbytes
             self.bytes_received += lay.nbytes
             if h == k - 2 and handle is None:

@@ -101,6 +101,11 @@ class DenseLayout:
             return [packet]
         return [self.piece(packet, i) for i in range(len(self.pieces))] + [self.header_of(packet)]
 
+    def last_message(self, packet: torch.Tensor) -> torch.Tensor:
+        """The message that completes ``packet``, sent once every piece is: its header, or the
+        whole packet when it travels as one."""
+        return self.header_of(packet) if self.streamed else packet
+
     def arrivals(self, receives: list) -> Iterator[int]:
         """Waits for the receives posted for :meth:`messages` in order: yields each piece's index
         once it has arrived, and returns once the header has. Each receive is waited exactly once

@@ -223,8 +223,6 @@ def machine_profile(cfg: TrainConfig, recalibrate: bool = False) -> tuple[Comput
     comparisons that each calibrated would charge the same model work differently. Otherwise
     (no cache, another machine's, unreadable, or ``recalibrate``) it is calibrated here, with the
     cached machine rates if only the step is new, and written to the cache."""
-    import time
-
     path = machine_cache_path()
     cached = None
     if not recalibrate and path.is_file():

@@ -114,7 +114,11 @@ def test_arrivals_wait_for_every_message_once_in_wire_order(n, piece_bytes, mess
             self.log.append(self.i)
 
     lay = DenseLayout(n, 0, piece_bytes)
-    assert len(lay.messages(lay.new_packet(BufferPool()))) == messages
+    packet = lay.new_packet(BufferPool())
+    assert len(lay.messages(packet)) == messages
+    last = lay.last_message(packet)   # the header of a streamed packet, else the whole packet
+    assert last.data_ptr() == lay.messages(packet)[-1].data_ptr() and last.numel() == lay.messages(packet)[-1].numel()
+    assert last.numel() == (lay.header_bytes if lay.streamed else lay.nbytes)
     log: list[int] = []
     seen = []
     for i in lay.arrivals([Receive(log, m) for m in range(messages)]):
