@@ -84,7 +84,7 @@ def analyze() -> None:
                 d = runs[f"{name}_{seed}"]
                 acc = d["correct"][:, idx].mean(1)
                 hit = np.nonzero(acc >= 0.98)[0]
-                firsts.append(int(d["steps"][hit[0]]) if len(hit) else None)
+                firsts.append(int(d.steps[hit[0]]) if len(hit) else None)
                 finals.append(acc[-1])
             found = [f for f in firsts if f is not None]
             cv = np.std(found, ddof=1) / np.mean(found)

@@ -12,8 +12,9 @@ import argparse
 import threading
 import time
 
+from pysim.config import TrainConfig
 from pysim.network import Network
-from pysim.trainer import TrainConfig, run
+from pysim.trainer import run
 
 
 def used_gib() -> float:
@@ -44,7 +45,7 @@ def main() -> None:
     r = run(cfg, timeout_s=600)
     stop.set()
     extra = peak[0] - base
-    f = r["final"]
+    f = r.final
     print(f"{a.nodes} nodes, {a.steps} steps of {a.strategy}: real {f['real_runtime_s']:.1f} s, "
           f"peak memory +{extra:.2f} GiB ({1024 * extra / a.nodes:.0f} MiB per node), "
           f"test acc {100 * f['test_acc']:.2f}%, simulated {f['sim_time_s']:.2f} s, "

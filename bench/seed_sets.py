@@ -22,15 +22,15 @@ import numpy as np
 
 from pysim.network import parse_bandwidth, parse_latency
 from pysim.report import ci95_half_width, markdown_table
-from pysim.results import load_result, run_dirs
+from pysim.rundir import load_result, run_dirs
 from pysim.sweep import load_runs, parse_grid, sweep
 
 
 def times_to_target(folder: str) -> dict[str, list[float | None]]:
     out: dict[str, list[float | None]] = {}
     for d in run_dirs(folder):
-        result, _ = load_result(d)
-        out.setdefault(result["label"], []).append(result["final"]["time_to_target_s"])
+        result = load_result(d)
+        out.setdefault(result.label, []).append(result.final.time_to_target_s)
     return out
 
 

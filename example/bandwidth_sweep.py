@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pysim.__main__ import main as pysim_main
+from pysim.cli import main as pysim_main
 
 
 def main() -> int:

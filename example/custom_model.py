@@ -45,6 +45,6 @@ if __name__ == "__main__":
                                 eval_every=10, network=pysim.Network.uniform(2, "100Mbit", "20ms"))
         result = pysim.run(cfg)
         if result is not None:  # under torchrun only rank 0 gets the result
-            f = result["final"]
-            print(f"{strategy}: accuracy {f['metrics']['accuracy']:.3f}, simulated {f['sim_time_s']:.2f} s, "
-                  f"time to target {f['time_to_target_s']}, {f['bytes_sent_per_node']:.0f} bytes sent per node")
+            f = result.final
+            print(f"{strategy}: accuracy {f.metrics['accuracy']:.3f}, simulated {f.sim_time_s:.2f} s, "
+                  f"time to target {f.time_to_target_s}, {f.bytes_sent_per_node:.0f} bytes sent per node")

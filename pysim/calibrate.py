@@ -234,8 +234,8 @@ def write_network_file(fit: Fit, path: str | Path, congestion: str = "unknown") 
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--rank", type=int, required=True, help="0 (fits and writes the file) or 1")
-    ap.add_argument("--master", required=True, help="ADDR:PORT of rank 0 on the link to calibrate")
+    ap.add_argument("--rank", type=int, default=None, help="0 (fits and writes the file) or 1 (required)")
+    ap.add_argument("--master", default=None, help="ADDR:PORT of rank 0 on the link to calibrate (required)")
     ap.add_argument("--ifname", help="network interface gloo uses on this end (GLOO_SOCKET_IFNAME)")
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="all-reduce sizes in bytes")
     ap.add_argument("--reps", type=int, default=9, help="repetitions per size, at least")
@@ -256,7 +256,10 @@ def run_cli(a: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     if a.rank not in (0, 1):
-        raise ValueError(f"--rank must be 0 or 1, got {a.rank}")
+        raise ValueError(f"--rank must be 0 or 1, got {a.rank}" if a.rank is not None else
+                         "--rank is required: 0 on the end that fits and writes the file, 1 on the other")
+    if not a.master:
+        raise ValueError("--master ADDR:PORT is required: rank 0's address on the link to calibrate")
     try:
         sizes = [int(s) for s in a.sizes.split(",")]
     except ValueError:

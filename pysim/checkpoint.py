@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from pysim.results import atomic_write_bytes, atomic_write_text
+from pysim.atomic import atomic_write_bytes, atomic_write_text
 
 CONFIG_FILE = "config.json"
 _STEP_DIR = re.compile(r"step-(\d{6,})")

@@ -45,6 +45,10 @@ from typing import NamedTuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pysim.atomic import atomic_write_text
+from pysim.sharding import ShardSampler
+from pysim.workload import Batches, Workload
+
 PROFILE_VERSION = 1
 
 
@@ -91,8 +95,6 @@ class ComputeProfile:
         return work.flops / self.flops_per_s + work.bytes / self.bytes_per_s + work.kernels * self.kernel_s
 
     def save(self, path: str | Path) -> Path:
-        from pysim.results import atomic_write_text
-
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return atomic_write_text(path, json.dumps(asdict(self), indent=1))
 
@@ -377,3 +379,63 @@ def calibrate_step(profile: ComputeProfile, key: str, step: Callable[[], object]
         torch.set_num_threads(threads)
     profile.steps_calibrated_at[key] = _utc_now()
     return profile.steps[key]
+
+
+# ---------------------------------------------------------------- this machine's profile, kept
+
+
+def workload_step_key(workload: Workload, batch_size: int, model: torch.nn.Module | None = None) -> str:
+    """The compute-profile key of ``workload``'s training step at ``batch_size`` per node."""
+    return step_key(workload.name, model if model is not None else workload.model(), batch_size)
+
+
+def calibrate_workload(workload: Workload, batch_size: int, seed: int = 0,
+                       profile: ComputeProfile | None = None) -> ComputeProfile:
+    """A compute profile of this machine holding the measured forward+backward step of
+    ``workload`` at ``batch_size`` (added to ``profile`` if given, else to newly measured
+    machine rates). Runs in the calling process, before any node starts."""
+    profile = profile or calibrate_machine()
+    train_set, _ = workload.data()
+    data = Batches(train_set)
+    torch.manual_seed(seed)
+    model = workload.model()
+    sampler = ShardSampler(data, torch.arange(len(data)), batch_size, seed)
+
+    def step() -> None:
+        x, y = sampler.next()
+        model.zero_grad()
+        workload.loss(model(x), y).backward()
+
+    calibrate_step(profile, workload_step_key(workload, batch_size, model), step)
+    return profile
+
+
+def machine_profile(workload: Workload, batch_size: int, seed: int = 0,
+                    recalibrate: bool = False) -> tuple[ComputeProfile, str]:
+    """This machine's compute profile holding ``workload``'s step, and a phrase saying where it
+    came from. The profile kept in :func:`machine_cache_path` is reused when it has the step:
+    this host's speed drifts by tens of percent from one minute to the next, so two
+    comparisons that each calibrated would charge the same model work differently. Otherwise
+    (no cache, another machine's, unreadable, or ``recalibrate``) it is calibrated here, with the
+    cached machine rates if only the step is new, and written to the cache."""
+    path = machine_cache_path()
+    cached = None
+    if not recalibrate and path.is_file():
+        try:
+            cached = ComputeProfile.load(path)
+        except ValueError:
+            cached = None   # unreadable: calibrate again and replace it
+        if cached is not None and cached.machine != this_machine():
+            cached = None
+    key = workload_step_key(workload, batch_size)
+    if cached is not None and key in cached.steps:
+        return cached, (f"calibrated on this machine at {cached.step_calibrated_at(key) or 'an unknown time'}, kept "
+                        f"in {path} (--recalibrate measures it again)")
+    t0 = time.perf_counter()
+    profile = calibrate_workload(workload, batch_size, seed, cached)
+    took = f"calibrated now ({time.perf_counter() - t0:.1f} s)"
+    try:
+        profile.save(path)
+    except OSError as e:   # a read-only home: this comparison still has its profile, later ones recalibrate
+        return profile, f"{took}, not kept ({path}: {e.strerror or e}; set PYSIM_CACHE_DIR to a writable folder)"
+    return profile, f"{took}, kept in {path} for later comparisons"

@@ -164,7 +164,7 @@ class _Reporter:
             os._exit(1)
 
 
-def _node_main(rank: int, world: int, store_port: int, timeout_s: float, heartbeat_s: float, job: bytes,
+def _node_main(rank: int, world: int, store_port: int, timeout_s: float, heartbeat_s: float, job: tuple,
                conn: Connection, environ: dict[str, str]) -> None:
     """A node process. The heartbeat starts first: ``fn``'s module is imported only after it
     (``job`` is the pickled (fn, args)), so a node stopped while it starts is found too.
@@ -189,9 +189,11 @@ def _node_main(rank: int, world: int, store_port: int, timeout_s: float, heartbe
         import torch
         import torch.distributed as dist
 
-        from pysim import _C
+        from pysim import _C, plugins
 
-        fn, args = pickle.loads(job)
+        modules, payload = job
+        plugins.import_all(modules)   # the user's --import modules, before their classes are unpickled
+        fn, args = pickle.loads(payload)
         torch.set_num_threads(1)
         _C.set_num_threads(1)
         store = dist.TCPStore("127.0.0.1", store_port, world, False, timedelta(seconds=timeout_s))
@@ -278,7 +280,10 @@ class _LocalRun:
     def __init__(self, fn: Callable, n: int, args: tuple, timeout_s: float, heartbeat_s: float) -> None:
         self.n, self.timeout_s, self.heartbeat_s = n, timeout_s, heartbeat_s
         self.ctx = node_context()
-        self.job = pickle.dumps((fn, args))  # by value: no shared-memory handles that die with the parent
+        from pysim import plugins
+
+        # by value: no shared-memory handles that die with the parent; with the modules to import first
+        self.job = (plugins.loaded(), pickle.dumps((fn, args)))
         self.procs: list[mp.Process] = []
         self.conns: list[Connection] = []
         self.events: queue.Queue = queue.Queue()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import random
 import sys
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,14 +34,12 @@ from tqdm import tqdm
 from pysim.checkpoint import CheckpointPlan, load_node_state, prune, save_node_state
 from pysim.comm import Comm
 from pysim.compute import ComputeMeter, count_work, step_key
+from pysim.config import TrainConfig
 from pysim.evaluation import CrossingFinder, NodeEvaluation, Subset, eval_subset
-from pysim.sharding import shard_indices
+from pysim.sharding import ShardSampler, shard_indices
 from pysim.strategies import make_strategy
 from pysim.trace import event_to_json
 from pysim.workload import Batches
-
-if TYPE_CHECKING:
-    from pysim.trainer import TrainConfig
 
 
 class StepRecord(NamedTuple):
@@ -75,30 +73,6 @@ class WarmupCosine:
             return (step + 1) / self.warmup
         progress = (step - self.warmup) / max(1, self.total - self.warmup)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-class ShardSampler:
-    """Batches from one node's shard, reshuffled (seeded) at every pass over it."""
-
-    def __init__(self, data: Batches, shard: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.data, self.shard, self.batch_size = data, shard, batch_size
-        self.gen = torch.Generator().manual_seed(seed)
-        self.order, self.pos = self.shard[torch.randperm(len(shard), generator=self.gen)], 0
-
-    def state(self) -> dict:
-        """Where the sampler is (for checkpoints): the pass order, position and generator."""
-        return {"order": self.order, "pos": self.pos, "gen": self.gen.get_state()}
-
-    def restore(self, state: dict) -> None:
-        self.order, self.pos = state["order"], state["pos"]
-        self.gen.set_state(state["gen"])
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pos + self.batch_size > len(self.order):
-            self.order, self.pos = self.shard[torch.randperm(len(self.shard), generator=self.gen)], 0
-        idx = self.order[self.pos:self.pos + self.batch_size]
-        self.pos += self.batch_size
-        return self.data.batch(idx)
 
 
 def _rng_state() -> dict:

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from pysim.sweep import Sweep
-
-BASELINE = "SimpleReduce"
+from pysim.network import format_bandwidth
+from pysim.result import BASELINE, Result
+from pysim.sweep import Sweep
 
 
 def human_bytes(n: float) -> str:
@@ -83,11 +81,11 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
 
 
-def group_by_label(results: list[dict]) -> dict[str, list[dict]]:
+def group_by_label(results: list[Result]) -> dict[str, list[Result]]:
     """Runs of the same configuration (label), in first-seen order."""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[Result]] = {}
     for r in results:
-        groups.setdefault(r["label"], []).append(r)
+        groups.setdefault(r.label, []).append(r)
     return groups
 
 
@@ -97,40 +95,40 @@ def _metric_format(metric: str):
     return lambda v: f"{v:.3f}"
 
 
-def results_table(results: list[dict]) -> str:
+def results_table(results: list[Result]) -> str:
     """One row per configuration: final metric, simulated time, time to target, bytes, real runtime;
     mean ± 95% interval over its seeds. The target and metric are the runs' own."""
     groups = group_by_label(results)
-    target = results[0]["target"]
-    metric = target.split(">=")[0].split("<=")[0]
+    target = results[0].target
+    metric = target.metric
     fmt = _metric_format(metric)
     seeds = max(len(g) for g in groups.values())
     head = ["strategy", f"final {metric}", "sim. wall-clock", f"time to {target}", "bytes sent/node",
             f"vs {BASELINE}", "idle/node", "real runtime"]
-    base = groups.get(BASELINE) or next((g for g in groups.values() if g[0]["config"]["strategy"] == BASELINE), None)
-    base_bytes = float(np.mean([r["final"]["bytes_sent_per_node"] for r in base])) if base else None
+    base = groups.get(BASELINE) or next((g for g in groups.values() if g[0].strategy == BASELINE), None)
+    base_bytes = float(np.mean([r.final.bytes_sent_per_node for r in base])) if base else None
     rows = []
     for label, runs in groups.items():
-        finals = [r["final"] for r in runs]
-        reached = [f["time_to_target_s"] for f in finals if f["time_to_target_s"] is not None]
+        finals = [r.final for r in runs]
+        reached = [f.time_to_target_s for f in finals if f.time_to_target_s is not None]
         if len(reached) == len(finals):
             ttt = mean_ci(reached, human_seconds)
         elif reached:
             ttt = f"{mean_ci(reached, human_seconds)} ({len(finals) - len(reached)}/{len(finals)} never)"
         else:
             ttt = "never"
-        sent = float(np.mean([f["bytes_sent_per_node"] for f in finals]))
+        sent = float(np.mean([f.bytes_sent_per_node for f in finals]))
         if not base_bytes or not sent:
             ratio = "-"
         elif runs is base:
             ratio = "baseline"
         else:
             ratio = f"{base_bytes / sent:.3g}x fewer" if sent < base_bytes else f"{sent / base_bytes:.3g}x more"
-        idle = [f["idle_s"] / f["sim_time_s"] for f in finals if f.get("idle_s") is not None and f["sim_time_s"]]
-        rows.append([label, mean_ci([f["metrics"][metric] for f in finals], fmt),
-                     mean_ci([f["sim_time_s"] for f in finals], human_seconds), ttt, human_bytes(sent), ratio,
+        idle = [f.idle_s / f.sim_time_s for f in finals if f.sim_time_s]
+        rows.append([label, mean_ci([f.metrics[metric] for f in finals], fmt),
+                     mean_ci([f.sim_time_s for f in finals], human_seconds), ttt, human_bytes(sent), ratio,
                      f"{100 * float(np.mean(idle)):.0f}%" if idle else "-",
-                     f"{sum(f['real_runtime_s'] for f in finals):.0f} s"])
+                     f"{sum(f.real_runtime_s for f in finals):.0f} s"])
     note = (f"mean ± 95% confidence interval of the mean over {seeds} seeds (Student's t)" if seeds > 1
             else "one seed: no spread shown; use --seeds") + \
         "; time to target: end of the first step whose model reaches it (bisected between evaluations); " \
@@ -139,19 +137,19 @@ def results_table(results: list[dict]) -> str:
     return markdown_table(head, rows) + "\n" + note
 
 
-def verdicts(results: list[dict]) -> list[str]:
+def verdicts(results: list[Result]) -> list[str]:
     """For each configuration against SimpleReduce: faster to target in every seed, slower in every
     seed, or a tie (the seeds disagree). Runs are paired by seed."""
     groups = group_by_label(results)
     base = groups.get(BASELINE)
     if base is None:
         return []
-    base_t = {r["config"]["seed"]: r["final"]["time_to_target_s"] for r in base}
+    base_t = {r.seed: r.final.time_to_target_s for r in base}
     lines = []
     for label, runs in groups.items():
         if runs is base:
             continue
-        pairs = [(r["final"]["time_to_target_s"], base_t.get(r["config"]["seed"])) for r in runs]
+        pairs = [(r.final.time_to_target_s, base_t.get(r.seed)) for r in runs]
         inf = float("inf")
         wins = [(a if a is not None else inf) < (b if b is not None else inf) for a, b in pairs]
         losses = [(a if a is not None else inf) > (b if b is not None else inf) for a, b in pairs]
@@ -167,6 +165,34 @@ def verdicts(results: list[dict]) -> list[str]:
     return lines
 
 
+def sweep_table(s: Sweep, latency_index: int) -> str:
+    """Time to target per bandwidth at one latency (median and range over seeds), the winner where
+    every seed agrees, and the crossover bandwidths per latency."""
+    lat = s.latencies_s[latency_index]
+    head = ["bandwidth"] + s.names + ["winner (all seeds)"]
+    winner = s.winner()
+    rows = []
+    for i, b in enumerate(s.bandwidths_bps):
+        cells = [format_bandwidth(b)]
+        for k in range(len(s.names)):
+            t = s.time_to_target_s[k, :, i, latency_index]
+            cells.append("never" if np.all(np.isnan(t)) else spread(list(t), "s"))
+        w = winner[i, latency_index]
+        cells.append(s.names[w] if w >= 0 else "tie")
+        rows.append(cells)
+    seeds = f"{len(s.seeds)} seed{'s' if len(s.seeds) > 1 else ''}"
+    lines = [f"simulated time to {s.target}, latency {lat * 1e3:.3g} ms (median [min, max] over {seeds})",
+             markdown_table(head, rows)]
+    if BASELINE in s.names and len(s.names) > 1:
+        others = [n for n in s.names if n != BASELINE]
+        crossings = [[f"{lat_j * 1e3:.3g} ms"] + [s.describe_crossover(n, j) for n in others]
+                     for j, lat_j in enumerate(s.latencies_s)]
+        lines += ["", f"crossover: the bandwidth below which each strategy reaches the target before {BASELINE} "
+                      f"(median, and range over {seeds})",
+                  markdown_table(["latency", *others], crossings)]
+    return "\n".join(lines)
+
+
 def _plt():
     import matplotlib
 
@@ -176,22 +202,21 @@ def _plt():
     return plt
 
 
-def plot_runs(results: list[dict], path: str | Path, title: str = "") -> Path:
+def plot_runs(results: list[Result], path: str | Path, title: str = "") -> Path:
     """The target metric vs simulated time and vs bytes sent per node: one line per configuration
     (mean over seeds), shaded from the lowest to the highest seed."""
     plt = _plt()
-    target = results[0]["target"]
-    metric = target.split(">=")[0].split("<=")[0]
+    metric = results[0].target.metric
     scale = 100.0 if metric == "accuracy" else 1.0
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, runs in group_by_label(results).items():
         # seeds may be evaluated at different steps (bisection near the target): each seed's
         # metric is interpolated in steps onto the union of their evaluation steps
-        steps = np.array(sorted(set().union(*[{e["step"] for e in r["evals"]} for r in runs])))
-        vals = np.array([np.interp(steps, [e["step"] for e in r["evals"]],
-                                   [scale * e["metrics"][metric] for e in r["evals"]]) for r in runs])
-        times = np.array([[r["steps"][s - 1]["sim_time_s"] for s in steps] for r in runs]).mean(axis=0)
-        sent = np.maximum(np.array([[r["steps"][s - 1]["bytes_sent_per_node"] for s in steps]
+        steps = np.array(sorted(set().union(*[{e.step for e in r.evals} for r in runs])))
+        vals = np.array([np.interp(steps, [e.step for e in r.evals], [scale * e.metrics[metric] for e in r.evals])
+                         for r in runs])
+        times = np.array([[r.steps[s - 1].sim_time_s for s in steps] for r in runs]).mean(axis=0)
+        sent = np.maximum(np.array([[r.steps[s - 1].bytes_sent_per_node for s in steps]
                                     for r in runs]).mean(axis=0), 1)
         for ax, x in ((ax_t, times), (ax_b, sent)):
             line, = ax.plot(x, vals.mean(axis=0), label=label, lw=1.5)
@@ -219,8 +244,6 @@ def plot_sweep(s: Sweep, out: Path, latency_index: int) -> list[Path]:
     the median crossovers), and a heatmap of the winner where every seed agrees (grey: tie)."""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
-
-    from pysim.network import format_bandwidth
 
     plt = _plt()
     lat = s.latencies_s[latency_index]

@@ -11,14 +11,23 @@ and each keeps its own part. Shards are disjoint and together cover the data
   Dirichlet(ALPHA, ..., ALPHA) and that class's examples are dealt out in those
   proportions (Hsu et al. 2019). Small ALPHA (0.1) gives each node a few
   classes; large ALPHA (100) approaches IID. Needs labels.
+
+:class:`ShardSampler` draws one node's batches from its shard.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
+
+
+class BatchSource(Protocol):
+    """A data set read by index: ``batch(indices) -> (inputs, targets)``."""
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -87,3 +96,27 @@ def _dirichlet(labels: torch.Tensor, nodes: int, alpha: float, seed: int) -> lis
         raise ValueError(f"dirichlet:{alpha:g} with seed {seed} left nodes {empty} without data; "
                          "use a larger alpha or fewer nodes")
     return shards
+
+
+class ShardSampler:
+    """Batches from one node's shard, reshuffled (seeded) at every pass over it."""
+
+    def __init__(self, data: BatchSource, shard: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.data, self.shard, self.batch_size = data, shard, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order, self.pos = self.shard[torch.randperm(len(shard), generator=self.gen)], 0
+
+    def state(self) -> dict:
+        """Where the sampler is (for checkpoints): the pass order, position and generator."""
+        return {"order": self.order, "pos": self.pos, "gen": self.gen.get_state()}
+
+    def restore(self, state: dict) -> None:
+        self.order, self.pos = state["order"], state["pos"]
+        self.gen.set_state(state["gen"])
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pos + self.batch_size > len(self.order):
+            self.order, self.pos = self.shard[torch.randperm(len(self.shard), generator=self.gen)], 0
+        idx = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return self.data.batch(idx)

@@ -3,7 +3,7 @@
 For each run and each (bandwidth, latency) of the grid, the run's trace is
 replayed (:func:`pysim.clock.replay`, vectorised over the grid) and the
 simulated time at which it reached its target (interpolated between
-evaluations, :func:`pysim.trainer.time_to_target`) is read off. Synchronous
+evaluations, :func:`pysim.result.time_to_target`) is read off. Synchronous
 strategies do the same arithmetic on any network, so these numbers equal
 those of a fresh run on that network (tested).
 
@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pysim.clock import ComputeScaling, replay
-from pysim.network import Link, Network, format_bandwidth, parse_bandwidth, parse_latency
-from pysim.report import BASELINE, markdown_table, plot_sweep, spread
-from pysim.results import crossing_step, load_result, metric_series, run_dirs, time_at_step
-from pysim.trace import Trace
+from pysim.clock import replay
+from pysim.network import Link, Network, format_bandwidth
+from pysim.result import BASELINE, Result, crossing_step, time_at_step
+from pysim.rundir import load_result, run_dirs
 from pysim.workload import Target
 
 MAX_GRID_AXIS = 1000
@@ -137,10 +136,10 @@ def build_network(nodes: int, topology: str, bandwidth_bps: float, latency_s: fl
                      "(the grid then sweeps the link between groups)")
 
 
-def sweep(runs: list[tuple[dict, Trace]], bandwidths_bps: list[float], latencies_s: list[float],
+def sweep(runs: list[Result], bandwidths_bps: list[float], latencies_s: list[float],
           target: Target | str | None = None, topology: str = "uniform") -> Sweep:
-    """Re-times each (result, trace) under every grid point. ``target``: default the runs' own
-    (they must agree)."""
+    """Re-times each run (with its trace) under every grid point. ``target``: default the runs'
+    own (they must agree)."""
     if not runs:
         raise ValueError("sweep needs at least one recorded run")
     if not bandwidths_bps or not latencies_s:
@@ -148,26 +147,28 @@ def sweep(runs: list[tuple[dict, Trace]], bandwidths_bps: list[float], latencies
     if len(bandwidths_bps) * len(latencies_s) > MAX_GRID_POINTS:
         raise ValueError(f"a grid of {len(bandwidths_bps)} x {len(latencies_s)} networks is too large; at most "
                          f"{MAX_GRID_POINTS} points (a replay holds steps x nodes x networks clocks in memory)")
-    goals = {r["target"] for r, _ in runs}
+    goals = {str(r.target) for r in runs}
     if target is None:
         if len(goals) != 1:
             raise ValueError(f"the runs have different targets {sorted(goals)}; pass --target")
         target = goals.pop()
     target = Target.parse(target)
-    names = list(dict.fromkeys(r["label"] for r, _ in runs))
-    seeds = sorted({int(r["config"]["seed"]) for r, _ in runs})
+    names = list(dict.fromkeys(r.label for r in runs))
+    seeds = sorted({r.seed for r in runs})
     seen = set()
-    for r, _ in runs:
-        key = (r["label"], int(r["config"]["seed"]))
+    for r in runs:
+        key = (r.label, r.seed)
         if key in seen:
             raise ValueError(f"two runs of {key[0]!r} with seed {key[1]}; give them distinct labels or folders")
         seen.add(key)
     shape = (len(names), len(seeds), len(bandwidths_bps), len(latencies_s))
     ttt, total = np.full(shape, np.nan), np.full(shape, np.nan)
-    for result, trace in runs:
-        k, j = names.index(result["label"]), seeds.index(int(result["config"]["seed"]))
-        nets = [build_network(trace.nodes, topology, b, lat) for b in bandwidths_bps for lat in latencies_s]
-        tl = replay(trace, nets, run_scaling(result))
+    for result in runs:
+        if result.trace is None:
+            raise ValueError(f"run {result.name!r} has no trace to re-time")
+        k, j = names.index(result.label), seeds.index(result.seed)
+        nets = [build_network(result.trace.nodes, topology, b, lat) for b in bandwidths_bps for lat in latencies_s]
+        tl = replay(result.trace, nets, result.scaling)
         total[k, j] = tl.total_s.reshape(shape[2:])
         reached = time_to_target_grid(result, target, tl.step_end_s)
         if reached is not None:
@@ -175,20 +176,14 @@ def sweep(runs: list[tuple[dict, Trace]], bandwidths_bps: list[float], latencies
     return Sweep(names, seeds, list(bandwidths_bps), list(latencies_s), ttt, total, target)
 
 
-def run_scaling(result: dict) -> ComputeScaling:
-    """The compute scaling (stragglers, jitter) a recorded run was timed with."""
-    c = result["config"]
-    return ComputeScaling(tuple(c.get("compute_speed") or ()), float(c.get("jitter") or 0.0), int(c["seed"]))
-
-
-def time_to_target_grid(result: dict, target: Target, step_end_s: np.ndarray) -> np.ndarray | None:
+def time_to_target_grid(result: Result, target: Target, step_end_s: np.ndarray) -> np.ndarray | None:
     """Time to target of one run under every replayed network (``step_end_s``: steps x networks)."""
-    crossing = crossing_step(metric_series(result, target.metric), target)
+    crossing = crossing_step(result.metric_series(target.metric), target)
     return None if crossing is None else time_at_step(step_end_s, crossing[0])
 
 
-def load_runs(paths: list[str | Path]) -> list[tuple[dict, Trace]]:
-    """The runs at ``paths`` (run directories, or folders of them: see :mod:`pysim.results`), each checked
+def load_runs(paths: list[str | Path]) -> list[Result]:
+    """The runs at ``paths`` (run directories, or folders of them: see :mod:`pysim.rundir`), each checked
     against its manifest. Other files in a folder, such as a sweep's own outputs, are not runs and are
     ignored. Runs of different node counts are refused: their times are not comparable."""
     dirs: list[Path] = []
@@ -196,8 +191,8 @@ def load_runs(paths: list[str | Path]) -> list[tuple[dict, Trace]]:
         dirs += [d for d in run_dirs(p) if d.resolve() not in {x.resolve() for x in dirs}]
     runs = [load_result(d) for d in dirs]
     by_nodes: dict[int, list[str]] = {}
-    for result, trace in runs:
-        by_nodes.setdefault(trace.nodes, []).append(result["name"])
+    for result in runs:
+        by_nodes.setdefault(result.trace.nodes, []).append(result.name)
     if len(by_nodes) > 1:
         mix = "; ".join(f"{n} nodes: {', '.join(names)}" for n, names in sorted(by_nodes.items()))
         raise ValueError(f"runs differ in node count ({mix}); a sweep compares runs of one node count, "
@@ -209,36 +204,8 @@ def nearest(values: list[float], x: float) -> int:
     return int(np.argmin([abs(math.log(v / x)) if v > 0 and x > 0 else abs(v - x) for v in values]))
 
 
-def format_table(s: Sweep, latency_index: int) -> str:
-    """Time to target per bandwidth at one latency (median and range over seeds), the winner where
-    every seed agrees, and the crossover bandwidths per latency."""
-    lat = s.latencies_s[latency_index]
-    head = ["bandwidth"] + s.names + ["winner (all seeds)"]
-    winner = s.winner()
-    rows = []
-    for i, b in enumerate(s.bandwidths_bps):
-        cells = [format_bandwidth(b)]
-        for k in range(len(s.names)):
-            t = s.time_to_target_s[k, :, i, latency_index]
-            cells.append("never" if np.all(np.isnan(t)) else spread(list(t), "s"))
-        w = winner[i, latency_index]
-        cells.append(s.names[w] if w >= 0 else "tie")
-        rows.append(cells)
-    seeds = f"{len(s.seeds)} seed{'s' if len(s.seeds) > 1 else ''}"
-    lines = [f"simulated time to {s.target}, latency {lat * 1e3:.3g} ms (median [min, max] over {seeds})",
-             markdown_table(head, rows)]
-    if BASELINE in s.names and len(s.names) > 1:
-        others = [n for n in s.names if n != BASELINE]
-        crossings = [[f"{lat_j * 1e3:.3g} ms"] + [s.describe_crossover(n, j) for n in others]
-                     for j, lat_j in enumerate(s.latencies_s)]
-        lines += ["", f"crossover: the bandwidth below which each strategy reaches the target before {BASELINE} "
-                      f"(median, and range over {seeds})",
-                  markdown_table(["latency", *others], crossings)]
-    return "\n".join(lines)
-
-
-def write_outputs(s: Sweep, out_dir: str | Path, latency_index: int) -> list[Path]:
-    """CSV + JSON of the whole grid (every seed), a line plot at one latency and a winner heatmap."""
+def write_data(s: Sweep, out_dir: str | Path) -> list[Path]:
+    """CSV + JSON of the whole grid (every seed); the plots are :func:`pysim.report.plot_sweep`'s."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "sweep.csv", "w", newline="") as f:
@@ -261,18 +228,4 @@ def write_outputs(s: Sweep, out_dir: str | Path, latency_index: int) -> list[Pat
         "latencies_s": s.latencies_s, "time_to_target_s": nan_to_none(s.time_to_target_s),
         "total_s": nan_to_none(s.total_s), "crossover_bps_per_seed": crossovers,
         "winner": [[s.names[w] if w >= 0 else None for w in row] for row in s.winner().tolist()]}, indent=1))
-    return [out / "sweep.csv", out / "sweep.json", *plot_sweep(s, out, latency_index)]
-
-
-def run_sweep(paths: list[str | Path], bandwidths: str, latencies: str, target: str | Target | None = None,
-              topology: str = "uniform", out_dir: str | Path | None = None,
-              table_latency: str | None = None) -> tuple[Sweep, str]:
-    """Loads runs, sweeps, writes outputs; returns the sweep and the printed table."""
-    runs = load_runs(paths)
-    s = sweep(runs, parse_grid(bandwidths, parse_bandwidth, "bandwidth"),
-              parse_grid(latencies, parse_latency, "latency"), target, topology)
-    j = nearest(s.latencies_s, parse_latency(table_latency) if table_latency else 0.02)
-    table = format_table(s, j)
-    if out_dir is not None:
-        write_outputs(s, out_dir, j)
-    return s, table
+    return [out / "sweep.csv", out / "sweep.json"]

@@ -191,6 +191,9 @@ class Workload:
     ``split_evaluation``: every node evaluates a share of the evaluation examples and the
     shares' metrics are combined as example-weighted means (exact for metrics that are means
     over examples, as ``classification_metrics``'s are); False: node 0 evaluates alone.
+    ``defaults``: the study this workload is meant for, as command-line defaults of
+    ``python -m pysim compare`` (``steps``, ``batch_size``, ``nodes``, ``eval_every``,
+    ``eval_subset``); flags override them.
     """
 
     name: str
@@ -205,6 +208,7 @@ class Workload:
     args: dict = field(default_factory=dict)
     train_size: int | None = None
     split_evaluation: bool = True
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Fails fast, in one line, for a workload the node processes could not use."""
@@ -254,6 +258,7 @@ def image_workload(data_dir: str | Path | None = None, lr: float = 2e-3, target:
         check=partial(datasets.check_image_set, folder),
         spec="mnist" if is_mnist and folder is None else f"idx:{root}",
         train_size=len(train_labels),
+        defaults={"steps": 600, "batch_size": 64, "nodes": 2, "eval_every": 25, "eval_subset": 2000},
     )
 
 
@@ -298,7 +303,27 @@ def shakespeare_workload(data_dir: str | Path | None = None, lr: float = 3e-3, t
         check=partial(datasets.check_shakespeare, folder),
         spec="shakespeare" if folder is None else f"shakespeare:{root}",
         train_size=int(len(text) * 0.9) - gpt.context,
+        defaults={"steps": 500, "batch_size": 16, "nodes": 4, "eval_every": 25, "eval_subset": 64},
     )
+
+
+#: Workloads registered by name (:func:`register_workload`), e.g. by a module given to ``--import``.
+WORKLOADS: dict[str, Callable[..., Workload]] = {}
+
+
+def register_workload(name: str, factory: Callable[..., Workload]) -> Callable[..., Workload]:
+    """Makes ``--workload NAME`` build ``factory()`` (a module-level function returning a
+    :class:`Workload`). Usable as a decorator: ``@register_workload("blobs")``."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", name) or name in BUILT_IN:
+        raise ValueError(f"workload name {name!r} must be a word (letters, digits, _ . -) other than the "
+                         f"built-ins {', '.join(BUILT_IN)}")
+    if not callable(factory):
+        raise ValueError(f"workload {name!r}: the factory must be callable")
+    WORKLOADS[name] = factory
+    return factory
+
+
+BUILT_IN = ("mnist", "idx", "shakespeare")
 
 
 def get_workload(spec: str, **kwargs: Any) -> Workload:
@@ -314,7 +339,8 @@ def get_workload(spec: str, **kwargs: Any) -> Workload:
     elif kind == "shakespeare":
         wl = shakespeare_workload(arg or None, **built)
     else:
-        raise ValueError(f"unknown workload {spec!r}; built in: mnist, idx:DIR (an IDX image set), "
-                         "shakespeare[:DIR]")
+        known = ", ".join(["mnist", "idx:DIR (an IDX image set)", "shakespeare[:DIR]", *sorted(WORKLOADS)])
+        raise ValueError(f"unknown workload {spec!r}; known: {known}, or package.module:function (a factory "
+                         "returning a Workload)")
     wl.args = {k: asdict(v) if isinstance(v, GPTConfig) else v for k, v in args.items()}
     return wl

@@ -12,15 +12,17 @@ from pathlib import Path
 import pytest
 
 from pysim import checkpoint
+from pysim.config import TrainConfig
 from pysim.network import Network
-from pysim.results import load_result, run_path
-from pysim.trainer import TrainConfig, run
+from pysim.rundir import load_result, run_path
+from pysim.trainer import run
 
 STEPS, EVERY = 120, 20
 
 CHILD = """
 import json, sys
-from pysim.trainer import TrainConfig, run
+from pysim.config import TrainConfig
+from pysim.trainer import run
 if __name__ == "__main__":
     cfg = TrainConfig.from_json(json.loads(open(sys.argv[1]).read()))
     cfg.checkpoint_every = int(sys.argv[3])
@@ -78,11 +80,11 @@ def test_a_killed_run_resumes_to_the_same_numbers(strategy, tmp_path):
     resumed = run(make_cfg(strategy), out, resume=True)
     whole = run(make_cfg(strategy))
     for key in ("metrics", "bytes_sent_per_node", "bytes_received_per_node", "sim_time_s", "time_to_target_s"):
-        assert resumed["final"][key] == whole["final"][key], key
-    assert resumed["steps"] == whole["steps"] and resumed["evals"] == whole["evals"]
+        assert getattr(resumed.final, key) == getattr(whole.final, key), key
+    assert resumed.steps == whole.steps and resumed.evals == whole.evals
     assert not folder.exists()  # the results are saved: the checkpoint is gone
-    saved, _ = load_result(run_path(out, cfg.run_name))
-    assert saved["final"]["metrics"] == whole["final"]["metrics"]
+    saved = load_result(run_path(out, cfg.run_name))
+    assert saved.final.metrics == whole.final.metrics
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):

@@ -1,18 +1,16 @@
-"""The comparison CLI (example/mnist.py, example/shakespeare.py): every bad input is one line, before training."""
+"""``python -m pysim compare`` (and the examples over it): every bad input is one line, before training."""
 
 import pytest
 
-from pysim.compare import main, split_specs
-from pysim.workload import image_workload
+from pysim.cli import main
+from pysim.compare import split_specs
+
+SMALL = ["--strategies", "SimpleReduce", "--steps", "10", "--batch-size", "8", "--eval-every", "5",
+         "--eval-subset", "100", "--seeds", "1"]
 
 
-def build(a):
-    return image_workload(a.data_dir)
-
-
-def run_cli(argv):
-    return main(argv, "test", build, "MNIST", strategies="SimpleReduce", steps=10, batch_size=8, eval_every=5,
-                eval_subset=100, seeds=1, out="/tmp/pysim-test-compare")
+def run_cli(argv, out="/tmp/pysim-test-compare"):
+    return main(["compare", "--workload", "mnist", *SMALL, "--out", out, *argv])
 
 
 BAD_INPUTS = [
@@ -65,13 +63,11 @@ def test_strategy_specs_split_outside_parentheses():
 
 def test_resume_keeps_finished_runs_and_the_saved_profile(tmp_path, capsys):
     out = str(tmp_path / "cmp")
-    argv = ["--strategies", "SimpleReduce; DiLoCo(H=5)", "--out", out]
-    first = main(argv, "test", build, "MNIST", strategies="SimpleReduce", steps=10, batch_size=8, eval_every=5,
-                 eval_subset=100, seeds=1, out=out)
+    argv = ["--strategies", "SimpleReduce; DiLoCo(H=5)"]
+    first = run_cli(argv, out)
     assert first == 0
     table = capsys.readouterr().out.split("| strategy")[1]
-    again = main(argv + ["--resume"], "test", build, "MNIST", strategies="SimpleReduce", steps=10, batch_size=8,
-                 eval_every=5, eval_subset=100, seeds=1, out=out)
+    again = run_cli(argv + ["--resume"], out)
     printed = capsys.readouterr().out
     assert again == 0 and "reusing" in printed and "training" not in printed
     assert printed.count("finished earlier, kept") == 2
@@ -80,21 +76,26 @@ def test_resume_keeps_finished_runs_and_the_saved_profile(tmp_path, capsys):
 
 
 def test_network_file_and_framing_reach_every_config(tmp_path):
-    import argparse
     import json
 
-    from pysim.compare import add_arguments, configs_from_args
+    from pysim.cli import base_config, build_parser
+    from pysim.compare import comparison_configs
     from pysim.network import Network, network_to_json
+    from pysim.workload import image_workload
 
-    ap = argparse.ArgumentParser()
-    add_arguments(ap, strategies="SimpleReduce", steps=10, batch_size=8, eval_every=5, eval_subset=100, seeds=2,
-                  out=str(tmp_path))
+    _, parsers = build_parser()
     wl = image_workload()
-    cfgs = configs_from_args(ap.parse_args(["--framing", "tcp"]), wl)
+
+    def configs(argv):
+        a = parsers["compare"].parse_args([*SMALL, "--nodes", "2", *argv])
+        return comparison_configs(base_config(a, wl), ["SimpleReduce"], 2)
+
+    cfgs = configs(["--framing", "tcp"])
     assert len(cfgs) == 2 and all(c.network.framing_name() == "tcp" for c in cfgs)
+    assert [c.seed for c in cfgs] == [0, 1]
     path = tmp_path / "net.json"
     path.write_text(json.dumps(network_to_json(Network.uniform(1, "93.5Mbit", "0.4ms", "tcp"))))
-    cfgs = configs_from_args(ap.parse_args(["--network", str(path), "--bandwidth", "1Gbps"]), wl)
+    cfgs = configs(["--network", str(path), "--bandwidth", "1Gbps"])
     assert cfgs[0].network.n == 2 and "93.5 Mbit/s" in cfgs[0].network.describe()
 
 
@@ -108,10 +109,17 @@ def test_the_table_spread_is_a_95_percent_interval_of_the_mean():
 
 
 def test_verdicts_only_where_every_seed_agrees():
+    from dataclasses import replace
+
+    from test_rundir import fake_run
+
     from pysim.report import verdicts
 
+    template = fake_run(1.0)
+
     def res(label, seed, t):
-        return {"label": label, "config": {"seed": seed, "strategy": label}, "final": {"time_to_target_s": t}}
+        return replace(template, label=label, config={"seed": seed, "strategy": label},
+                       final=replace(template.final, time_to_target_s=t))
 
     base = [res("SimpleReduce", s, 10.0) for s in (0, 1, 2)]
     lines = verdicts(base + [res("A", 0, 5.0), res("A", 1, 6.0), res("A", 2, 9.0),

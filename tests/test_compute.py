@@ -53,15 +53,16 @@ def test_cpp_codec_kernels_are_counted_like_torch_kernels():
 
 
 def test_codec_heavy_strategy_costs_more_than_simple_reduce_at_equal_model_work():
+    from pysim.config import TrainConfig
     from pysim.network import Network
-    from pysim.trainer import TrainConfig, run
+    from pysim.trainer import run
     from pysim.workload import image_workload
 
     def compute_s(strategy, **args):
         cfg = TrainConfig(workload=image_workload(), strategy=strategy, strategy_args=args, nodes=2, steps=6,
                           eval_every=6, eval_subset=200, train_examples=1000, warmup_steps=1, compute="h100",
                           network=Network.uniform(2, "1Gbps", "1ms"))
-        return run(cfg)["final"]["compute_s"]
+        return run(cfg).final.compute_s
 
     simple, powersgd = compute_s("SimpleReduce"), compute_s("PowerSGD", rank=2)
     assert powersgd > simple
@@ -130,3 +131,49 @@ def test_a_calibrated_step_records_when_it_was_measured():
     assert profile.step_calibrated_at("w|10|4") > "2026-01-01T00:00:00Z"
     # a profile kept before steps had their own time says when its rates were measured
     assert profile.step_calibrated_at("old|1|1") == "2026-01-01T00:00:00Z"
+
+
+def test_machine_profile_is_calibrated_once_then_kept_for_later_comparisons(tmp_path, monkeypatch):
+    import pysim.compute as compute
+    from pysim.compute import ComputeProfile, machine_cache_path, this_machine, workload_step_key
+    from pysim.workload import image_workload
+
+    wl = image_workload()
+
+    def machine_profile(batch_size, recalibrate=False):
+        return compute.machine_profile(wl, batch_size, recalibrate=recalibrate)
+
+    monkeypatch.setenv("PYSIM_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_calibrate(workload, batch_size, seed=0, profile=None):
+        calls.append(profile)
+        p = profile or ComputeProfile("calibrated", 1e10, 1e10, 1e-6, machine=this_machine(),
+                                      calibrated_at="2026-12-02T00:00:00Z")
+        p.steps[workload_step_key(workload, batch_size)] = 0.01 * len(calls)
+        p.steps_calibrated_at[workload_step_key(workload, batch_size)] = f"2026-12-0{2 + len(calls)}T00:00:00Z"
+        return p
+
+    monkeypatch.setattr(compute, "calibrate_workload", fake_calibrate)
+    key = workload_step_key(wl, 64)
+    first, origin = machine_profile(64)
+    assert "calibrated now" in origin and machine_cache_path().is_file() and first.steps[key] == 0.01
+    again, origin = machine_profile(64)             # a later comparison: the same compute, not a new draw
+    assert len(calls) == 1 and again.steps[key] == 0.01 and "kept in" in origin and "at 2026-12-03" in origin
+    both, _ = machine_profile(32)                    # a new step is added to the kept machine rates
+    assert calls[-1] is not None and set(both.steps) == {key, workload_step_key(wl, 32)}
+    assert "at 2026-12-04" in machine_profile(32)[1]   # the time the added step was measured
+    fresh, origin = machine_profile(64, recalibrate=True)
+    assert calls[-1] is None and fresh.steps[key] == 0.03 and "calibrated now" in origin
+    assert ComputeProfile.load(machine_cache_path()).steps[key] == 0.03   # the new one is kept
+    machine_cache_path().write_text("{not json")     # unreadable: calibrated again, replaced
+    assert "calibrated now" in machine_profile(64)[1]
+    foreign = ComputeProfile.load(machine_cache_path())
+    foreign.machine = "another CPU"
+    foreign.save(machine_cache_path())               # another machine's rates are not used
+    assert "calibrated now" in machine_profile(64)[1] and calls[-1] is None
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("PYSIM_CACHE_DIR", str(blocked / "cache"))   # cannot be created: not kept, no crash
+    profile, origin = machine_profile(64)
+    assert key in profile.steps and "not kept" in origin and "PYSIM_CACHE_DIR" in origin

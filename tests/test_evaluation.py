@@ -6,7 +6,7 @@ import torch
 
 from pysim.evaluation import CrossingFinder, NodeEvaluation, eval_subset
 from pysim.launch import NodeError, run_nodes
-from pysim.results import crossing_step
+from pysim.result import crossing_step
 from pysim.workload import Target
 
 

@@ -9,11 +9,12 @@ import torch
 
 from pysim.clock import replay
 from pysim.compute import ComputeMeter, ComputeProfile, Work
+from pysim.config import TrainConfig
 from pysim.launch import run_nodes
 from pysim.network import Network
 from pysim.strategies import make_strategy
 from pysim.strategies.gradients import buckets_by_size
-from pysim.trainer import TrainConfig, run
+from pysim.trainer import run
 from pysim.workload import image_workload
 
 T_STEP = 0.9                 # forward + backward of one step (s), from the profile below
@@ -108,13 +109,13 @@ def test_mnist_overlap_same_losses_and_model_less_or_equal_time_and_replay_equal
     flat = run(mnist("SimpleReduce"))
     over = run(mnist("SimpleReduce(overlap=True, bucket_mb=0.05)"))
     one = run(mnist("SimpleReduce(overlap=True)"))  # the 0.19 MB CNN is one 25 MB bucket
-    assert [s["loss"] for s in over["steps"]] == [s["loss"] for s in flat["steps"]]
-    assert over["final"]["metrics"] == flat["final"]["metrics"]
-    assert over["final"]["sim_time_s"] <= flat["final"]["sim_time_s"]
-    assert one["final"]["bytes_sent_per_node"] == flat["final"]["bytes_sent_per_node"]
-    assert over["final"]["bytes_sent_per_node"] > flat["final"]["bytes_sent_per_node"]  # 5 buckets, 5 headers
-    live = [s["sim_time_s"] for s in over["steps"]]
-    assert list(replay(over["trace"], mnist("x").network).step_end_s) == live
+    assert [s.loss for s in over.steps] == [s.loss for s in flat.steps]
+    assert over.final.metrics == flat.final.metrics
+    assert over.final.sim_time_s <= flat.final.sim_time_s
+    assert one.final.bytes_sent_per_node == flat.final.bytes_sent_per_node
+    assert over.final.bytes_sent_per_node > flat.final.bytes_sent_per_node  # 5 buckets, 5 headers
+    live = [s.sim_time_s for s in over.steps]
+    assert list(replay(over.trace, mnist("x").network).step_end_s) == live
 
 
 def test_bad_overlap_arguments_are_errors():

@@ -4,8 +4,9 @@ trace under another network equals a fresh run on that network, for every strate
 import pytest
 
 from pysim.clock import replay
+from pysim.config import TrainConfig
 from pysim.network import Network
-from pysim.trainer import TrainConfig, run
+from pysim.trainer import run
 from pysim.workload import image_workload
 
 STRATEGIES = [("SimpleReduce", {}), ("DiLoCo", {"H": 4}), ("DiLoCo", {"H": 4, "codec": "lowrank:4"}),
@@ -24,10 +25,10 @@ def config(strategy, args, net) -> TrainConfig:
 def test_same_profile_and_seed_repeat_and_replay_equals_a_fresh_run(strategy, args):
     recorded = run(config(strategy, args, RECORDED))
     again = run(config(strategy, args, RECORDED))
-    assert [s["sim_time_s"] for s in again["steps"]] == [s["sim_time_s"] for s in recorded["steps"]]
-    assert again["final"]["bytes_sent_per_node"] == recorded["final"]["bytes_sent_per_node"]
+    assert [s.sim_time_s for s in again.steps] == [s.sim_time_s for s in recorded.steps]
+    assert again.final.bytes_sent_per_node == recorded.final.bytes_sent_per_node
     for net in OTHERS:
         fresh = run(config(strategy, args, net))
-        timeline = replay(recorded["trace"], net)
-        assert list(timeline.step_end_s) == [s["sim_time_s"] for s in fresh["steps"]]
-        assert fresh["final"]["bytes_sent_per_node"] == recorded["final"]["bytes_sent_per_node"]
+        timeline = replay(recorded.trace, net)
+        assert list(timeline.step_end_s) == [s.sim_time_s for s in fresh.steps]
+        assert fresh.final.bytes_sent_per_node == recorded.final.bytes_sent_per_node

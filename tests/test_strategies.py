@@ -455,24 +455,30 @@ def test_every_builtin_strategy_deploys_the_same_model_on_every_node():
             assert not torch.equal(flat(res[0][spec]), flat(tiny_model().parameters())), spec
 
 
-def test_custom_strategy_example_runs_and_sends_int8_codes_as_fp16(monkeypatch, capsys):
+def test_custom_strategy_example_reaches_the_comparison_table_through_import(tmp_path, capsys):
+    """``python -m pysim compare --import example/custom_strategy.py``: the user's strategy is built in
+    the node processes too, appears in the table, and sends its codes as fp16 (half SimpleReduce's bytes)."""
     import pathlib
     import sys
 
-    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "example"))
-    import custom_strategy
+    from pysim.cli import main
+    from pysim.rundir import load_result, run_dirs
+    from pysim.strategies import STRATEGIES
 
+    example = pathlib.Path(__file__).parents[1] / "example" / "custom_strategy.py"
+    steps = 6
     try:
-        results = custom_strategy.main()
+        code = main(["compare", "--import", str(example), "--workload", "mnist", "--strategies", "SimpleReduce; Int8",
+                     "--steps", str(steps), "--batch-size", "8", "--eval-every", "3", "--eval-subset", "50",
+                     "--seeds", "1", "--compute", "cpu", "--out", str(tmp_path)])
     finally:
-        from pysim.strategies import STRATEGIES
-
         STRATEGIES.pop("int8", None)
         sys.modules.pop("custom_strategy", None)
-    n = sum(p.numel() for p in torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Linear(32, 1)).parameters())
+    assert code == 0
+    assert "| Int8 codes as fp16" in capsys.readouterr().out
+    runs = {r.label: r for r in map(load_result, run_dirs(tmp_path))}
+    n = 46730
     scale_packet = 24 + 4 + 4  # one fp32 value
-    assert results["Int8"][0]["sent"] == 20 * (scale_packet + dense_ring_bytes(n, bytes_per_value=2))
-    assert results["SimpleReduce"][0]["sent"] == 20 * dense_ring_bytes(n)
-    gap = (results["Int8"][0]["params"] - results["SimpleReduce"][0]["params"]).abs().max()
-    assert 0 < gap < 0.01
-    assert "Int8 codes as fp16" in capsys.readouterr().out
+    assert runs["Int8 codes as fp16"].final.bytes_sent_per_node == \
+        steps * (scale_packet + dense_ring_bytes(n, bytes_per_value=2))
+    assert runs["SimpleReduce"].final.bytes_sent_per_node == steps * dense_ring_bytes(n)

@@ -11,11 +11,12 @@ from torch import nn
 
 from pysim.clock import replay
 from pysim.compute import DEVICE_PROFILES, ComputeProfile
+from pysim.config import TrainConfig
 from pysim.launch import run_nodes
 from pysim.network import Network
 from pysim.strategies import make_strategy
 from pysim.strategies.streaming import strided_fragments
-from pysim.trainer import TrainConfig, run
+from pysim.trainer import run
 from pysim.workload import image_workload
 
 T_STEP = 0.1                 # forward + backward of one step (s) under HAND
@@ -162,6 +163,6 @@ def mnist(net: Network) -> TrainConfig:
 def test_live_clock_equals_replay_and_a_fresh_run_on_another_network():
     recorded_net, other = Network.uniform(2, "100Mbit", "20ms"), Network.uniform(2, "10Gbit", "100us")
     recorded = run(mnist(recorded_net))
-    assert list(replay(recorded["trace"], recorded_net).step_end_s) == [s["sim_time_s"] for s in recorded["steps"]]
+    assert list(replay(recorded.trace, recorded_net).step_end_s) == [s.sim_time_s for s in recorded.steps]
     fresh = run(mnist(other))
-    assert list(replay(recorded["trace"], other).step_end_s) == [s["sim_time_s"] for s in fresh["steps"]]
+    assert list(replay(recorded.trace, other).step_end_s) == [s.sim_time_s for s in fresh.steps]

@@ -1,16 +1,19 @@
 """Replay over a grid equals fresh live runs; grids and files are checked."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from pysim.__main__ import main as cli
+from pysim.cli import main as cli
+from pysim.cli import run_sweep
+from pysim.config import TrainConfig
 from pysim.network import Network, parse_bandwidth, parse_latency
-from pysim.results import load_result, save_result
-from pysim.sweep import build_network, load_runs, parse_grid, run_sweep, sweep
+from pysim.rundir import load_result, save_result
+from pysim.sweep import build_network, load_runs, parse_grid, sweep
 from pysim.trace import Collective, Trace
-from pysim.trainer import TrainConfig, run
+from pysim.trainer import run
 from pysim.workload import Target, image_workload
 
 
@@ -37,23 +40,24 @@ def recorded(tmp_path_factory):
 def test_replay_equals_a_fresh_live_run(recorded, bw, lat):
     live = run(config(Network.uniform(2, bw, lat)))
     s, _ = run_sweep([recorded / "SimpleReduce"], bw, lat)
-    assert s.total_s[0, 0, 0, 0] == live["final"]["sim_time_s"]
-    assert s.time_to_target_s[0, 0, 0, 0] == live["final"]["time_to_target_s"]
-    result, trace = load_result(recorded / "SimpleReduce")
-    assert [e["metrics"] for e in result["evals"]] == [e["metrics"] for e in live["evals"]]
+    assert s.total_s[0, 0, 0, 0] == live.final.sim_time_s
+    assert s.time_to_target_s[0, 0, 0, 0] == live.final.time_to_target_s
+    result = load_result(recorded / "SimpleReduce")
+    assert [e.metrics for e in result.evals] == [e.metrics for e in live.evals]
 
 
 def test_runs_load_from_a_folder_that_also_holds_sweep_outputs(recorded):
     run_sweep([recorded], "1Gbps", "1ms", out_dir=recorded)  # sweep.json, sweep.csv ... beside the runs
     runs = load_runs([recorded, recorded / "DiLoCo"])  # a run named twice is loaded once
-    assert sorted(r["name"] for r, _ in runs) == ["DiLoCo", "SimpleReduce"]
+    assert sorted(r.name for r in runs) == ["DiLoCo", "SimpleReduce"]
 
 
 def test_runs_of_different_node_counts_are_not_compared(recorded, tmp_path):
-    result, trace = load_result(recorded / "SimpleReduce")
+    result = load_result(recorded / "SimpleReduce")
+    trace = result.trace
     events = [None if e is None else Collective(e.op, e.algo, e.sizes * 2) for e in trace.events]  # 4 members
     four = Trace(4, [row * 2 for row in trace.compute_s], [row * 2 for row in trace.flops], events, trace.step_ends)
-    save_result({**result, "name": "FourNodes", "config": {**result["config"], "nodes": 4}}, four, tmp_path)
+    save_result(replace(result, name="FourNodes", config={**result.config, "nodes": 4}, trace=four), tmp_path)
     with pytest.raises(ValueError, match=r"node count \(2 nodes: .*SimpleReduce; 4 nodes: FourNodes\)"):
         load_runs([recorded, tmp_path])
 
@@ -119,11 +123,11 @@ def test_sweep_trains_missing_runs_from_a_config(tmp_path, capsys):
            "train_examples": 2000, "eval_subset": 500, "compute": "cpu", "target": "accuracy>=0.5"}
     path = tmp_path / "config.json"
     path.write_text(json.dumps([cfg]))
-    argv = ["sweep", "--config", str(path), "--runs-dir", str(tmp_path / "runs"), "--bandwidths", "1Mbit,1Gbps",
+    argv = ["sweep", "--train", str(path), "--runs-dir", str(tmp_path / "runs"), "--bandwidths", "1Mbit,1Gbps",
             "--latencies", "1ms", "--target", "accuracy>=0.5", "--out", str(tmp_path / "out")]
     assert cli(argv) == 0
     assert "SPARTA p=0.01: training" in capsys.readouterr().out
     assert cli(argv) == 0  # second time the recorded run is reused
     assert "using recorded run" in capsys.readouterr().out
     path.write_text(json.dumps({"strategy": "SPARTA"}))
-    assert cli(["sweep", "--config", str(path)]) == 2
+    assert cli(["sweep", "--train", str(path)]) == 2

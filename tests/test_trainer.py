@@ -6,9 +6,10 @@ import math
 import pytest
 
 from pysim.compress import TopKCodec
+from pysim.config import TrainConfig
 from pysim.network import Network
-from pysim.results import load_result, run_path
-from pysim.trainer import TrainConfig, run
+from pysim.rundir import load_result, run_path
+from pysim.trainer import run
 from pysim.workload import image_workload
 
 N_PARAMS = 46730
@@ -41,22 +42,22 @@ def test_every_strategy_learns_and_bytes_match_formula(strategy, args, tmp_path)
     c = cfg(strategy, **args)
     r = run(c, tmp_path)
     folder = run_path(tmp_path, c.run_name)
-    assert r["final"]["metrics"]["accuracy"] > 0.35, r["final"]  # chance is 0.1; 30 steps
+    assert r.final.metrics["accuracy"] > 0.35, r.final  # chance is 0.1; 30 steps
     if strategy in EXPECTED_BYTES_PER_NODE and "codec" not in args:
-        assert r["final"]["bytes_sent_per_node"] == EXPECTED_BYTES_PER_NODE[strategy]
-    assert r["steps"][-1]["bytes_received_per_node"] == r["final"]["bytes_received_per_node"]  # transport = formula
-    assert r["steps"][-1]["bytes_sent_per_node"] == r["final"]["bytes_sent_per_node"]
-    assert math.isclose(r["steps"][-1]["sim_time_s"], r["final"]["sim_time_s"])
-    saved, trace = load_result(folder)
-    assert saved["final"] == r["final"] and trace == r["trace"]
+        assert r.final.bytes_sent_per_node == EXPECTED_BYTES_PER_NODE[strategy]
+    assert r.steps[-1].bytes_received_per_node == r.final.bytes_received_per_node  # transport = formula
+    assert r.steps[-1].bytes_sent_per_node == r.final.bytes_sent_per_node
+    assert math.isclose(r.steps[-1].sim_time_s, r.final.sim_time_s)
+    saved = load_result(folder)
+    assert saved.final == r.final and saved.trace == r.trace
     assert (folder / "steps.csv").read_text().count("\n") == STEPS + 1
 
 
 def test_same_seed_reproduces_accuracy_and_bytes():
     a, b = run(cfg("SPARTA", p=0.01)), run(cfg("SPARTA", p=0.01))
-    assert [e["metrics"] for e in a["evals"]] == [e["metrics"] for e in b["evals"]]
-    assert a["final"]["bytes_sent_per_node"] == b["final"]["bytes_sent_per_node"]
-    assert [s["loss"] for s in a["steps"]] == [s["loss"] for s in b["steps"]]
+    assert [e.metrics for e in a.evals] == [e.metrics for e in b.evals]
+    assert a.final.bytes_sent_per_node == b.final.bytes_sent_per_node
+    assert [s.loss for s in a.steps] == [s.loss for s in b.steps]
 
 
 def test_bad_configs_fail_before_spawning():
@@ -90,17 +91,17 @@ def test_a_half_speed_node_slows_simple_reduce_every_step_and_diloco_every_h_ste
         slow = cfg(name, **args)
         slow.compute, slow.steps, slow.eval_every, slow.compute_speed = "cpu", 20, 20, (1.0, 0.5)
         r0, r1 = run(base), run(slow)
-        trace = r1["trace"]
+        trace = r1.trace
         assert replay(trace, slow.network, ComputeScaling((1.0, 0.5), 0.0, slow.seed)).total_s \
-            == r1["final"]["sim_time_s"]
-        assert replay(trace, slow.network).total_s == r0["final"]["sim_time_s"]  # same work, other timing
-        assert r1["final"]["metrics"] == r0["final"]["metrics"]  # numerics do not change
+            == r1.final.sim_time_s
+        assert replay(trace, slow.network).total_s == r0.final.sim_time_s  # same work, other timing
+        assert r1.final.metrics == r0.final.metrics  # numerics do not change
         comp = [sum(row[i] for row in trace.compute_s) for i in (0, 1)]
         assert comp[0] == comp[1] > 0
         # the slow node computes 2x as long; the run cannot end before its compute does
-        assert r1["final"]["sim_time_s"] >= 2 * comp[1]
-        assert r1["final"]["sim_time_s"] - r0["final"]["sim_time_s"] == pytest.approx(comp[1], rel=0.05)
-        assert r1["final"]["idle_s"] > r0["final"]["idle_s"]
+        assert r1.final.sim_time_s >= 2 * comp[1]
+        assert r1.final.sim_time_s - r0.final.sim_time_s == pytest.approx(comp[1], rel=0.05)
+        assert r1.final.idle_s > r0.final.idle_s
     with pytest.raises(ValueError, match="2 speeds for 3 nodes|3 nodes"):
         bad = cfg("SimpleReduce")
         bad.nodes, bad.compute_speed = 3, (1.0, 0.5)
@@ -109,46 +110,3 @@ def test_a_half_speed_node_slows_simple_reduce_every_step_and_diloco_every_h_ste
         bad = cfg("SimpleReduce")
         bad.jitter = float("nan")
         bad.check()
-
-
-def test_machine_profile_is_calibrated_once_then_kept_for_later_comparisons(tmp_path, monkeypatch):
-    import pysim.trainer as trainer
-    from pysim.compute import ComputeProfile, machine_cache_path, this_machine
-    from pysim.trainer import config_step_key, machine_profile
-
-    monkeypatch.setenv("PYSIM_CACHE_DIR", str(tmp_path / "cache"))
-    calls = []
-
-    def fake_calibrate(cfg, profile=None):
-        calls.append(profile)
-        p = profile or ComputeProfile("calibrated", 1e10, 1e10, 1e-6, machine=this_machine(),
-                                      calibrated_at="2026-12-02T00:00:00Z")
-        p.steps[config_step_key(cfg)] = 0.01 * len(calls)
-        p.steps_calibrated_at[config_step_key(cfg)] = f"2026-12-0{2 + len(calls)}T00:00:00Z"
-        return p
-
-    monkeypatch.setattr(trainer, "calibrate", fake_calibrate)
-    cfg = TrainConfig(workload=image_workload(), batch_size=64)
-    key = config_step_key(cfg)
-    first, origin = machine_profile(cfg)
-    assert "calibrated now" in origin and machine_cache_path().is_file() and first.steps[key] == 0.01
-    again, origin = machine_profile(cfg)             # a later comparison: the same compute, not a new draw
-    assert len(calls) == 1 and again.steps[key] == 0.01 and "kept in" in origin and "at 2026-12-03" in origin
-    other = TrainConfig(workload=image_workload(), batch_size=32)
-    both, _ = machine_profile(other)                 # a new step is added to the kept machine rates
-    assert calls[-1] is not None and set(both.steps) == {key, config_step_key(other)}
-    assert "at 2026-12-04" in machine_profile(other)[1]   # the time the added step was measured
-    fresh, origin = machine_profile(cfg, recalibrate=True)
-    assert calls[-1] is None and fresh.steps[key] == 0.03 and "calibrated now" in origin
-    assert ComputeProfile.load(machine_cache_path()).steps[key] == 0.03   # the new one is kept
-    machine_cache_path().write_text("{not json")     # unreadable: calibrated again, replaced
-    assert "calibrated now" in machine_profile(cfg)[1]
-    foreign = ComputeProfile.load(machine_cache_path())
-    foreign.machine = "another CPU"
-    foreign.save(machine_cache_path())               # another machine's rates are not used
-    assert "calibrated now" in machine_profile(cfg)[1] and calls[-1] is None
-    blocked = tmp_path / "file"
-    blocked.write_text("")
-    monkeypatch.setenv("PYSIM_CACHE_DIR", str(blocked / "cache"))   # cannot be created: not kept, no crash
-    profile, origin = machine_profile(cfg)
-    assert key in profile.steps and "not kept" in origin and "PYSIM_CACHE_DIR" in origin

@@ -9,7 +9,6 @@ import torch
 import workloads
 
 import pysim
-from pysim.results import crossing_step, time_at_step, time_to_target
 from pysim.workload import CharWindows, Target, Workload, shakespeare_workload
 
 
@@ -19,11 +18,11 @@ def test_user_model_and_dataset_train_through_the_public_api(tmp_path):
     cfg = pysim.TrainConfig(workload=wl, strategy="SimpleReduce", nodes=2, steps=40, batch_size=16, eval_every=10,
                             warmup_steps=2, network=pysim.Network.uniform(2, "1Gbps", "1ms"))
     r = pysim.run(cfg, tmp_path)
-    assert r["final"]["metrics"]["accuracy"] > 0.9
-    assert r["final"]["time_to_target_s"] is not None
+    assert r.final.metrics["accuracy"] > 0.9
+    assert r.final.time_to_target_s is not None
     n_params = sum(p.numel() for p in workloads.tiny_mlp().parameters())  # 195
     chunk = 24 + 4 + 4 * (n_params // 2), 24 + 4 + 4 * (n_params - n_params // 2)
-    assert r["final"]["bytes_sent_per_node"] == 40 * sum(chunk)  # two ring phases per step on 2 nodes
+    assert r.final.bytes_sent_per_node == 40 * sum(chunk)  # two ring phases per step on 2 nodes
 
 
 def test_a_factory_the_nodes_cannot_import_is_a_one_line_error():
@@ -41,11 +40,11 @@ def test_gpt_loss_falls_and_bytes_match_parameter_count(tmp_path):
     cfg = pysim.TrainConfig(workload=wl, strategy="SimpleReduce", nodes=2, steps=30, batch_size=16, eval_every=10,
                             warmup_steps=3, network=pysim.Network.uniform(2, "1Gbps", "1ms"))
     r = pysim.run(cfg)
-    losses = [e["metrics"]["loss"] for e in r["evals"]]
+    losses = [e.metrics["loss"] for e in r.evals]
     assert losses[-1] < 3.4 < np.log(65) and losses[-1] < losses[0] - 0.1  # below uniform (4.17), falling
-    assert r["final"]["metrics"]["bits_per_token"] == pytest.approx(r["final"]["metrics"]["loss"] / np.log(2))
+    assert r.final.metrics["bits_per_token"] == pytest.approx(r.final.metrics["loss"] / np.log(2))
     chunk = 24 + 4 + 4 * (n_params // 2), 24 + 4 + 4 * (n_params - n_params // 2)
-    assert r["final"]["bytes_sent_per_node"] == 30 * sum(chunk)
+    assert r.final.bytes_sent_per_node == 30 * sum(chunk)
 
 
 def test_char_windows_predict_the_next_character():
@@ -63,31 +62,6 @@ def test_targets_parse_and_fail_clearly():
     for bad in ("accuracy>0.9", "accuracy>=x", ">=0.9", "accuracy>=nan", "accuracy>=inf"):
         with pytest.raises(ValueError, match="bad target"):
             Target.parse(bad)
-
-
-def test_crossing_is_interpolated_between_evaluations():
-    series = [(10, 0.90), (20, 0.95), (30, 0.99)]
-    # 0.98 lies 3/4 of the way from 0.95 (step 20) to 0.99 (step 30): step 27.5
-    assert crossing_step(series, Target("accuracy", ">=", 0.98)) == (27.5, 20, 30)
-    assert crossing_step([(10, 2.0), (20, 1.6)], Target("loss", "<=", 1.7)) == pytest.approx((17.5, 10, 20))
-    assert crossing_step(series, Target("accuracy", ">=", 0.999)) is None
-    assert crossing_step(series, Target("accuracy", ">=", 0.5)) == (10.0, 0, 10)
-
-
-def test_time_to_target_reads_the_step_clock():
-    ends = np.array([1.0, 2.0, 3.0, 5.0])  # step k+1 ends at ends[k]
-    assert time_at_step(ends, 3.5) == pytest.approx(4.0)
-    assert time_at_step(ends, 0.5) == pytest.approx(0.5)
-    result = {"steps": [{"sim_time_s": t} for t in ends],
-              "evals": [{"step": 2, "metrics": {"accuracy": 0.5}}, {"step": 4, "metrics": {"accuracy": 0.9}}]}
-    # 0.8 is 3/4 of the way from step 2 to step 4: step 3.5 -> 4.0 s, bracket 2.0 s .. 5.0 s
-    assert time_to_target(result, Target("accuracy", ">=", 0.8)) == (4.0, 2.0, 5.0)
-
-
-def test_crossing_one_step_apart_is_that_step_not_an_interpolation():
-    # the node bisected down to adjacent steps: step 27 is the first model at or above the target
-    series = [(25, 0.95), (26, 0.975), (27, 0.99), (50, 0.995)]
-    assert crossing_step(series, Target("accuracy", ">=", 0.98)) == (27.0, 26, 27)
 
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "example" / "custom_model.py"
@@ -114,9 +88,9 @@ def test_readme_custom_model_example_runs_spawned_and_under_torchrun(launcher, t
 
 def test_deployed_model_is_asked_for_every_step_only_until_the_target_is_reached(monkeypatch):
     # one node in this process: every call of the strategy's eval_model is counted
+    from pysim.config import TrainConfig
     from pysim.node import train_node
     from pysim.strategies import Strategy
-    from pysim.trainer import TrainConfig
 
     calls = []
     real = Strategy.eval_model

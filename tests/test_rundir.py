@@ -1,4 +1,4 @@
-"""Saved runs: atomic files, a manifest that ties them, refusal of anything stale, mixed or cut short."""
+"""Run directories: atomic files, a manifest that ties them, refusal of anything stale, mixed or cut short."""
 
 import hashlib
 import json
@@ -9,54 +9,52 @@ import time
 
 import pytest
 
-from pysim import results
+from pysim import atomic
+from pysim.atomic import atomic_write_text
 from pysim.clock import Collective, Trace
-from pysim.results import (
-    RESULT_VERSION,
-    atomic_write_text,
-    check_out_dir,
-    load_result,
-    run_dirs,
-    save_result,
-)
+from pysim.result import Evaluation, Final, Result, StepRow
+from pysim.rundir import check_out_dir, load_result, run_dirs, save_result
+from pysim.workload import Target
 
 
-def fake_run(loss: float, steps: int = 50, name: str = "Run") -> tuple[dict, Trace]:
-    """A result and trace shaped like the trainer's, with values a test can recognise (``loss``)."""
+def fake_run(loss: float, steps: int = 50, name: str = "Run") -> Result:
+    """A result (with its trace) shaped like the trainer's, with values a test can recognise (``loss``)."""
     ring = Collective("allreduce", "ring", (4000, 4000))
     trace = Trace(2, [[loss, loss], [0.0, 0.0]] * steps, [[1e6, 1e6], [0.0, 0.0]] * steps, [ring, None] * steps,
                   list(range(1, 2 * steps, 2)))  # each step: compute, an all-reduce, then the step's end
-    rows = [{"step": k + 1, "loss": loss, "sim_time_s": 0.5 * (k + 1), "bytes_sent_per_node": 4000 * (k + 1)}
-            for k in range(steps)]
-    evals = [{"step": k, "sim_time_s": 0.5 * k, "metrics": {"loss": loss, "accuracy": k / steps}}
+    rows = [StepRow(k + 1, loss, 0.5 * (k + 1), 4000 * (k + 1), 4000 * (k + 1), 0.0, 0.0) for k in range(steps)]
+    evals = [Evaluation(k, 0.5 * k, {"loss": loss, "accuracy": k / steps}, 100, 4000 * k)
              for k in (steps // 2, steps)]
-    return {"version": RESULT_VERSION, "name": name, "config": {"nodes": 2, "loss": loss}, "steps": rows,
-            "evals": evals, "final": {"metrics": {"accuracy": 1.0}}}, trace
+    final = Final({"accuracy": 1.0}, 0.5 * steps, None, None, 4000 * steps, 4000 * steps, 0.0, 0.0, 0.0, 1.0)
+    return Result(name, name, {"nodes": 2, "loss": loss, "seed": 0}, "net", Target.parse("accuracy>=0.9"), rows,
+                  evals, final, trace=trace)
 
 
 def test_saved_run_is_a_folder_whose_manifest_hashes_its_files(tmp_path):
-    result, trace = fake_run(1.0)
-    folder = save_result(result, trace, tmp_path)
-    assert folder == tmp_path / "Run"
+    result = fake_run(1.0)
+    saved = save_result(result, tmp_path)
+    folder = tmp_path / "Run"
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "result.json", "steps.csv", "trace.json"]
     manifest = json.loads((folder / "manifest.json").read_text())
     for name in ("result.json", "trace.json", "steps.csv"):
         data = (folder / name).read_bytes()
         assert manifest["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    assert manifest["config"] == result["config"]
+    assert manifest["config"] == result.config
     csv_lines = (folder / "steps.csv").read_text().splitlines()
-    assert csv_lines[0] == "step,loss,sim_time_s,bytes_sent_per_node,eval_loss,eval_accuracy"
-    assert csv_lines[25] == "25,1.0,12.5,100000,1.0,0.5" and csv_lines[24].endswith(",,")
-    loaded, loaded_trace = load_result(folder)
-    assert loaded_trace == trace
-    assert loaded["run_id"] == manifest["run_id"] and len(loaded["run_id"]) == 32
-    assert {k: v for k, v in loaded.items() if k != "run_id"} == result
-    assert load_result(folder / "result.json")[0] == loaded  # a file of the run names the run too
+    assert csv_lines[0] == ("step,loss,sim_time_s,bytes_sent_per_node,bytes_received_per_node,compute_s,comm_s,"
+                            "eval_loss,eval_accuracy")
+    assert csv_lines[25] == "25,1.0,12.5,100000,100000,0.0,0.0,1.0,0.5" and csv_lines[24].endswith(",,")
+    loaded = load_result(folder)
+    assert loaded.trace == result.trace
+    assert loaded.run_id == manifest["run_id"] == saved.run_id and len(loaded.run_id) == 32
+    assert loaded == saved and loaded.steps == result.steps and loaded.final == result.final
+    assert load_result(folder / "result.json") == loaded  # a file of the run names the run too
 
 
 def test_files_from_another_run_are_refused(tmp_path):
-    a = save_result(*fake_run(1.0), tmp_path / "a")
-    b = save_result(*fake_run(2.0), tmp_path / "b")
+    save_result(fake_run(1.0), tmp_path / "a")
+    save_result(fake_run(2.0), tmp_path / "b")
+    a, b = tmp_path / "a" / "Run", tmp_path / "b" / "Run"
     (a / "trace.json").write_bytes((b / "trace.json").read_bytes())  # a stale or foreign trace beside a's result
     with pytest.raises(ValueError, match=r"trace.json does not match manifest.json .*re-run") as e:
         load_result(a)
@@ -64,7 +62,8 @@ def test_files_from_another_run_are_refused(tmp_path):
 
 
 def test_missing_pieces_are_named(tmp_path):
-    folder = save_result(*fake_run(1.0), tmp_path)
+    save_result(fake_run(1.0), tmp_path)
+    folder = tmp_path / "Run"
     (folder / "steps.csv").unlink()
     with pytest.raises(ValueError, match="steps.csv is missing"):
         load_result(folder)
@@ -86,10 +85,10 @@ def test_old_flat_results_files_are_refused_with_advice(tmp_path):
 
 
 def test_saving_again_replaces_the_whole_run(tmp_path):
-    first = save_result(*fake_run(1.0), tmp_path)
-    save_result(*fake_run(2.0), tmp_path)
-    result, trace = load_result(first)
-    assert result["config"]["loss"] == 2.0 and trace.compute_s[0] == [2.0, 2.0]
+    save_result(fake_run(1.0), tmp_path)
+    save_result(fake_run(2.0), tmp_path)
+    result = load_result(tmp_path / "Run")
+    assert result.config["loss"] == 2.0 and result.trace.compute_s[0] == [2.0, 2.0]
 
 
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
@@ -99,7 +98,7 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(results.os, "fsync", disk_full)
+    monkeypatch.setattr(atomic.os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
         atomic_write_text(path, "new" * 1000)
     assert path.read_text() == "old"
@@ -122,12 +121,13 @@ def test_kills_while_saving_leave_no_broken_file(tmp_path):
     version, and loading gives a matching pair or a clear refusal."""
     versions = {loss: fake_run(loss, steps=200) for loss in (1.0, 2.0)}
     complete = {name: {} for name in ("trace.json", "steps.csv")}
-    for loss, (result, trace) in versions.items():
-        folder = save_result(result, trace, tmp_path / str(loss))
+    for loss, result in versions.items():
+        save_result(result, tmp_path / str(loss))
+        folder = tmp_path / str(loss) / "Run"
         for name in complete:
             complete[name][loss] = (folder / name).read_bytes()
     out = tmp_path / "out"
-    save_result(*versions[1.0], out)
+    save_result(versions[1.0], out)
     folder = out / "Run"
     rng = random.Random(11)
     outcomes = {"loaded": 0, "refused": 0}
@@ -136,8 +136,8 @@ def test_kills_while_saving_leave_no_broken_file(tmp_path):
         if pid == 0:  # the child saves forever, alternating the two versions
             try:
                 while True:
-                    for result, trace in versions.values():
-                        save_result(result, trace, out)
+                    for result in versions.values():
+                        save_result(result, out)
             finally:
                 os._exit(1)
         time.sleep(rng.uniform(0.002, 0.06))
@@ -152,17 +152,17 @@ def test_kills_while_saving_leave_no_broken_file(tmp_path):
         if (folder / "manifest.json").exists():
             assert json.loads((folder / "manifest.json").read_text())["config"]["loss"] in versions
         try:
-            result, trace = load_result(folder)
+            result = load_result(folder)
         except ValueError as e:
             assert "\n" not in str(e) and "re-run" in str(e)
             outcomes["refused"] += 1
         else:
-            loss = result["config"]["loss"]
-            assert trace == versions[loss][1] and result["steps"] == versions[loss][0]["steps"]
+            loss = result.config["loss"]
+            assert result.trace == versions[loss].trace and result.steps == versions[loss].steps
             outcomes["loaded"] += 1
     assert sum(outcomes.values()) == 30 and outcomes["refused"] > 0  # some kills did land in the middle of a save
-    save_result(*versions[2.0], out)  # a later save cleans up and gives a loadable run
-    assert load_result(folder)[0]["config"]["loss"] == 2.0
+    save_result(versions[2.0], out)  # a later save cleans up and gives a loadable run
+    assert load_result(folder).config["loss"] == 2.0
     assert not list(folder.glob(".*.tmp"))
 
 
@@ -178,7 +178,7 @@ def test_kills_while_writing_a_file_leave_the_old_or_the_new_version(tmp_path):
             try:
                 while True:
                     for data in versions:
-                        results.atomic_write_bytes(path, data)
+                        atomic.atomic_write_bytes(path, data)
             finally:
                 os._exit(1)
         time.sleep(rng.uniform(0.001, 0.03))

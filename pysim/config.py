@@ -1,0 +1,166 @@
+"""A run's configuration: :class:`TrainConfig`, checked at the boundary before any process starts.
+
+Everything a run's numbers depend on is here (workload, strategy, nodes,
+network, steps, seeds, compute model, stragglers), with its JSON form (saved
+with every result, compared on ``--resume``). How the run is executed (worker
+processes, output folder, checkpoints) is not: it never changes a result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from pysim.clock import ComputeScaling
+from pysim.compute import ComputeProfile, resolve_compute
+from pysim.network import Network, network_from_json, network_to_json
+from pysim.placement import Placement, check_fits, default_processes, node_state_bytes
+from pysim.sharding import Sharding
+from pysim.strategies import make_strategy
+from pysim.workload import Target, Workload, get_workload
+
+
+def model_parameters(workload: Workload) -> int:
+    """Parameters of ``workload``'s model, counted on torch's meta device (no memory, no data)."""
+    import torch
+
+    with torch.device("meta"):
+        model = workload.model()
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_int(name: str, v: object, low: int, none_ok: bool = False) -> None:
+    if none_ok and v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an integer >= {low}{' or None' if none_ok else ''}, got {v!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. Units: seconds, bytes.
+
+    ``workload``: what is trained (a :class:`~pysim.workload.Workload`, or a built-in's name
+    such as ``"mnist"``); ``target`` overrides the workload's. ``sharding``: ``iid``,
+    ``contiguous`` or ``dirichlet:ALPHA``. ``eval_every``: steps between evaluations on
+    ``eval_subset`` examples of the evaluation set (None: all); the final metrics use all.
+    ``resolve_target``: node 0 keeps each step's deployed model between evaluations and
+    bisects to the first step that reached the target (time to target known to one step).
+    ``train_examples`` keeps only the first N training examples (quick studies, tests).
+    ``compute``: how compute time is charged (see :mod:`pysim.compute`); ``profile`` is
+    the resolved profile (set by :meth:`check`, or given: a comparison shares one).
+    ``compute_speed`` and ``jitter``: stragglers, applied by the clock to every node's compute
+    (:class:`pysim.clock.ComputeScaling`: time / speed_i * exp(jitter * z), z ~ N(0, 1) per node
+    and step, seeded by ``seed``); the numerics do not change, only when things happen.
+    """
+
+    workload: Workload | str = "mnist"
+    strategy: str = "SimpleReduce"
+    strategy_args: dict = field(default_factory=dict)
+    nodes: int = 2
+    network: Network = field(default_factory=lambda: Network.uniform(2, "100Mbit", "20ms"))
+    steps: int = 600
+    batch_size: int = 64
+    warmup_steps: int = 30
+    eval_every: int = 100
+    eval_subset: int | None = None
+    seed: int = 0
+    compute: str = "measured"          # "calibrated", "profile:FILE" or a device: "cpu", "a100", "h100", ...
+    algorithm: str = "ring"            # all-reduce algorithm: "ring" or "star"
+    sharding: Sharding | str = "iid"
+    train_examples: int | None = None
+    target: Target | str | None = None
+    label: str | None = None
+    profile: ComputeProfile | None = None
+    seed_in_name: bool = False         # save as "<name> seed<N>" (comparisons keep every seed in one folder)
+    resolve_target: bool = True        # find the first step reaching the target by bisection (see pysim.node)
+    checkpoint_every: int | None = None  # steps between checkpoints (with an out_dir; see pysim.checkpoint)
+    compute_speed: tuple[float, ...] = ()  # per-node compute speed factors (1: as recorded; 0.5: half speed)
+    jitter: float = 0.0                # sigma of the per-node, per-step lognormal compute-time factor
+
+    def __post_init__(self) -> None:
+        self.compute_speed = tuple(self.compute_speed)
+        if isinstance(self.workload, str):
+            self.workload = get_workload(self.workload)
+        self.sharding = Sharding.parse(self.sharding)
+        if self.target is not None:
+            self.target = Target.parse(self.target)
+
+    def check(self, processes: int | None = None) -> None:
+        """Validates everything before any node process starts; one-line errors. ``processes``:
+        the worker processes the run will use (default: :func:`pysim.placement.default_processes`),
+        for the memory check."""
+        for name in ("nodes", "steps", "batch_size", "eval_every"):
+            _check_int(name, getattr(self, name), 1)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        for name in ("eval_subset", "train_examples", "checkpoint_every"):
+            _check_int(name, getattr(self, name), 1, none_ok=True)
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        if self.profile is None and self.compute != "calibrated":
+            self.profile = resolve_compute(self.compute)
+        if self.compute_speed and len(self.compute_speed) != self.nodes:
+            raise ValueError(f"--compute-speed gives {len(self.compute_speed)} speeds for {self.nodes} nodes; "
+                             f"give one per node, e.g. {','.join(['1'] * (self.nodes - 1) + ['0.5'])}")
+        self.scaling.speeds(self.nodes)  # ComputeScaling checks speeds and jitter
+        if self.algorithm not in ("ring", "star"):
+            raise ValueError(f"algorithm must be 'ring' or 'star', got {self.algorithm!r}")
+        self.network = self.network.with_nodes(self.nodes)
+        make_strategy(self.strategy, **self.strategy_args)  # fails early on bad arguments
+        self.workload.validate()  # picklable, data present and not corrupt: reported here, not by every node
+        placement = Placement(self.nodes, processes or default_processes(self.nodes))
+        check_fits(self.nodes, placement.processes, node_state_bytes(model_parameters(self.workload)))
+        size = self.workload.train_size
+        if size is not None:
+            size = min(size, self.train_examples or size)
+            if self.sharding.kind != "dirichlet" and self.batch_size > size // self.nodes:
+                raise ValueError(f"batch size {self.batch_size} exceeds each node's shard of {size // self.nodes} "
+                                 f"training examples ({size} over {self.nodes} nodes); use --batch-size "
+                                 f"{max(1, size // self.nodes)} or less")
+
+    @property
+    def scaling(self) -> ComputeScaling:
+        """The clock's compute scaling of this run (speeds and jitter, seeded by the run's seed)."""
+        return ComputeScaling(self.compute_speed, self.jitter, self.seed)
+
+    @property
+    def name(self) -> str:
+        """What ran, for tables and folders: ``label``, else the strategy's own label naming its
+        configuration (e.g. ``DiLoCo H=25 lowrank:8+EF outer 1.0/0.5``)."""
+        return self.label or make_strategy(self.strategy, **self.strategy_args).label
+
+    @property
+    def run_name(self) -> str:
+        """The name the run is saved under (its folder in ``out_dir``)."""
+        return f"{self.name} seed{self.seed}" if self.seed_in_name else self.name
+
+    @property
+    def goal(self) -> Target:
+        """The target of this run: the config's, else the workload's."""
+        return self.target or self.workload.target
+
+    def identity(self) -> dict:
+        """What a resumed run must share with the one it continues: the JSON form without
+        ``checkpoint_every`` (how often checkpoints are written changes no result)."""
+        return {k: v for k, v in self.to_json().items() if k != "checkpoint_every"}
+
+    def to_json(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["workload"] = {"name": self.workload.name, "spec": self.workload.spec, "args": self.workload.args}
+        d["network"] = network_to_json(self.network)
+        d["sharding"] = str(self.sharding)
+        d["target"] = None if self.target is None else str(self.target)
+        d["profile"] = None if self.profile is None else asdict(self.profile)
+        d["compute_speed"] = list(self.compute_speed)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        w = d["workload"]
+        if not w.get("spec"):
+            raise ValueError(f"workload {w.get('name')!r} is user-defined; only built-in workloads can be "
+                             "rebuilt from a config file")
+        d["workload"] = get_workload(w["spec"], **w.get("args", {}))
+        d["network"] = network_from_json(d["network"])
+        d["profile"] = None if d.get("profile") is None else ComputeProfile(**d["profile"])
+        return cls(**d)
