@@ -1,27 +1,41 @@
-"""The comm layer of a node: real packets between processes, charged to a virtual clock.
+"""The comm layer of a node: collectives whose real packets cross between nodes, charged to a virtual clock.
 
-Each collective (1) moves the real packets between the node processes with
-point-to-point gloo messages along the schedule of :mod:`pysim.schedule`
-(both directions of a ring hop at once: the receive and the send are posted
-together), (2) shares an uncharged metadata row per node (its clock, compute
-since its last segment and packet length: simulator bookkeeping, whose
-real-network counterpart is the packet header) riding ahead of the
-all-reduce's own messages, or for all-gathers, whose packet sizes the
-receivers must learn first, in a small separate all-gather, and (3) records
-the segment and advances this node's :class:`pysim.clock.Clock`, the same
-clock :func:`pysim.clock.replay` runs.
+A collective on a node (:class:`Comm`) does three things:
+
+1. its own work before the start, charged to the node as compute: packing what
+   it sends (its ring chunk, its packet);
+2. it meets the other nodes of its process (:meth:`pysim.host.Host.meet`); the
+   last to arrive runs the collective once for all of them: every node's
+   metadata row (its clock, compute since its last segment, packet bytes:
+   simulator bookkeeping, whose real counterpart is the packet header) is
+   gathered from every process, each node's clock is charged (the same
+   :class:`pysim.clock.Clock` that :func:`pysim.clock.replay` runs), and the real
+   packets move along the schedule of :mod:`pysim.schedule` (in memory between
+   nodes of a process, over gloo between processes: :mod:`pysim.transport`);
+3. the node gets its result. Work that needs the result (decoding all-gathered
+   packets) runs after the collective and is charged there, after its Wait.
+
+The reductions and re-encodings at each ring hop happen inside the collective,
+as they do inside gloo or NCCL, and are part of its network time (which the
+calibration fits against gloo's), not the node's compute.
+
+One ring. A ring all-reduce of a summable codec moves each member's chunk hop by
+hop (reduce-scatter, then all-gather) and is written once (:func:`_ring`); how a
+chunk's packet is built and read is its codec's (:class:`DensePieces`: dense
+packets encoded, reduced and decoded piece by piece, so that between processes
+piece i+1 is on the wire while piece i is reduced; :class:`WholePackets`: any
+other summable codec, packet by packet). Every receive from another process is
+posted before the first send.
 
 Non-blocking collectives. ``allreduce_mean_async(x, codec, stream)`` returns a
-:class:`Pending`; ``Pending.wait()`` returns the mean. The real packets move
-at once (in real time the call blocks until they have); only the simulated
-clock overlaps: the trace records ``Start`` when the call is made and ``Wait``
-when ``wait()`` is called, and compute measured in between (the node's
-compute meter) runs while the collective is in flight. Collectives on one
-stream run one after the other in call order; collectives on different
-streams share the links (see :mod:`pysim.clock`). Every node must issue the
-same collectives and waits in the same order. ``allreduce_mean`` is the
-blocking form (start and wait at once, on stream 0). A DDP-style bucketed
-reduce::
+:class:`Pending`; ``Pending.wait()`` returns the mean. The real packets move at
+once; only the simulated clock overlaps: the trace records ``Start`` when the
+call is made and ``Wait`` when ``wait()`` is called, and compute measured in
+between runs while the collective is in flight. Collectives on one stream run
+one after the other in call order; on different streams they share the links
+(see :mod:`pysim.clock`). Every node must issue the same collectives and waits
+in the same order. ``allreduce_mean`` is the blocking form (stream 0). A
+DDP-style bucketed reduce::
 
     pending = []
     for bucket in buckets_in_backward_order:
@@ -30,32 +44,30 @@ reduce::
         pending.append(comm.allreduce_mean_async(grads))
     means = [p.wait() for p in pending]
 
-and a streaming sync with delay tau: start at step k, ``wait()`` at step k+tau.
-
 Grouped all-reduce. ``allreduce_mean(x, groups=[[0, 2], [1, 3]])`` gives each
 node the mean over its own group (FedAvg's islands): every group runs its own
 ring (or star, root = its first member) at once, along the grouped schedule of
 :mod:`pysim.schedule`, and the trace records one collective with its groups.
-The metadata rows then travel in the small separate all-gather (a ring within
-a group would not carry the other groups' clocks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from pysim.clock import Clock, ComputeScaling
 from pysim.compress import Codec, DenseCodec, split_packets
 from pysim.compute import ComputeMeter
+from pysim.host import current_host, solo_host
 from pysim.network import Network
 from pysim.pieces import PIECE_BYTES, BufferPool, DenseLayout, add_encode_piece, decode_piece, encode_piece
 from pysim.schedule import Groups, check_groups, group_of, phases, ring_hop
 from pysim.trace import Collective, Event, Start, Wait
+from pysim.transport import Transport
 
 T = TypeVar("T")
 
@@ -83,13 +95,32 @@ class Pending(Generic[T]):
         return self._result  # type: ignore[return-value]
 
 
+@dataclass
+class _Part:
+    """One node's part in a collective: what the executor needs from it."""
+
+    comm: Comm
+    row: np.ndarray                      # (clock, compute s, flops, bytes of its packet)
+    x: torch.Tensor | None = None        # its input, flat float32 (all-reduce)
+    packet: torch.Tensor | None = None   # what it sends first, packed before the Start
+    settings: tuple = ()                 # what every node must agree on (op, codec, groups, stream, ...)
+    result: object = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def node(self) -> int:
+        return self.comm.rank
+
+
 class Comm:
-    """Collectives for one node of a ``world``-node run on ``network``.
+    """Collectives for node ``rank`` of a ``world``-node run on ``network``.
 
     ``algorithm`` is the all-reduce algorithm: "ring" (default) or "star"
-    (parameter server at node 0). All-gathers use a ring. ``scaling``: compute
-    speed factors and jitter the clock applies (:class:`pysim.clock.ComputeScaling`;
-    give :func:`pysim.clock.replay` the same one).
+    (parameter server at each group's first member). All-gathers use a ring.
+    ``scaling``: compute speed factors and jitter the clock applies
+    (:class:`pysim.clock.ComputeScaling`; give :func:`pysim.clock.replay` the same one).
+    Runs inside a :class:`pysim.host.Host` node thread, or alone in a process (one node per
+    process, torch.distributed initialised for more than one).
     """
 
     def __init__(self, rank: int, world: int, network: Network, meter: ComputeMeter | None = None,
@@ -101,7 +132,7 @@ class Comm:
         self.meter = meter or ComputeMeter()
         self.algorithm = algorithm
         self.clock = Clock(self.network, world, scaling)
-        self.bytes_sent = 0              # real packet bytes this node sent
+        self.bytes_sent = 0              # real packet bytes this node sent (counted by the transport)
         self.bytes_received = 0
         self.compute_total_s = 0.0       # measured compute (before scaling)
         # this node's view of the trace: per segment (compute_s, flops, event)
@@ -109,8 +140,20 @@ class Comm:
         self.step_ends: list[int] = []
         self._next_handle = 0
         self._dense = DenseCodec()
-        self.piece_bytes = PIECE_BYTES   # dense ring packets travel in pieces of this many payload bytes
-        self._pool = BufferPool()        # their buffers, reused from one collective to the next
+        self.piece_bytes = PIECE_BYTES   # dense ring packets travel between processes in pieces of this size
+        self._attach()
+
+    def _attach(self) -> None:
+        host = current_host()
+        self.host = host if host is not None and self.rank in host.nodes else solo_host(self.rank, self.world)
+        self.transport: Transport = self.host.transport
+
+    def __getstate__(self) -> dict:   # a checkpoint keeps the node's state, not its process's machinery
+        return {k: v for k, v in self.__dict__.items() if k not in ("host", "transport")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._attach()
 
     # ------------------------------------------------------------ clock
 
@@ -143,21 +186,16 @@ class Comm:
     def _wait(self, handle: int) -> None:
         self._record_local(Wait(handle))
 
-    def _my_row(self, my_bytes: int) -> np.ndarray:
-        """This node's metadata row (clock, compute s, flops, bytes) in a (nodes x 4)
-        float64 table whose unknown rows are NaN. NumPy: these are tiny arrays on the
-        hot path, where torch's per-op dispatch would cost more than the data."""
+    def _row(self, my_bytes: int) -> np.ndarray:
+        """This node's metadata row: its clock, the compute since its last segment, and the
+        bytes of the packet it reports (see :mod:`pysim.schedule`)."""
         comp, flops = self.meter.take()
-        table = np.full((self.world, 4), np.nan)
-        table[self.rank] = (self.clock_s, comp, flops, my_bytes)
-        return table
+        return np.array([self.clock_s, comp, flops, my_bytes], dtype=np.float64)
 
-    def _charge(self, op: str, algo: str, sizes: list[int], table: np.ndarray, stream: int | None = None,
-                groups: Groups | None = None) -> int:
-        """Records a collective, given every node's metadata row: blocking (``stream`` None)
-        or started on ``stream``, within ``groups`` if given. Returns its handle."""
+    def _charge(self, coll: Collective, table: np.ndarray, stream: int | None) -> int:
+        """Records a collective given every node's metadata row: blocking (``stream`` None) or
+        started on ``stream``. Returns its handle."""
         comp, flops = float(table[self.rank, 1]), float(table[self.rank, 2])
-        coll = Collective(op, algo, tuple(sizes), groups)
         handle = self._next_handle
         self._next_handle += 1
         event: Event = coll if stream is None else Start(handle, coll, stream)
@@ -167,51 +205,34 @@ class Comm:
         self.segments.append((comp, flops, event))
         return handle
 
-    def _begin(self, op: str, algo: str, my_bytes: int, stream: int | None = None,
-               groups: Groups | None = None) -> tuple[list[int], int]:
-        """Exchanges metadata in a separate small collective (for packets whose sizes the
-        receivers cannot know in advance, and for grouped collectives) and charges the
-        clock; returns the member sizes and the collective's handle."""
-        table = self._my_row(my_bytes)
-        if self.world > 1:
-            rows = [torch.empty(4, dtype=torch.float64) for _ in range(self.world)]
-            dist.all_gather(rows, torch.from_numpy(table[self.rank].copy()))
-            table = torch.stack(rows).numpy()
-        sizes = [int(v) for v in table[:, 3]]
-        return sizes, self._charge(op, algo, sizes, table, stream, groups)
+    def _collective(self, op: str, part: _Part, execute: Callable[[list[_Part], np.ndarray], None],
+                    algo: str, stream: int | None, groups: Groups | None) -> _Part:
+        """Meets the local nodes; the last runs the collective: gathers every node's row, charges
+        every local node's clock, then ``execute(parts, table)`` moves the packets and sets each
+        part's ``result``. Returns this node's part, with its ``result`` and ``extra["handle"]``."""
+        def run(requests: dict[int, _Part]) -> dict[int, _Part]:
+            parts = [requests[n] for n in sorted(requests)]
+            for p in parts[1:]:
+                if p.settings != parts[0].settings:
+                    raise RuntimeError(f"nodes {parts[0].node} and {p.node} disagree on a collective: "
+                                       f"{parts[0].settings} vs {p.settings}")
+            t = self.transport
+            table = t.gather_rows({p.node: p.row for p in parts})
+            coll = Collective(op, algo, tuple(int(b) for b in table[:, 3]), groups)
+            for p in parts:
+                p.extra["handle"] = p.comm._charge(coll, table, stream)
+            sent = {p.node: t.sent[p.node] for p in parts}
+            received = {p.node: t.received[p.node] for p in parts}
+            execute(parts, table)
+            t.flush()
+            for p in parts:
+                p.comm.bytes_sent += t.sent[p.node] - sent[p.node]
+                p.comm.bytes_received += t.received[p.node] - received[p.node]
+            return {p.node: p for p in parts}
 
-    # ------------------------------------------------------------ transport
+        return self.host.meet(op, part, run)
 
-    def _exchange(self, send: torch.Tensor | None, dst: int, recv_bytes: int | None, src: int,
-                  table: np.ndarray | None = None) -> torch.Tensor | None:
-        """Sends ``send`` to dst while receiving ``recv_bytes`` from src (either may be None):
-        the receive and the send are posted together, so both directions move at once.
-        With ``table``, the metadata table rides along, uncharged, ahead of the packet and
-        the rows the sender knew are merged into ``table`` in place."""
-        reqs = []
-        buf = theirs = None
-        if recv_bytes is not None:
-            if table is not None:  # a message of its own ahead of the packet: the packet is not copied
-                theirs = np.empty_like(table)
-                reqs.append(dist.irecv(torch.from_numpy(theirs.reshape(-1)), src))
-            buf = torch.empty(recv_bytes, dtype=torch.uint8)
-            reqs.append(dist.irecv(buf, src))
-        if send is not None:
-            if table is not None:
-                reqs.append(dist.isend(torch.from_numpy(table.reshape(-1)), dst))
-            reqs.append(dist.isend(send, dst))
-            self.bytes_sent += send.numel()
-        for req in reqs:
-            req.wait()
-        if buf is None:
-            return None
-        self.bytes_received += recv_bytes
-        if theirs is not None:
-            unknown = np.isnan(table[:, 0])
-            table[unknown] = theirs[unknown]
-        return buf
-
-    # ------------------------------------------------------------ collectives
+    # ------------------------------------------------------------ all-reduce
 
     def allreduce_mean(self, x: torch.Tensor, codec: Codec | None = None,
                        groups: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
@@ -239,191 +260,31 @@ class Comm:
         norm = check_groups(groups, self.world)
         members = group_of(norm, self.rank, self.world)
         flat = x.detach().reshape(-1).float()
-        if self.algorithm == "ring" and isinstance(codec, DenseCodec):  # x is only read: no copy
-            out, handle = self._ring_allreduce_in_pieces(flat.contiguous(), codec, stream, norm, members)
-        elif self.algorithm == "star":
-            out, handle = self._star_allreduce(flat.clone(), codec, stream, norm, members)
+        settings = ("allreduce", self.algorithm, codec.name, norm, stream, flat.numel())
+        if self.algorithm == "star":
+            size = codec.nbytes((flat.numel(),))
+            packet = None
+            if len(members) > 1 and members[0] != self.rank:
+                with self.meter.measure():   # a worker packs its values for the server
+                    packet = codec.pack(flat)
+            part = _Part(self, self._row(size), flat, packet, settings)
+            execute = lambda parts, table: _star(self.transport, parts, codec, norm, table)  # noqa: E731
         else:
-            out, handle = self._ring_allreduce(flat.clone(), codec, stream, norm, members)
-        return out.reshape(x.shape).to(x.dtype), handle
+            ops = DensePieces(codec, self.piece_bytes, self.transport.pool) if isinstance(codec, DenseCodec) \
+                else WholePackets(codec)
+            k, j = len(members), members.index(self.rank)
+            lo, hi = flat.numel() * j // k, flat.numel() * (j + 1) // k
+            packet = None
+            if k > 1:
+                packet = ops.new_packet(hi - lo)   # a buffer (taking one is not the node's compute)
+                with self.meter.measure():         # its own chunk, packed before the collective starts
+                    packet = ops.encode(flat[lo:hi], packet)
+            part = _Part(self, self._row(ops.nbytes(hi - lo)), flat, packet, settings)
+            execute = lambda parts, table: _ring(self.transport, parts, ops, norm)  # noqa: E731
+        done = self._collective("allreduce", part, execute, self.algorithm, stream, norm)
+        return done.result.reshape(x.shape).to(x.dtype), done.extra["handle"]
 
-    def _ring_allreduce(self, flat: torch.Tensor, codec: Codec, stream: int | None, groups: Groups | None,
-                        members: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-        """Ring all-reduce among ``members`` (this node's group; every group at once)."""
-        n, r = self.world, self.rank
-        k, j = len(members), members.index(r)   # ring size, this node's place in it
-        bounds = [flat.numel() * c // k for c in range(k + 1)]
-        chunks = [flat[bounds[c]:bounds[c + 1]] for c in range(k)]
-        local = {m: c for c, m in enumerate(members)}   # member -> its chunk
-        handle: int | None = None
-        table: np.ndarray | None = None
-        if groups is None:  # the metadata rows ride the reduce-scatter
-            sizes = [codec.nbytes((bounds[c + 1] - bounds[c],)) for c in range(n)]
-            table = self._my_row(sizes[r])
-        else:
-            sizes, handle = self._begin("allreduce", "ring", codec.nbytes((bounds[j + 1] - bounds[j],)), stream,
-                                        groups)
-        if k == 1:
-            if handle is None:
-                handle = self._charge("allreduce", "ring", sizes, table, stream)
-            return flat, handle
-        schedule = phases("allreduce", "ring", tuple(sizes), groups)
-        with self.meter.measure():
-            packet = codec.pack(chunks[j])
-        # reduce-scatter; ungrouped, the metadata rows travel with it: after n-1 hops every node has all
-        for phase in schedule[:k - 1]:
-            out, into = ring_hop(phase, r)
-            got = self._exchange(packet, out.dst, into.nbytes, into.src, table)
-            with self.meter.measure():
-                chunks[local[into.item]] += codec.unpack(got)
-                packet = codec.pack(chunks[local[into.item]])
-        if handle is None:
-            handle = self._charge("allreduce", "ring", sizes, table, stream)
-        # this node now owns the full sum of chunk j+1; everyone keeps the wire version of it
-        if codec.lossy:
-            chunks[(j + 1) % k].copy_(codec.unpack(packet))
-        for phase in schedule[k - 1:2 * (k - 1)]:  # all-gather
-            out, into = ring_hop(phase, r)
-            got = self._exchange(packet, out.dst, into.nbytes, into.src)
-            chunks[local[into.item]].copy_(codec.unpack(got))
-            packet = got
-        return flat.div_(k), handle
-
-    def _ring_allreduce_in_pieces(self, x: torch.Tensor, codec: DenseCodec, stream: int | None,
-                                  groups: Groups | None, members: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-        """The ring all-reduce of :meth:`_ring_allreduce` for dense packets, each sent as pieces
-        (:mod:`pysim.pieces`) so that decoding, reducing and re-encoding piece i overlaps the
-        transfer of piece i+1. Same packets, bytes, schedule and float32 arithmetic. Every
-        receive is posted before anything is sent (gloo matches a pair's messages in order),
-        so no sender waits for its receiver to get ready. ``x`` is read, never written."""
-        n, r = self.world, self.rank
-        k, j = len(members), members.index(r)
-        bounds = [x.numel() * c // k for c in range(k + 1)]
-        layouts = [DenseLayout(bounds[c + 1] - bounds[c], codec.dtype, self.piece_bytes) for c in range(k)]
-        local = {m: c for c, m in enumerate(members)}
-        handle: int | None = None
-        table: np.ndarray | None = None
-        if groups is None:  # the metadata rows ride the reduce-scatter, one message ahead of each packet
-            sizes = [layouts[c].nbytes for c in range(n)]
-            table = self._my_row(sizes[r])
-        else:
-            sizes, handle = self._begin("allreduce", "ring", layouts[j].nbytes, stream, groups)
-        if k == 1:
-            if handle is None:
-                handle = self._charge("allreduce", "ring", sizes, table, stream)
-            return x.clone(), handle
-        hops = [ring_hop(phase, r) for phase in phases("allreduce", "ring", tuple(sizes), groups)[:2 * (k - 1)]]
-        mean = torch.empty(x.numel(), dtype=torch.float32)
-        # post every receive of the collective: per hop its table (reduce-scatter, ungrouped), pieces, header
-        inbox: list[tuple[DenseLayout, torch.Tensor, list[dist.Work]]] = []
-        tables: list[tuple[np.ndarray, dist.Work]] = []
-        for h, (_, into) in enumerate(hops):
-            lay = layouts[local[into.item]]
-            buf = self._pool.take(lay.nbytes)
-            if table is not None and h < k - 1:
-                theirs = np.empty_like(table)
-                tables.append((theirs, dist.irecv(torch.from_numpy(theirs.reshape(-1)), into.src)))
-            inbox.append((lay, buf, [dist.irecv(m, into.src) for m in lay.messages(buf)]))
-        sends: list[tuple[dist.Work, torch.Tensor]] = []   # kept with their buffers until sent
-
-        def send(t: torch.Tensor, dst: int) -> None:
-            sends.append((dist.isend(t, dst), t))
-
-        # hop 0 sends this node's own chunk, encoded piece by piece
-        dst = hops[0][0].dst
-        if table is not None:
-            send(torch.from_numpy(table.reshape(-1).copy()), dst)
-        lay, own = layouts[j], x[bounds[j]:bounds[j + 1]]
-        packet, crc = lay.new_packet(self._pool), lay.start_crc
-        packets = [packet]
-        for i, (a, b) in enumerate(lay.pieces):
-            with self.meter.measure():
-                crc = encode_piece(own[a:b], lay.piece(packet, i), codec.dtype, crc)
-            if lay.streamed:
-                send(lay.piece(packet, i), dst)
-        lay.seal(packet, crc)
-        send(lay.last_message(packet), dst)
-        self.bytes_sent += lay.nbytes
-        for h, (lay, buf, msgs) in enumerate(inbox):
-            item = local[hops[h][1].item]
-            a0 = bounds[item]
-            forward = h + 1 < len(hops)
-            dst = hops[h + 1][0].dst if forward else -1
-            crc_in = lay.start_crc
-            if h < k - 1:  # reduce-scatter: add this node's values, re-encode, send on
-                if table is not None:
-                    theirs, req = tables[h]
-                    req.wait()
-                    unknown = np.isnan(table[:, 0])
-                    table[unknown] = theirs[unknown]
-                    if h + 1 < k - 1:
-                        send(torch.from_numpy(table.reshape(-1).copy()), dst)
-                owned = h == k - 2   # this hop completes the sum of the chunk this node owns
-                packet, crc_out = lay.new_packet(self._pool), lay.start_crc
-                packets.append(packet)
-                for i in lay.arrivals(msgs):
-                    a, b = lay.pieces[i]
-                    with self.meter.measure():
-                        crc_in, crc_out = add_encode_piece(lay.piece(buf, i), x[a0 + a:a0 + b], lay.piece(packet, i),
-                                                           codec.dtype, crc_in, crc_out)
-                    if lay.streamed:
-                        send(lay.piece(packet, i), dst)
-                    if owned:  # everyone keeps the wire version of the sum
-                        decode_piece(lay.piece(packet, i), mean[a0 + a:a0 + b], codec.dtype, float(k), 0)
-                lay.check(buf, crc_in)
-                lay.seal(packet, crc_out)
-                send(lay.last_message(packet), dst)
-                self.bytes_sent += lay.nbytes
-            else:  # all-gather: decode into the result, forward the same bytes
-                for i in lay.arrivals(msgs):
-                    a, b = lay.pieces[i]
-                    crc_in = decode_piece(lay.piece(buf, i), mean[a0 + a:a0 + b], codec.dtype, float(k), crc_in)
-                    if forward and lay.streamed:
-                        send(lay.piece(buf, i), dst)
-                lay.check(buf, crc_in)
-                if forward:
-                    send(lay.last_message(buf), dst)
-                    self.bytes_sent += lay.nbytes
-            self.bytes_received += lay.nbytes
-            if h == k - 2 and handle is None:
-                handle = self._charge("allreduce", "ring", sizes, table, stream)
-        for req, _ in sends:
-            req.wait()
-        self._pool.give([buf for _, buf, _ in inbox] + packets)
-        return mean, handle  # type: ignore[return-value]
-
-    def _star_allreduce(self, flat: torch.Tensor, codec: Codec, stream: int | None, groups: Groups | None,
-                        members: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-        """Parameter-server all-reduce among ``members``, root = members[0] (every group at once)."""
-        n, r, root, k = self.world, self.rank, members[0], len(members)
-        size = codec.nbytes((flat.numel(),))
-        handle: int | None = None
-        table: np.ndarray | None = None
-        if groups is None:  # workers' rows arrive with their packets, the full table goes back
-            sizes = [size] * n
-            table = self._my_row(size)
-        else:
-            sizes, handle = self._begin("allreduce", "star", size, stream, groups)
-
-        def charged() -> int:
-            return handle if handle is not None else self._charge("allreduce", "star", sizes, table, stream)
-
-        if k == 1:
-            return flat, charged()
-        gather, scatter = phases("allreduce", "star", tuple(sizes), groups)
-        if r == root:
-            total = flat.clone()
-            for m in gather:
-                if m.dst == r:
-                    total += codec.unpack(self._exchange(None, r, m.nbytes, m.src, table))
-            packet = codec.pack(total / k)
-            for m in scatter:
-                if m.src == r:
-                    self._exchange(packet, m.dst, None, r, table)
-            return codec.unpack(packet).float(), charged()
-        self._exchange(codec.pack(flat), root, None, root, table)
-        result = codec.unpack(self._exchange(None, root, size, root, table)).float()
-        return result, charged()
+    # ------------------------------------------------------------ all-gather
 
     def allgather(self, packet: torch.Tensor) -> list[torch.Tensor]:
         """Every node's packet (index = rank), moved around a ring; packets may differ in size."""
@@ -432,16 +293,10 @@ class Comm:
     def _allgather(self, packet: torch.Tensor, stream: int | None) -> tuple[list[torch.Tensor], int]:
         if packet.dtype != torch.uint8 or packet.dim() != 1:
             raise ValueError("allgather moves packets: 1-D torch.uint8 tensors from a codec")
-        sizes, handle = self._begin("allgather", "ring", packet.numel(), stream)
-        n, r = self.world, self.rank
-        out: list[torch.Tensor | None] = [None] * n
-        out[r] = packet
-        current = packet
-        for phase in phases("allgather", "ring", tuple(sizes)):  # forward what arrived last
-            _, into = ring_hop(phase, r)
-            current = self._exchange(current, (r + 1) % n, into.nbytes, (r - 1) % n)
-            out[into.item] = current
-        return out, handle  # type: ignore[return-value]
+        part = _Part(self, self._row(packet.numel()), packet=packet, settings=("allgather", stream))
+        done = self._collective("allgather", part, lambda parts, table: _allgather(self.transport, parts, table),
+                                "ring", stream, None)
+        return done.result, done.extra["handle"]
 
     def allgather_mean(self, x: torch.Tensor, codec: Codec, key: str = "", step: int = 0) -> torch.Tensor:
         """Mean over nodes of ``codec``'s reconstruction of each node's ``x`` (for sparse and
@@ -451,7 +306,8 @@ class Comm:
     def allgather_mean_many(self, tensors: dict[str, torch.Tensor], codec: Codec, step: int = 0
                             ) -> dict[str, torch.Tensor]:
         """Like :meth:`allgather_mean` for several named tensors in one collective: each node
-        sends one bundle, the concatenation of its packets (bytes = the sum of their lengths)."""
+        sends one bundle, the concatenation of its packets (bytes = the sum of their lengths).
+        The packets are decoded after the collective (that compute is charged after it)."""
         bundles, _ = self._allgather(self._bundle(tensors, codec, step), None)
         return self._mean_of_bundles(bundles, tensors, codec)
 
@@ -476,10 +332,311 @@ class Comm:
                 if len(packets) != len(totals):
                     raise ValueError(f"a node sent {len(packets)} packets, expected {len(totals)}")
                 for name, p in zip(totals, packets, strict=True):
-                    totals[name] += codec.unpack(p).float()
+                    totals[name] += codec.unpack(p, expect_shape=tensors[name].shape).float()
             return {name: (tot / self.world).to(tensors[name].dtype) for name, tot in totals.items()}
 
 
 def _check_stream(stream: int) -> None:
     if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
         raise ValueError(f"stream must be an integer >= 0, got {stream!r}")
+
+
+# ---------------------------------------------------------------- how a ring chunk's packets are made
+
+
+class _Outgoing:
+    """A packet on its way from ``src`` to ``dst`` (None: nowhere, the last hop): between
+    processes a streamed dense packet leaves piece by piece as it is written; otherwise the
+    whole packet leaves once complete."""
+
+    def __init__(self, t: Transport, src: int, dst: int | None, layout: DenseLayout | None = None) -> None:
+        self.t, self.src, self.dst, self.layout = t, src, dst, layout
+        self.streamed = dst is not None and layout is not None and layout.streamed and not t.local(dst)
+
+    def piece(self, packet: torch.Tensor, i: int) -> None:
+        if self.streamed:
+            self.t.send(self.src, self.dst, self.layout.piece(packet, i))
+
+    def done(self, packet: torch.Tensor) -> None:
+        if self.dst is not None:
+            self.t.send(self.src, self.dst, self.layout.last_message(packet) if self.streamed else packet)
+
+    def whole(self, packet: torch.Tensor) -> None:
+        """Sends a packet written beforehand, in its wire order."""
+        if self.dst is None:
+            return
+        if self.streamed:
+            for m in self.layout.messages(packet):
+                self.t.send(self.src, self.dst, m)
+        else:
+            self.t.send(self.src, self.dst, packet)
+
+
+class _Incoming:
+    """A packet arriving at ``dst`` from ``src``: from this process, whole and at once; from
+    another, into a buffer (from ``pool`` if given) whose receives are posted at once, piece by
+    piece as it arrives. ``nbytes``: its size; ``layout``: its pieces (None: one message)."""
+
+    def __init__(self, t: Transport, dst: int, src: int, nbytes: int, layout: DenseLayout | None = None,
+                 pool: BufferPool | None = None) -> None:
+        self.t, self.dst, self.src, self.layout = t, dst, src, layout
+        self.remote = not t.local(src)
+        self.packet: torch.Tensor | None = None
+        self.receives: list = []
+        if self.remote:
+            self.packet = pool.take(nbytes) if pool is not None else torch.empty(nbytes, dtype=torch.uint8)
+            messages = layout.messages(self.packet) if layout is not None else [self.packet]
+            self.receives = [t.post_receive(dst, src, m) for m in messages]
+
+    def arrive(self) -> torch.Tensor:
+        """The packet, once it is whole (a message of this process is taken from its mailbox)."""
+        if not self.remote:
+            if self.packet is None:
+                self.packet = self.t.take(self.dst, self.src)
+            return self.packet
+        for r in self.receives:
+            r.wait()
+        self.receives = []
+        return self.packet
+
+    def arrivals(self) -> Iterator[int]:
+        """The indices of the pieces as they arrive (all at once from this process)."""
+        lay = self.layout
+        if not self.remote:
+            self.arrive()
+            yield from range(len(lay.pieces))
+            return
+        yield from lay.arrivals(self.receives)
+        self.receives = []
+
+
+class DensePieces:
+    """A ring chunk's dense packet (:mod:`pysim.pieces`), encoded, reduced and decoded piece by
+    piece with its CRC chained over the pieces; checked whole before the collective returns."""
+
+    def __init__(self, codec: DenseCodec, piece_bytes: int, pool: BufferPool) -> None:
+        self.codec, self.piece_bytes, self.pool = codec, piece_bytes, pool
+        self._layouts: dict[int, DenseLayout] = {}
+
+    def layout(self, numel: int) -> DenseLayout:
+        if numel not in self._layouts:
+            self._layouts[numel] = DenseLayout(numel, self.codec.dtype, self.piece_bytes)
+        return self._layouts[numel]
+
+    def nbytes(self, numel: int) -> int:
+        return self.layout(numel).nbytes
+
+    def new_packet(self, numel: int) -> torch.Tensor:
+        """A buffer for a chunk's packet, its header written."""
+        return self.layout(numel).new_packet(self.pool)
+
+    def encode(self, x: torch.Tensor, packet: torch.Tensor) -> torch.Tensor:
+        """``packet`` (from :meth:`new_packet`) holding ``x`` encoded."""
+        lay = self.layout(x.numel())
+        crc = lay.start_crc
+        for i, (a, b) in enumerate(lay.pieces):
+            crc = encode_piece(x[a:b], lay.piece(packet, i), lay.dtype, crc)
+        lay.seal(packet, crc)
+        return packet
+
+    def add_encode(self, got: _Incoming, x: torch.Tensor, out: _Outgoing) -> torch.Tensor:
+        """decode(got) + x, encoded: the packet a reduce-scatter hop sends on."""
+        lay = self.layout(x.numel())
+        packet, crc_in, crc_out = lay.new_packet(self.pool), lay.start_crc, lay.start_crc
+        out.layout = lay
+        for i in got.arrivals():
+            a, b = lay.pieces[i]
+            crc_in, crc_out = add_encode_piece(lay.piece(got.packet, i), x[a:b], lay.piece(packet, i), lay.dtype,
+                                               crc_in, crc_out)
+            out.piece(packet, i)
+        lay.check(got.packet, crc_in)
+        lay.seal(packet, crc_out)
+        out.done(packet)
+        return packet
+
+    def decode(self, got: _Incoming, into: torch.Tensor, divisor: float, forward: _Outgoing) -> None:
+        """``into`` = decode(got) / divisor, forwarding the same bytes (an all-gather hop)."""
+        lay = self.layout(into.numel())
+        crc = lay.start_crc
+        for i in got.arrivals():
+            a, b = lay.pieces[i]
+            crc = decode_piece(lay.piece(got.packet, i), into[a:b], lay.dtype, divisor, crc)
+            forward.piece(got.packet, i)
+        lay.check(got.packet, crc)
+        forward.done(got.packet)
+
+    def decode_own(self, packet: torch.Tensor, into: torch.Tensor, divisor: float) -> None:
+        """The owner of a reduced chunk keeps what it sends: decode(packet) / divisor."""
+        lay = self.layout(into.numel())
+        crc = lay.start_crc
+        for i, (a, b) in enumerate(lay.pieces):
+            crc = decode_piece(lay.piece(packet, i), into[a:b], lay.dtype, divisor, crc)
+
+    def give_back(self, buffers: list[torch.Tensor]) -> None:
+        self.pool.give(buffers)
+
+
+class WholePackets:
+    """A ring chunk's packet of any other summable codec (int8, int4), packed and unpacked whole."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+
+    def layout(self, numel: int) -> None:
+        return None
+
+    def nbytes(self, numel: int) -> int:
+        return self.codec.nbytes((numel,))
+
+    def new_packet(self, numel: int) -> None:
+        return None
+
+    def encode(self, x: torch.Tensor, packet: None = None) -> torch.Tensor:
+        return self.codec.pack(x)
+
+    def add_encode(self, got: _Incoming, x: torch.Tensor, out: _Outgoing) -> torch.Tensor:
+        packet = self.codec.pack(x + self.codec.unpack(got.arrive(), expect_shape=x.shape))
+        out.done(packet)
+        return packet
+
+    def decode(self, got: _Incoming, into: torch.Tensor, divisor: float, forward: _Outgoing) -> None:
+        packet = got.arrive()
+        into.copy_(self.codec.unpack(packet, expect_shape=into.shape)).div_(divisor)
+        forward.done(packet)
+
+    def decode_own(self, packet: torch.Tensor, into: torch.Tensor, divisor: float) -> None:
+        into.copy_(self.codec.unpack(packet, expect_shape=into.shape)).div_(divisor)
+
+    def give_back(self, buffers: list[torch.Tensor]) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- the collectives
+
+
+def _ring(t: Transport, parts: list[_Part], ops: DensePieces | WholePackets, groups: Groups | None) -> None:
+    """Ring all-reduce (within each group at once) of every local part's ``x``; sets each part's
+    ``result`` to the mean over its group. Phase by phase, every local member receives the
+    packet of its hop (posted first when it comes from another process), reduces or decodes
+    it, and sends the next hop's packet on."""
+    n = t.nodes
+    sizes = tuple(0 for _ in range(n))  # the ring's hops depend on the groups only, not on the sizes
+    sched = phases("allreduce", "ring", sizes, groups)
+    plans = {}
+    for p in parts:
+        members = group_of(groups, p.node, n)
+        k = len(members)
+        bounds = [p.x.numel() * c // k for c in range(k + 1)]
+        position = {m: c for c, m in enumerate(members)}
+        hops = [ring_hop(sched[h], p.node) for h in range(2 * (k - 1))]
+        plans[p.node] = (k, bounds, position, hops)
+        p.result = p.x.clone() if k == 1 else torch.empty(p.x.numel(), dtype=torch.float32)
+
+    def chunk(node: int, item: int) -> tuple[int, int]:
+        _, bounds, position, _ = plans[node]
+        c = position[item]
+        return bounds[c], bounds[c + 1]
+
+    pool = t.pool if isinstance(ops, DensePieces) else None
+    buffers = [p.packet for p in parts if p.packet is not None]
+
+    def receive(node: int, src: int, item: int) -> _Incoming:
+        a, b = chunk(node, item)
+        got = _Incoming(t, node, src, ops.nbytes(b - a), ops.layout(b - a), pool)
+        if got.remote:
+            buffers.append(got.packet)
+        return got
+
+    incoming: dict[tuple[int, int], _Incoming] = {}
+    for p in parts:   # every receive from another process, posted before anything is sent
+        for h, (_, into) in enumerate(plans[p.node][3]):
+            if not t.local(into.src):
+                incoming[(p.node, h)] = receive(p.node, into.src, into.item)
+    for p in parts:   # hop 0: each member's own chunk
+        k, bounds, _, hops = plans[p.node]
+        if k > 1:
+            a, b = chunk(p.node, p.node)
+            _Outgoing(t, p.node, hops[0][0].dst, ops.layout(b - a)).whole(p.packet)
+    for h in range(max(len(plans[p.node][3]) for p in parts)):
+        for p in parts:
+            k, _, _, hops = plans[p.node]
+            if h >= len(hops):
+                continue
+            into = hops[h][1]
+            got = incoming.pop((p.node, h), None) or receive(p.node, into.src, into.item)
+            a, b = chunk(p.node, into.item)
+            onward = _Outgoing(t, p.node, hops[h + 1][0].dst if h + 1 < len(hops) else None, ops.layout(b - a))
+            if h < k - 1:   # reduce-scatter: this member's values added, re-encoded, sent on
+                p.packet = ops.add_encode(got, p.x[a:b], onward)
+                buffers.append(p.packet)
+                if h == k - 2:   # the hop that completes the chunk this member owns
+                    ops.decode_own(p.packet, p.result[a:b], float(k))
+            else:           # all-gather: decoded into the result, the same bytes forwarded
+                ops.decode(got, p.result[a:b], float(k), onward)
+    t.flush()
+    ops.give_back(buffers)
+
+
+def _star(t: Transport, parts: list[_Part], codec: Codec, groups: Groups | None, table: np.ndarray) -> None:
+    """Parameter-server all-reduce within each group (root = its first member) of every local
+    part's ``x``: the workers' packets go to the root, which sums them (in the order of the
+    schedule) with its own values and sends the packed mean back to each."""
+    n = t.nodes
+    sizes = tuple(int(s) for s in table[:, 3])
+    sched = phases("allreduce", "star", sizes, groups)
+    gather, scatter = sched if sched else ((), ())
+    mine = {p.node: p for p in parts}
+    incoming = {}
+    for m in (*gather, *scatter):   # receives from other processes first
+        if m.dst in mine and not t.local(m.src):
+            incoming[(m.src, m.dst)] = _Incoming(t, m.dst, m.src, m.nbytes)
+    for m in gather:     # workers send their packets to their root
+        if m.src in mine:
+            t.send(m.src, m.dst, mine[m.src].packet)
+    for p in parts:
+        members = group_of(groups, p.node, n)
+        if len(members) == 1:
+            p.result = p.x.clone()
+        elif members[0] == p.node:   # a root: sum, pack the mean, send it to every member
+            total = p.x.clone()
+            for m in gather:
+                if m.dst == p.node:
+                    got = incoming.pop((m.src, m.dst), None) or _Incoming(t, m.dst, m.src, m.nbytes)
+                    total += codec.unpack(got.arrive(), expect_shape=total.shape)
+            packet = codec.pack(total / len(members))
+            for m in scatter:
+                if m.src == p.node:
+                    t.send(p.node, m.dst, packet)
+            p.result = codec.unpack(packet).float()
+    for p in parts:
+        members = group_of(groups, p.node, n)
+        if len(members) > 1 and members[0] != p.node:
+            got = incoming.pop((members[0], p.node), None) or _Incoming(t, p.node, members[0], 0)
+            p.result = codec.unpack(got.arrive(), expect_shape=p.x.shape).float()
+
+
+def _allgather(t: Transport, parts: list[_Part], table: np.ndarray) -> None:
+    """Ring all-gather of every node's packet (sizes from the metadata table): in phase t each
+    member forwards the packet that reached it last. Sets each part's ``result`` to the list
+    of packets by node."""
+    sizes = tuple(int(s) for s in table[:, 3])
+    sched = phases("allgather", "ring", sizes)
+    out = {p.node: [None] * t.nodes for p in parts}
+    current = {}
+    for p in parts:
+        out[p.node][p.node] = current[p.node] = p.packet
+    incoming = {}
+    for h, phase in enumerate(sched):
+        for p in parts:
+            into = ring_hop(phase, p.node)[1]
+            if not t.local(into.src):
+                incoming[(p.node, h)] = _Incoming(t, p.node, into.src, into.nbytes)
+    for h, phase in enumerate(sched):
+        for p in parts:
+            t.send(p.node, ring_hop(phase, p.node)[0].dst, current[p.node])
+        for p in parts:
+            into = ring_hop(phase, p.node)[1]
+            got = incoming.pop((p.node, h), None) or _Incoming(t, p.node, into.src, into.nbytes)
+            out[p.node][into.item] = current[p.node] = got.arrive()
+    for p in parts:
+        p.result = out[p.node]

@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -168,15 +169,22 @@ def _tensor_bytes(x) -> int:
     return 0
 
 
-_open_counters: list[_KernelCounter] = []   # the counting() blocks now open, innermost last
+_counting = threading.local()   # .open: this thread's counting() blocks now open, innermost last
+
+
+def _open_counters() -> list[_KernelCounter]:
+    if not hasattr(_counting, "open"):
+        _counting.open = []
+    return _counting.open
 
 
 def record_native_kernel(bytes_moved: float, flops: float = 0.0) -> None:
     """Adds one kernel that torch cannot see (pysim's C++ codecs and piece kernels) to the
-    innermost open :func:`counting` block, if any: the bytes it read and wrote and its FLOPs,
-    so profile modes charge that work like torch's."""
-    if _open_counters:
-        counter = _open_counters[-1]
+    innermost open :func:`counting` block of this thread, if any: the bytes it read and wrote
+    and its FLOPs, so profile modes charge that work like torch's."""
+    counters = _open_counters()
+    if counters:
+        counter = counters[-1]
         counter.kernels += 1
         counter.bytes += bytes_moved
         counter.native_flops += flops
@@ -190,12 +198,12 @@ def counting():
 
     box: list[Work] = []
     flop_mode, kernel_mode = FlopCounterMode(display=False), _KernelCounter()
-    _open_counters.append(kernel_mode)
+    _open_counters().append(kernel_mode)
     try:
         with flop_mode, kernel_mode:
             yield box
     finally:
-        _open_counters.pop()
+        _open_counters().pop()
     box.append(Work(float(flop_mode.get_total_flops()) + kernel_mode.native_flops, float(kernel_mode.bytes),
                     kernel_mode.kernels))
 

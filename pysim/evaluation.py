@@ -1,17 +1,19 @@
-"""Evaluation inside a run: which examples, on which nodes, and the first step reaching the target.
+"""Evaluation inside a run: which examples, on which processes, and the first step reaching the target.
 
 Evaluation is simulator bookkeeping: it costs real time, never simulated time,
-and the weights and metrics it moves between node processes (gloo, outside the
-simulated network) are not charged.
+and the weights and metrics it moves between worker processes (gloo, outside
+the simulated network) are not charged.
 
 - :func:`eval_subset`: the fixed examples evaluated between full evaluations.
-- :class:`NodeEvaluation`: evaluates node 0's deployed model. Split (the
-  default), every node evaluates an equal share of the examples on a copy of
-  node 0's weights and the shares' metrics are combined as example-weighted
-  means, so an evaluation takes 1/n of the real time it takes on node 0
-  alone. That is exact for metrics that are means over examples (the
-  built-ins' loss and accuracy); a workload with other metrics sets
-  ``split_evaluation=False`` and node 0 evaluates alone.
+- :class:`Evaluator`: evaluates node 0's deployed model. Every node calls it at
+  the same points (a meeting of the nodes, :meth:`pysim.host.Host.meet`); each
+  node's share of the examples is evaluated on node 0's weights by the process
+  hosting the node, and the shares' metrics are combined as example-weighted
+  means, so an evaluation takes 1/P of the real time it takes in one process
+  (P worker processes). That is exact
+  for metrics that are means over examples (the built-ins' loss and accuracy);
+  a workload with other metrics sets ``split_evaluation=False`` and node 0's
+  process evaluates alone. Every node gets the metrics.
 - :class:`CrossingFinder`: time to target at step resolution (see
   :mod:`pysim.node`).
 """
@@ -21,10 +23,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from pysim.host import Host
 from pysim.workload import Batches, Target
 
 EVAL_SUBSET_SEED = 7919
@@ -52,60 +56,83 @@ class Subset:
         return self.data.batch(self.idx[idx])
 
 
-class NodeEvaluation:
-    """``metrics(model, data)`` of node 0's model, on the nodes that take part (see the module
-    docstring). Split: every node calls it at once with its own ``model`` argument ignored except
-    on node 0 (others may pass None) and every node gets the combined metrics. Not split (or one
-    node): only node 0 calls it."""
+class Evaluator:
+    """``metrics(model, data)`` of node 0's model, computed by the worker processes of a run (see
+    the module docstring). Every node calls it at once: node 0 with the model to evaluate, the
+    others with their own model as a template of the architecture (or None: the template of the
+    last call).
 
-    def __init__(self, rank: int, world: int, metrics: Callable[..., dict[str, float]], split: bool = True) -> None:
-        self.rank, self.world, self.metrics = rank, world, metrics
-        self.split = split and world > 1
-        self._copy: nn.Module | None = None   # node 0's weights, on the other nodes
+    Split, the examples are cut into one share per *node* (node i takes examples i, i+N, ...,
+    as before nodes shared processes) and each process evaluates its own nodes' shares; the
+    shares' metrics are combined in node order, so the result does not depend on how the
+    nodes are spread over processes."""
 
-    @property
-    def takes_part(self) -> bool:
-        """Whether this node runs evaluations."""
-        return self.split or self.rank == 0
+    def __init__(self, host: Host, metrics: Callable[..., dict[str, float]], split: bool = True) -> None:
+        self.host, self.metrics = host, metrics
+        self.split = split and host.world > 1
+        self._copy: nn.Module | None = None   # in processes without node 0: node 0's weights, last received
 
     def __call__(self, model: nn.Module | None, data: Batches | Subset) -> dict[str, float]:
-        if not self.split:
-            return self.metrics(model, data)
-        model = self._node0_weights(model)
-        share = Subset(data, torch.arange(self.rank, len(data), self.world))
-        mine = self.metrics(model, share) if len(share) else {}
-        keys = sorted(mine)
-        # every node must name the same metrics: node 0's names travel first (an empty share has none)
-        names = [keys]
-        dist.broadcast_object_list(names, 0)
-        keys = names[0]
-        if len(share) and sorted(mine) != keys:
-            raise ValueError(f"node {self.rank}'s metrics {sorted(mine)} differ from node 0's {keys}: metrics must "
-                             "name the same values on every share of the data (or set split_evaluation=False)")
-        sums = torch.tensor([mine.get(k, 0.0) * len(share) for k in keys] + [float(len(share))], dtype=torch.float64)
-        dist.all_reduce(sums)
-        count = float(sums[-1])
-        return {k: float(sums[i]) / count for i, k in enumerate(keys)}
+        return self.host.meet("evaluate", (model, data), self._evaluate)
 
-    def _node0_weights(self, model: nn.Module | None) -> nn.Module:
-        """Node 0's ``model``; on the other nodes a copy of it with node 0's weights (broadcast)."""
-        if self.rank == 0:
+    def _evaluate(self, requests: dict[int, tuple[nn.Module | None, Batches | Subset]]) -> dict[int, dict]:
+        data = next(iter(requests.values()))[1]
+        if not self.split:
+            metrics = self.metrics(requests[0][0], data) if 0 in requests else None
+            return dict.fromkeys(requests, self._from_node0(metrics))
+        model = self._node0_weights(requests)
+        world = self.host.world
+        shares = {n: Subset(data, torch.arange(n, len(data), world)) for n in requests}
+        mine = {n: self.metrics(model, share) if len(share) else {} for n, share in shares.items()}
+        keys = self._from_node0(sorted(mine[0]) if 0 in requests else None)  # every process names node 0's metrics
+        for n, m in mine.items():
+            if len(shares[n]) and sorted(m) != keys:
+                raise ValueError(f"the metrics {sorted(m)} on node {n}'s share of the data differ from {keys} on "
+                                 "node 0's: metrics must name the same values on every share (or set "
+                                 "split_evaluation=False)")
+        rows = {n: np.array([m.get(k, 0.0) * len(shares[n]) for k in keys] + [float(len(shares[n]))])
+                for n, m in mine.items()}
+        table = self.host.transport.gather_rows(rows)
+        sums = [0.0] * (len(keys) + 1)
+        for row in table:          # in node order: the same arithmetic for any placement
+            for i, v in enumerate(row):
+                sums[i] += float(v)
+        return dict.fromkeys(requests, {k: sums[i] / sums[-1] for i, k in enumerate(keys)})
+
+    def _from_node0(self, value):
+        """``value`` of node 0's process, in every process (a one-object broadcast, uncharged)."""
+        t = self.host.transport
+        if t.placement.processes == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, t.placement.process_of(0))
+        return box[0]
+
+    def _node0_weights(self, requests: dict) -> nn.Module:
+        """Node 0's model to evaluate; in the other processes a copy of a local node's model (the
+        same architecture) holding node 0's weights (broadcast)."""
+        t = self.host.transport
+        if 0 in requests:
+            model = requests[0][0]
             if model is None:
                 raise ValueError("node 0 must pass the model to evaluate")
-            for t in model.state_dict().values():
-                dist.broadcast(t.detach().contiguous(), 0)
+            t.broadcast_from(0, [v.detach().contiguous() for v in model.state_dict().values()])
             return model
-        if self._copy is None:
-            if model is None:
-                raise ValueError("the first evaluation on a node needs a model of the same architecture")
-            self._copy = copy.deepcopy(model)
+
+        local = next((m for m, _ in requests.values() if m is not None), None)
+        if local is not None:
+            shapes = tuple((k, tuple(v.shape)) for k, v in local.state_dict().items())
+            self._copy = self.host.shared(("evaluation model", type(local), shapes), lambda: copy.deepcopy(local))
+        elif self._copy is None:
+            raise ValueError("the first evaluation needs every node's model as a template of node 0's")
+        copy_ = self._copy
         with torch.no_grad():
-            for t in self._copy.state_dict().values():
-                buf = t.contiguous()
-                dist.broadcast(buf, 0)
-                if buf.data_ptr() != t.data_ptr():
-                    t.copy_(buf)
-        return self._copy
+            for v in copy_.state_dict().values():
+                buf = v.contiguous()
+                t.broadcast_from(0, [buf])
+                if buf.data_ptr() != v.data_ptr():
+                    v.copy_(buf)
+        return copy_
 
 
 class CrossingFinder:

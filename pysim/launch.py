@@ -1,33 +1,40 @@
-"""Node processes: one OS process per node, torch.distributed (gloo) on loopback.
+"""Worker processes that host the simulated nodes, torch.distributed (gloo) on loopback between them.
 
-:func:`run_nodes` spawns ``n`` processes running ``fn(rank, world, *args)``
-and returns their results in rank order. Everything a local run opens listens
-on 127.0.0.1 only: the coordination store (a TCPStore the parent serves on a
-socket it bound to loopback) and gloo's connections (``GLOO_SOCKET_IFNAME`` =
-the loopback interface).
+:func:`run_nodes` runs ``fn(node, world, *args)`` for ``n`` simulated nodes
+spread over worker processes (:mod:`pysim.placement`: contiguous blocks; by
+default one process per node, as torchrun runs them; ``processes=P`` puts
+several nodes in each process, where a :class:`pysim.host.Host` runs them as
+threads taking turns) and returns their results in node order. Everything a
+local run opens listens on 127.0.0.1 only: the coordination store (a TCPStore
+the parent serves on a socket it bound to loopback) and gloo's connections
+(``GLOO_SOCKET_IFNAME`` = the loopback interface).
 
 Failures stop the run with a :class:`NodeError` that names the right node:
 
 - a node that raises: its exception and traceback;
-- a node that dies without a report (killed by a signal, ``os._exit``, a crash
-  in native code): named with its signal or exit code. The other nodes then
-  fail too ("connection closed" in gloo); their reports are not trusted while
-  another node died: after the first report the parent waits ``BLAME_GRACE_S``
-  (``PEER_GONE_GRACE_S`` if every report is a lost peer) for a silent death,
-  and prefers an error that is not a lost peer;
-- a node that stops (SIGSTOP) or hangs with its interpreter stuck: every node
-  sends a heartbeat several times per ``heartbeat_s``; a node silent for
+- a process that dies without a report (killed by a signal, ``os._exit``, a
+  crash in native code): named with its signal or exit code, as its first
+  node. The other processes then fail too ("connection closed" in gloo);
+  their reports are not trusted while another process died: after the first
+  report the parent waits ``BLAME_GRACE_S`` (``PEER_GONE_GRACE_S`` if every
+  report is a lost peer) for a silent death, and prefers an error that is not
+  a lost peer;
+- a process that stops (SIGSTOP) or hangs with its interpreter stuck: every
+  process sends a heartbeat several times per ``heartbeat_s``; one silent for
   ``heartbeat_s`` seconds is named.
 
-Ctrl-C in the parent stops every node and raises :class:`RunInterrupted`
+Ctrl-C in the parent stops every process and raises :class:`RunInterrupted`
 (a KeyboardInterrupt) whose message is one line. No process is left behind in
-any case: the parent stops the nodes (SIGTERM, then SIGKILL) before it
-returns or raises, and each node asks the kernel to end it if the parent dies.
+any case: the parent stops them (SIGTERM, then SIGKILL) before it returns or
+raises, and each asks the kernel to end it if the parent dies.
 
-Under ``torchrun`` (RANK and WORLD_SIZE set) the current process is the node;
+Under ``torchrun`` (RANK and WORLD_SIZE set) the current process is a worker:
+rank r of W hosts its block of the ``n`` nodes (W ranks x n/W nodes), and
 results travel to rank 0 as JSON (never pickle), so there ``fn`` must return
 JSON-able data (dicts, lists, str, numbers, bool, None; tuples arrive as
-lists). Rank 0 gets the list of results, the other ranks get None.
+lists). Rank 0 gets the list of results, the other ranks get None. Across
+hosts, gloo must listen on the interface that reaches the master: a host whose
+name resolves to loopback is told in one line which ``GLOO_SOCKET_IFNAME`` to set.
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ _PEER_GONE = re.compile(r"connection (closed|reset|refused)|broken pipe|peer|rea
 
 
 class NodeError(RuntimeError):
-    """A node process failed; ``rank`` and ``node_traceback`` say where and why."""
+    """A node failed; ``rank`` (the node) and ``node_traceback`` say where and why."""
 
     def __init__(self, rank: int, message: str, node_traceback: str = "") -> None:
         super().__init__(f"node {rank} failed: {message}" + (f"\n--- node {rank} traceback ---\n{node_traceback}"
@@ -120,13 +127,20 @@ def describe_exit(exitcode: int | None) -> str:
 NODE_PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "pysim.node")
 
 
+def _describe_process(placement, p: int, pid: int | None) -> str:
+    hosted = placement.hosted(p)
+    if len(hosted) == 1:
+        return f"process {pid}"
+    return f"process {pid} (worker {p} of {placement.processes}, nodes {hosted.start}-{hosted.stop - 1})"
+
+
 def node_context() -> mp.context.BaseContext:
     """How node processes start: forked from multiprocessing's fork server, which imports torch
     and pysim (:data:`NODE_PRELOAD`) once, so a node is ready in milliseconds instead of the
     3-4 s those imports take in every process of every run. Otherwise a node starts as a
     spawned process does: fresh from the server (no state of the parent is inherited; the
     user's script is imported as ``__mp_main__``), with the parent's environment as of the
-    start (:func:`_node_main` applies it). Falls back to spawn where there is no fork server."""
+    start (:func:`_worker_main` applies it). Falls back to spawn where there is no fork server."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
@@ -164,14 +178,14 @@ class _Reporter:
             os._exit(1)
 
 
-def _node_main(rank: int, world: int, store_port: int, timeout_s: float, heartbeat_s: float, job: tuple,
-               conn: Connection, environ: dict[str, str]) -> None:
-    """A node process. The heartbeat starts first: ``fn``'s module is imported only after it
-    (``job`` is the pickled (fn, args)), so a node stopped while it starts is found too.
-    ``environ``: the parent's environment when it started the node (a process forked from the
-    fork server would otherwise have the server's)."""
+def _worker_main(process: int, placement, store_port: int, timeout_s: float, heartbeat_s: float, job: tuple,
+                 conn: Connection, environ: dict[str, str]) -> None:
+    """A worker process: hosts its block of nodes. The heartbeat starts first: ``fn``'s module is
+    imported only after it (``job`` holds the pickled (fn, args)), so a process stopped while it
+    starts is found too. ``environ``: the parent's environment when it started the process (a
+    process forked from the fork server would otherwise have the server's)."""
     # Ctrl-C reaches the whole process group; only the parent acts on it (the parent also starts
-    # nodes with SIGINT blocked; a fork server's children inherit the server's mask instead)
+    # workers with SIGINT blocked; a fork server's children inherit the server's mask instead)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     _die_with_parent()
     os.environ.clear()
@@ -185,48 +199,60 @@ def _node_main(rank: int, world: int, store_port: int, timeout_s: float, heartbe
     # and a node stopped by a signal would leave a "leaked semaphore" warning behind. The node's own
     # multiprocessing uses the platform default instead, as in any program.
     mp.set_start_method(None, force=True)
+    first = placement.first(process)
     try:
         import torch
         import torch.distributed as dist
 
         from pysim import _C, plugins
+        from pysim.host import Host, NodeFailed
+        from pysim.transport import Transport
 
         modules, payload = job
         plugins.import_all(modules)   # the user's --import modules, before their classes are unpickled
         fn, args = pickle.loads(payload)
         torch.set_num_threads(1)
         _C.set_num_threads(1)
-        store = dist.TCPStore("127.0.0.1", store_port, world, False, timedelta(seconds=timeout_s))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
+        if placement.processes > 1:
+            store = dist.TCPStore("127.0.0.1", store_port, placement.processes, False, timedelta(seconds=timeout_s))
+            dist.init_process_group("gloo", store=store, rank=process, world_size=placement.processes,
+                                    timeout=timedelta(seconds=timeout_s))
         try:
-            out = fn(rank, world, *args)
+            out = Host(placement.hosted(process), placement.nodes, Transport(placement, process)).run(fn, args)
         finally:
-            dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
         # plain pickle over a pipe to our own parent: tensors travel by value, not as
         # shared-memory handles that die with this process
         reporter.send(("ok", out))
+    except NodeFailed as e:
+        _report_error(reporter, e.node, e.message, e.node_traceback)
     except BaseException as e:  # report everything, then exit non-zero
-        try:
-            reporter.send(("error", f"{type(e).__name__}: {e}".splitlines()[0], traceback.format_exc()))
-        except OSError:  # the parent is gone
-            pass
-        sys.exit(1)
+        _report_error(reporter, first, f"{type(e).__name__}: {e}".splitlines()[0], traceback.format_exc())
 
 
-def _read_reports(rank: int, conn: Connection, events: queue.Queue) -> None:
-    """Parent side: forwards one node's messages to ``events``; ("eof",) once its pipe closes."""
+def _report_error(reporter: _Reporter, node: int, message: str, node_traceback: str) -> None:
+    try:
+        reporter.send(("error", node, message, node_traceback))
+    except OSError:  # the parent is gone
+        pass
+    sys.exit(1)
+
+
+def _read_reports(process: int, first: int, conn: Connection, events: queue.Queue) -> None:
+    """Parent side: forwards one worker process's messages to ``events``; ("eof",) once its pipe
+    closes. ``first``: its first node, named when its report cannot be read."""
     while True:
         try:
             data = conn.recv_bytes()
         except (EOFError, OSError):
-            events.put((rank, ("eof",)))
+            events.put((process, ("eof",)))
             return
         try:
-            events.put((rank, pickle.loads(data)))
+            events.put((process, pickle.loads(data)))
         except Exception as e:  # e.g. the result's class cannot be imported here
-            events.put((rank, ("error", f"the parent cannot read node {rank}'s report: {type(e).__name__}: {e}",
-                               traceback.format_exc())))
+            events.put((process, ("error", first, f"the parent cannot read node {first}'s report: "
+                                                  f"{type(e).__name__}: {e}", traceback.format_exc())))
 
 
 def _loopback_store(world: int, timeout_s: float) -> Any:
@@ -247,17 +273,20 @@ def _loopback_store(world: int, timeout_s: float) -> Any:
 
 
 def run_nodes(fn: Callable[..., Any], n: int, args: tuple = (), timeout_s: float = 120.0,
-              heartbeat_s: float = 10.0) -> list[Any] | None:
-    """Runs ``fn(rank, n, *args)`` in n node processes and returns the results by rank.
+              heartbeat_s: float = 10.0, processes: int | None = None) -> list[Any] | None:
+    """Runs ``fn(node, n, *args)`` for ``n`` nodes and returns the results by node.
 
-    ``fn`` must be importable (a module-level function). ``timeout_s`` (seconds)
-    bounds any single collective (gloo) and joining the group. ``heartbeat_s``
-    (seconds) is how long a node may go without a heartbeat before it is
-    declared stopped or hung; a node still starting (importing) gets
-    ``START_LIMIT_S`` unless /proc shows it stopped. Raises :class:`NodeError`
-    naming the failed node, :class:`RunInterrupted` on Ctrl-C. Under torchrun
-    see the module docstring: rank 0 gets the list, the other ranks None.
+    ``fn`` must be importable (a module-level function). ``processes``: the worker processes
+    the nodes are spread over (default ``n``: one process per node); results do not depend on
+    it. ``timeout_s`` (seconds) bounds any single collective (gloo) and joining the group.
+    ``heartbeat_s`` (seconds) is how long a process may go without a heartbeat before it is
+    declared stopped or hung; a process still starting (importing) gets ``START_LIMIT_S``
+    unless /proc shows it stopped. Raises :class:`NodeError` naming the failed node,
+    :class:`RunInterrupted` on Ctrl-C. Under torchrun see the module docstring: rank 0 gets
+    the list, the other ranks None.
     """
+    from pysim.placement import Placement
+
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"number of nodes must be an integer >= 1, got {n!r}")
     for name, v in (("timeout_s", timeout_s), ("heartbeat_s", heartbeat_s)):
@@ -270,26 +299,28 @@ def run_nodes(fn: Callable[..., Any], n: int, args: tuple = (), timeout_s: float
         sys.stderr.flush()
         os._exit(UNGUARDED_MAIN_EXIT)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return _run_under_torchrun(fn, args, timeout_s)
-    return _LocalRun(fn, n, args, timeout_s, heartbeat_s).run()
+        return _run_under_torchrun(fn, n, args, timeout_s)
+    return _LocalRun(fn, Placement(n, n if processes is None else processes), args, timeout_s, heartbeat_s).run()
 
 
 class _LocalRun:
-    """One run of n local node processes, watched by the parent (see the module docstring)."""
+    """One run of local worker processes, watched by the parent (see the module docstring)."""
 
-    def __init__(self, fn: Callable, n: int, args: tuple, timeout_s: float, heartbeat_s: float) -> None:
-        self.n, self.timeout_s, self.heartbeat_s = n, timeout_s, heartbeat_s
-        self.ctx = node_context()
+    def __init__(self, fn: Callable, placement, args: tuple, timeout_s: float, heartbeat_s: float) -> None:
         from pysim import plugins
 
+        self.placement = placement
+        self.p = placement.processes
+        self.timeout_s, self.heartbeat_s = timeout_s, heartbeat_s
+        self.ctx = node_context()
         # by value: no shared-memory handles that die with the parent; with the modules to import first
         self.job = (plugins.loaded(), pickle.dumps((fn, args)))
         self.procs: list[mp.Process] = []
         self.conns: list[Connection] = []
         self.events: queue.Queue = queue.Queue()
-        self.results: dict[int, Any] = {}
-        self.errors: dict[int, tuple[str, str]] = {}   # rank -> (message, traceback), in arrival order
-        self.closed: set[int] = set()                 # ranks whose pipe closed (every report read)
+        self.results: dict[int, Any] = {}              # process -> {node: result}
+        self.errors: dict[int, tuple[int, str, str]] = {}   # process -> (node, message, traceback), by arrival
+        self.closed: set[int] = set()                 # processes whose pipe closed (every report read)
         self.last_beat: dict[int, float] = {}
 
     def run(self) -> list[Any]:
@@ -297,100 +328,106 @@ class _LocalRun:
         # then delivered to the main thread, the one that acts on it
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            store = _loopback_store(self.n, self.timeout_s)
+            store = _loopback_store(self.p, self.timeout_s)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         try:
             self._start(store.port)
-            return self._watch()
+            by_process = self._watch()
         except KeyboardInterrupt:
             stopped = self._stop()
             raise RunInterrupted(stopped) from None
         finally:
             self._stop()
             del store
+        merged = {node: r for results in by_process for node, r in results.items()}
+        return [merged[node] for node in range(self.placement.nodes)]
 
     def _start(self, port: int) -> None:
-        # nodes start with SIGINT blocked (the mask is inherited): Ctrl-C reaches the
+        # workers start with SIGINT blocked (the mask is inherited): Ctrl-C reaches the
         # whole process group, and only the parent should act on it
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            for r in range(self.n):
+            for p in range(self.p):
                 reader, writer = self.ctx.Pipe(duplex=False)
-                p = self.ctx.Process(target=_node_main, name=f"pysim-node-{r}", daemon=True,
-                                     args=(r, self.n, port, self.timeout_s, self.heartbeat_s, self.job, writer,
-                                           dict(os.environ)))
-                self.procs.append(p)
+                proc = self.ctx.Process(target=_worker_main, name=f"pysim-worker-{p}", daemon=True,
+                                        args=(p, self.placement, port, self.timeout_s, self.heartbeat_s, self.job,
+                                              writer, dict(os.environ)))
+                self.procs.append(proc)
                 self.conns.append(reader)
-                p.start()
-                writer.close()  # the node holds the only write end: its death closes the pipe
-                threading.Thread(target=_read_reports, args=(r, reader, self.events), daemon=True,
-                                 name=f"pysim-reports-{r}").start()
+                proc.start()
+                writer.close()  # the worker holds the only write end: its death closes the pipe
+                threading.Thread(target=_read_reports, args=(p, self.placement.first(p), reader, self.events),
+                                 daemon=True, name=f"pysim-reports-{p}").start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
-    def _watch(self) -> list[Any]:
+    def _describe(self, p: int) -> str:
+        return _describe_process(self.placement, p, self.procs[p].pid)
+
+    def _watch(self) -> list[dict[int, Any]]:
         started = last_poll = time.monotonic()
         awake_since = started        # heartbeats missed while the parent itself was suspended do not count
         first_error_at: float | None = None
-        while len(self.results) < self.n:
+        while len(self.results) < self.p:
             try:
-                rank, msg = self.events.get(timeout=POLL_S)
-                self._record(rank, msg)
+                p, msg = self.events.get(timeout=POLL_S)
+                self._record(p, msg)
             except queue.Empty:
                 pass
             now = time.monotonic()
             if now - last_poll > max(1.0, self.heartbeat_s / 2):
                 awake_since = now
             last_poll = now
-            # a node is silent-dead once its pipe is drained and closed with no report, or at once if
-            # a signal ended it (a node that reports an error exits with code 1, never by a signal)
-            silent = [r for r in range(self.n) if r not in self.results and r not in self.errors
-                      and (r in self.closed or (self.procs[r].exitcode or 0) < 0)]
+            # a process is silent-dead once its pipe is drained and closed with no report, or at once if
+            # a signal ended it (a process that reports an error exits with code 1, never by a signal)
+            silent = [p for p in range(self.p) if p not in self.results and p not in self.errors
+                      and (p in self.closed or (self.procs[p].exitcode or 0) < 0)]
             if silent:
-                r = silent[0]
-                p = self.procs[r]
-                p.join(1.0)
-                if p.exitcode == UNGUARDED_MAIN_EXIT:
-                    raise NodeError(r, describe_exit(p.exitcode)) from None
-                raise NodeError(r, f"process {p.pid} {describe_exit(p.exitcode)} without a report "
-                                   "(killed, out of memory, or crashed in native code)") from None
+                p = silent[0]
+                proc = self.procs[p]
+                proc.join(1.0)
+                node = self.placement.first(p)
+                if proc.exitcode == UNGUARDED_MAIN_EXIT:
+                    raise NodeError(node, describe_exit(proc.exitcode)) from None
+                raise NodeError(node, f"{self._describe(p)} {describe_exit(proc.exitcode)} without a report "
+                                      "(killed, out of memory, or crashed in native code)") from None
             if self.errors:
                 first_error_at = first_error_at or now
-                real = [r for r, (m, _) in self.errors.items() if not _PEER_GONE.search(m)]
+                real = [p for p, (_, m, _) in self.errors.items() if not _PEER_GONE.search(m)]
                 if now - first_error_at >= (BLAME_GRACE_S if real else PEER_GONE_GRACE_S):
-                    r = (real or list(self.errors))[0]
-                    raise NodeError(r, *self.errors[r]) from None
+                    node, message, tb = self.errors[(real or list(self.errors))[0]]
+                    raise NodeError(node, message, tb) from None
                 continue
-            for r in range(self.n):
-                if r in self.results:
+            for p in range(self.p):
+                if p in self.results:
                     continue
-                if r not in self.last_beat:  # still importing: slow under load, so only a stopped one is named early
+                if p not in self.last_beat:  # still importing: slow under load, so only a stopped one is named early
                     waited = now - max(started, awake_since)
-                    state = _process_state(self.procs[r].pid) if waited > self.heartbeat_s else ""
+                    state = _process_state(self.procs[p].pid) if waited > self.heartbeat_s else ""
                     if state.startswith("stopped") or waited > START_LIMIT_S:
-                        raise NodeError(r, f"no heartbeat within {waited:.1f} s of starting: process "
-                                           f"{self.procs[r].pid} is {state}") from None
-                elif now - max(self.last_beat[r], awake_since) > self.heartbeat_s:
-                    silent_s = now - self.last_beat[r]
-                    raise NodeError(r, f"no heartbeat for {silent_s:.1f} s: process {self.procs[r].pid} "
-                                       f"is {_process_state(self.procs[r].pid)} "
-                                       f"(heartbeat_s={self.heartbeat_s:g})") from None
-        return [self.results[r] for r in range(self.n)]
+                        raise NodeError(self.placement.first(p), f"no heartbeat within {waited:.1f} s of starting: "
+                                        f"{self._describe(p)} is {state}") from None
+                elif now - max(self.last_beat[p], awake_since) > self.heartbeat_s:
+                    silent_s = now - self.last_beat[p]
+                    raise NodeError(self.placement.first(p), f"no heartbeat for {silent_s:.1f} s: {self._describe(p)} "
+                                    f"is {_process_state(self.procs[p].pid)} "
+                                    f"(heartbeat_s={self.heartbeat_s:g})") from None
+        return [self.results[p] for p in range(self.p)]
 
-    def _record(self, rank: int, msg: tuple) -> None:
+    def _record(self, p: int, msg: tuple) -> None:
         kind = msg[0]
         if kind == "alive":
-            self.last_beat[rank] = time.monotonic()
+            self.last_beat[p] = time.monotonic()
         elif kind == "ok":
-            self.results[rank] = msg[1]
+            self.results[p] = msg[1]
         elif kind == "error":
-            self.errors[rank] = (msg[1], msg[2])
+            self.errors[p] = (msg[1], msg[2], msg[3])
         elif kind == "eof":
-            self.closed.add(rank)
+            self.closed.add(p)
 
     def _stop(self) -> int:
-        """Stops every node still running (SIGTERM, SIGCONT for a stopped one, then SIGKILL); how many."""
+        """Stops every process still running (SIGTERM, SIGCONT for a stopped one, then SIGKILL); how many."""
         running = [p for p in self.procs if p.pid is not None and p.exitcode is None]
         for p in running:
             try:
@@ -421,13 +458,20 @@ def _process_state(pid: int | None) -> str:
     return "stopped (SIGSTOP or Ctrl-Z)" if state in ("T", "t") else "hung (alive but silent)"
 
 
-def _run_under_torchrun(fn: Callable, args: tuple, timeout_s: float) -> list[Any] | None:
+def _run_under_torchrun(fn: Callable, n: int, args: tuple, timeout_s: float) -> list[Any] | None:
     import torch
     import torch.distributed as dist
 
     from pysim import _C
+    from pysim.host import Host, NodeFailed
+    from pysim.placement import Placement
+    from pysim.transport import Transport
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if n < world:
+        raise ValueError(f"{n} nodes cannot fill {world} torchrun ranks: each rank hosts at least one node; "
+                         f"use at least {world} nodes or fewer ranks")
+    check_gloo_interface()
     threads = torch.get_num_threads(), _C.get_num_threads()
     torch.set_num_threads(1)  # as spawned nodes: one thread, so thread CPU time is the node's whole compute
     _C.set_num_threads(1)
@@ -437,14 +481,66 @@ def _run_under_torchrun(fn: Callable, args: tuple, timeout_s: float) -> list[Any
         # alive at exit aborts in gloo's threads)
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
         atexit.register(_destroy_process_group)
+    placement = Placement(n, world)
     try:
-        result = fn(rank, world, *args)
-        gathered = gather_json(result, rank, world)
+        try:
+            mine = Host(placement.hosted(rank), n, Transport(placement, rank)).run(fn, args)
+        except NodeFailed as e:
+            raise NodeError(e.node, e.message, e.node_traceback) from None
+        gathered = gather_json({str(node): r for node, r in mine.items()}, rank, world)
         dist.barrier()
-        return gathered
+        if gathered is None:
+            return None
+        merged = {int(node): r for part in gathered for node, r in part.items()}
+        return [merged[node] for node in range(n)]
     finally:
         torch.set_num_threads(threads[0])
         _C.set_num_threads(threads[1])
+
+
+def check_gloo_interface() -> None:
+    """Under torchrun across hosts: gloo listens on the address this host's name resolves to,
+    unless ``GLOO_SOCKET_IFNAME`` names an interface. Where the name resolves to loopback (as
+    /etc/hosts often has it) while the master is another host, no other host could connect
+    ("connectFullMesh ... Connection refused" on every rank): one-line ValueError naming the
+    interface to set instead."""
+    master = os.environ.get("MASTER_ADDR", "")
+    if os.environ.get("GLOO_SOCKET_IFNAME") or not master:
+        return
+    try:
+        own = socket.gethostbyname(socket.gethostname())
+        master_ip = socket.gethostbyname(master)
+    except OSError:
+        return
+    if not own.startswith("127.") or master_ip.startswith("127.") or master_ip == "::1":
+        return
+    ifname = interface_towards(master_ip)
+    hint = f"GLOO_SOCKET_IFNAME={ifname}" if ifname else "GLOO_SOCKET_IFNAME to the interface that reaches it"
+    raise ValueError(f"torchrun across hosts: this host's name {socket.gethostname()!r} resolves to {own}, so gloo "
+                     f"would listen on loopback and ranks on other hosts could not connect to it; set {hint} "
+                     f"(the master is {master}) on every host")
+
+
+def interface_towards(address: str) -> str | None:
+    """The name of the local interface whose address the kernel routes ``address`` from, if found."""
+    import fcntl
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((address, 9))   # no packet is sent: this only picks the route
+            local = s.getsockname()[0]
+        for _, name in socket.if_nameindex():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                try:
+                    packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+                except OSError:
+                    continue
+            if socket.inet_ntoa(packed[20:24]) == local:
+                return name
+    except OSError:
+        return None
+    return None
 
 
 def _destroy_process_group() -> None:

@@ -1,18 +1,17 @@
-"""One node's training loop, run inside a node process: data, model, optimizer, strategy, loop, evaluation.
+"""One node's training loop: data, model, optimizer, strategy, then step, evaluate, checkpoint.
 
-Every node builds the same model from the same seed, takes its shard of the
-training set, and for each step computes the loss and gradients on a batch
-of its shard (timed as compute), then lets the strategy communicate and
+A node runs in a thread of a worker process (:mod:`pysim.host`), beside the
+other nodes that process hosts. Every node builds the same model from the same
+seed, takes its shard of the training set (the set itself is loaded once per
+process and shared), and for each step computes the loss and gradients on a
+batch of its shard (timed as compute), then lets the strategy communicate and
 update. Node 0's deployed model is evaluated every ``eval_every`` steps (and
 after the last) on a fixed subset of the evaluation set (cheap, for time to
-target), and on the whole set at the end (the final metrics); every node
-evaluates a share of the examples unless the workload says otherwise
-(:class:`pysim.evaluation.NodeEvaluation`).
+target), and on the whole set at the end (the final metrics); every node takes
+part, evaluating its share of the examples (:class:`pysim.evaluation.Evaluator`).
 
 Time to target at step resolution: until the target is reached, node 0 keeps a
-copy of the deployed model of every step since the last evaluation (every node
-asks the strategy for it, as it may be a collective; every node learns at each
-evaluation whether the target is reached, and then they stop). When an
+copy of the deployed model of every step since the last evaluation. When an
 evaluation first reaches the target, the steps in between are bisected on
 those copies (about log2(eval_every) more evaluations), so the run records the
 first step whose model reaches the target with the step before it below the
@@ -28,18 +27,18 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from pysim.checkpoint import CheckpointPlan, load_node_state, prune, save_node_state
 from pysim.comm import Comm
-from pysim.compute import ComputeMeter, count_work, step_key
+from pysim.compute import ComputeMeter, Work, count_work, step_key
 from pysim.config import TrainConfig
-from pysim.evaluation import CrossingFinder, NodeEvaluation, Subset, eval_subset
+from pysim.evaluation import CrossingFinder, Evaluator, Subset, eval_subset
+from pysim.host import Host
 from pysim.sharding import ShardSampler, shard_indices
 from pysim.strategies import make_strategy
 from pysim.trace import event_to_json
-from pysim.workload import Batches
+from pysim.workload import Batches, Workload
 
 
 class StepRecord(NamedTuple):
@@ -75,6 +74,162 @@ class WarmupCosine:
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | None = None) -> dict:
+    """One node's training run; returns its records (steps, evaluations on node 0, trace segments)
+    as plain JSON-able data. ``plan``: where to write checkpoints and from which step to resume
+    (:mod:`pysim.checkpoint`)."""
+    node = NodeRun(rank, world, cfg, plan)
+    for step in range(node.start, cfg.steps):
+        node.train_step(step)
+        node.evaluate_after(step)
+        node.checkpoint_after(step)
+    return node.finish()
+
+
+class NodeRun:
+    """One node's state through a run, in the order a step uses it."""
+
+    def __init__(self, rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | None) -> None:
+        self.rank, self.world, self.cfg, self.plan = rank, world, cfg, plan
+        wl: Workload = cfg.workload
+        # data: the process's copy of the sets, this node's shard
+        self.train, evaluation, shards = _process_data(cfg, world)
+        self.batches = ShardSampler(self.train, shards[rank], cfg.batch_size, cfg.seed * 1000 + rank)
+        self.quick = Subset(evaluation, eval_subset(len(evaluation), cfg.eval_subset))
+        self.evaluation = evaluation
+        # model, optimizer, strategy: identical initial model on every node
+        torch.manual_seed(cfg.seed)
+        self.model = wl.model()
+        self.optimizer = wl.optimizer(self.model.parameters())
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(cfg.warmup_steps, cfg.steps))
+        self.strategy = make_strategy(cfg.strategy, **cfg.strategy_args)
+        self.comm = Comm(rank, world, cfg.network, ComputeMeter(cfg.profile), cfg.algorithm, cfg.scaling)
+        self.strategy.setup(self.model, self.optimizer, self.comm, self.scheduler)
+        self.host: Host = self.comm.host
+        self.work, self.key = self._step_work()
+        # records, and what evaluations need
+        self.steps: list[StepRecord] = []
+        self.evals: list[EvalRecord] = []
+        self.evaluate = Evaluator(self.host, wl.metrics, wl.split_evaluation)
+        self.crossing = CrossingFinder(cfg.goal, lambda m: self.evaluate(m, self.quick), store=rank == 0)
+        self.target_reached = False   # told to every node at evaluations
+        self.start = self._resume() if plan is not None and plan.resume_step else 0
+        self.bar = tqdm(total=cfg.steps, initial=self.start, desc=f"{cfg.name} (node 0)", unit="step", leave=False,
+                        mininterval=0.5, disable=rank != 0 or cfg.steps < 200 or not sys.stderr.isatty())
+
+    def _step_work(self) -> tuple[Work, str]:
+        """One step's model work, counted once per process on a batch (the first node's), without
+        touching any node's random state or its sampler; and its compute-profile key."""
+        wl = self.cfg.workload
+        key = step_key(wl.name, self.model, self.cfg.batch_size)
+
+        def count() -> Work:
+            probe = ShardSampler(self.train, self.batches.shard, self.cfg.batch_size, 0)
+            x, y = probe.next()
+            with torch.random.fork_rng(devices=[]):
+                work = count_work(lambda: wl.loss(self.model(x), y).backward())
+            self.optimizer.zero_grad()
+            return work
+
+        return self.host.shared(("step work", key), count), key
+
+    def _resume(self) -> int:
+        """Everything the loop carries from step to step, as it was after the checkpointed step."""
+        state = load_node_state(self.plan.folder, self.plan.resume_step, self.rank)
+        self.strategy = state["strategy"]
+        s = self.strategy
+        self.model, self.optimizer, self.scheduler, self.comm = s.model, s.optimizer, s.scheduler, s.comm
+        self.batches.restore(state["sampler"])
+        self.steps, self.evals = state["steps"], state["evals"]
+        self.crossing.restore(state["crossing"])
+        _set_rng_state(state["rng"])
+        self.target_reached = state["target_reached"]
+        return self.plan.resume_step
+
+    # ------------------------------------------------------------ the loop
+
+    def train_step(self, step: int) -> None:
+        """A batch, forward and backward (the step's compute), the strategy's communication and
+        update, and the step's record."""
+        x, y = self.batches.next()
+        with self.comm.meter.measure(work=self.work, key=self.key):
+            loss = self.cfg.workload.loss(self.model(x), y)
+            self.optimizer.zero_grad()
+            loss.backward()
+        self.strategy.step(step, last=step == self.cfg.steps - 1)
+        clock = self.comm.end_step()
+        c = self.comm
+        self.steps.append(StepRecord(loss.item(), clock, c.bytes_sent, c.bytes_received, c.compute_total_s, c.comm_s))
+        self.bar.update()
+
+    def evaluate_after(self, step: int) -> None:
+        """Every ``eval_every`` steps and after the last: evaluate the deployed model (bisecting
+        back to the first step that reached the target); in between, until the target is
+        reached, node 0 keeps each step's deployed model for that bisection."""
+        cfg, done = self.cfg, step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            deployed = self.strategy.eval_model()
+            metrics = self.evaluate(deployed, self.quick)
+            bisected = self.crossing.evaluated(done, metrics)
+            if self.rank == 0:
+                self.evals += [EvalRecord(k, m, len(self.quick)) for k, m in bisected]
+                self.evals.append(EvalRecord(done, metrics, len(self.quick)))
+                shown = {k: f"{v:.4g}" for k, v in metrics.items() if k == cfg.goal.metric}
+                self.bar.set_postfix(shown | {"sim": f"{self.comm.clock_s:.1f}s"})
+            self.target_reached = self.crossing.reached
+        elif cfg.resolve_target and not self.target_reached:   # only node 0 keeps the models
+            self.crossing.keep(done, self.strategy.eval_model() if self.rank == 0 else None)
+
+    def checkpoint_after(self, step: int) -> None:
+        """Writes this node's whole state when a checkpoint is due; once every node's file of the
+        step is written, node 0 removes older ones."""
+        if self.plan is None or not self.plan.due(step + 1, self.cfg.steps):
+            return
+        save_node_state(self.plan.folder, step + 1, self.rank, {
+            "strategy": self.strategy,  # holds the model, optimizer, schedule and comm (clock, trace so far)
+            "sampler": self.batches.state(), "steps": self.steps, "evals": self.evals, "rng": _rng_state(),
+            "target_reached": self.target_reached, "crossing": self.crossing.state()})
+        self.host.meet("checkpoint", None, self._barrier)   # uncharged
+        if self.rank == 0:
+            prune(self.plan.folder, step + 1)
+
+    def _barrier(self, requests: dict) -> dict:
+        self.host.transport.barrier()
+        return dict.fromkeys(requests)
+
+    def finish(self) -> dict:
+        """The final evaluation on the whole set, and the records as plain JSON-able data (under
+        torchrun they cross between ranks as JSON)."""
+        self.bar.close()
+        final = self.evaluate(self.strategy.eval_model(), self.evaluation)
+        evals = self.evals if self.rank == 0 else []
+        return {"steps": [list(s) for s in self.steps], "evals": [list(e) for e in evals],
+                "final_metrics": final if self.rank == 0 else None,
+                "segments": [(c, f, event_to_json(e)) for c, f, e in self.comm.segments],
+                "step_ends": self.comm.step_ends}
+
+
+def _process_data(cfg: TrainConfig, world: int) -> tuple[Batches, Batches, list[torch.Tensor]]:
+    """The training and evaluation sets and every node's shard, made once per process and shared
+    by its nodes (read only)."""
+    from pysim.host import current_host
+
+    def make() -> tuple[Batches, Batches, list[torch.Tensor]]:
+        train_set, eval_set = cfg.workload.data()
+        train = Batches(train_set)
+        n_train = min(len(train), cfg.train_examples or len(train))
+        labels = train.labels() if cfg.sharding.kind == "dirichlet" else None
+        shards = shard_indices(n_train, world, cfg.sharding, cfg.seed, None if labels is None else labels[:n_train])
+        small = [r for r, s in enumerate(shards) if len(s) < cfg.batch_size]
+        if small:
+            raise ValueError(f"node {small[0]}'s shard has {len(shards[small[0]])} examples, fewer than the batch "
+                             f"size {cfg.batch_size}; use a smaller --batch-size or fewer nodes")
+        return train, Batches(eval_set), shards
+
+    host = current_host()
+    return make() if host is None else host.shared(("data", id(cfg)), make)
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
@@ -83,116 +238,3 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-
-
-def _from_node0(flag: bool, world: int) -> bool:
-    """Node 0's ``flag`` on every node (a one-value broadcast outside the simulated network,
-    uncharged: simulator bookkeeping, as the evaluations are)."""
-    if world == 1:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int64)
-    dist.broadcast(t, 0)
-    return bool(t.item())
-
-
-def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | None = None) -> dict:
-    """One node's training run; returns its records (steps, evaluations on node 0, trace segments).
-    ``plan``: where to write checkpoints and from which step to resume (:mod:`pysim.checkpoint`)."""
-    wl = cfg.workload
-    # data: this node's shard of the training set; node 0 also keeps the evaluation set
-    train_set, eval_set = wl.data()
-    train = Batches(train_set)
-    n_train = min(len(train), cfg.train_examples or len(train))
-    labels = train.labels() if cfg.sharding.kind == "dirichlet" else None
-    shard = shard_indices(n_train, world, cfg.sharding, cfg.seed, None if labels is None else labels[:n_train])[rank]
-    if len(shard) < cfg.batch_size:
-        raise ValueError(f"node {rank}'s shard has {len(shard)} examples, fewer than the batch size "
-                         f"{cfg.batch_size}; use a smaller --batch-size or fewer nodes")
-    batches = ShardSampler(train, shard, cfg.batch_size, cfg.seed * 1000 + rank)
-    evaluate = NodeEvaluation(rank, world, wl.metrics, wl.split_evaluation)
-    evaluation = Batches(eval_set) if evaluate.takes_part else None
-    quick = Subset(evaluation, eval_subset(len(evaluation), cfg.eval_subset)) if evaluation else None
-
-    # model, optimizer, strategy: identical initial model on every node
-    torch.manual_seed(cfg.seed)
-    model = wl.model()
-    optimizer = wl.optimizer(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.warmup_steps, cfg.steps))
-    strategy = make_strategy(cfg.strategy, **cfg.strategy_args)
-    meter = ComputeMeter(cfg.profile)
-    comm = Comm(rank, world, cfg.network, meter, cfg.algorithm, cfg.scaling)
-    strategy.setup(model, optimizer, comm, scheduler)
-
-    x, y = batches.next()
-    work = count_work(lambda: wl.loss(model(x), y).backward())  # one step's model work, counted once
-    key = step_key(wl.name, model, cfg.batch_size)
-    optimizer.zero_grad()
-    batches = ShardSampler(train, shard, cfg.batch_size, cfg.seed * 1000 + rank)  # the FLOP count used a batch
-
-    steps: list[StepRecord] = []
-    evals: list[EvalRecord] = []
-    crossing = CrossingFinder(cfg.goal, lambda m: evaluate(m, quick), store=rank == 0) \
-        if evaluation is not None else None
-    start = 0
-    target_reached = False   # on every node: node 0 has seen the target reached (told at evaluations)
-    if plan is not None and plan.resume_step:
-        # everything the loop carries from step to step, as it was after ``resume_step`` steps
-        state = load_node_state(plan.folder, plan.resume_step, rank)
-        strategy = state["strategy"]
-        model, optimizer, scheduler, comm = strategy.model, strategy.optimizer, strategy.scheduler, strategy.comm
-        meter = comm.meter
-        batches.restore(state["sampler"])
-        steps, evals = state["steps"], state["evals"]
-        if crossing is not None:
-            crossing.restore(state["crossing"])
-        _set_rng_state(state["rng"])
-        target_reached = state["target_reached"]
-        start = plan.resume_step
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.name} (node 0)", unit="step", leave=False,
-               mininterval=0.5, disable=rank != 0 or cfg.steps < 200 or not sys.stderr.isatty())
-    for step in range(start, cfg.steps):
-        x, y = batches.next()
-        with meter.measure(work=work, key=key):
-            loss = wl.loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-        strategy.step(step, last=step == cfg.steps - 1)
-        clock = comm.end_step()
-        steps.append(StepRecord(loss.item(), clock, comm.bytes_sent, comm.bytes_received, comm.compute_total_s,
-                                comm.comm_s))
-        if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
-            deployed = strategy.eval_model()  # collective: a strategy may average the nodes' models (uncharged)
-            if crossing is not None:
-                metrics = evaluate(deployed, quick)
-                bisected = crossing.evaluated(step + 1, metrics)
-                if rank == 0:
-                    evals += [EvalRecord(k, m, len(quick)) for k, m in bisected]
-                    evals.append(EvalRecord(step + 1, metrics, len(quick)))
-                    shown = {k: f"{v:.4g}" for k, v in metrics.items() if k == cfg.goal.metric}
-                    bar.set_postfix(shown | {"sim": f"{clock:.1f}s"})
-            if cfg.resolve_target and not target_reached:
-                target_reached = crossing.reached if evaluate.split else \
-                    _from_node0(crossing is not None and crossing.reached, world)
-        elif cfg.resolve_target and not target_reached:
-            deployed = strategy.eval_model()  # every node: it may be a collective
-            if crossing is not None:
-                crossing.keep(step + 1, deployed)
-        if plan is not None and plan.due(step + 1, cfg.steps):
-            save_node_state(plan.folder, step + 1, rank, {
-                "strategy": strategy,  # holds the model, optimizer, schedule and comm (clock, trace so far)
-                "sampler": batches.state(), "steps": steps, "evals": evals, "rng": _rng_state(),
-                "target_reached": target_reached,
-                "crossing": None if crossing is None else crossing.state()})
-            if world > 1:
-                dist.barrier()  # every node's file is written: older checkpoints can go (uncharged)
-            if rank == 0:
-                prune(plan.folder, step + 1)
-        bar.update()
-    bar.close()
-    deployed = strategy.eval_model()
-    final = evaluate(deployed, evaluation) if evaluation is not None else None
-    if rank != 0:
-        evals, final = [], None   # node 0 reports the evaluations
-    # plain JSON-able data: under torchrun, results cross between ranks as JSON
-    return {"steps": [list(s) for s in steps], "evals": [list(e) for e in evals], "final_metrics": final,
-            "segments": [(c, f, event_to_json(e)) for c, f, e in comm.segments], "step_ends": comm.step_ends}

@@ -18,6 +18,7 @@ from pysim.compute import calibrate_workload
 from pysim.config import TrainConfig
 from pysim.launch import run_nodes
 from pysim.node import StepRecord, train_node
+from pysim.placement import default_processes
 from pysim.result import Evaluation, Final, Result, StepRow
 from pysim.rundir import check_out_dir, load_result, run_path, save_result
 from pysim.trace import event_from_json, trace_from_nodes
@@ -52,7 +53,7 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fals
     same configuration, if any (:mod:`pysim.checkpoint`). ``real_runtime_s`` of a resumed run
     counts the resumed part. ``options``: how it runs (:class:`RunOptions`)."""
     options = options or RunOptions()
-    cfg.check()
+    cfg.check(options.processes)
     if cfg.compute == "calibrated" and cfg.profile is None:
         cfg.profile = calibrate_workload(cfg.workload, cfg.batch_size, cfg.seed)
     plan = None
@@ -66,7 +67,8 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fals
         raise ValueError("checkpoints live beside the results: give an output folder (--out) to checkpoint "
                          "or resume")
     t0 = time.perf_counter()
-    nodes = run_nodes(train_node, cfg.nodes, (cfg, plan), timeout_s=options.timeout_s)
+    processes = options.processes or default_processes(cfg.nodes)
+    nodes = run_nodes(train_node, cfg.nodes, (cfg, plan), timeout_s=options.timeout_s, processes=processes)
     if nodes is None:  # under torchrun, ranks other than 0: rank 0 assembles, prints and writes
         return None
     result = assemble(cfg, nodes, time.perf_counter() - t0)

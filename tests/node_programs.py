@@ -44,25 +44,17 @@ def allreduce_with_codec(rank: int, world: int, net: Network, spec: str, n: int)
     return {"x": x, "mean": comm.allreduce_mean(x, get_codec(spec)), "sent": comm.bytes_sent}
 
 
-def ring_in_pieces_and_whole(rank: int, world: int, n: int, piece_bytes: int, groups=None) -> dict:
-    """Dense ring all-reduces of the same seeded vector sent in pieces (the transport) and as
-    whole packets (the hop-by-hop ring other summable codecs use), per wire dtype."""
-    from pysim.schedule import check_groups, group_of
-
+def ring_dense(rank: int, world: int, n: int, piece_bytes: int, groups=None) -> dict:
+    """Dense ring all-reduces of the same seeded vector, per wire dtype: the means, and the bytes
+    the transport counted leaving this node."""
     comm = Comm(rank, world, Network.uniform(world, "1Gbps", "1ms"))
     comm.piece_bytes = piece_bytes
     x = torch.randn(n, generator=torch.Generator().manual_seed(300 + rank)) * 3
-    norm = check_groups(groups, world)
-    members = group_of(norm, rank, world)
     out: dict = {"x": x}
     for dtype in ("fp32", "fp16", "bf16"):
-        codec = get_codec(f"dense:{dtype}")
-        sent = comm.bytes_sent
-        out[dtype] = comm.allreduce_mean(x, codec, groups=groups)
-        out[f"{dtype}_sent"] = comm.bytes_sent - sent
-        sent = comm.bytes_sent
-        out[f"{dtype}_whole"] = comm._ring_allreduce(x.clone(), codec, None, norm, members)[0]
-        out[f"{dtype}_whole_sent"] = comm.bytes_sent - sent
+        sent = comm.transport.sent[rank]
+        out[dtype] = comm.allreduce_mean(x, get_codec(f"dense:{dtype}"), groups=groups)
+        out[f"{dtype}_sent"] = comm.transport.sent[rank] - sent
     out["x_after"] = x
     return out
 
@@ -295,7 +287,8 @@ if __name__ == "__main__":  # run under torchrun by tests/test_comm.py
 def split_evaluation(rank: int, world: int, n_examples: int) -> dict:
     """Node 0's model evaluated split across the nodes, while every other node holds a different
     model; plus a bisection of kept copies by a split CrossingFinder. Returns what rank 0 saw."""
-    from pysim.evaluation import CrossingFinder, NodeEvaluation
+    from pysim.evaluation import CrossingFinder, Evaluator
+    from pysim.host import current_host
     from pysim.workload import Target, classification_metrics
 
     g = torch.Generator().manual_seed(5)
@@ -303,7 +296,7 @@ def split_evaluation(rank: int, world: int, n_examples: int) -> dict:
     data = _Rows(x, y)
     torch.manual_seed(rank)                      # each node's own model differs: only node 0's may count
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    evaluate = NodeEvaluation(rank, world, classification_metrics)
+    evaluate = Evaluator(current_host(), classification_metrics)
     split = evaluate(model, data)
 
     # bisection: the deployed "model" after step k scores accuracy k / 100 (its bias encodes k)
@@ -319,7 +312,7 @@ def split_evaluation(rank: int, world: int, n_examples: int) -> dict:
         return {"accuracy": float(m.k.detach()) / 100, "examples": float(len(d))}
 
     scored = Scored()
-    finder_eval = NodeEvaluation(rank, world, score)
+    finder_eval = Evaluator(current_host(), score)
     finder = CrossingFinder(Target("accuracy", ">=", 0.37), lambda m: finder_eval(m, data), store=rank == 0)
     found = []
     for step in range(1, 51):
@@ -348,11 +341,12 @@ class _Rows:
 
 def mismatched_metrics(rank: int, world: int) -> dict:
     """A split evaluation whose metrics name other values on node 1's share."""
-    from pysim.evaluation import NodeEvaluation
+    from pysim.evaluation import Evaluator
+    from pysim.host import current_host
 
     def metrics(model, data):
         return {"accuracy": 1.0} if rank == 0 else {"accuracy": 1.0, "f1": 0.5}
 
     g = torch.Generator().manual_seed(5)
     data = _Rows(torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g))
-    return NodeEvaluation(rank, world, metrics)(torch.nn.Linear(6, 3), data)
+    return Evaluator(current_host(), metrics)(torch.nn.Linear(6, 3), data)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pysim.clock import ComputeScaling, _replay_without_sharing, replay, scaled_compute
-from pysim.compress import get_codec, packet_header
+from pysim.compress import DenseCodec, get_codec, packet_header
 from pysim.launch import run_nodes
 from pysim.network import Network, bytes_received, bytes_sent
 from pysim.trace import trace_from_nodes
@@ -153,22 +153,49 @@ def test_grouped_allreduce_refuses_groups_that_miss_a_node():
     assert torch.equal(comm.allreduce_mean(torch.ones(3), groups=[[0]]), torch.ones(3))
 
 
+def ring_reference(xs: list[torch.Tensor], dtype: str) -> torch.Tensor:
+    """A ring all-reduce's arithmetic, from the schedule: chunk c starts at member c, each member
+    adds its own values to the decoded packet and re-encodes, the owner's packet is everyone's
+    mean. ``xs``: the members' vectors in ring order."""
+    codec = DenseCodec(dtype)
+
+    def wire(v: torch.Tensor) -> torch.Tensor:
+        return codec.unpack(codec.pack(v))
+
+    k, n = len(xs), xs[0].numel()
+    bounds = [n * c // k for c in range(k + 1)]
+    out = torch.empty(n)
+    for c in range(k):
+        a, b = bounds[c], bounds[c + 1]
+        acc = wire(xs[c][a:b])
+        for step in range(1, k):
+            acc = wire(acc + xs[(c + step) % k][a:b])
+        out[a:b] = acc / k
+    return out
+
+
 @pytest.mark.parametrize("world,n,piece_bytes,groups", [(2, 1001, 512, None), (3, 5000, 1000, None),
                                                         (3, 10, 1 << 19, None), (4, 3001, 700, [[0, 2], [1, 3]])])
-def test_dense_ring_in_pieces_equals_whole_packets_bit_for_bit(world, n, piece_bytes, groups):
-    res = run_nodes(node_programs.ring_in_pieces_and_whole, world, (n, piece_bytes, groups))
-    for r in res:
-        assert torch.equal(r["x_after"], r["x"])   # the input is only read
-        for dtype in ("fp32", "fp16", "bf16"):
-            assert torch.equal(r[dtype], r[f"{dtype}_whole"])      # same packets, same float32 arithmetic
-            assert r[f"{dtype}_sent"] == r[f"{dtype}_whole_sent"]  # exactly the packets' bytes
+@pytest.mark.parametrize("processes", ["one per node", "one"])
+def test_dense_ring_is_the_schedules_arithmetic_bit_for_bit(world, n, piece_bytes, groups, processes):
+    """Between processes the packets travel in pieces; within one, whole and in memory: the same
+    float32 arithmetic as a hand-written ring, and exactly the packets' bytes leave each node."""
+    res = run_nodes(node_programs.ring_dense, world, (n, piece_bytes, groups),
+                    processes=world if processes == "one per node" else 1)
     members = [list(range(world))] if groups is None else groups
     for group in members:
-        expected = sum(res[m]["x"] for m in group) / len(group)
+        for dtype in ("fp32", "fp16", "bf16"):
+            want = ring_reference([res[m]["x"] for m in group], dtype)
+            k = len(group)
+            chunk = [DenseCodec(dtype).nbytes((n * (c + 1) // k - n * c // k,)) for c in range(k)]
+            for m in group:
+                assert torch.equal(res[m][dtype], want), (dtype, m)
+                j = group.index(m)   # sends every chunk but j+1 in the reduce-scatter, every one but j+2 after
+                assert res[m][f"{dtype}_sent"] == 2 * sum(chunk) - chunk[(j + 1) % k] - chunk[(j + 2) % k]
         for m in group:
-            torch.testing.assert_close(res[m]["fp32"], expected, atol=1e-5, rtol=0)
-            for dtype in ("fp32", "fp16", "bf16"):   # every member holds the same mean
-                assert torch.equal(res[m][dtype], res[group[0]][dtype])
+            torch.testing.assert_close(res[m]["fp32"], sum(res[i]["x"] for i in group) / len(group), atol=1e-5,
+                                       rtol=0)
+            assert torch.equal(res[m]["x_after"], res[m]["x"])   # the input is only read
 
 
 @pytest.mark.parametrize("what,message", [("piece", "checksum mismatch"),

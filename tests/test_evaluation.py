@@ -4,7 +4,7 @@ import node_programs
 import pytest
 import torch
 
-from pysim.evaluation import CrossingFinder, NodeEvaluation, eval_subset
+from pysim.evaluation import CrossingFinder, Evaluator, eval_subset
 from pysim.launch import NodeError, run_nodes
 from pysim.result import crossing_step
 from pysim.workload import Target
@@ -36,16 +36,26 @@ def test_split_bisection_finds_the_same_step_on_every_node():
 
 
 def test_split_metrics_that_differ_between_shares_are_one_clear_error():
-    with pytest.raises(NodeError, match=r"node 1 failed: ValueError: node 1's metrics \['accuracy', 'f1'\] differ "
-                                        r"from node 0's \['accuracy'\].*split_evaluation=False"):
+    with pytest.raises(NodeError, match=r"node 1 failed: ValueError: the metrics \['accuracy', 'f1'\] on node 1's "
+                                        r"share of the data differ from \['accuracy'\].*split_evaluation=False"):
         run_nodes(node_programs.mismatched_metrics, 2)
 
 
-def test_not_split_evaluates_on_node_0_alone():
-    evaluate = NodeEvaluation(1, 2, lambda m, d: {"accuracy": 1.0}, split=False)
-    assert not evaluate.takes_part
-    assert NodeEvaluation(0, 2, lambda m, d: {}, split=False).takes_part
-    assert NodeEvaluation(0, 1, lambda m, d: {}).split is False   # one node: nothing to split
+@pytest.mark.parametrize("processes", [1, 3])
+def test_split_evaluation_does_not_depend_on_the_placement(processes):
+    """Shares are cut per node and combined in node order, whatever process evaluates them."""
+    out = run_nodes(node_programs.split_evaluation, 3, (301,), processes=processes)
+    alone = run_nodes(node_programs.split_evaluation, 3, (301,))
+    assert [r["split"] for r in out] == [r["split"] for r in alone]
+
+
+def test_not_split_or_one_node_evaluates_in_one_process():
+    from pysim.host import solo_host
+
+    host = solo_host(0, 1)
+    assert Evaluator(host, lambda m, d: {}, split=False).split is False
+    assert Evaluator(host, lambda m, d: {}).split is False   # one node: nothing to split
+    assert Evaluator(host, lambda m, d: {"accuracy": 1.0})(torch.nn.Linear(2, 2), [0]) == {"accuracy": 1.0}
 
 
 class _Scalar(torch.nn.Module):

@@ -255,13 +255,12 @@ def test_fedavg_is_local_sgd_then_parameter_average_every_h_steps():
         assert r["sent"] == 2 * dense_ring_bytes(N_TINY)
 
 
-def test_sparta_deploys_the_node_average_without_charging_it():
+def test_sparta_deploys_what_a_node_holds_not_an_unpaid_average():
     res = both("SPARTA", {"p": 0.2, "seed": 5}, 2)
-    mean = (flat(res[0]["local"]) + flat(res[1]["local"])) / 2
     assert not torch.equal(flat(res[0]["local"]), flat(res[1]["local"]))
     for r in res:
-        torch.testing.assert_close(flat(r["params"]), mean, atol=1e-7, rtol=0)
-        assert r["sent"] == 2 * dense_ring_bytes(round(0.2 * N_TINY))  # the averaging for eval is free
+        assert torch.equal(flat(r["params"]), flat(r["local"]))   # each node deploys its own model
+        assert r["sent"] == 2 * dense_ring_bytes(round(0.2 * N_TINY))  # only the subsets cross
 
 
 def test_sparta_diloco_averages_a_subset_every_step_and_takes_outer_steps():
@@ -443,14 +442,16 @@ def run_all(rank: int, world: int, specs: list[str], steps: int) -> dict:
     return out
 
 
-def test_every_builtin_strategy_deploys_the_same_model_on_every_node():
+def test_every_synchronising_builtin_strategy_deploys_the_same_model_on_every_node():
+    """Except where nodes hold different models by design (Local, SPARTA between exchanges): each
+    node then deploys its own, and a run scores node 0's."""
     from pysim.strategies import STRATEGIES
 
     specs = [cls.name for cls in STRATEGIES.values() if cls.__module__.startswith("pysim.")]
     assert {"FedAvg", "DeMo", "DGC", "SPARTADiLoCo", "SPARTA", "DiLoCo"} <= set(specs)
     res = run_nodes(run_all, 2, (specs, 3))
     for spec in specs:
-        if spec != "Local":
+        if spec not in ("Local", "SPARTA"):
             assert torch.equal(flat(res[0][spec]), flat(res[1][spec])), spec
             assert not torch.equal(flat(res[0][spec]), flat(tiny_model().parameters())), spec
 

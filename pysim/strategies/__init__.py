@@ -11,7 +11,7 @@ module per concept:
   ``fedavg``: FedAvg;  ``composed``: SPARTADiLoCo;  ``demo``: DeMo;  ``dgc``: DGC.
 """
 
-from pysim.strategies.base import STRATEGIES, CommStep, Strategy, node_average_uncharged, split_like
+from pysim.strategies.base import STRATEGIES, CommStep, Strategy, split_like
 from pysim.strategies.composed import SPARTADiLoCo
 from pysim.strategies.demo import DeMo
 from pysim.strategies.dgc import DGC
@@ -26,4 +26,4 @@ from pysim.strategies.streaming import StreamingDiLoCo, StreamingOuterStep
 __all__ = ["STRATEGIES", "AverageGradients", "AverageModels", "AverageRandomSubset", "BucketedAverageGradients",
            "CommStep", "DGC", "DeMo", "DiLoCo", "FedAvg", "OuterStep", "PowerSGD", "Reducer", "SPARTA", "SPARTADiLoCo",
            "SimpleReduce", "Strategy", "StreamingDiLoCo", "StreamingOuterStep", "TopK", "make_reducer",
-           "make_strategy", "node_average_uncharged", "parse_spec", "split_like"]
+           "make_strategy", "parse_spec", "split_like"]

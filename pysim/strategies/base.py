@@ -16,15 +16,12 @@ shows a new algorithm in ~20 lines.
 
 from __future__ import annotations
 
-import copy
 import inspect
 from contextlib import AbstractContextManager
 from typing import ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from pysim.comm import Comm
 
@@ -39,20 +36,6 @@ def split_like(flat: torch.Tensor, tensors) -> list[torch.Tensor]:
         out.append(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
     return out
-
-
-def node_average_uncharged(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters are the mean over all nodes.
-
-    Collective: every node must call it. It uses ``torch.distributed.all_reduce``
-    directly, outside the simulated network: no bytes, no time, nothing in the
-    trace. It is how a run *reports* a model, not part of the algorithm."""
-    avg = copy.deepcopy(model)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flat = parameters_to_vector(avg.parameters()).detach().clone()
-        dist.all_reduce(flat)
-        vector_to_parameters(flat / dist.get_world_size(), avg.parameters())
-    return avg
 
 
 class CommStep:
@@ -144,9 +127,8 @@ class Strategy:
                 self.scheduler.step()
 
     def eval_model(self) -> nn.Module:
-        """The model this strategy would deploy. Collective: call it on every node at the
-        same steps (a step may average the nodes' models outside the simulated network).
-        The last comm step with an opinion decides; without one, this node's model."""
+        """The model this node would deploy (it holds it; nothing is exchanged to make it). The
+        last comm step with an opinion decides; without one, this node's model."""
         for s in reversed(self.comm_steps):
             m = s.eval_model()
             if m is not None:

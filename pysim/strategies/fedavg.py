@@ -7,7 +7,7 @@ import copy
 import numpy as np
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from pysim.strategies.base import CommStep, Strategy, node_average_uncharged
+from pysim.strategies.base import CommStep, Strategy
 
 
 def islands(n: int, size: int, seed: int, round_: int) -> tuple[tuple[int, ...], ...]:
@@ -29,9 +29,9 @@ class AverageModels(CommStep):
     their mean over nodes (one dense fp32 all-reduce). With ``island_size`` g, each averaging
     round r splits the nodes into random islands of g (:func:`islands` with ``seed`` and r)
     and every node takes the mean over its island only (one grouped all-reduce: each island a
-    ring of its own, all at once). Deploys the last averaged model; with more than one island
-    the nodes' models differ, and the deployed model is their mean over all nodes, computed
-    outside the simulated network (uncharged: see ``node_average_uncharged``)."""
+    ring of its own, all at once). Deploys this node's last averaged model; with more than one
+    island the nodes' models differ, and a run scores node 0's (its island's average): a model
+    a node really holds, not an average over every node that no exchange paid for."""
 
     def __init__(self, H: int, island_size: int | None = None, seed: int = 0) -> None:
         if isinstance(H, bool) or not isinstance(H, int) or H < 1:
@@ -69,9 +69,7 @@ class AverageModels(CommStep):
             vector_to_parameters(avg.clone(), self.averaged.parameters())
 
     def eval_model(self):
-        if self.groups(0) is None:
-            return self.averaged
-        return node_average_uncharged(self.averaged)
+        return self.averaged
 
 
 class FedAvg(Strategy):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from pysim.compress import RandomKCodec
-from pysim.strategies.base import CommStep, Strategy, node_average_uncharged
+from pysim.strategies.base import CommStep, Strategy
 
 
 class AverageRandomSubset(CommStep):
@@ -13,8 +13,9 @@ class AverageRandomSubset(CommStep):
     (one dense all-reduce of the chosen values). The indices come from ``seed`` and the step,
     the same on every node, so only values cross the wire.
 
-    Nodes' models differ between exchanges; the deployed model is their average, computed
-    outside the simulated network (uncharged: see ``node_average_uncharged``)."""
+    Nodes' models differ between exchanges; each node deploys its own, and a run scores node
+    0's: a model a node really holds (an average of every node's would need a dense exchange
+    that SPARTA never pays for)."""
 
     def __init__(self, p: float, seed: int = 0) -> None:
         self.sampler = RandomKCodec(p, seed)
@@ -29,9 +30,6 @@ class AverageRandomSubset(CommStep):
         flat[idx] = s.comm.allreduce_mean(values)
         with s.compute(reuse="sparta.scatter"):
             vector_to_parameters(flat, s.params)
-
-    def eval_model(self):
-        return node_average_uncharged(self.strategy.model)
 
 
 class SPARTA(Strategy):
