@@ -1,55 +1,136 @@
-"""How many node processes fit on this machine: a short MNIST run with N nodes.
+"""Many nodes on one machine: real time, efficiency and memory per node, N = 2 ... 256.
 
-    python bench/scale.py --nodes 16 --steps 60
+    python bench/scale.py                                   # SimpleReduce and DiLoCo(H=30), N = 2..256
+    python bench/scale.py --nodes 16,64 --strategies SimpleReduce --steps 100
+    python bench/scale.py --workload shakespeare --nodes 64 --steps 100 --batch-size 16
 
-Reports real runtime, the machine's peak memory in use during the run
-(sampled from /proc/meminfo every 0.1 s) and per node, and the result.
+Each point trains the workload (MNIST CNN by default, batch 32 per node, a
+compute profile so the clock never depends on this machine's noise; 1 Gbit/s,
+1 ms) on N nodes spread over the default worker processes (one per core).
+
+- efficiency: the bare compute those node-steps need, N x steps x bare step /
+  cores, over the real time of the whole run (start, training, the final
+  evaluation on the whole test set); the bare step (forward, backward and the
+  AdamW step of one batch, one thread, hot caches) is timed in this process
+  right before each run, median of 100 after 20 of warm-up;
+- memory: the machine's memory in use (MemTotal - MemAvailable, sampled every
+  0.1 s) at its peak during the run, less what was in use before it; per node:
+  that over N; marginal: the difference to the previous N, per added node.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 
+import torch
+
 from pysim.config import TrainConfig
 from pysim.network import Network
-from pysim.trainer import run
+from pysim.placement import default_processes
+from pysim.sharding import ShardSampler
+from pysim.trainer import RunOptions, run
+from pysim.workload import Batches, get_workload
 
 
-def used_gib() -> float:
+def used_bytes() -> int:
     info = {}
     with open("/proc/meminfo") as f:
         for line in f:
             k, v = line.split(":")
-            info[k] = int(v.split()[0])
-    return (info["MemTotal"] - info["MemAvailable"]) / 2**20
+            info[k] = int(v.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+class PeakMemory:
+    """The largest memory in use while the block runs, sampled every 0.1 s."""
+
+    def __enter__(self) -> PeakMemory:
+        self.base = self.peak = used_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, used_bytes())
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
+
+
+def bare_step_s(workload_name: str, batch_size: int, repeats: int = 100, warmup: int = 20) -> float:
+    """Median seconds of one training step (forward, backward, optimizer) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        wl = get_workload(workload_name)
+        data = Batches(wl.data()[0])
+        model = wl.model()
+        opt = wl.optimizer(model.parameters())
+        sampler = ShardSampler(data, torch.arange(len(data)), batch_size, 0)
+        times = []
+        for i in range(warmup + repeats):
+            x, y = sampler.next()
+            t0 = time.perf_counter()
+            loss = wl.loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure(workload: str, strategy: str, nodes: int, steps: int, batch_size: int) -> dict:
+    bare = bare_step_s(workload, batch_size)
+    cfg = TrainConfig(workload=workload, strategy=strategy, nodes=nodes, steps=steps, batch_size=batch_size,
+                      eval_every=steps, eval_subset=500, compute="cpu", warmup_steps=min(30, steps // 3),
+                      network=Network.uniform(nodes, "1Gbps", "1ms"))
+    cores = min(os.cpu_count() or 1, default_processes(nodes))
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        result = run(cfg, options=RunOptions(timeout_s=1200))
+        real = time.perf_counter() - t0
+    ideal = nodes * steps * bare / cores
+    return {"strategy": strategy, "nodes": nodes, "processes": default_processes(nodes), "real_s": real,
+            "bare_step_ms": 1e3 * bare, "efficiency": ideal / real, "peak_gib": mem.extra / 2**30,
+            "per_node_mib": mem.extra / nodes / 2**20, "metric": result.final.metrics}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--nodes", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--strategy", default="SimpleReduce")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", default="2,4,8,16,32,64,128,256")
+    ap.add_argument("--strategies", default="SimpleReduce;DiLoCo(H=30)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workload", default="mnist")
     a = ap.parse_args()
-    base, peak, stop = used_gib(), [0.0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], used_gib())
-            time.sleep(0.1)
-
-    threading.Thread(target=sample, daemon=True).start()
-    cfg = TrainConfig(strategy=a.strategy, nodes=a.nodes, network=Network.uniform(a.nodes, "1Gbps", "1ms"),
-                      steps=a.steps, eval_every=a.steps, batch_size=32)
-    r = run(cfg, timeout_s=600)
-    stop.set()
-    extra = peak[0] - base
-    f = r.final
-    print(f"{a.nodes} nodes, {a.steps} steps of {a.strategy}: real {f['real_runtime_s']:.1f} s, "
-          f"peak memory +{extra:.2f} GiB ({1024 * extra / a.nodes:.0f} MiB per node), "
-          f"test acc {100 * f['test_acc']:.2f}%, simulated {f['sim_time_s']:.2f} s, "
-          f"{f['bytes_sent_per_node'] / 1e6:.1f} MB sent per node")
+    print(f"{a.workload}, batch {a.batch_size} per node, {a.steps} steps, {os.cpu_count()} cores")
+    print("| strategy | nodes | processes | real | bare step | efficiency | peak memory | per node "
+          "| marginal per node |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for strategy in a.strategies.split(";"):
+        previous = None
+        for n in (int(v) for v in a.nodes.split(",")):
+            r = measure(a.workload, strategy.strip(), n, a.steps, a.batch_size)
+            marginal = "-" if previous is None else \
+                f"{(r['peak_gib'] - previous['peak_gib']) * 1024 / (n - previous['nodes']):.1f} MiB"
+            print(f"| {strategy} | {n} | {r['processes']} | {r['real_s']:.1f} s | {r['bare_step_ms']:.2f} ms | "
+                  f"{100 * r['efficiency']:.0f}% | {r['peak_gib']:.2f} GiB | {r['per_node_mib']:.0f} MiB "
+                  f"| {marginal} |", flush=True)
+            previous = r
 
 
 if __name__ == "__main__":

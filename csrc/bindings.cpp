@@ -14,6 +14,7 @@
 #include "pieces.hpp"
 #include "quant.hpp"
 #include "randomk.hpp"
+#include "ring.hpp"
 #include "topk.hpp"
 
 namespace py = pybind11;
@@ -109,6 +110,48 @@ Limits limits_of(uint64_t max_numel, const std::optional<std::vector<uint32_t>>&
   l.expect_shape = expect_shape ? &*expect_shape : nullptr;
   return l;
 }
+
+// A ring all-reduce's in-memory hops (ring.hpp) over one collective's buffers, kept alive with it.
+class RingBatch {
+ public:
+  RingBatch(py::array arena, const py::list& xs, const py::list& rs, size_t size, int value_dtype)
+      : arena_(std::move(arena)), size_(size), dtype_(dtype_from_int(value_dtype)) {
+    bytes_mut(arena_, "arena");
+    if (xs.size() != rs.size()) fail("ring batch needs one result per input");
+    for (size_t i = 0; i < xs.size(); ++i) {
+      py::array x = py::reinterpret_borrow<py::array>(xs[i]);
+      py::array r = py::reinterpret_borrow<py::array>(rs[i]);
+      const float* px = f32_data(x, "ring input");
+      float* pr = f32_mut(r, "ring result");
+      if (static_cast<size_t>(x.size()) != size || static_cast<size_t>(r.size()) != size)
+        fail("ring inputs and results must hold " + std::to_string(size) + " values each");
+      keep_.push_back(x);
+      keep_.push_back(r);
+      xs_.push_back(px);
+      rs_.push_back(pr);
+    }
+  }
+
+  void run(const py::array& hops) {
+    if (!py::isinstance<py::array_t<int64_t>>(hops) || hops.ndim() != 2 || hops.shape(1) != 7 ||
+        !(hops.flags() & py::array::c_style))
+      fail("ring hops must be a C-contiguous int64 array of shape (n, 7)");
+    const auto* h = static_cast<const RingHop*>(hops.data());
+    const size_t n = static_cast<size_t>(hops.shape(0));
+    uint8_t* arena = static_cast<uint8_t*>(arena_.mutable_data());
+    const size_t len = static_cast<size_t>(arena_.size());
+    py::gil_scoped_release nogil;
+    ring_hops(arena, len, xs_, rs_, size_, dtype_, h, n);
+  }
+
+ private:
+  py::array arena_;
+  std::vector<py::array> keep_;
+  std::vector<const float*> xs_;
+  std::vector<float*> rs_;
+  size_t size_;
+  DType dtype_;
+};
 
 Codec quant_codec(int bits) {
   if (bits != 8 && bits != 4) fail("quantisation bits must be 8 or 4, got " + std::to_string(bits));
@@ -254,6 +297,15 @@ PYBIND11_MODULE(_C, m) {
     check_streamed(p, n, e, hn, crc);
   }, py::arg("packet"), py::arg("expected_header"), py::arg("crc"),
      "Raises ValueError unless a streamed packet is the expected one with the chained CRC.");
+
+  py::class_<RingBatch>(m, "RingBatch",
+                        "A ring all-reduce's hops run in memory between the members of one process (ring.hpp).")
+      .def(py::init<py::array, const py::list&, const py::list&, size_t, int>(), py::arg("arena"),
+           py::arg("xs"), py::arg("rs"), py::arg("size"), py::arg("value_dtype"))
+      .def("run", &RingBatch::run, py::arg("hops"),
+           "Runs the hops (rows of mode, in_off, out_off, row, a, b, divisor) in order; ValueError for a bad packet.");
+  m.def("dense_packet_bytes", [](size_t n, int value_dtype) { return dense_packet_bytes(n, dtype_from_int(value_dtype)); },
+        py::arg("n"), py::arg("value_dtype"), "Bytes of a 1-D dense packet of n values.");
 
   m.def("parse_header", [](const py::buffer& packet) {
     auto [p, n] = bytes_of(packet);

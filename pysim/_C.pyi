@@ -67,6 +67,16 @@ def decode_piece(got: Buffer, out: F32, value_dtype: int, divisor: float, crc: i
 def check_streamed(packet: Buffer, expected_header: Buffer, crc: int) -> None:
     """Raises ValueError unless a streamed packet is the expected one with the chained CRC."""
 
+class RingBatch:
+    """A ring all-reduce's hops run in memory between the members of one process (ring.hpp)."""
+
+    def __init__(self, arena: U8, xs: list[F32], rs: list[F32], size: int, value_dtype: int) -> None: ...
+    def run(self, hops: Any) -> None:
+        """Runs the hops (rows of mode, in_off, out_off, row, a, b, divisor) in order; ValueError for a bad packet."""
+
+def dense_packet_bytes(n: int, value_dtype: int) -> int:
+    """Bytes of a 1-D dense packet of n values."""
+
 def parse_header(packet: Buffer) -> dict[str, Any]:
     """Validates a packet (size, checksum, structure) and returns its header as a dict."""
 

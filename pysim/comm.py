@@ -59,6 +59,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import torch
 
+from pysim import _C
 from pysim.clock import Clock, ComputeScaling
 from pysim.compress import Codec, DenseCodec, split_packets
 from pysim.compute import ComputeMeter
@@ -265,10 +266,19 @@ class Comm:
             size = codec.nbytes((flat.numel(),))
             packet = None
             if len(members) > 1 and members[0] != self.rank:
-                with self.meter.measure():   # a worker packs its values for the server
+                with self.meter.measure(native=True):   # a worker packs its values for the server
                     packet = codec.pack(flat)
             part = _Part(self, self._row(size), flat, packet, settings)
             execute = lambda parts, table: _star(self.transport, parts, codec, norm, table)  # noqa: E731
+        elif isinstance(codec, DenseCodec) and len(self.host.nodes) > 1:   # several members here: in memory
+            plan = self.host.shared(("ring plan", flat.numel(), codec.dtype, norm),
+                                    lambda: RingPlan(self.transport, self.host.nodes, flat.numel(), codec.dtype, norm))
+            own = plan.own_packet(self.rank)
+            if own is not None:
+                with self.meter.measure(native=True):   # its own chunk, packed before the collective starts
+                    plan.encode_own(self.rank, flat)
+            part = _Part(self, self._row(plan.own_bytes(self.rank)), flat, own, settings)
+            execute = lambda parts, table: plan.run(parts)  # noqa: E731
         else:
             ops = DensePieces(codec, self.piece_bytes, self.transport.pool) if isinstance(codec, DenseCodec) \
                 else WholePackets(codec)
@@ -277,7 +287,7 @@ class Comm:
             packet = None
             if k > 1:
                 packet = ops.new_packet(hi - lo)   # a buffer (taking one is not the node's compute)
-                with self.meter.measure():         # its own chunk, packed before the collective starts
+                with self.meter.measure(native=True):   # its own chunk, packed before the collective starts
                     packet = ops.encode(flat[lo:hi], packet)
             part = _Part(self, self._row(ops.nbytes(hi - lo)), flat, packet, settings)
             execute = lambda parts, table: _ring(self.transport, parts, ops, norm)  # noqa: E731
@@ -509,6 +519,140 @@ class WholePackets:
 
     def give_back(self, buffers: list[torch.Tensor]) -> None:
         pass
+
+
+# ---------------------------------------------------------------- a ring between the members of one process
+
+
+class RingPlan:
+    """A dense ring all-reduce (within each group at once) among the nodes of one process, with
+    every packet in a slot of one arena: made once per collective shape and run every time the
+    shape recurs (training repeats its collectives every step).
+
+    The hops are the schedule's (:mod:`pysim.schedule`), member by member and phase by phase;
+    they run in C++ (``_C.RingBatch``, ``csrc/ring.hpp``): a reduce-scatter hop checks the
+    packet it received, adds its member's chunk and writes the packet it sends on; an
+    all-gather hop decodes the packet and passes it on by its slot. They run in *batches*:
+    batch r holds the hops that need the r-th packet received from another process (in phase
+    order) and no later one, each after the hop that made its packet, so a process waits for
+    a packet only when nothing else it could do is left (the phases of a ring through two
+    processes run as a wavefront, not in lockstep). Packets for other processes leave whole
+    after the batch that wrote them; every receive is posted before the first send, each into
+    a slot of its own. A member's reduce-scatter packets alternate between two slots (the
+    next member has read one before it is written again); the packets that complete a chunk,
+    and those that cross between processes, have their own slots."""
+
+    def __init__(self, t: Transport, nodes: list[int], numel: int, dtype: int, groups: Groups | None) -> None:
+        self.t, self.nodes, self.numel, self.dtype = t, list(nodes), numel, dtype
+        n = t.nodes
+        sched = phases("allreduce", "ring", (0,) * n, groups)
+        self.row = {m: i for i, m in enumerate(self.nodes)}
+        self.size = {m: len(group_of(groups, m, n)) for m in self.nodes}
+        self._bytes = 0
+        self.own: dict[int, tuple[int, int, int, int]] = {}      # node -> (offset, bytes, a, b) of its packet
+        self.receives: list[tuple[int, int, int, int]] = []       # (node, src, offset, bytes), in phase order
+        self.moved = {m: [0, 0] for m in self.nodes}              # node -> bytes it hands over / takes in memory
+        parity = {m: [self._slot(self._chunk_bytes(m)), self._slot(self._chunk_bytes(m))] for m in self.nodes}
+        holding: dict[int, tuple[int, int]] = {}    # node -> (slot, batch) of the packet it sends next
+        hops: dict[int, list[tuple]] = {}           # batch -> hops in phase order
+        sends: dict[int, list[tuple[int, int, int, int]]] = {}   # batch -> (node, dst, offset, bytes) after it
+        for m in self.nodes:
+            if self.size[m] == 1:
+                continue
+            dst = ring_hop(sched[0], m)[0].dst
+            a, b = self._bounds(m, m, groups)
+            nb = _C.dense_packet_bytes(b - a, dtype)
+            off = parity[m][1] if t.local(dst) else self._slot(nb)
+            self.own[m] = (off, nb, a, b)
+            holding[m] = (off, -1)
+            if not t.local(dst):
+                sends.setdefault(-1, []).append((m, dst, off, nb))
+        for h in range(len(sched)):
+            sending = dict(holding)
+            for m in self.nodes:
+                k = self.size[m]
+                if h >= 2 * (k - 1):
+                    continue
+                into = ring_hop(sched[h], m)[1]
+                a, b = self._bounds(m, into.item, groups)
+                nb = _C.dense_packet_bytes(b - a, dtype)
+                if t.local(into.src):   # handed over in memory: the bytes cross all the same
+                    in_off, batch = sending[into.src]
+                    self.moved[into.src][0] += nb
+                    self.moved[m][1] += nb
+                else:
+                    in_off, batch = self._slot(nb), len(self.receives)
+                    self.receives.append((m, into.src, in_off, nb))
+                onward = ring_hop(sched[h + 1], m)[0].dst if h + 1 < 2 * (k - 1) else None
+                if h < k - 1:    # reduce-scatter
+                    owned = h == k - 2
+                    out_off = self._slot(nb) if owned or (onward is not None and not t.local(onward)) \
+                        else parity[m][h % 2]
+                    hops.setdefault(batch, []).append((2 if owned else 1, in_off, out_off, self.row[m], a, b, k))
+                    holding[m] = (out_off, batch)
+                else:            # all-gather: decoded, and passed on by its slot
+                    hops.setdefault(batch, []).append((3, in_off, -1, self.row[m], a, b, k))
+                    holding[m] = (in_off, batch)
+                if onward is not None and not t.local(onward):
+                    sends.setdefault(batch, []).append((m, onward, holding[m][0], nb))
+        order = range(-1, len(self.receives))
+        self.hops = [np.array(hops.get(r, []), dtype=np.int64).reshape(-1, 7) for r in order]
+        self.sends = [sends.get(r, []) for r in order]
+        self.arena = torch.empty(self._bytes, dtype=torch.uint8)
+
+    def _slot(self, nbytes: int) -> int:
+        off = self._bytes
+        self._bytes += nbytes
+        return off
+
+    def _bounds(self, m: int, item: int, groups: Groups | None) -> tuple[int, int]:
+        members = group_of(groups, m, self.t.nodes)
+        c, k = members.index(item), len(members)
+        return self.numel * c // k, self.numel * (c + 1) // k
+
+    def _chunk_bytes(self, m: int) -> int:
+        """The largest packet member ``m``'s ring moves (chunks differ by at most one value)."""
+        return _C.dense_packet_bytes(-(-self.numel // self.size[m]), self.dtype)
+
+    def own_packet(self, node: int) -> torch.Tensor | None:
+        """Where ``node`` writes the packet of its own chunk (None: its group is itself alone)."""
+        if node not in self.own:
+            return None
+        off, nb, _, _ = self.own[node]
+        return self.arena[off:off + nb]
+
+    def own_bytes(self, node: int) -> int:
+        if node in self.own:
+            return self.own[node][1]
+        return _C.dense_packet_bytes(self.numel, self.dtype)
+
+    def encode_own(self, node: int, x: torch.Tensor) -> None:
+        """Writes ``node``'s own chunk of ``x`` as its packet (header, payload, CRC)."""
+        off, nb, a, b = self.own[node]
+        packet = self.arena[off:off + nb]
+        header = _C.dense_header([b - a], 0, self.dtype)
+        packet[:header.size] = torch.from_numpy(header)
+        crc = encode_piece(x[a:b], packet[header.size:], self.dtype, _C.crc32c(header))
+        _C.seal_header(packet[:header.size].numpy(), crc)
+
+    def run(self, parts: list[_Part]) -> None:
+        """The collective: sets each part's ``result`` to the mean over its group."""
+        t = self.t
+        results = {p.node: torch.empty(self.numel, dtype=torch.float32) for p in parts}
+        batch = _C.RingBatch(self.arena.numpy(), [p.x.numpy() for p in parts],
+                             [results[p.node].numpy() for p in parts], self.numel, self.dtype)
+        posted = [t.post_receive(m, src, self.arena[off:off + nb]) for m, src, off, nb in self.receives]
+        for r, (hops, sends) in enumerate(zip(self.hops, self.sends, strict=True)):
+            if r > 0:
+                posted[r - 1].wait()
+            if len(hops):
+                batch.run(hops)
+            for m, dst, off, nb in sends:
+                t.send(m, dst, self.arena[off:off + nb])
+        for p in parts:
+            p.result = results[p.node] if p.node in self.own else p.x.clone()
+            t.sent[p.node] += self.moved[p.node][0]
+            t.received[p.node] += self.moved[p.node][1]
 
 
 # ---------------------------------------------------------------- the collectives

@@ -228,29 +228,50 @@ class ComputeMeter:
     costs it with the profile. C++ kernels are invisible to torch's counters:
     the code that calls one reports its work with :func:`record_native_kernel`.
     :meth:`hold` and :meth:`release` split an accumulated block into parts charged to
-    successive segments.
+    successive segments. ``shared``: a dict of counted work that meters of nodes training the
+    same model share (one process's nodes), so a block measured with ``reuse`` is counted once
+    for all of them rather than once per node.
     """
 
-    def __init__(self, profile: ComputeProfile | str | None = None) -> None:
+    def __init__(self, profile: ComputeProfile | str | None = None, shared: dict | None = None) -> None:
         self.profile = resolve_compute(profile) if isinstance(profile, str) else profile
         self.seconds = 0.0
         self.flops = 0.0
         self.held_seconds = 0.0     # compute held back from take() (see hold)
         self.held_flops = 0.0
         self._depth = 0
-        self._reused: dict[str, Work] = {}   # counted work of blocks measured with ``reuse``
-        self._counted_once: set[str] = set()
+        # counted work of blocks measured with ``reuse``: (name, "first" | "later") -> Work
+        self._reused: dict[tuple[str, str], Work] = {} if shared is None else shared
+        self._counted_once: set[str] = set()   # the reuse names this meter has run once
 
     @contextmanager
     def measure(self, flops: float = 0.0, work: Work | None = None, key: str | None = None,
-                reuse: str | None = None):
+                reuse: str | None = None, native: bool = False):
         """Charges the body as compute. ``work`` (with ``flops``) is its pre-counted work and
         ``key`` its step key for a calibrated profile; without them the body is counted.
         ``reuse``: a name for a block that does the same work every time it runs (an
-        optimizer step over fixed shapes): counted the first two times, the second count
-        reused after (counting runs every kernel through Python and costs more real time than the work)."""
+        optimizer step over fixed shapes): its first run (which may differ: optimizer state is
+        created) and a later run are counted once each, and reused after (counting runs every
+        kernel through Python and costs more real time than the work).
+        ``native``: the body's work is pysim's C++ kernels only (:func:`record_native_kernel`), so
+        torch's kernels need not be counted (torch's own small ops in it, such as taking a view,
+        are not charged)."""
+        if native and work is None and self.profile is not None and self._depth == 0:
+            counter = _KernelCounter()
+            _open_counters().append(counter)
+            try:
+                yield
+            finally:
+                _open_counters().pop()
+            counted = Work(counter.native_flops, float(counter.bytes), counter.kernels)
+            self.seconds += self.profile.seconds(counted, key)
+            self.flops += counted.flops
+            return
+        occurrence = "later" if reuse in self._counted_once else "first"
+        if reuse is not None:
+            self._counted_once.add(reuse)
         if work is None and reuse is not None and self.profile is not None:
-            work = self._reused.get(reuse)  # None until counted twice (below)
+            work = self._reused.get((reuse, occurrence))  # None until counted (below)
         if work is not None:
             flops = work.flops
         self._depth += 1
@@ -271,9 +292,7 @@ class ComputeMeter:
                 flops = box[0].flops
                 self.seconds += self.profile.seconds(box[0], key)
                 if reuse is not None:
-                    if reuse in self._counted_once:  # the first run may differ (optimizer state is created)
-                        self._reused[reuse] = box[0]
-                    self._counted_once.add(reuse)
+                    self._reused[(reuse, occurrence)] = box[0]
         finally:
             self._depth -= 1
         self.flops += flops

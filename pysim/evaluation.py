@@ -70,7 +70,6 @@ class Evaluator:
     def __init__(self, host: Host, metrics: Callable[..., dict[str, float]], split: bool = True) -> None:
         self.host, self.metrics = host, metrics
         self.split = split and host.world > 1
-        self._copy: nn.Module | None = None   # in processes without node 0: node 0's weights, last received
 
     def __call__(self, model: nn.Module | None, data: Batches | Subset) -> dict[str, float]:
         return self.host.meet("evaluate", (model, data), self._evaluate)
@@ -119,13 +118,14 @@ class Evaluator:
             t.broadcast_from(0, [v.detach().contiguous() for v in model.state_dict().values()])
             return model
 
+        last = self.host.shared("evaluation model, last", dict)   # any node's Evaluator may run this
         local = next((m for m, _ in requests.values() if m is not None), None)
         if local is not None:
             shapes = tuple((k, tuple(v.shape)) for k, v in local.state_dict().items())
-            self._copy = self.host.shared(("evaluation model", type(local), shapes), lambda: copy.deepcopy(local))
-        elif self._copy is None:
+            last["copy"] = self.host.shared(("evaluation model", type(local), shapes), lambda: copy.deepcopy(local))
+        elif "copy" not in last:
             raise ValueError("the first evaluation needs every node's model as a template of node 0's")
-        copy_ = self._copy
+        copy_ = last["copy"]
         with torch.no_grad():
             for v in copy_.state_dict().values():
                 buf = v.contiguous()

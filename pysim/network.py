@@ -264,6 +264,13 @@ class Network:
     group_size: int | None = None
     framing: Framing = Framing()
 
+    def __hash__(self) -> int:   # computed once: a run's clock looks its collectives up by network
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.links, self.inter, self.group_size, self.framing))
+
     def __post_init__(self) -> None:
         if not self.links:
             raise ValueError("a network needs at least one node")

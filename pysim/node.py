@@ -103,9 +103,10 @@ class NodeRun:
         self.optimizer = wl.optimizer(self.model.parameters())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(cfg.warmup_steps, cfg.steps))
         self.strategy = make_strategy(cfg.strategy, **cfg.strategy_args)
-        self.comm = Comm(rank, world, cfg.network, ComputeMeter(cfg.profile), cfg.algorithm, cfg.scaling)
-        self.strategy.setup(self.model, self.optimizer, self.comm, self.scheduler)
+        self.comm = Comm(rank, world, cfg.network, None, cfg.algorithm, cfg.scaling)
         self.host: Host = self.comm.host
+        self.comm.meter = ComputeMeter(cfg.profile, shared=self.host.shared("counted work", dict))
+        self.strategy.setup(self.model, self.optimizer, self.comm, self.scheduler)
         self.work, self.key = self._step_work()
         # records, and what evaluations need
         self.steps: list[StepRecord] = []

@@ -11,10 +11,13 @@ from pysim.network import Network, bytes_received, bytes_sent
 from pysim.trace import trace_from_nodes
 
 
-@pytest.fixture(scope="module", params=["ring", "star"])
+@pytest.fixture(scope="module", params=[("ring", 3), ("star", 3), ("ring", 1), ("star", 2)],
+                ids=["ring, a process per node", "star, a process per node", "ring, in one process",
+                     "star, two processes"])
 def three_nodes(request):
     net = Network.uniform(3, "100Mbit", "10ms")
-    return net, request.param, run_nodes(node_programs.exchange_all_codecs, 3, (net, request.param))
+    algorithm, processes = request.param
+    return net, algorithm, run_nodes(node_programs.exchange_all_codecs, 3, (net, algorithm), processes=processes)
 
 
 def test_allreduce_is_the_mean_and_identical_on_every_node(three_nodes):

@@ -715,7 +715,7 @@ def test_typed_stub_lists_exactly_the_extension_functions():
     if not stub.exists():  # an editable install serves _C from the build tree
         stub = pathlib.Path(__file__).parents[1] / "pysim" / "_C.pyi"
     tree = ast.parse(stub.read_text())
-    stubbed = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    stubbed = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
     exposed = {name for name in dir(_C) if not name.startswith("_")}
     assert stubbed == exposed
 
