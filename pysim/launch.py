@@ -200,7 +200,6 @@ def _worker_main(process: int, placement, store_port: int, timeout_s: float, hea
     # multiprocessing uses the platform default instead, as in any program.
     mp.set_start_method(None, force=True)
     first = placement.first(process)
-    _pin(process, placement.processes)
     try:
         import torch
         import torch.distributed as dist
@@ -230,18 +229,6 @@ def _worker_main(process: int, placement, store_port: int, timeout_s: float, hea
         _report_error(reporter, e.node, e.message, e.node_traceback)
     except BaseException as e:  # report everything, then exit non-zero
         _report_error(reporter, first, f"{type(e).__name__}: {e}".splitlines()[0], traceback.format_exc())
-
-
-def _pin(process: int, processes: int) -> None:
-    """Keeps worker ``process`` on one core of those this process may use, when there are at
-    least as many cores as workers: its node threads hand the turn to each other many times a
-    second, and a thread woken on another core would displace another worker there."""
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:   # not Linux
-        return
-    if processes <= len(cores):
-        os.sched_setaffinity(0, {cores[process % len(cores)]})
 
 
 def _report_error(reporter: _Reporter, node: int, message: str, node_traceback: str) -> None:
