@@ -25,7 +25,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pysim.host import Host
@@ -100,12 +99,7 @@ class Evaluator:
 
     def _from_node0(self, value):
         """``value`` of node 0's process, in every process (a one-object broadcast, uncharged)."""
-        t = self.host.transport
-        if t.placement.processes == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, t.placement.process_of(0))
-        return box[0]
+        return self.host.transport.broadcast_object(value, 0)
 
     def _node0_weights(self, requests: dict) -> nn.Module:
         """Node 0's model to evaluate; in the other processes a copy of a local node's model (the

@@ -59,6 +59,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from pysim import links
+
 BLAME_GRACE_S = 0.5   # after a node's error report, how long to wait for a node that died silently
 PEER_GONE_GRACE_S = 2.0  # the same, when every report so far is a lost peer (someone else is the cause)
 POLL_S = 0.05         # the parent's polling interval
@@ -179,11 +181,14 @@ class _Reporter:
 
 
 def _worker_main(process: int, placement, store_port: int, timeout_s: float, heartbeat_s: float, job: tuple,
-                 conn: Connection, environ: dict[str, str]) -> None:
+                 conn: Connection, environ: dict[str, str], links=None) -> None:
     """A worker process: hosts its block of nodes. The heartbeat starts first: ``fn``'s module is
     imported only after it (``job`` holds the pickled (fn, args)), so a process stopped while it
     starts is found too. ``environ``: the parent's environment when it started the process (a
-    process forked from the fork server would otherwise have the server's)."""
+    process forked from the fork server would otherwise have the server's). ``links``: the
+    shared-memory rings pysim's messages take between the workers (:mod:`pysim.links`), or None
+    for gloo. torch.distributed's default group (gloo, rank = process) is initialised either way,
+    for code of the user's own that runs a node per process."""
     # Ctrl-C reaches the whole process group; only the parent acts on it (the parent also starts
     # workers with SIGINT blocked; a fork server's children inherit the server's mask instead)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -200,12 +205,14 @@ def _worker_main(process: int, placement, store_port: int, timeout_s: float, hea
     # multiprocessing uses the platform default instead, as in any program.
     mp.set_start_method(None, force=True)
     first = placement.first(process)
+    _one_malloc_arena()
     try:
         import torch
         import torch.distributed as dist
 
         from pysim import _C, plugins
         from pysim.host import Host, NodeFailed
+        from pysim.links import Links
         from pysim.transport import Transport
 
         modules, payload = job
@@ -213,15 +220,18 @@ def _worker_main(process: int, placement, store_port: int, timeout_s: float, hea
         fn, args = pickle.loads(payload)
         torch.set_num_threads(1)
         _C.set_num_threads(1)
-        if placement.processes > 1:
+        ends = Links.attach(links, process, timeout_s) if links is not None else None
+        if placement.processes > 1:   # pysim's messages take the links; a node's own code may use the group
             store = dist.TCPStore("127.0.0.1", store_port, placement.processes, False, timedelta(seconds=timeout_s))
             dist.init_process_group("gloo", store=store, rank=process, world_size=placement.processes,
                                     timeout=timedelta(seconds=timeout_s))
         try:
-            out = Host(placement.hosted(process), placement.nodes, Transport(placement, process)).run(fn, args)
+            out = Host(placement.hosted(process), placement.nodes, Transport(placement, process, ends)).run(fn, args)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+            if ends is not None:
+                ends.close()
         # plain pickle over a pipe to our own parent: tensors travel by value, not as
         # shared-memory handles that die with this process
         reporter.send(("ok", out))
@@ -229,6 +239,18 @@ def _worker_main(process: int, placement, store_port: int, timeout_s: float, hea
         _report_error(reporter, e.node, e.message, e.node_traceback)
     except BaseException as e:  # report everything, then exit non-zero
         _report_error(reporter, first, f"{type(e).__name__}: {e}".splitlines()[0], traceback.format_exc())
+
+
+def _one_malloc_arena() -> None:
+    """One malloc arena for the process's threads (glibc): its node threads run one at a time, so
+    they never contend for it, and one arena per thread would each keep the peak of what its node
+    allocated (a GPT node's activations), many times over."""
+    if os.environ.get("PYSIM_MALLOC_ARENAS") == "default":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)   # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
 
 
 def _report_error(reporter: _Reporter, node: int, message: str, node_traceback: str) -> None:
@@ -331,8 +353,9 @@ class _LocalRun:
             store = _loopback_store(self.p, self.timeout_s)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        spec, segments = self._links()
         try:
-            self._start(store.port)
+            self._start(store.port, spec)
             by_process = self._watch()
         except KeyboardInterrupt:
             stopped = self._stop()
@@ -340,10 +363,20 @@ class _LocalRun:
         finally:
             self._stop()
             del store
+            links.destroy(segments)
         merged = {node: r for results in by_process for node, r in results.items()}
         return [merged[node] for node in range(self.placement.nodes)]
 
-    def _start(self, port: int) -> None:
+    def _links(self) -> tuple[links.LinkSpec | None, list]:
+        """Shared-memory rings between the workers, where the machine allows them (else gloo)."""
+        if self.p == 1 or not links.available() or os.environ.get("PYSIM_TRANSPORT") == "gloo":
+            return None, []
+        try:
+            return links.create(self.p, self.ctx)
+        except OSError:   # no /dev/shm, or too small: the workers talk over gloo instead
+            return None, []
+
+    def _start(self, port: int, spec: links.LinkSpec | None) -> None:
         # workers start with SIGINT blocked (the mask is inherited): Ctrl-C reaches the
         # whole process group, and only the parent should act on it
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -352,7 +385,7 @@ class _LocalRun:
                 reader, writer = self.ctx.Pipe(duplex=False)
                 proc = self.ctx.Process(target=_worker_main, name=f"pysim-worker-{p}", daemon=True,
                                         args=(p, self.placement, port, self.timeout_s, self.heartbeat_s, self.job,
-                                              writer, dict(os.environ)))
+                                              writer, dict(os.environ), spec))
                 self.procs.append(proc)
                 self.conns.append(reader)
                 proc.start()
