@@ -18,10 +18,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-PROCESS_BYTES = 300 << 20   # a worker process: interpreter, torch, its data set (measured ~250 MiB for MNIST)
-NODE_FIXED_BYTES = 2 << 20  # a node's own thread, Python objects and sampler, beside its tensors
-STATE_COPIES = 10           # float32 copies of the model a node may hold: weights, gradients, two Adam
-                            # moments, a strategy's global model, momentum and residuals, transport buffers
+PROCESS_BYTES = 300 << 20   # a worker process: interpreter, torch, its data set (measured 240-300 MiB)
+# What one more node costs, fitted to bench/scale.py's measurements on this machine (bench/RESULTS.md):
+# 5.8-9.9 MiB per MNIST-CNN node (0.18 MiB of parameters), 41-48 MiB per GPT node (3.1 MiB). Weights,
+# gradients and two Adam moments are 4 copies of the model; the allocator keeps as much again from
+# the activations of the node's steps, and strategies hold a global model, momentum, residuals.
+STATE_COPIES = 13           # bytes per node per byte of float32 parameters
+NODE_FIXED_BYTES = 5 << 20  # a node's thread, Python objects, sampler and records, beside its tensors
 
 
 def available_memory() -> int:
