@@ -294,6 +294,27 @@ class Comm:
         done = self._collective("allreduce", part, execute, self.algorithm, stream, norm)
         return done.result.reshape(x.shape).to(x.dtype), done.extra["handle"]
 
+    # ------------------------------------------------------------ broadcast
+
+    def broadcast(self, x: torch.Tensor, groups: Sequence[Sequence[int]], codec: Codec | None = None) -> torch.Tensor:
+        """Within each of ``groups`` (disjoint lists of ranks holding every node once), the
+        group's first member sends ``x`` (packed with ``codec``, dense fp32 by default) to each of
+        the others, at once (a star per group, every group at the same time); every member gets
+        the root's values (the root its own ``x``). Blocking (stream 0)."""
+        codec = codec or self._dense
+        norm = check_groups(groups, self.world)
+        members = group_of(norm, self.rank, self.world)
+        flat = x.detach().reshape(-1).float()
+        packet = None
+        if members[0] == self.rank and len(members) > 1:
+            with self.meter.measure(native=True):   # the root packs what it sends
+                packet = codec.pack(flat)
+        part = _Part(self, self._row(codec.nbytes((flat.numel(),))), flat, packet,
+                     ("broadcast", codec.name, norm, flat.numel()))
+        done = self._collective("broadcast", part, lambda parts, table: _broadcast(self.transport, parts, codec, norm),
+                                "star", None, norm)
+        return done.result.reshape(x.shape).to(x.dtype)
+
     # ------------------------------------------------------------ all-gather
 
     def allgather(self, packet: torch.Tensor) -> list[torch.Tensor]:
@@ -756,6 +777,28 @@ def _star(t: Transport, parts: list[_Part], codec: Codec, groups: Groups | None,
         members = group_of(groups, p.node, n)
         if len(members) > 1 and members[0] != p.node:
             got = incoming.pop((members[0], p.node), None) or _Incoming(t, p.node, members[0], 0)
+            p.result = codec.unpack(got.arrive(), expect_shape=p.x.shape).float()
+
+
+def _broadcast(t: Transport, parts: list[_Part], codec: Codec, groups: Groups | None) -> None:
+    """Star broadcast within each group: the root's packet to every other member; each part's
+    ``result`` is the root's values."""
+    n = t.nodes
+    incoming = {}
+    for p in parts:
+        root = group_of(groups, p.node, n)[0]
+        if root != p.node and not t.local(root):
+            incoming[p.node] = _Incoming(t, p.node, root, codec.nbytes((p.x.numel(),)))
+    for p in parts:
+        members = group_of(groups, p.node, n)
+        if members[0] == p.node:
+            for m in members[1:]:
+                t.send(p.node, m, p.packet)
+            p.result = p.x.clone()
+    for p in parts:
+        root = group_of(groups, p.node, n)[0]
+        if root != p.node:
+            got = incoming.pop(p.node, None) or _Incoming(t, p.node, root, 0)
             p.result = codec.unpack(got.arrive(), expect_shape=p.x.shape).float()
 
 

@@ -5,14 +5,15 @@ and the weights and metrics it moves between worker processes (gloo, outside
 the simulated network) are not charged.
 
 - :func:`eval_subset`: the fixed examples evaluated between full evaluations.
-- :class:`Evaluator`: evaluates node 0's deployed model. Every node calls it at
+- :class:`Evaluator`: evaluates the deployed model of one node (node 0, or the
+  node the strategy names: :meth:`pysim.strategies.Strategy.deployer`). Every node calls it at
   the same points (a meeting of the nodes, :meth:`pysim.host.Host.meet`); each
-  node's share of the examples is evaluated on node 0's weights by the process
+  node's share of the examples is evaluated on that node's weights by the process
   hosting the node, and the shares' metrics are combined as example-weighted
   means, so an evaluation takes 1/P of the real time it takes in one process
   (P worker processes). That is exact
   for metrics that are means over examples (the built-ins' loss and accuracy);
-  a workload with other metrics sets ``split_evaluation=False`` and node 0's
+  a workload with other metrics sets ``split_evaluation=False`` and the holder's
   process evaluates alone. Every node gets the metrics.
 - :class:`CrossingFinder`: time to target at step resolution (see
   :mod:`pysim.node`).
@@ -56,8 +57,8 @@ class Subset:
 
 
 class Evaluator:
-    """``metrics(model, data)`` of node 0's model, computed by the worker processes of a run (see
-    the module docstring). Every node calls it at once: node 0 with the model to evaluate, the
+    """``metrics(model, data)`` of one node's model, computed by the worker processes of a run (see
+    the module docstring). Every node calls it at once: the holder with the model to evaluate, the
     others with their own model as a template of the architecture (or None: the template of the
     last call).
 
@@ -70,23 +71,25 @@ class Evaluator:
         self.host, self.metrics = host, metrics
         self.split = split and host.world > 1
 
-    def __call__(self, model: nn.Module | None, data: Batches | Subset) -> dict[str, float]:
-        return self.host.meet("evaluate", (model, data), self._evaluate)
+    def __call__(self, model: nn.Module | None, data: Batches | Subset, holder: int = 0) -> dict[str, float]:
+        """Every node at once: ``holder`` (the same on every node) passes the model to evaluate,
+        the others their own model as a template, or None (the template of the last call)."""
+        return self.host.meet("evaluate", (model, data, holder), self._evaluate)
 
-    def _evaluate(self, requests: dict[int, tuple[nn.Module | None, Batches | Subset]]) -> dict[int, dict]:
-        data = next(iter(requests.values()))[1]
+    def _evaluate(self, requests: dict[int, tuple]) -> dict[int, dict]:
+        _, data, holder = next(iter(requests.values()))
         if not self.split:
-            metrics = self.metrics(requests[0][0], data) if 0 in requests else None
-            return dict.fromkeys(requests, self._from_node0(metrics))
-        model = self._node0_weights(requests)
+            metrics = self.metrics(requests[holder][0], data) if holder in requests else None
+            return dict.fromkeys(requests, self._from(holder, metrics))
+        model = self._holders_weights(requests, holder)
         world = self.host.world
         shares = {n: Subset(data, torch.arange(n, len(data), world)) for n in requests}
         mine = {n: self.metrics(model, share) if len(share) else {} for n, share in shares.items()}
-        keys = self._from_node0(sorted(mine[0]) if 0 in requests else None)  # every process names node 0's metrics
+        keys = self._from(holder, sorted(mine[holder]) if holder in requests else None)  # the holder's names
         for n, m in mine.items():
             if len(shares[n]) and sorted(m) != keys:
                 raise ValueError(f"the metrics {sorted(m)} on node {n}'s share of the data differ from {keys} on "
-                                 "node 0's: metrics must name the same values on every share (or set "
+                                 f"node {holder}'s: metrics must name the same values on every share (or set "
                                  "split_evaluation=False)")
         rows = {n: np.array([m.get(k, 0.0) * len(shares[n]) for k in keys] + [float(len(shares[n]))])
                 for n, m in mine.items()}
@@ -97,33 +100,33 @@ class Evaluator:
                 sums[i] += float(v)
         return dict.fromkeys(requests, {k: sums[i] / sums[-1] for i, k in enumerate(keys)})
 
-    def _from_node0(self, value):
-        """``value`` of node 0's process, in every process (a one-object broadcast, uncharged)."""
-        return self.host.transport.broadcast_object(value, 0)
+    def _from(self, holder: int, value):
+        """``value`` of node ``holder``'s process, in every process (a one-object broadcast, uncharged)."""
+        return self.host.transport.broadcast_object(value, holder)
 
-    def _node0_weights(self, requests: dict) -> nn.Module:
-        """Node 0's model to evaluate; in the other processes a copy of a local node's model (the
-        same architecture) holding node 0's weights (broadcast)."""
+    def _holders_weights(self, requests: dict, holder: int) -> nn.Module:
+        """The holder's model to evaluate; in the other processes a copy of a local node's model
+        (the same architecture) holding the holder's weights (broadcast)."""
         t = self.host.transport
-        if 0 in requests:
-            model = requests[0][0]
+        if holder in requests:
+            model = requests[holder][0]
             if model is None:
-                raise ValueError("node 0 must pass the model to evaluate")
-            t.broadcast_from(0, [v.detach().contiguous() for v in model.state_dict().values()])
+                raise ValueError(f"node {holder} must pass the model to evaluate")
+            t.broadcast_from(holder, [v.detach().contiguous() for v in model.state_dict().values()])
             return model
 
         last = self.host.shared("evaluation model, last", dict)   # any node's Evaluator may run this
-        local = next((m for m, _ in requests.values() if m is not None), None)
+        local = next((r[0] for r in requests.values() if r[0] is not None), None)
         if local is not None:
             shapes = tuple((k, tuple(v.shape)) for k, v in local.state_dict().items())
             last["copy"] = self.host.shared(("evaluation model", type(local), shapes), lambda: copy.deepcopy(local))
         elif "copy" not in last:
-            raise ValueError("the first evaluation needs every node's model as a template of node 0's")
+            raise ValueError("the first evaluation needs every node's model as a template of the holder's")
         copy_ = last["copy"]
         with torch.no_grad():
             for v in copy_.state_dict().values():
                 buf = v.contiguous()
-                t.broadcast_from(0, [buf])
+                t.broadcast_from(holder, [buf])
                 if buf.data_ptr() != v.data_ptr():
                     v.copy_(buf)
         return copy_
@@ -132,18 +135,20 @@ class Evaluator:
 class CrossingFinder:
     """Finds the first step whose deployed model reaches ``target`` (see :mod:`pysim.node`).
 
-    ``keep(step, model)`` stores a copy of the model deployed after ``step`` while the target
-    is not reached (``store=False``: only the step, on nodes that evaluate node 0's copies);
-    ``evaluated(step, metrics)`` is told every regular evaluation and, at the first one that
-    reaches the target, returns the (step, metrics) of the bisection evaluations it ran on the
-    stored copies (``evaluate(model or None) -> metrics``: collective when split)."""
+    ``keep(step, model, holder)`` records, while the target is not reached, that node
+    ``holder`` deployed a model after ``step``; the node that holds it (``model`` given) keeps a
+    copy. ``evaluated(step, metrics)`` is told every regular evaluation and, at the first one
+    that reaches the target, evaluates the kept models in step order from the last evaluation
+    below the target until one reaches it, and returns those (step, metrics). Every kept model
+    is looked at, not a bisection of them: the crossing found is the first one, whether or not
+    the metric rises steadily between evaluations. ``evaluate(model or None, holder)`` is a
+    meeting of every node (each passes its copy or None)."""
 
-    def __init__(self, target: Target, evaluate: Callable[[nn.Module | None], dict[str, float]],
-                 store: bool = True) -> None:
-        self.target, self.evaluate, self.store = target, evaluate, store
+    def __init__(self, target: Target, evaluate: Callable[[nn.Module | None, int], dict[str, float]]) -> None:
+        self.target, self.evaluate = target, evaluate
         self.reached = False
         self.last_step = 0                      # step of the last evaluation below the target
-        self.kept: dict[int, list[torch.Tensor] | None] = {}
+        self.kept: dict[int, tuple[int, list[torch.Tensor] | None]] = {}   # step -> (holder, weights here)
         self._scratch: nn.Module | None = None
 
     def state(self) -> tuple:
@@ -154,20 +159,20 @@ class CrossingFinder:
     def restore(self, state: tuple) -> None:
         self.reached, self.last_step, self.kept = state
 
-    def keep(self, step: int, model: nn.Module) -> None:
+    def keep(self, step: int, model: nn.Module | None, holder: int) -> None:
         if self.reached:
             return
-        if not self.store:
-            self.kept[step] = None
+        if model is None:
+            self.kept[step] = (holder, None)
             return
         if self._scratch is None:
             self._scratch = copy.deepcopy(model)
-        self.kept[step] = [t.detach().clone() for t in model.state_dict().values()]
+        self.kept[step] = (holder, [t.detach().clone() for t in model.state_dict().values()])
 
     def _kept_model(self, step: int) -> nn.Module | None:
-        tensors = self.kept[step]
+        tensors = self.kept[step][1]
         if tensors is None:
-            return None   # not stored here: the evaluation takes node 0's weights
+            return None   # another node holds it: the evaluation takes its weights
         with torch.no_grad():
             for dst, src in zip(self._scratch.state_dict().values(), tensors, strict=True):
                 dst.copy_(src)
@@ -182,16 +187,13 @@ class CrossingFinder:
             self.kept.clear()
             return []
         self.reached = True
-        lo, hi, found = self.last_step, step, []
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if mid not in self.kept:
+        found = []
+        for k in range(self.last_step + 1, step):
+            if k not in self.kept:
                 break
-            m = self.evaluate(self._kept_model(mid))
-            found.append((mid, m))
+            m = self.evaluate(self._kept_model(k), self.kept[k][0])
+            found.append((k, m))
             if self.target.reached(m[self.target.metric]):
-                hi = mid
-            else:
-                lo = mid
+                break
         self.kept.clear()
-        return sorted(found, key=lambda e: e[0])
+        return found

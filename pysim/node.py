@@ -10,12 +10,14 @@ after the last) on a fixed subset of the evaluation set (cheap, for time to
 target), and on the whole set at the end (the final metrics); every node takes
 part, evaluating its share of the examples (:class:`pysim.evaluation.Evaluator`).
 
-Time to target at step resolution: until the target is reached, node 0 keeps a
-copy of the deployed model of every step since the last evaluation. When an
-evaluation first reaches the target, the steps in between are bisected on
-those copies (about log2(eval_every) more evaluations), so the run records the
-first step whose model reaches the target with the step before it below the
-target: the crossing is known to one step, not to ``eval_every`` steps.
+Time to target at step resolution: until the target is reached, the node
+holding the deployed model (node 0, or the one the strategy names) keeps a
+copy of it for every step since the last evaluation. When an evaluation first
+reaches the target, those copies are evaluated in step order from the last
+evaluation below the target until one reaches it, so the run records the first
+step whose model reaches the target, with the step before it below the target:
+the crossing is known to one step, not to ``eval_every`` steps, and is the
+first crossing whether or not the metric rises steadily in between.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from pysim.workload import Batches, Workload
 class StepRecord(NamedTuple):
     """What a node records after each step."""
 
-    loss: float              # training loss of this node's batch
+    loss: float | None       # training loss of this node's batch (None: it sat the step out)
     clock_s: float           # this node's virtual time at the end of the step (s)
     bytes_sent: int          # packet bytes this node has sent so far
     bytes_received: int
@@ -94,6 +96,7 @@ class NodeRun:
         wl: Workload = cfg.workload
         # data: the process's copy of the sets, this node's shard
         self.train, evaluation, shards = _process_data(cfg, world)
+        examples = [len(s) for s in shards]
         self.batches = ShardSampler(self.train, shards[rank], cfg.batch_size, cfg.seed * 1000 + rank)
         self.quick = Subset(evaluation, eval_subset(len(evaluation), cfg.eval_subset))
         self.evaluation = evaluation
@@ -106,13 +109,14 @@ class NodeRun:
         self.comm = Comm(rank, world, cfg.network, None, cfg.algorithm, cfg.scaling)
         self.host: Host = self.comm.host
         self.comm.meter = ComputeMeter(cfg.profile, shared=self.host.shared("counted work", dict))
-        self.strategy.setup(self.model, self.optimizer, self.comm, self.scheduler)
+        self.strategy.setup(self.model, self.optimizer, self.comm, self.scheduler, seed=cfg.seed, examples=examples,
+                            steps=cfg.steps)
         self.work, self.key = self._step_work()
         # records, and what evaluations need
         self.steps: list[StepRecord] = []
         self.evals: list[EvalRecord] = []
         self.evaluate = Evaluator(self.host, wl.metrics, wl.split_evaluation)
-        self.crossing = CrossingFinder(cfg.goal, lambda m: self.evaluate(m, self.quick), store=rank == 0)
+        self.crossing = CrossingFinder(cfg.goal, lambda m, holder: self.evaluate(m, self.quick, holder))
         self.target_reached = False   # told to every node at evaluations
         self.start = self._resume() if plan is not None and plan.resume_step else 0
         self.bar = tqdm(total=cfg.steps, initial=self.start, desc=f"{cfg.name} (node 0)", unit="step", leave=False,
@@ -150,27 +154,32 @@ class NodeRun:
     # ------------------------------------------------------------ the loop
 
     def train_step(self, step: int) -> None:
-        """A batch, forward and backward (the step's compute), the strategy's communication and
-        update, and the step's record."""
-        x, y = self.batches.next()
-        with self.comm.meter.measure(work=self.work, key=self.key):
-            loss = self.cfg.workload.loss(self.model(x), y)
-            self.optimizer.zero_grad()
-            loss.backward()
+        """A batch, forward and backward (the step's compute; skipped by a node that sits the step
+        out), the strategy's communication and update, and the step's record."""
+        loss = None
+        if self.strategy.trains(step):
+            x, y = self.batches.next()
+            with self.comm.meter.measure(work=self.work, key=self.key):
+                loss = self.cfg.workload.loss(self.model(x), y)
+                self.optimizer.zero_grad()
+                loss.backward()
         self.strategy.step(step, last=step == self.cfg.steps - 1)
         clock = self.comm.end_step()
         c = self.comm
-        self.steps.append(StepRecord(loss.item(), clock, c.bytes_sent, c.bytes_received, c.compute_total_s, c.comm_s))
+        self.steps.append(StepRecord(None if loss is None else loss.item(), clock, c.bytes_sent, c.bytes_received,
+                                     c.compute_total_s, c.comm_s))
         self.bar.update()
 
     def evaluate_after(self, step: int) -> None:
-        """Every ``eval_every`` steps and after the last: evaluate the deployed model (bisecting
-        back to the first step that reached the target); in between, until the target is
-        reached, node 0 keeps each step's deployed model for that bisection."""
+        """Every ``eval_every`` steps and after the last: evaluate the deployed model (and, the
+        first time it reaches the target, the kept models back to the first step that did); in
+        between, until the target is reached, the node holding it keeps each step's deployed
+        model."""
         cfg, done = self.cfg, step + 1
+        holder = self.strategy.deployer(step)
         if done % cfg.eval_every == 0 or done == cfg.steps:
             deployed = self.strategy.eval_model()
-            metrics = self.evaluate(deployed, self.quick)
+            metrics = self.evaluate(deployed, self.quick, holder)
             bisected = self.crossing.evaluated(done, metrics)
             if self.rank == 0:
                 self.evals += [EvalRecord(k, m, len(self.quick)) for k, m in bisected]
@@ -178,8 +187,8 @@ class NodeRun:
                 shown = {k: f"{v:.4g}" for k, v in metrics.items() if k == cfg.goal.metric}
                 self.bar.set_postfix(shown | {"sim": f"{self.comm.clock_s:.1f}s"})
             self.target_reached = self.crossing.reached
-        elif cfg.resolve_target and not self.target_reached:   # only node 0 keeps the models
-            self.crossing.keep(done, self.strategy.eval_model() if self.rank == 0 else None)
+        elif cfg.resolve_target and not self.target_reached:   # only the node holding it keeps the model
+            self.crossing.keep(done, self.strategy.eval_model() if self.rank == holder else None, holder)
 
     def checkpoint_after(self, step: int) -> None:
         """Writes this node's whole state when a checkpoint is due; once every node's file of the
@@ -202,7 +211,7 @@ class NodeRun:
         """The final evaluation on the whole set, and the records as plain JSON-able data (under
         torchrun they cross between ranks as JSON)."""
         self.bar.close()
-        final = self.evaluate(self.strategy.eval_model(), self.evaluation)
+        final = self.evaluate(self.strategy.eval_model(), self.evaluation, self.strategy.deployer(self.cfg.steps - 1))
         evals = self.evals if self.rank == 0 else []
         return {"steps": [list(s) for s in self.steps], "evals": [list(e) for e in evals],
                 "final_metrics": final if self.rank == 0 else None,

@@ -92,7 +92,8 @@ def assemble(cfg: TrainConfig, nodes: list[dict], runtime_s: float) -> Result:
     steps = []
     for k in range(cfg.steps):
         rows = [StepRecord(*r["steps"][k]) for r in nodes]
-        steps.append(StepRow(step=k + 1, loss=sum(row.loss for row in rows) / n,
+        losses = [row.loss for row in rows if row.loss is not None]   # of the nodes that trained
+        steps.append(StepRow(step=k + 1, loss=sum(losses) / len(losses) if losses else float("nan"),
                              sim_time_s=float(timeline.step_end_s[k]),
                              bytes_sent_per_node=sum(row.bytes_sent for row in rows) / n,
                              bytes_received_per_node=sum(row.bytes_received for row in rows) / n,

@@ -313,13 +313,13 @@ def split_evaluation(rank: int, world: int, n_examples: int) -> dict:
 
     scored = Scored()
     finder_eval = Evaluator(current_host(), score)
-    finder = CrossingFinder(Target("accuracy", ">=", 0.37), lambda m: finder_eval(m, data), store=rank == 0)
+    finder = CrossingFinder(Target("accuracy", ">=", 0.37), lambda m, holder: finder_eval(m, data, holder))
     found = []
     for step in range(1, 51):
         with torch.no_grad():
             scored.k.fill_(step if rank == 0 else -1)   # only node 0's copies are the deployed model
         if step % 25:
-            finder.keep(step, scored)
+            finder.keep(step, scored if rank == 0 else None, 0)   # node 0 holds the deployed model
         else:
             found += finder.evaluated(step, finder_eval(scored, data))
     return {"split": split, "alone": classification_metrics(model, data), "found": [s for s, _ in found],
@@ -350,3 +350,30 @@ def mismatched_metrics(rank: int, world: int) -> dict:
     g = torch.Generator().manual_seed(5)
     data = _Rows(torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g))
     return Evaluator(current_host(), metrics)(torch.nn.Linear(6, 3), data)
+
+
+def train_tiny_cohorts(rank: int, world: int, spec: str, steps: int, examples: list, seed: int) -> dict:
+    """``spec`` on the tiny model with plain SGD (lr 0.1), the strategy told every node's number of
+    examples and the run's seed; a node computes a gradient only on steps it trains. Returns the
+    deployed model, the deployer, the trace's segments and the steps this node trained."""
+    from tiny import batch, tiny_model
+
+    from pysim.strategies import make_strategy
+
+    model = tiny_model()
+    comm = Comm(rank, world, Network.uniform(world, "100Mbit", "1ms"))
+    strategy = make_strategy(spec)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1), comm, seed=seed, examples=examples,
+                   steps=steps)
+    trained = []
+    for step in range(steps):
+        if strategy.trains(step):
+            x, y = batch(rank, step)
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            trained.append(step)
+        strategy.step(step, last=step == steps - 1)
+        comm.end_step()
+    return {"deployed": [p.detach().clone() for p in strategy.eval_model().parameters()],
+            "deployer": strategy.deployer(steps - 1), "trained": trained, "sent": comm.bytes_sent,
+            "events": [e for _, _, e in comm.segments], "compute": [c for c, _, _ in comm.segments]}

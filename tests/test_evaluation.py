@@ -28,11 +28,11 @@ def test_split_evaluation_is_node0s_model_on_every_example(world, n):
     assert all(out[r]["alone"]["loss"] != ref["loss"] for r in range(1, world))
 
 
-def test_split_bisection_finds_the_same_step_on_every_node():
+def test_split_search_finds_the_same_step_on_every_node():
     out = run_nodes(node_programs.split_evaluation, 2, (40,))
-    # the score is node 0's step / 100: the first step at or above 0.37 is 37, bisected in (25, 50]
+    # the score is node 0's step / 100: the first step at or above 0.37 is 37, found in (25, 50]
     assert out[0]["reached"] and out[1]["reached"]
-    assert out[0]["found"] == out[1]["found"] and 37 in out[0]["found"] and 36 in out[0]["found"]
+    assert out[0]["found"] == out[1]["found"] == list(range(26, 38))
 
 
 def test_split_metrics_that_differ_between_shares_are_one_clear_error():
@@ -64,13 +64,12 @@ class _Scalar(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(()))
 
 
-def test_crossing_finder_bisects_the_kept_models_to_the_first_step():
-    # the "accuracy" of the model after step k is its weight: a rise that first reaches 0.98 at step 37
-    values = {k: min(1.0, 0.5 + 0.013 * k) for k in range(1, 101)}
-    first = min(k for k, v in values.items() if v >= 0.98)
+def run_finder(values: dict[int, float], every: int = 25) -> tuple[list, list, CrossingFinder]:
+    """A CrossingFinder over 100 steps whose model after step k scores ``values[k]``; evaluations
+    every ``every`` steps. Returns (kept evaluations found, every evaluation run, the finder)."""
     evaluated = []
 
-    def evaluate(model):
+    def evaluate(model, holder):
         evaluated.append(float(model.w.detach()))
         return {"accuracy": float(model.w.detach())}
 
@@ -80,14 +79,30 @@ def test_crossing_finder_bisects_the_kept_models_to_the_first_step():
     for step in range(1, 101):
         with torch.no_grad():
             model.w.fill_(values[step])
-        if step % 25:
-            finder.keep(step, model)
+        if step % every:
+            finder.keep(step, model, 0)
         else:
             found += finder.evaluated(step, {"accuracy": values[step]})
+    return found, evaluated, finder
+
+
+def test_crossing_finder_finds_the_first_step_reaching_the_target():
+    # the "accuracy" of the model after step k is its weight: a rise that first reaches 0.98 at step 37
+    values = {k: min(1.0, 0.5 + 0.013 * k) for k in range(1, 101)}
+    first = min(k for k, v in values.items() if v >= 0.98)
+    found, evaluated, finder = run_finder(values)
+    assert [s for s, _ in found] == list(range(26, first + 1))   # from the last evaluation below, up to it
+    assert len(evaluated) == len(found)
     series = sorted(found + [(s, {"accuracy": values[s]}) for s in (25, 50, 75, 100)])
-    steps = [s for s, _ in series]
-    # bisection of (25, 50]: about log2(25) evaluations, and the step before the crossing is below
-    assert len(found) <= 5 and len(evaluated) == len(found)
     crossing = crossing_step([(s, m["accuracy"]) for s, m in series], Target("accuracy", ">=", 0.98))
-    assert crossing == (float(first), first - 1, first) and first - 1 in steps
+    assert crossing == (float(first), first - 1, first)
     assert finder.reached and not finder.kept  # nothing kept once reached
+
+
+def test_crossing_finder_finds_an_early_crossing_a_bisection_would_skip():
+    # the metric touches the target at step 28, dips, and stays above it from step 45: a bisection of
+    # (25, 50] (37, then 43, 46, 44, 45) would report 45
+    values = {k: 0.5 for k in range(1, 101)}
+    values.update({28: 0.985, **{k: 0.99 for k in range(45, 101)}})
+    found, _, _ = run_finder(values)
+    assert found[-1][0] == 28 and found[-1][1]["accuracy"] >= 0.98

@@ -13,7 +13,8 @@ from pysim.workload import image_workload
 BUILT_IN = ["SimpleReduce", "SimpleReduce(overlap=True, bucket_mb=0.05)", "SimpleReduce(codec='dense:fp16')",
             "DiLoCo(H=3)", "DiLoCo(H=3, codec='lowrank:4')", "DiLoCo(H=3, codec='powersgd:2')",
             "DiLoCo(H=3, codec='int8')", "StreamingDiLoCo(H=4, tau=1)", "SPARTA(p=0.02)",
-            "SPARTADiLoCo(p=0.02, H=3)", "FedAvg(H=3)", "FedAvg(H=3, island_size=2)", "TopK(k=0.02)",
+            "SPARTADiLoCo(p=0.02, H=3)", "FedAvg(H=3)", "FedAvg(H=3, island_size=2)",
+            "FedAvg(H=2, clients_per_round=2)", "TopK(k=0.02)",
             "DGC(k=0.02, warmup_steps=4)", "DeMo", "PowerSGD(rank=2)"]
 
 

@@ -2,11 +2,18 @@
 
 A strategy is a local optimizer step plus an ordered list of communication
 steps (:class:`CommStep`). On every node the Trainer calls ``setup`` once, then
-for each step ``loss.backward()`` followed by ``strategy.step(step)``, which runs
+for each step ``loss.backward()`` (unless ``trains(step)`` says the node sits
+this step out) followed by ``strategy.step(step)``, which runs
 
 1. every comm step's ``before_local_step`` (in order; e.g. average the gradients),
-2. ``local_step()`` (the inner optimizer and its scheduler),
+2. ``local_step()`` (the inner optimizer, if the node trains this step, and its scheduler),
 3. every comm step's ``after_local_step`` (in order; e.g. average some parameters).
+
+A strategy's own randomness (SPARTA's indices, FedAvg's cohorts and islands,
+PowerSGD's first Q) comes from its ``seed`` argument if given, else from the
+run's seed (``setup(..., seed=)``): two seeds of a comparison draw differently.
+The model a run scores is ``eval_model()`` of node ``deployer(step)`` (node 0
+unless the strategy says that another node holds the model it would deploy).
 
 Local arithmetic runs inside ``strategy.compute()`` so it counts as compute
 time; communication goes through ``strategy.comm``. A subclass registers itself
@@ -60,6 +67,14 @@ class CommStep:
     def eval_model(self) -> nn.Module | None:
         return None
 
+    def trains(self, step: int) -> bool:
+        """Whether this node trains at ``step`` (see :meth:`Strategy.trains`); True by default."""
+        return True
+
+    def deployer(self, step: int) -> int | None:
+        """The node whose deployed model a run scores after ``step``, or None for no opinion."""
+        return None
+
 
 class Strategy:
     """Base class: plain local training (no communication). Subclasses set ``comm_steps``
@@ -105,14 +120,40 @@ class Strategy:
 
     # ------------------------------------------------------------ lifecycle
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm, scheduler=None) -> None:
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm, scheduler=None,
+              seed: int = 0, examples: list[int] | None = None, steps: int | None = None) -> None:
+        """Binds the strategy to a node. ``seed``: the run's seed (see the module docstring);
+        ``examples``: every node's number of training examples (None: equal); ``steps``: the
+        run's number of steps, if known."""
         self.model, self.optimizer, self.comm, self.scheduler = model, optimizer, comm, scheduler
+        self.run_seed, self.total_steps = seed, steps
+        self.examples = list(examples) if examples is not None else [1] * comm.world
         named = list(model.named_parameters())  # cached: walking the module tree every step costs ~0.4 ms
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self._training = True
         for s in self.comm_steps:
             s.setup(self)
 
+    def seeded(self, seed: int | None) -> int:
+        """``seed`` if given, else the run's seed."""
+        return self.run_seed if seed is None else seed
+
+    def trains(self, step: int) -> bool:
+        """Whether this node computes a gradient and takes its local step at ``step`` (0-based);
+        all comm steps' say (FedAvg's clients outside a round's cohort sit it out)."""
+        return all(s.trains(step) for s in self.comm_steps)
+
+    def deployer(self, step: int) -> int:
+        """The node whose ``eval_model()`` a run scores after ``step`` (0-based): the last comm
+        step's with an opinion, else node 0. The same on every node."""
+        for s in reversed(self.comm_steps):
+            d = s.deployer(step)
+            if d is not None:
+                return d
+        return 0
+
     def step(self, step: int, last: bool = False) -> None:
+        self._training = self.trains(step)
         for s in self.comm_steps:
             s.before_local_step(step, last)
         self.local_step()
@@ -120,9 +161,11 @@ class Strategy:
             s.after_local_step(step, last)
 
     def local_step(self) -> None:
-        """The inner optimizer's step (and its scheduler's), as compute."""
-        with self.compute(reuse="local_step"):
-            self.optimizer.step()
+        """The inner optimizer's step (and its scheduler's), as compute. A node that sits a step
+        out (``trains``) keeps its parameters; its learning-rate schedule still moves on."""
+        with self.compute(reuse="local_step" if self._training else "idle_step"):
+            if self._training:
+                self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
 

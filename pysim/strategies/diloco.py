@@ -30,7 +30,7 @@ class OuterStep(CommStep):
 
     def setup(self, strategy) -> None:
         super().setup(strategy)
-        self.reducer.setup(strategy.comm)
+        self.reducer.setup(strategy.comm, strategy.run_seed)
         self.global_model = copy.deepcopy(strategy.model)
         self.global_params = list(self.global_model.parameters())
         self.outer = torch.optim.SGD(self.global_params, lr=self.outer_lr, momentum=self.outer_momentum,

@@ -1,8 +1,9 @@
-"""FedAvg's model averaging (over all nodes or within random islands), and the FedAvg strategy."""
+"""FedAvg's model averaging (over all nodes, a sampled cohort, or random islands), and the FedAvg strategy."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -24,60 +25,156 @@ def islands(n: int, size: int, seed: int, round_: int) -> tuple[tuple[int, ...],
     return tuple(tuple(sorted(perm[cuts[k]:cuts[k + 1]])) for k in range(count))
 
 
-class AverageModels(CommStep):
-    """Every ``H`` local steps (and at the last step): replace every node's parameters by
-    their mean over nodes (one dense fp32 all-reduce). With ``island_size`` g, each averaging
-    round r splits the nodes into random islands of g (:func:`islands` with ``seed`` and r)
-    and every node takes the mean over its island only (one grouped all-reduce: each island a
-    ring of its own, all at once). Deploys this node's last averaged model; with more than one
-    island the nodes' models differ, and a run scores node 0's (its island's average): a model
-    a node really holds, not an average over every node that no exchange paid for."""
+def cohort(n: int, k: int, seed: int, round_: int) -> tuple[int, ...]:
+    """The ``k`` clients of ``n`` that train in round ``round_`` (0-based), drawn without
+    replacement from ``numpy.random.default_rng([seed, round_, 1])``, in increasing order."""
+    if not 1 <= k <= n:
+        raise ValueError(f"a cohort of {k} clients out of {n}: give 1 to {n} clients per round")
+    if k == n:
+        return tuple(range(n))
+    return tuple(sorted(int(v) for v in np.random.default_rng([seed, round_, 1]).choice(n, size=k, replace=False)))
 
-    def __init__(self, H: int, island_size: int | None = None, seed: int = 0) -> None:
+
+class AverageModels(CommStep):
+    """FedAvg's rounds of ``H`` local steps (the last round ends with the run's last step).
+
+    - Every node, or with ``clients_per_round`` (a count, or a fraction of the nodes) a cohort
+      drawn anew each round (:func:`cohort`, seeded), trains; the others sit the round out
+      (no compute, no bytes). When a round ends, the next cohort's members that do not hold
+      the new global model get it: one grouped broadcast from the lowest-ranked node that does
+      (a dense fp32 packet to each, charged). Every node starts from the same initial model.
+    - At the round's end the round's nodes average their models, each weighted by its number
+      of training examples n_k over the round's total (McMahan et al. 2017; ``weighted=False``:
+      equally), in one dense fp32 all-reduce among them (every member sends its model scaled
+      by (members x n_k / total), so the mean is the weighted average).
+    - With ``island_size`` g (EXO Gym's islands; all nodes train), each round splits the nodes
+      into random islands of g (:func:`islands`) that average within themselves at once (one
+      grouped all-reduce), weighted within the island.
+
+    Deploys the last global model (with islands: the node's island's), as held by the node
+    :meth:`deployer` names: the lowest-ranked node of the last cohort (node 0 when every node
+    trains)."""
+
+    def __init__(self, H: int, clients_per_round: int | float | None = None, island_size: int | None = None,
+                 seed: int | None = None, weighted: bool = True) -> None:
         if isinstance(H, bool) or not isinstance(H, int) or H < 1:
             raise ValueError(f"H (local steps per averaging round) must be an integer >= 1, got {H!r}")
         if island_size is not None and (isinstance(island_size, bool) or not isinstance(island_size, int)
                                         or island_size < 1):
             raise ValueError(f"island_size must be an integer >= 1 or None (all nodes), got {island_size!r}")
-        self.H, self.island_size, self.seed = H, island_size, seed
-        self.label = f"H={H}" if island_size is None else f"H={H} islands of {island_size}"
-        self.round = 0   # averaging rounds done
+        if clients_per_round is not None:
+            c = clients_per_round
+            fraction = isinstance(c, float)
+            if isinstance(c, bool) or not isinstance(c, int | float) or not (0 < c <= 1 if fraction else c >= 1):
+                raise ValueError(f"clients_per_round must be a count >= 1 or a fraction in (0, 1], got {c!r}")
+            if island_size is not None:
+                raise ValueError("FedAvg takes clients_per_round or island_size, not both")
+        if not isinstance(weighted, bool):
+            raise ValueError(f"weighted must be True or False, got {weighted!r}")
+        self.H, self.clients_per_round, self.island_size = H, clients_per_round, island_size
+        self.seed, self.weighted = seed, weighted
+        parts = [f"H={H}"]
+        if clients_per_round is not None:
+            parts.append(f"{clients_per_round:g} clients/round")
+        if island_size is not None:
+            parts.append(f"islands of {island_size}")
+        if not weighted:
+            parts.append("unweighted")
+        self.label = " ".join(parts)
 
     def setup(self, strategy) -> None:
         super().setup(strategy)
+        n = strategy.comm.world
+        self.n = n
+        self.k = n if self.clients_per_round is None else \
+            max(1, math.floor(self.clients_per_round * n)) if isinstance(self.clients_per_round, float) \
+            else self.clients_per_round
+        if self.k > n:
+            raise ValueError(f"FedAvg: {self.k} clients per round but the run has {n} nodes")
+        self.rng_seed = strategy.seeded(self.seed)
         self.averaged = copy.deepcopy(strategy.model)
-        self.round = 0
+        self.holders: tuple[int, ...] = tuple(range(n))   # the nodes holding the latest global model
+
+    def round_of(self, step: int) -> int:
+        return step // self.H
+
+    def members(self, round_: int) -> tuple[int, ...]:
+        """The nodes that train in round ``round_``."""
+        return cohort(self.n, self.k, self.rng_seed, round_)
 
     def groups(self, round_: int) -> tuple[tuple[int, ...], ...] | None:
-        """The islands of averaging round ``round_``, or None for one group of all nodes."""
-        n = self.strategy.comm.world
-        if self.island_size is None or self.island_size >= n:
+        """The groups that average at the end of ``round_`` (None: all nodes, one group)."""
+        if self.island_size is not None:
+            return None if self.island_size >= self.n else islands(self.n, self.island_size, self.rng_seed, round_)
+        members = self.members(round_)
+        if len(members) == self.n:
             return None
-        return islands(n, self.island_size, self.seed, round_)
+        return (members, *((m,) for m in range(self.n) if m not in members))
+
+    def trains(self, step: int) -> bool:
+        return self.strategy.comm.rank in self.members(self.round_of(step))
+
+    def deployer(self, step: int) -> int:
+        ends = (step + 1) % self.H == 0 or step + 1 == self.strategy.total_steps
+        round_ = self.round_of(step) if ends else self.round_of(step) - 1
+        return 0 if round_ < 0 or self.k == self.n else min(self.members(round_))
+
+    def handover(self, next_round: int) -> None:
+        """After a round: the next cohort's members that do not hold the new global model get it
+        from the lowest-ranked node that does (one grouped broadcast; no collective if none)."""
+        missing = [m for m in self.members(next_round) if m not in self.holders]
+        if not missing:
+            return
+        root = min(self.holders)
+        groups = ((root, *missing), *((m,) for m in range(self.n) if m != root and m not in missing))
+        s = self.strategy
+        with s.compute():
+            flat = parameters_to_vector(self.averaged.parameters()).detach()
+        got = s.comm.broadcast(flat, groups)
+        if s.comm.rank in missing:
+            with s.compute():
+                vector_to_parameters(got.clone(), s.params)
+                vector_to_parameters(got, self.averaged.parameters())
+        self.holders = tuple(sorted(set(self.holders) | set(missing)))
 
     def after_local_step(self, step: int, last: bool) -> None:
         if (step + 1) % self.H and not last:
             return
         s = self.strategy
+        round_ = self.round_of(step)
+        groups = self.groups(round_)
+        mine = next((g for g in groups if s.comm.rank in g), None) if groups is not None else tuple(range(self.n))
+        weights = [s.examples[m] if self.weighted else 1 for m in mine]
+        scale = len(mine) * weights[mine.index(s.comm.rank)] / sum(weights)
         with s.compute():
             flat = parameters_to_vector(s.params).detach()
-        avg = s.comm.allreduce_mean(flat, groups=self.groups(self.round))
-        self.round += 1
-        with s.compute():
-            vector_to_parameters(avg, s.params)
-            # a copy: vector_to_parameters makes the parameters views of avg, which local steps change
-            vector_to_parameters(avg.clone(), self.averaged.parameters())
+            if scale != 1.0:
+                flat = flat * scale
+        avg = s.comm.allreduce_mean(flat, groups=groups)
+        took_part = self.island_size is not None or s.comm.rank in self.members(round_)
+        if self.island_size is None:
+            self.holders = self.members(round_)
+        if took_part:
+            with s.compute():
+                vector_to_parameters(avg, s.params)
+                # a copy: vector_to_parameters makes the parameters views of avg, which local steps change
+                vector_to_parameters(avg.clone(), self.averaged.parameters())
+        if self.k < self.n and not last:
+            self.handover(round_ + 1)
 
     def eval_model(self):
         return self.averaged
 
 
 class FedAvg(Strategy):
-    """FedAvg (McMahan et al. 2017) without client sampling: ``H`` local steps of the inner
-    optimizer (whose state each node keeps), then every node takes the average model: over
-    all nodes, or with ``island_size`` g over its random island of g nodes, drawn anew each
-    round from ``seed`` (EXO Gym's FedAvg with islands; n % g leftover nodes join the last
-    island)."""
+    """FedAvg (McMahan et al. 2017): rounds of ``H`` local steps of the inner optimizer (whose
+    state each node keeps), then the round's nodes average their models weighted by their
+    training examples. ``clients_per_round``: a cohort of that many clients (or that fraction
+    of the nodes), drawn each round from the run's seed (``seed`` overrides it), trains and
+    averages while the others sit the round out; ``island_size``: every node trains and
+    averages within random islands of that size (EXO Gym's islands). ``weighted=False``:
+    plain averages. See :class:`AverageModels`."""
 
-    def __init__(self, H: int = 10, island_size: int | None = None, seed: int = 0) -> None:
-        self.comm_steps = (AverageModels(H, island_size, seed),)
+    def __init__(self, H: int = 10, clients_per_round: int | float | None = None, island_size: int | None = None,
+                 seed: int | None = None, weighted: bool = True) -> None:
+        self.comm_steps = (AverageModels(H, clients_per_round, island_size, seed, weighted),)

@@ -27,7 +27,7 @@ class AverageGradients(CommStep):
 
     def setup(self, strategy) -> None:
         super().setup(strategy)
-        self.reducer.setup(strategy.comm)
+        self.reducer.setup(strategy.comm, strategy.run_seed)
 
     def before_local_step(self, step: int, last: bool) -> None:
         s = self.strategy
@@ -199,5 +199,5 @@ class PowerSGD(Strategy):
     """PowerSGD (Vogels et al. 2019) on the gradients, rank ``rank``, error feedback and warm
     start; two all-reduces per step (see :class:`pysim.strategies.reducers.PowerSGDReduce`)."""
 
-    def __init__(self, rank: int = 4, seed: int = 0) -> None:
+    def __init__(self, rank: int = 4, seed: int | None = None) -> None:
         self.comm_steps = (AverageGradients(PowerSGDReduce(rank, seed), label=f"rank={rank}+EF"),)

@@ -44,8 +44,10 @@ class Reducer:
 
     label = ""
 
-    def setup(self, comm: Comm) -> None:
+    def setup(self, comm: Comm, seed: int = 0) -> None:
+        """Binds the reducer to a node's comm; ``seed``: the run's (for a reducer's own randomness)."""
         self.comm = comm
+        self.run_seed = seed
 
     def mean(self, tensors: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -93,14 +95,15 @@ class PowerSGDReduce(Reducer):
     For each matrix M = (x + residual) viewed as rows x cols (vectors and matrices too small
     to gain go dense with P):
 
-    1. ``compute_ps``: P = M Q (Q drawn from ``seed`` on the first call, the same on every node);
+    1. ``compute_ps``: P = M Q (Q drawn from ``seed``, default the run's, on the first call, the
+       same on every node);
     2. all-reduce every P and the dense tensors in one message;
     3. ``compute_qs``: orthonormalise the mean P, Q = M^T P;
     4. all-reduce every Q in a second message;
     5. ``decompress``: mean ~= P Q^T; residual = M - P Q^T; Q is kept as the next warm start.
     """
 
-    def __init__(self, rank: int, seed: int = 0) -> None:
+    def __init__(self, rank: int, seed: int | None = None) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"PowerSGD rank must be an integer >= 1, got {rank!r}")
         self.rank, self.seed = rank, seed
@@ -111,7 +114,7 @@ class PowerSGDReduce(Reducer):
 
     def _init_state(self, xs: list[torch.Tensor]) -> None:
         self.residual = [torch.zeros_like(x, dtype=torch.float32) for x in xs]
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.run_seed if self.seed is None else self.seed)
         self.q = [torch.randn(x[0].numel(), self.rank, generator=gen) if self.shapes.compresses(x.shape) else None
                   for x in xs]
 

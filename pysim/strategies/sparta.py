@@ -10,16 +10,21 @@ from pysim.strategies.base import CommStep, Strategy
 
 class AverageRandomSubset(CommStep):
     """After every local step, average a random fraction ``p`` of the parameters over nodes
-    (one dense all-reduce of the chosen values). The indices come from ``seed`` and the step,
-    the same on every node, so only values cross the wire.
+    (one dense all-reduce of the chosen values). The indices come from ``seed`` (default: the
+    run's) and the step, the same on every node, so only values cross the wire.
 
     Nodes' models differ between exchanges; each node deploys its own, and a run scores node
     0's: a model a node really holds (an average of every node's would need a dense exchange
     that SPARTA never pays for)."""
 
-    def __init__(self, p: float, seed: int = 0) -> None:
-        self.sampler = RandomKCodec(p, seed)
+    def __init__(self, p: float, seed: int | None = None) -> None:
+        RandomKCodec(p)   # checks p now
+        self.p, self.seed = p, seed
         self.label = f"p={p:g}"
+
+    def setup(self, strategy) -> None:
+        super().setup(strategy)
+        self.sampler = RandomKCodec(self.p, strategy.seeded(self.seed))
 
     def after_local_step(self, step: int, last: bool) -> None:
         s = self.strategy
@@ -35,5 +40,5 @@ class AverageRandomSubset(CommStep):
 class SPARTA(Strategy):
     """SPARTA: after every local step, average a random fraction ``p`` of the parameters."""
 
-    def __init__(self, p: float = 0.005, seed: int = 0) -> None:
+    def __init__(self, p: float = 0.005, seed: int | None = None) -> None:
         self.comm_steps = (AverageRandomSubset(p, seed),)
