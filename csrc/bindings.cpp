@@ -335,6 +335,17 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("packet"), py::arg("max_numel") = kDefaultMaxNumel, py::arg("expect_shape") = py::none(),
      "Decodes a low-rank packet to (header, P rows x rank, Q cols x rank).");
 
+  m.def("unpack_sparse", [](const py::buffer& packet, uint64_t max_numel, std::optional<std::vector<uint32_t>> expect_shape) {
+    auto [p, n] = bytes_of(packet);
+    const Limits limits = limits_of(max_numel, expect_shape);
+    Indices idx;
+    Floats val;
+    Header h;
+    { py::gil_scoped_release nogil; h = read_packet(p, n, limits); unpack_sparse(p, h, idx, val); }
+    return py::make_tuple(header_dict(h), to_numpy(std::move(idx)), to_numpy(std::move(val)));
+  }, py::arg("packet"), py::arg("max_numel") = kDefaultMaxNumel, py::arg("expect_shape") = py::none(),
+     "Decodes a top-k or random-k packet to (header, sorted indices uint32, values float32).");
+
   m.def("topk_select", [](const py::array& x, uint64_t k) {
     const float* d = f32_data(x, "x");
     const size_t n = static_cast<size_t>(x.size());

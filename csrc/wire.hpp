@@ -133,7 +133,7 @@ struct Header {
 // Largest tensor (elements) a packet may describe, and what unpack accepts
 // when the caller gives no bound of its own.
 constexpr uint64_t kMaxNumel = uint64_t{1} << 40;
-constexpr uint64_t kDefaultMaxNumel = uint64_t{1} << 31;
+constexpr uint64_t kDefaultMaxNumel = uint64_t{1} << 26;  // 256 MiB of decoded float32
 
 // What the caller of a decode expects: at most max_numel elements and, when
 // expect_shape is set, exactly that shape.

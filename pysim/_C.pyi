@@ -80,13 +80,17 @@ def dense_packet_bytes(n: int, value_dtype: int) -> int:
 def parse_header(packet: Buffer) -> dict[str, Any]:
     """Validates a packet (size, checksum, structure) and returns its header as a dict."""
 
-def unpack(packet: Buffer, max_numel: int = 2147483648,
+def unpack(packet: Buffer, max_numel: int = 67108864,
            expect_shape: Sequence[int] | None = None) -> tuple[dict[str, Any], F32]:
     """Decodes any packet to (header, flat float32 array); refuses tensors over max_numel or not of expect_shape."""
 
-def unpack_factors(packet: Buffer, max_numel: int = 2147483648,
+def unpack_factors(packet: Buffer, max_numel: int = 67108864,
                    expect_shape: Sequence[int] | None = None) -> tuple[dict[str, Any], F32, F32]:
     """Decodes a low-rank packet to (header, P rows x rank, Q cols x rank)."""
+
+def unpack_sparse(packet: Buffer, max_numel: int = 67108864,
+                  expect_shape: Sequence[int] | None = None) -> tuple[dict[str, Any], U32, F32]:
+    """Decodes a top-k or random-k packet to (header, sorted indices uint32, values float32)."""
 
 def topk_select(x: F32, k: int) -> U32:
     """Sorted indices of the k largest |x|."""

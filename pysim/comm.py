@@ -772,7 +772,7 @@ def _star(t: Transport, parts: list[_Part], codec: Codec, groups: Groups | None,
             for m in scatter:
                 if m.src == p.node:
                     t.send(p.node, m.dst, packet)
-            p.result = codec.unpack(packet).float()
+            p.result = codec.unpack(packet, expect_shape=p.x.shape).float()
     for p in parts:
         members = group_of(groups, p.node, n)
         if len(members) > 1 and members[0] != p.node:

@@ -34,10 +34,11 @@ Packet size in bytes (``ndim`` = tensor rank, ``b`` = bytes per value):
 
 Decoding is bounded: ``unpack`` refuses, with ``ValueError`` and before
 allocating the tensor, a packet whose shape differs from ``expect_shape`` or
-whose tensor has more than ``max_numel`` elements (default
-:data:`DEFAULT_MAX_NUMEL` = 2**31 when neither is given). A sparse or low-rank
-packet of a few dozen bytes can legitimately describe a huge tensor, so
-callers that know the shape should pass it.
+whose tensor has more than ``max_numel`` elements (when neither is given:
+:data:`DEFAULT_MAX_NUMEL` = 2**26, a budget of 256 MiB of decoded float32). A
+sparse or low-rank packet of a few dozen bytes can legitimately describe a huge
+tensor, so callers that know the shape pass it, and a larger tensor without one
+needs an explicit ``max_numel``.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ _CODE_TO_TORCH = {v: k for k, v in _TORCH_TO_CODE.items()}
 _CODEC_IDS = {"dense": 0, "topk": 1, "randomk": 2, "lowrank": 3, "int8": 4, "int4": 5}
 INDEX_CODES = {"ef": 0, "raw": 1}
 ROUNDINGS = ("nearest", "stochastic")
-DEFAULT_MAX_NUMEL = 2**31  # elements unpack accepts when the caller gives no bound
+DEFAULT_MAX_NUMEL = 2**26  # elements unpack accepts when the caller gives no bound: 256 MiB of float32
 
 
 def _flat_f32(x: torch.Tensor) -> tuple[np.ndarray, list[int], int]:
@@ -155,7 +156,7 @@ def unpack(packet, *, expect_shape: tuple[int, ...] | torch.Size | None = None,
     Raises ``ValueError`` for a malformed packet and, before allocating the
     tensor, when its shape is not ``expect_shape`` or it has more than
     ``max_numel`` elements (default: the expected shape's size, else
-    :data:`DEFAULT_MAX_NUMEL` = 2**31).
+    :data:`DEFAULT_MAX_NUMEL` = 2**26, 256 MiB of float32).
     """
     limit, shape = _decode_limits(expect_shape, max_numel)
     buf = _packet_array(packet)
@@ -456,6 +457,17 @@ def orthonormalize(p: torch.Tensor) -> torch.Tensor:
     out = _C.orthonormalize(p.contiguous().numpy())
     record_native_kernel(2 * out.nbytes, 2.0 * p.shape[0] * p.shape[1] ** 2)
     return torch.from_numpy(out)
+
+
+def sparse_entries(packet, expect_shape: tuple[int, ...] | torch.Size | None = None,
+                   max_numel: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (indices, values) a top-k or random-k packet carries: int64 positions in the flattened
+    tensor (sorted) and float32 values; checked like :func:`unpack`."""
+    limit, shape = _decode_limits(expect_shape, max_numel)
+    buf = _packet_array(packet)
+    _, idx, val = _C.unpack_sparse(buf, limit, shape)
+    record_native_kernel(buf.nbytes + idx.nbytes + val.nbytes)
+    return torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(val)
 
 
 def get_codec(spec: str | Codec | None) -> Codec:

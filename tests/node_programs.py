@@ -377,3 +377,54 @@ def train_tiny_cohorts(rank: int, world: int, spec: str, steps: int, examples: l
     return {"deployed": [p.detach().clone() for p in strategy.eval_model().parameters()],
             "deployer": strategy.deployer(steps - 1), "trained": trained, "sent": comm.bytes_sent,
             "events": [e for _, _, e in comm.segments], "compute": [c for c, _, _ in comm.segments]}
+
+
+def fixed_compute_timeline(rank: int, world: int, net: Network, scaling, scenario: str) -> dict:
+    """Collectives after blocks of exactly 10 ms of compute (a profile's step time; packing is
+    charged at a rate of 1e18 bytes/s, so it adds nothing a test can see): ``scenario``
+    "blocking" (3 steps of compute then a ring all-reduce of 300 floats), "streams" (two
+    all-reduces of 10000 floats started together on streams 0 and 1, 1 ms of compute, then
+    both waited) or "grouped" (a ring all-reduce of 1000 floats within ((0, 2), (1, 3))).
+    Returns the node's clock at the end of every step."""
+    from pysim.compute import ComputeMeter, ComputeProfile, Work
+
+    profile = ComputeProfile("fixed", 1e18, 1e18, 0.0, steps={"block": 0.010, "short": 0.001})
+    comm = Comm(rank, world, net, ComputeMeter(profile), scaling=scaling)
+
+    def compute(key: str = "block") -> None:
+        with comm.meter.measure(work=Work(), key=key):
+            pass
+
+    clocks = []
+    if scenario == "blocking":
+        for _ in range(3):
+            compute()
+            comm.allreduce_mean(torch.ones(300))
+            clocks.append(comm.end_step())
+    elif scenario == "streams":
+        compute()
+        a = comm.allreduce_mean_async(torch.ones(10000), stream=0)
+        b = comm.allreduce_mean_async(torch.ones(10000), stream=1)
+        compute("short")
+        a.wait()
+        b.wait()
+        clocks.append(comm.end_step())
+    else:
+        compute()
+        comm.allreduce_mean(torch.ones(1000), groups=((0, 2), (1, 3)))
+        clocks.append(comm.end_step())
+    return {"clocks": clocks}
+
+
+def codec_work_segments(rank: int, world: int) -> dict:
+    """A blocking all-reduce, then an all-gather started and waited, with no compute of the node's own:
+    the compute each segment was charged (bytes moved by the codecs at 1e6 bytes/s)."""
+    from pysim.compute import ComputeMeter, ComputeProfile
+
+    comm = Comm(rank, world, Network.uniform(world, "1Gbps", "1ms"), ComputeMeter(ComputeProfile("b", 1e18, 1e6, 0.0)))
+    comm.allreduce_mean(torch.ones(300))
+    comm.end_step()
+    pending = comm.allgather_mean_many_async({"m": torch.ones(300)}, get_codec("topk:0.1"))
+    pending.wait()
+    comm.end_step()
+    return {"segments": [(c, type(e).__name__) for c, _, e in comm.segments]}

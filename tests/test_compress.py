@@ -427,10 +427,12 @@ def test_sparse_packet_of_a_huge_tensor_is_refused_before_decoding():
     assert len(packet) == 48
     with pytest.raises(ValueError, match="max_numel"):
         unpack(packet, max_numel=10**6)
-    # over the default bound of 2^31 elements
-    assert DEFAULT_MAX_NUMEL == 2**31
-    with pytest.raises(ValueError, match="max_numel=2147483648"):
-        unpack(craft(2, [2**31 + 1], (7, 1), value))
+    # over the default budget of 2^26 elements (256 MiB of float32), without a shape: 48 bytes asking for 4 GiB
+    assert DEFAULT_MAX_NUMEL == 2**26
+    with pytest.raises(ValueError, match="max_numel=67108864"):
+        unpack(craft(2, [2**30], (7, 1), value))
+    with pytest.raises(ValueError, match="max_numel=67108864"):
+        unpack(craft(2, [2**26 + 1], (7, 1), value))
 
 
 def test_size_claims_past_2_to_32_are_value_errors():

@@ -187,14 +187,17 @@ def test_schedule_ring_allreduce_chunks_leave_and_arrive():
     assert phases("allreduce", "ring", (5,)) == ()
 
 
-def test_bytes_sent_received_balance():
-    for op, algo, sizes in [("allreduce", "ring", (5, 6, 7)), ("allreduce", "star", (9, 9, 9)),
-                            ("allgather", "ring", (1, 20, 300)), ("broadcast", "tree", (4, 4, 4, 4, 4)),
-                            ("broadcast", "star", (4, 4, 4))]:
-        assert sum(bytes_sent(op, algo, sizes)) == sum(bytes_received(op, algo, sizes))
+def test_bytes_sent_and_received_per_member_by_hand():
+    # all-gather of packets 1, 20, 300 bytes around a ring of 3: each member receives the other two
     assert bytes_received("allgather", "ring", (1, 20, 300)) == [320, 301, 21]
+    assert bytes_sent("allgather", "ring", (1, 20, 300)) == [1 + 300, 20 + 1, 300 + 20]
+    # ring all-reduce of chunk packets 5, 6, 7: member i sends every chunk but i+1 (reduce-scatter) and
+    # every chunk but i+2 (all-gather)
     assert bytes_sent("allreduce", "ring", (5, 6, 7)) == [5 + 7 + 6 + 5, 6 + 5 + 7 + 6, 7 + 6 + 5 + 7]
-
+    assert bytes_received("allreduce", "ring", (5, 6, 7)) == [7 + 6 + 5 + 7, 5 + 7 + 6 + 5, 6 + 5 + 7 + 6]
+    # star: workers send their packets to node 0, which sends its (the mean's) back to each
+    assert bytes_sent("allreduce", "star", (9, 4, 4)) == [9 + 9, 4, 4]
+    assert bytes_received("allreduce", "star", (9, 4, 4)) == [4 + 4, 9, 9]
 
 def test_parse_network_topologies_and_errors():
     assert parse_network(3, "1Gbps", "1ms").n == 3

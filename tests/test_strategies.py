@@ -83,17 +83,30 @@ def test_diloco_h1_lr1_momentum0_is_model_averaging():
             assert torch.equal(a, b)  # local model restarts from the global one
 
 
+class Nesterov:
+    """DiLoCo's outer optimizer as the paper writes it (Douillard et al. 2023, Alg. 1; Sutskever et
+    al.'s Nesterov momentum in the form PyTorch uses): with the averaged pseudo-gradient d,
+    b = mu * b + d (b = d on the first step), then theta = theta - lr * (d + mu * b)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, mu: float) -> None:
+        self.params, self.lr, self.mu = params, lr, mu
+        self.b: list[torch.Tensor | None] = [None] * len(params)
+
+    def step(self, deltas: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, (p, d) in enumerate(zip(self.params, deltas, strict=True)):
+                self.b[i] = d.clone() if self.b[i] is None else self.mu * self.b[i] + d
+                p -= self.lr * (d + self.mu * self.b[i])
+
+
 def test_diloco_outer_nesterov_step_and_h():
     H = 3
     res = both("DiLoCo", {"H": H, "outer_lr": 0.7, "outer_momentum": 0.9}, 2 * H)
     ref = tiny_model()
-    outer = torch.optim.SGD(ref.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    outer = Nesterov(list(ref.parameters()), 0.7, 0.9)
     for rnd in range(2):
         finals = [list(local_sgd(ref, rank, range(rnd * H, (rnd + 1) * H)).parameters()) for rank in range(2)]
-        outer.zero_grad()
-        for i, p in enumerate(ref.parameters()):
-            p.grad = ((p - finals[0][i]) + (p - finals[1][i])).detach() / 2
-        outer.step()
+        outer.step([((p - finals[0][i]) + (p - finals[1][i])).detach() / 2 for i, p in enumerate(ref.parameters())])
     for r in res:
         for a, b in zip(r["params"], ref.parameters(), strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
@@ -269,7 +282,7 @@ def test_sparta_diloco_averages_a_subset_every_step_and_takes_outer_steps():
     H, p, seed = 2, 0.3, 3
     res = both("SPARTADiLoCo", {"p": p, "H": H, "seed": seed, "outer_lr": 0.7, "outer_momentum": 0.9}, 2 * H)
     glob = tiny_model()
-    outer = torch.optim.SGD(glob.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    outer = Nesterov(list(glob.parameters()), 0.7, 0.9)
     locals_ = [local_sgd(glob, rank, range(0)) for rank in range(2)]
     for step in range(2 * H):
         locals_ = [local_sgd(locals_[rank], rank, range(step, step + 1)) for rank in range(2)]
@@ -280,11 +293,8 @@ def test_sparta_diloco_averages_a_subset_every_step_and_takes_outer_steps():
             v[idx] = mean
             torch.nn.utils.vector_to_parameters(v, m.parameters())
         if (step + 1) % H == 0:
-            outer.zero_grad()
-            for i, g in enumerate(glob.parameters()):
-                ls = [list(m.parameters())[i] for m in locals_]
-                g.grad = ((g - ls[0]) + (g - ls[1])).detach() / 2
-            outer.step()
+            outer.step([((g - list(locals_[0].parameters())[i]) + (g - list(locals_[1].parameters())[i])).detach() / 2
+                        for i, g in enumerate(glob.parameters())])
             locals_ = [local_sgd(glob, rank, range(0)) for rank in range(2)]
     for r in res:
         torch.testing.assert_close(flat(r["params"]), flat(glob.parameters()), atol=1e-5, rtol=0)
@@ -344,7 +354,10 @@ def dct_by_hand(n: int) -> torch.Tensor:
                           for i in range(n)] for k in range(n)], dtype=torch.float32)
 
 
-def test_demo_matches_hand_written_dct_topk_decoupling_and_sign_rule():
+def test_demo_matches_the_reference_rule_mean_over_the_nodes_that_sent_each_coefficient():
+    """The rule of the paper and its reference implementation, written out: momentum, DCT of chunks,
+    top-k per chunk removed from the momentum, each coefficient averaged over the nodes that kept it
+    (scatter_reduce mean, include_self=False), inverse DCT, sign step."""
     from pysim.compress import TopKCodec
 
     beta, lr, wd, topk, steps = 0.9, 0.1, 0.1, 4, 2
@@ -364,6 +377,7 @@ def test_demo_matches_hand_written_dct_topk_decoupling_and_sign_rule():
                 mat = (lambda t: t.reshape(-1, 1)) if p.dim() == 1 else (lambda t: t)  # noqa: E731
                 da, db = dct_by_hand(a), dct_by_hand(b)
                 sent = [torch.zeros_like(mat(p)) for _ in range(2)]
+                chosen = [torch.zeros_like(mat(p)) for _ in range(2)]   # 1 where the node kept the coefficient
                 for rank in range(2):
                     moms[rank][i] = beta * moms[rank][i] + lr * grads[rank][i]
                     m = mat(moms[rank][i])
@@ -373,11 +387,17 @@ def test_demo_matches_hand_written_dct_topk_decoupling_and_sign_rule():
                             keep = coeffs.abs().reshape(-1).topk(min(topk, a * b)).indices
                             kept = torch.zeros(a * b)
                             kept[keep] = coeffs.reshape(-1)[keep]
+                            mask = torch.zeros(a * b)
+                            mask[keep] = 1.0
                             kept = kept.reshape(a, b)
                             m[r0:r0 + a, c0:c0 + b] -= da.T @ kept @ db
                             sent[rank][r0:r0 + a, c0:c0 + b] = kept
+                            chosen[rank][r0:r0 + a, c0:c0 + b] = mask.reshape(a, b)
                 q = torch.zeros_like(mat(p))
-                avg = (sent[0] + sent[1]) / 2
+                senders = chosen[0] + chosen[1]
+                avg = torch.where(senders > 0, (sent[0] + sent[1]) / senders.clamp_min(1), torch.zeros_like(senders))
+                if step == 1 and i == 0:
+                    assert (senders == 1).any()   # coefficients only one node kept: here the rules differ
                 for r0 in range(0, q.shape[0], a):
                     for c0 in range(0, q.shape[1], b):
                         q[r0:r0 + a, c0:c0 + b] = da.T @ avg[r0:r0 + a, c0:c0 + b] @ db
@@ -397,11 +417,14 @@ def test_dgc_density_warms_up_in_four_stages_then_stays_at_k():
     assert dgc_density(0, 0.01, 0) == 0.01
 
 
-def test_dgc_matches_hand_written_clipping_momentum_correction_and_masking():
+def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_sgd():
+    """Lin et al.'s Algorithm 4 written out; the nodes' own optimizer is AdamW and must not be used:
+    the update is w -= lr * average with DGC's lr."""
     from pysim.compress import TopKCodec
 
     lr, mom, clip = 0.1, 0.9, 0.5
-    res = both("DGC", {"k": 0.05, "momentum": mom, "clip_norm": clip, "warmup_steps": 4}, 3, opt="sgd", lr=lr)
+    res = both("DGC", {"k": 0.05, "momentum": mom, "clip_norm": clip, "warmup_steps": 4, "lr": lr}, 3, opt="adamw",
+               lr=0.003)
     counts = [[8, 1, 4, 1], [2, 1, 1, 1], [2, 1, 1, 1]]  # densities 0.25, 0.0625, 0.05 of 30, 5, 15, 3 entries
     model = tiny_model()
     u = [[torch.zeros_like(p) for p in model.parameters()] for _ in range(2)]
@@ -433,6 +456,17 @@ def test_dgc_matches_hand_written_clipping_momentum_correction_and_masking():
     for r in res:
         torch.testing.assert_close(flat(r["params"]), flat(model.parameters()), atol=1e-6, rtol=0)
         assert r["sent"] == sum(TopKCodec(sum(c)).nbytes((N_TINY,)) for c in counts)
+
+
+def test_dgc_inner_optimizer_variant_steps_the_nodes_optimizer_on_the_average():
+    sgd = both("DGC", {"k": 0.05, "warmup_steps": 0, "lr": 0.1}, 3, opt="adamw", lr=0.003)
+    inner = both("DGC", {"k": 0.05, "warmup_steps": 0, "lr": 0.1, "optimizer": "inner"}, 3, opt="adamw", lr=0.003)
+    assert not torch.allclose(flat(sgd[0]["params"]), flat(inner[0]["params"]))
+    from pysim.strategies import make_strategy
+
+    assert make_strategy("DGC(optimizer='inner')").label.endswith("+inner optimizer")
+    with pytest.raises(ValueError, match="optimizer must be 'sgd'"):
+        make_strategy("DGC(optimizer='adam')")
 
 
 def run_all(rank: int, world: int, specs: list[str], steps: int) -> dict:

@@ -1,5 +1,6 @@
-"""Streaming DiLoCo: the fragment-wise update rule against a hand-written reference, the overlap in the
-simulated timeline, the reduction to DiLoCo, bytes by formula, and live clock = replay."""
+"""Streaming DiLoCo: the fragment-wise update rule against a reference written from the paper, the overlap in
+the simulated timeline (by hand), the reduction to DiLoCo, bytes by formula, and a replay under another
+network against a fresh run there."""
 
 import math
 
@@ -27,14 +28,21 @@ HAND = ComputeProfile("hand", math.inf, math.inf, 0.0, steps={"step": T_STEP})  
 LR, OUTER_LR, MU = 0.1, 0.7, 0.9
 
 
-def reference(steps: int, H: int, M: int, tau: int, alpha: float) -> tuple[list, list]:
-    """Streaming DiLoCo on 2 nodes written out in plain torch, for the tiny model (2 layers; with
-    M = 2, fragment 0 = layer 0's weight and bias, fragment 1 = layer 1's). Returns (global, local
-    of node 0)."""
+# The paper's schedule for H = 4, M = 2, 11 steps, written out: fragment p synchronises every H inner steps,
+# the M fragments staggered evenly by H/M steps (fragment 0 after inner steps 4 and 8, fragment 1 after 2, 6
+# and 10; 0-based below), and every fragment after the last step.
+SYNCS = {0: {3, 7}, 1: {1, 5, 9}}
+
+
+def reference(steps: int, tau: int, alpha: float) -> tuple[list, list]:
+    """Streaming DiLoCo on 2 nodes written out in plain torch, for the tiny model (2 layers: fragment
+    0 = layer 0's weight and bias, fragment 1 = layer 1's) on the schedule :data:`SYNCS`. Returns
+    (global, local of node 0)."""
+    M = 2
     nodes = [tiny_model() for _ in range(2)]
     glob = [p.detach().clone() for p in nodes[0].parameters()]
     buf: list[torch.Tensor | None] = [None] * len(glob)
-    frags = [[0, 1], [2, 3]] if M == 2 else [[0, 1, 2, 3]]
+    frags = [[0, 1], [2, 3]]
     flight: dict[int, tuple[int, list]] = {}
 
     def outer_grad(p):  # global - local, per node
@@ -63,7 +71,7 @@ def reference(steps: int, H: int, M: int, tau: int, alpha: float) -> tuple[list,
             if last or step - flight[p][0] >= tau:
                 apply(p, flight.pop(p)[1])
         for p in range(M):
-            if last or (step + 1) % H == (p * H // M) % H:
+            if last or step in SYNCS[p]:
                 if last or tau == 0:
                     apply(p, outer_grad(p))
                 else:
@@ -75,7 +83,7 @@ def test_update_rule_matches_hand_written_reference_over_three_rounds():
     # H=4, M=2: fragment 0 syncs after steps 3, 7 and 10 (the last); fragment 1 (offset 2) after 1, 5, 9, 10
     spec = "StreamingDiLoCo(H=4, fragments=2, tau=1, alpha=0.5, outer_lr=0.7, outer_momentum=0.9)"
     out = run_nodes(tiny.train, 2, (spec, 11, NET, HAND, "sgd", LR))
-    glob, local = reference(11, H=4, M=2, tau=1, alpha=0.5)
+    glob, local = reference(11, tau=1, alpha=0.5)
     for a, b in zip(out[0]["global"], glob, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     for a, b in zip(out[0]["local"], local, strict=True):

@@ -10,7 +10,9 @@ or a vector):
    and keep the ``topk`` coefficients of largest magnitude per chunk;
 3. ``decouple``: remove what is sent from m: m -= IDCT(kept coefficients);
 4. all-gather every node's kept coefficients as one top-k packet (values + Elias-Fano
-   indices) and average them;
+   indices) and average each coefficient over the nodes that sent it (the reference
+   implementation's ``scatter_reduce(..., reduce="mean", include_self=False)``: a
+   coefficient two of eight nodes kept is the mean of those two, not their sum over eight);
 5. ``decompress``: q = IDCT(mean coefficients); p -= lr * sign(q).
 
 The paper's defaults are beta = 0.999, chunk = 64, topk = 32. Nodes stay identical.
@@ -24,8 +26,8 @@ import math
 
 import torch
 
+from pysim.compress import TopKCodec, sparse_entries
 from pysim.strategies.base import CommStep, Strategy
-from pysim.strategies.reducers import sparse_mean
 
 
 def dct_matrix(n: int) -> torch.Tensor:
@@ -116,13 +118,31 @@ class DecoupledMomentum(CommStep):
                 m.sub_(dct.decode(kept))
                 sent.append(kept.reshape(-1))
             flat = torch.cat(sent)
-        avg = sparse_mean(s.comm, flat, self.count, key="demo", step=step)
+        avg = self.mean_over_senders(flat, step)
         with s.compute():
             offset = 0
             for p, dct in zip(s.params, self.dcts, strict=True):
                 n = p.numel()
                 p.grad = dct.decode(avg[offset:offset + n])
                 offset += n
+
+
+    def mean_over_senders(self, kept: torch.Tensor, step: int) -> torch.Tensor:
+        """Every node's kept coefficients (``kept``: zeros elsewhere) as one top-k packet of the
+        ``count`` kept positions, all-gathered; each coefficient's mean over the nodes whose packet
+        holds it (zero where none does)."""
+        s = self.strategy
+        with s.compute():
+            packet = TopKCodec(max(1, min(self.count, kept.numel()))).pack(kept, key="demo", step=step)
+        packets = s.comm.allgather(packet)
+        with s.compute():
+            sums = torch.zeros(kept.numel())
+            senders = torch.zeros(kept.numel())
+            for p in packets:
+                idx, val = sparse_entries(p, expect_shape=kept.shape)
+                sums.index_add_(0, idx, val)
+                senders.index_add_(0, idx, torch.ones(len(idx)))
+            return torch.where(senders > 0, sums / senders.clamp_min(1), sums)
 
 
 class DeMo(Strategy):
