@@ -7,7 +7,7 @@ import torch
 from pysim.clock import ComputeScaling, _replay_without_sharing, replay, scaled_compute
 from pysim.compress import DenseCodec, get_codec, packet_header
 from pysim.launch import run_nodes
-from pysim.network import Network, bytes_received, bytes_sent
+from pysim.network import Network, bytes_received
 from pysim.trace import trace_from_nodes
 
 
