@@ -9,8 +9,10 @@ elements), edits it -- one to three header fields set to a boundary value
 overwritten, the packet truncated or extended, or the whole header replaced by
 random fields -- optionally makes the payload-length field agree with the new
 length, recomputes the CRC so the edit passes the checksum, and decodes it
-twice: with ``expect_shape`` = the original shape and with ``max_numel`` = the
-original element count.
+three times: with ``expect_shape`` = the original shape, with ``max_numel`` = the
+original element count, and with neither (the default budget of 2^26 elements),
+in worker processes whose address space is capped at 2 GiB (``--address-space``):
+a decode that asked for more than that would die with MemoryError.
 
 Reports crashes (a worker process killed by a signal), exceptions other than
 ``ValueError``, how many edited packets still decoded, and the largest number
@@ -35,7 +37,7 @@ import time
 import torch
 
 from pysim import _C
-from pysim.compress import get_codec, packet_header, unpack
+from pysim.compress import DEFAULT_MAX_NUMEL, get_codec, packet_header, unpack
 
 SPECS = ["dense", "dense:fp16", "dense:bf16", "topk:0.05", "topk:1", "topk:0.2:raw", "randomk:0.1", "randomk:1.0",
          "lowrank:1", "lowrank:3:fp16", "int8", "int8:4:stochastic", "int4", "int4:2:stochastic", "int8:256"]
@@ -108,7 +110,8 @@ def decode(packet: bytes, expected_numel: int, **limits) -> tuple[str, int]:
 
 
 def worker(start: int, count: int, seed: int) -> dict:
-    stats = {"cases": 0, "decodes": 0, "accepted": 0, "other_exceptions": {}, "max_ratio": 0.0, "worst": None}
+    stats = {"cases": 0, "decodes": 0, "accepted": 0, "other_exceptions": {}, "max_ratio": 0.0, "worst": None,
+             "max_unbounded_bytes": 0}
     for i in range(start, start + count):
         rng = random.Random(seed * 1_000_003 + i)
         spec = rng.choice(SPECS)
@@ -125,13 +128,16 @@ def worker(start: int, count: int, seed: int) -> dict:
         packet = reseal(b) if len(b) >= 16 else bytes(b)
         numel = math.prod(shape)
         stats["cases"] += 1
-        for limits in ({"expect_shape": tuple(shape)}, {"max_numel": numel}):
+        for limits in ({"expect_shape": tuple(shape)}, {"max_numel": numel}, {}):
             result, extra = decode(packet, numel, **limits)
             stats["decodes"] += 1
             if result == "ok":
                 stats["accepted"] += 1
             elif result != "ValueError":
                 stats["other_exceptions"][result] = stats["other_exceptions"].get(result, 0) + 1
+            if not limits:  # bounded by the default budget, not by the caller's size
+                stats["max_unbounded_bytes"] = max(stats["max_unbounded_bytes"], extra + 4 * numel)
+                continue
             ratio = extra / max(1, len(packet))
             if ratio > stats["max_ratio"]:
                 stats["max_ratio"], stats["worst"] = ratio, {"case": i, "spec": spec, "limits": str(limits),
@@ -144,17 +150,25 @@ def main() -> None:
     ap.add_argument("--packets", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=25_000, help="cases per worker process")
+    ap.add_argument("--address-space", type=float, default=2.0, help="GiB a worker process may map (0: no cap)")
     ap.add_argument("--worker", nargs=2, type=int, metavar=("START", "COUNT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
+        if args.address_space > 0:
+            import resource
+
+            cap = int(args.address_space * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         print(json.dumps(worker(args.worker[0], args.worker[1], args.seed)))
         return
     t0 = time.perf_counter()
-    total = {"cases": 0, "decodes": 0, "accepted": 0, "other_exceptions": {}, "max_ratio": 0.0, "worst": None}
+    total = {"cases": 0, "decodes": 0, "accepted": 0, "other_exceptions": {}, "max_ratio": 0.0, "worst": None,
+             "max_unbounded_bytes": 0}
     crashes = []
     for start in range(0, args.packets, args.batch):
         count = min(args.batch, args.packets - start)
-        proc = subprocess.run([sys.executable, __file__, "--seed", str(args.seed), "--worker", str(start), str(count)],
+        proc = subprocess.run([sys.executable, __file__, "--seed", str(args.seed), "--address-space",
+                               str(args.address_space), "--worker", str(start), str(count)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             crashes.append({"cases": [start, start + count], "returncode": proc.returncode,
@@ -165,17 +179,23 @@ def main() -> None:
             total[key] += s[key]
         for name, n in s["other_exceptions"].items():
             total["other_exceptions"][name] = total["other_exceptions"].get(name, 0) + n
+        total["max_unbounded_bytes"] = max(total["max_unbounded_bytes"], s["max_unbounded_bytes"])
         if s["max_ratio"] >= total["max_ratio"]:
             total["max_ratio"], total["worst"] = s["max_ratio"], s["worst"]
-    print(f"packets: {total['cases']} crafted (seed {args.seed}), {total['decodes']} decodes, "
-          f"{time.perf_counter() - t0:.1f} s")
+    cap = f"{args.address_space:g} GiB address space" if args.address_space > 0 else "no address-space cap"
+    print(f"packets: {total['cases']} crafted (seed {args.seed}), {total['decodes']} decodes (with a shape, with "
+          f"max_numel, with neither), {cap}, {time.perf_counter() - t0:.1f} s")
     print(f"crashes (worker killed or failed): {len(crashes)}{'' if not crashes else ' ' + json.dumps(crashes)}")
     print(f"exceptions other than ValueError: {sum(total['other_exceptions'].values())} "
           f"{total['other_exceptions'] or ''}".rstrip())
     print(f"decodes accepted (edit left a valid packet within the caller's limits): {total['accepted']}")
-    print(f"max allocation beyond the caller's expected size: {total['max_ratio']:.2f}x the packet length "
+    print(f"max allocation beyond the caller's expected size (with a shape or max_numel): "
+          f"{total['max_ratio']:.2f}x the packet length "
           f"(target <= 64x); worst case {json.dumps(total['worst'])}")
-    if crashes or total["other_exceptions"] or total["max_ratio"] > 64:
+    budget = 4 * DEFAULT_MAX_NUMEL
+    print(f"largest decode without a shape or max_numel: {total['max_unbounded_bytes'] / 2**20:.1f} MiB "
+          f"(default budget {budget / 2**20:.0f} MiB)")
+    if crashes or total["other_exceptions"] or total["max_ratio"] > 64 or total["max_unbounded_bytes"] > budget:
         sys.exit(1)
 
 

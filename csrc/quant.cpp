@@ -48,7 +48,10 @@ struct Dither {  // u(i) in [0, 1) for element i, from the packet seed
 struct Scale {
   uint16_t wire;
   float pre, inv;
+  bool finite;  // false: the block holds NaN or inf; it goes out as a NaN scale and zero values
 };
+
+constexpr uint16_t kNanScale = 0x7fc0u;  // the bfloat16 quiet NaN a non-finite block's scale is sent as
 
 // The kernels below take the block length as a template argument L when it is
 // one of the common sizes (0: the runtime `len`), so that the compiler sees a
@@ -60,8 +63,14 @@ PYSIM_INLINE Scale block_scale(const float* __restrict x, size_t len, int Q) {
   if constexpr (L != 0) len = L;
   uint32_t amax = 0;
   for (size_t l = 0; l < len; ++l) amax = std::max(amax, bits(x[l]) & kAbsMask);
-  if (amax >= kInfBits) fail("quantised codecs need finite input; the tensor holds NaN or inf");
   Scale s;
+  if (amax >= kInfBits) {  // NaN in, NaN out, as a real run would send it: the block decodes to NaN
+    s.wire = kNanScale;
+    s.pre = s.inv = 0.0f;
+    s.finite = false;
+    return s;
+  }
+  s.finite = true;
   s.wire = bf16_round_up(from_bits(amax) / static_cast<float>(Q));
   const float scale = bf16_value(s.wire);
   s.pre = scale < 1e-30f ? 0x1p64f : 1.0f;
@@ -104,6 +113,11 @@ PYSIM_INLINE void quantize_block(const float* __restrict x, size_t len, uint32_t
   const int Q = qmax(c);
   const Scale s = block_scale<L>(x, len, Q);
   std::memcpy(scale_out, &s.wire, 2);
+  if constexpr (L != 0) len = L;
+  if (!s.finite) {
+    std::memset(vals, 0, c == Codec::Int8 ? len : (len + 1) / 2);
+    return;
+  }
   if (c == Codec::Int8) {
     round_values<Stochastic, L>(x, len, first, s, Q, dither, reinterpret_cast<int8_t*>(vals));
     return;
@@ -156,7 +170,7 @@ PYSIM_INLINE int dequantize_int8_block(const int8_t* __restrict v, size_t len, f
 inline float checked_scale(const uint8_t* scales, size_t blk) {
   uint16_t wire;
   std::memcpy(&wire, scales + 2 * blk, 2);
-  if (wire >= 0x7f80u) fail("quantised packet corrupted: a scale is negative, NaN or inf");
+  if (wire >= 0x7f80u && wire != kNanScale) fail("quantised packet corrupted: a scale is negative, inf or a non-canonical NaN");
   return bf16_value(wire);
 }
 

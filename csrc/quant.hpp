@@ -9,8 +9,10 @@
 // two's complement) or ceil(n / 2) bytes (int4, two's complement nibbles:
 // element 2j in the low nibble of byte j, element 2j+1 in the high nibble; an
 // unused final nibble is zero). -Q-1 (-128, -8) never appears; a packet that
-// holds it, a negative or non-finite scale, or a set padding nibble is
-// rejected.
+// holds it, a negative or infinite scale, a NaN scale other than 0x7fc0, or a
+// set padding nibble is rejected. A block holding NaN or inf is sent as scale
+// 0x7fc0 (NaN) with zero values and decodes to NaN: non-finite values flow on
+// as in a real run, and the run notices its loss (pysim.node).
 //
 // Rounding: nearest (ties to even) gives |x - v*s| <= s/2. Stochastic rounds
 // x/s up with probability frac(x/s), using u = hash(seed, element index) in
@@ -33,7 +35,7 @@ constexpr uint64_t kMaxQuantBlock = uint64_t{1} << 24;
 // Fails unless c is Int8 or Int4 and block is even and in [2, 2^24].
 void check_quant_block(Codec c, uint64_t block);
 uint64_t quant_payload_bytes(uint64_t numel, Codec c, uint64_t block);
-// Writes quant_payload_bytes(n, c, block) bytes to out. Fails on NaN or inf.
+// Writes quant_payload_bytes(n, c, block) bytes to out.
 void quantize(const float* x, uint64_t n, Codec c, uint32_t block, bool stochastic, uint64_t seed, uint8_t* out);
 // Decodes n values; fails on a corrupted scale or value (see above).
 void dequantize(const uint8_t* in, uint64_t n, Codec c, uint32_t block, float* out);

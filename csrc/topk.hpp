@@ -7,8 +7,10 @@
 namespace pysim {
 
 // Indices (sorted ascending) of the k entries of x with the largest |x|.
-// Among equal magnitudes at the boundary, lower indices win. Throws
-// std::invalid_argument if x holds a NaN or k is not in [1, n].
+// Among equal magnitudes at the boundary, lower indices win. Magnitudes are
+// ordered by their bits, so NaN ranks above inf and is sent like any large
+// entry (NaN in, NaN out, as a real run would). Throws std::invalid_argument
+// if k is not in [1, n].
 //
 // Method: estimate a magnitude threshold from a block sample (4096 cache
 // lines), keep every index at or above it in one branch-light pass over x

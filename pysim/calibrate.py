@@ -44,20 +44,26 @@ end's sockets send with and writes it into the network file.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
+from pysim.atomic import atomic_write_text
 from pysim.network import (
     FRAMINGS,
     Framing,
@@ -227,7 +233,7 @@ def write_network_file(fit: Fit, path: str | Path, congestion: str = "unknown") 
     d["calibration"] = {"sizes_bytes": fit.sizes, "real_s": fit.real_s, "model_s": fit.model_s,
                         "head_start_s": fit.head_start_s, "tcp_congestion_control": congestion,
                         "model": "2-member ring all-reduce: T(S) = 2 (alpha + 8 wire(S/2) / beta)"}
-    Path(path).write_text(json.dumps(d, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(d, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------- command line
@@ -247,53 +253,152 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--bandwidth", help="the link's known raw rate: fit the framing's bytes per segment")
     ap.add_argument("--pysim", action="store_true", help="also time pysim's own ring all-reduce")
     ap.add_argument("--out", default="network.json", help="network file rank 0 writes")
-    ap.add_argument("--json", help="rank 0 also writes the raw timings here")
+    ap.add_argument("--json", help="where rank 0 saves the raw timings, before fitting (default: beside --out, "
+                                   "NAME.timings.json)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the other rank")
 
 
 def run_cli(a: argparse.Namespace) -> int:
-    import torch
-    import torch.distributed as dist
-
-    if a.rank not in (0, 1):
-        raise ValueError(f"--rank must be 0 or 1, got {a.rank}" if a.rank is not None else
-                         "--rank is required: 0 on the end that fits and writes the file, 1 on the other")
-    if not a.master:
-        raise ValueError("--master ADDR:PORT is required: rank 0's address on the link to calibrate")
-    try:
-        sizes = [int(s) for s in a.sizes.split(",")]
-    except ValueError:
-        raise ValueError(f"bad --sizes {a.sizes!r}: a comma-separated list of byte counts") from None
-    if a.reps < 1 or a.seconds < 0 or any(s < 8 for s in sizes):
-        raise ValueError("--reps must be >= 1, --seconds >= 0 and every size >= 8 bytes")
-    parse_framing(a.framing)
+    """``python -m pysim calibrate``: checks every argument, meets the other rank, times, saves the
+    timings (``--json``, else beside ``--out``), then fits and writes the network file."""
+    sizes, timings_path = check_arguments(a)
     if a.ifname:
         os.environ["GLOO_SOCKET_IFNAME"] = a.ifname
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{a.master}", rank=a.rank, world_size=2,
-                            timeout=timedelta(seconds=a.timeout))
-    try:
-        every_rep: dict[str, list[list[float]]] = {}
-        times = time_allreduces(sizes, a.reps, a.pysim, every_rep, a.stat, a.seconds)
-        ends: list[str | None] = [None, None]
-        dist.all_gather_object(ends, tcp_congestion_control())   # each end's sockets send with its own
-    finally:
-        dist.destroy_process_group()
+    every_rep: dict[str, list[list[float]]] = {}
+    times, ends = measure(a, sizes, every_rep)
     if a.rank != 0:
         return 0
-    fit = fit_link(sizes, times["torch"], a.framing, a.bandwidth)
     congestion = ends[0] if ends[0] == ends[1] else f"{ends[0]} (rank 0), {ends[1]} (rank 1)"
+    atomic_write_text(timings_path, json.dumps({"sizes": sizes, **times, "every_rep": every_rep,
+                                                "reps": len(every_rep["torch"][0]),
+                                                "tcp_congestion_control": congestion}) + "\n")
+    print(f"timings saved to {timings_path}")
+    fit = fit_link(sizes, times["torch"], a.framing, a.bandwidth)
     print(f"TCP congestion control: {congestion}; {a.stat} of {len(every_rep['torch'][0])} repetitions per size")
     print(fit.table())
     write_network_file(fit, a.out, congestion)
-    if a.json:
-        Path(a.json).write_text(json.dumps({"sizes": sizes, **times, "every_rep": every_rep,
-                                            "reps": len(every_rep["torch"][0])}) + "\n")
     if "pysim" in times:
         for s, t, p in zip(sizes, times["torch"], times["pysim"], strict=True):
             print(f"pysim all-reduce {s} bytes: {p:.4f} s real vs torch {t:.4f} s ({100 * (p / t - 1):+.1f}%)")
     print(f"wrote {a.out}")
     return 0
+
+
+def check_arguments(a: argparse.Namespace) -> tuple[list[int], Path]:
+    """Every argument, before waiting for the other rank: the sizes, and where the timings go."""
+    if a.rank not in (0, 1):
+        raise ValueError(f"--rank must be 0 or 1, got {a.rank}" if a.rank is not None else
+                         "--rank is required: 0 on the end that fits and writes the file, 1 on the other")
+    if not a.master:
+        raise ValueError("--master ADDR:PORT is required: rank 0's address on the link to calibrate")
+    check_master(a.master, a.rank)
+    try:
+        sizes = [int(s) for s in a.sizes.split(",")]
+    except ValueError:
+        raise ValueError(f"bad --sizes {a.sizes!r}: a comma-separated list of byte counts") from None
+    if a.reps < 1 or not 0 <= a.seconds < math.inf or any(s < 8 for s in sizes):
+        raise ValueError("--reps must be >= 1, --seconds >= 0 and every size >= 8 bytes")
+    if len(set(sizes)) < 2:
+        raise ValueError(f"bad --sizes {a.sizes!r}: the fit needs at least two different sizes")
+    if not 0 < a.timeout < math.inf:
+        raise ValueError(f"--timeout must be a positive number of seconds, got {a.timeout}")
+    parse_framing(a.framing)
+    if a.bandwidth is not None:
+        a.bandwidth = parse_bandwidth(a.bandwidth)
+    if a.ifname:
+        try:
+            socket.if_nametoindex(a.ifname)
+        except OSError:
+            raise ValueError(f"--ifname {a.ifname!r}: no such network interface here (see `ip link`)") from None
+    timings = Path(a.json) if a.json else Path(a.out).with_suffix(".timings.json")
+    if a.rank == 0:
+        for path in (Path(a.out), timings):
+            check_writable(path)
+    return sizes, timings
+
+
+def check_master(master: str, rank: int) -> None:
+    """``ADDR:PORT`` with a port in 1..65535 and an address this machine can resolve; for rank 0, an
+    address of this machine and a free port."""
+    host, sep, port = master.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad --master {master!r}: give ADDR:PORT, e.g. 10.0.0.1:29500")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"bad --master {master!r}: cannot resolve {host!r} ({e.strerror})") from None
+    if rank != 0:
+        return
+    with socket.socket(family, kind) as probe:   # rank 0 serves the rendezvous at ADDR:PORT
+        try:
+            probe.bind(address)
+        except OSError as e:
+            why = f"port {port} is in use" if e.errno == errno.EADDRINUSE else \
+                f"{host} is not an address of this machine" if e.errno == errno.EADDRNOTAVAIL else e.strerror
+            raise ValueError(f"bad --master {master!r} for rank 0: {why}; give rank 0's own address on the link "
+                             "and a free port") from None
+
+
+def check_writable(path: Path) -> None:
+    """A one-line ValueError now, not after the measurement, if ``path`` cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"cannot write {path}: permission denied")
+
+
+def measure(a: argparse.Namespace, sizes: list[int], every_rep: dict) -> tuple[dict[str, list[float]], list]:
+    """Meets the other rank and times the all-reduces; rendezvous and peer failures in one line."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        with native_stderr_held():   # torch's C++ logs each retry with its stack frames
+            dist.init_process_group("gloo", init_method=f"tcp://{a.master}", rank=a.rank, world_size=2,
+                                    timeout=timedelta(seconds=a.timeout))
+    except (RuntimeError, OSError, TimeoutError) as e:  # torch's DistNetworkError, DistStoreError, ...
+        waited = "no other rank joined rank 0 at" if a.rank == 0 else "could not reach rank 0 at"
+        raise ValueError(f"calibrate: {waited} {a.master} within {a.timeout:g} s ({_first_line(e)}); start both "
+                         "ends with the same --master (rank 0's address on the link) and check that the port is "
+                         "open between them") from None
+    try:
+        times = time_allreduces(sizes, a.reps, a.pysim, every_rep, a.stat, a.seconds)
+        ends: list[str | None] = [None, None]
+        dist.all_gather_object(ends, tcp_congestion_control())   # each end's sockets send with its own
+    except (RuntimeError, OSError, TimeoutError) as e:
+        raise ValueError(f"calibrate: the other rank stopped during the measurement ({_first_line(e)})") from None
+    finally:
+        dist.destroy_process_group()
+    return times, ends
+
+
+@contextmanager
+def native_stderr_held():
+    """Holds what native code writes to file descriptor 2 while the block runs, and writes it out
+    only if the block fails with something other than the errors :func:`measure` turns into one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except (RuntimeError, OSError, TimeoutError):
+            raise
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.buffer.write(held.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0].strip()[:200] if lines else type(e).__name__
 
 
 # ---------------------------------------------------------------- a shaped test link

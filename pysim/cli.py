@@ -11,7 +11,9 @@ subcommand's flags (``bandwidth = "1Gbps"``, ``strategies = ["SimpleReduce",
 "DiLoCo(H=10)"]``, ``import = ["mystrategies"]``); flags on the command line
 win. ``--import MODULE`` (repeatable; a dotted name or a ``.py`` file) loads a
 user's module first, so its strategies and workloads can be named.
-Input errors end in one line on stderr (``error: ...``) and exit code 2.
+Input errors end in one line on stderr (``error: ...``) and exit code 2; a
+comparison in which every seed of some strategy diverged (its training loss
+became NaN or inf) exits with code 3 after printing its table.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import difflib
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import tomllib
 
@@ -28,6 +31,8 @@ from pysim import plugins
 from pysim.datasets import DataError
 from pysim.launch import NodeError, RunInterrupted
 
+EXIT_INPUT_ERROR = 2
+EXIT_DIVERGED = 3      # every seed of some strategy diverged
 GENERIC_DEFAULTS = {"steps": 600, "batch_size": 64, "nodes": 2, "eval_every": 25, "eval_subset": None}
 
 
@@ -36,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser, subparsers = build_parser()
     try:
         apply_config_file(argv, subparsers)
-        a = parser.parse_args(argv)
+        try:
+            a = parser.parse_args(argv)
+        except SystemExit as e:   # --help (0) or a one-line usage error (2), already printed
+            return int(e.code or 0)
         for module in getattr(a, "imports", None) or ():
             plugins.load_module(module)
         return COMMANDS[a.command](a)
@@ -44,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {str(e).splitlines()[0] if isinstance(e, NodeError) else e}", file=sys.stderr)
         if isinstance(e, NodeError) and e.node_traceback:
             print(f"(node traceback follows)\n{e.node_traceback}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
     except RunInterrupted as e:
         print(f"{e}; finished runs are saved, run again with --resume to continue", file=sys.stderr)
         return 130
@@ -53,8 +61,15 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------- the parser
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``error: ...`` with where to look, like pysim's own."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INPUT_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    ap = argparse.ArgumentParser(prog="python -m pysim", description=__doc__,
+    ap = OneLineParser(prog="python -m pysim", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     compare = sub.add_parser("compare", aliases=["run"], help="train strategies over seeds and compare them",
@@ -210,7 +225,16 @@ def config_value(action: argparse.Action, value: object, path: str, key: str) ->
     if isinstance(value, dict):
         raise ValueError(f"--config {path}: {key} takes a value, not a table")
     text = str(value)
-    return action.type(text) if callable(action.type) else text
+    if not callable(action.type):
+        return text
+    try:
+        return action.type(text)
+    except ValueError:
+        raise ValueError(f"--config {path}: {key} = {value!r} is not {_TYPE_NAMES.get(action.type, 'valid')}") \
+            from None
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number"}
 
 
 # ---------------------------------------------------------------- compare
@@ -233,7 +257,19 @@ def compare_command(a: argparse.Namespace) -> int:
     for line in report(results, Path(out) / f"{workload.name.split(':')[0]}.png", title):
         print(line)
     print(f"results, traces and CSV in {out}/")
-    return 0
+    return diverged_exit(results)
+
+
+def diverged_exit(results) -> int:
+    """:data:`EXIT_DIVERGED`, with a line on stderr, if every seed of some strategy diverged; else 0."""
+    from pysim.report import group_by_label
+
+    gone = [label for label, runs in group_by_label(results).items() if all(r.diverged for r in runs)]
+    if not gone:
+        return 0
+    print(f"error: diverged in every seed: {'; '.join(gone)} (training loss NaN or inf; lower --lr, or check "
+          "the model and loss)", file=sys.stderr)
+    return EXIT_DIVERGED
 
 
 def base_config(a: argparse.Namespace, workload):

@@ -52,6 +52,7 @@ advances beyond its own scaled compute (in blocking collectives and Waits).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,6 +60,9 @@ import numpy as np
 
 from pysim.network import Network, collective_parts
 from pysim.trace import Collective, Event, Start, Trace, Wait, event_collective
+
+SPEED_RANGE = (1e-3, 1e3)  # relative compute speeds a run may give (beyond them a run's times overflow)
+MAX_JITTER = 3.0           # largest lognormal sigma of per-step compute
 
 
 @dataclass(frozen=True)
@@ -73,10 +77,14 @@ class ComputeScaling:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speed", tuple(float(s) for s in self.speed))
-        if any(not np.isfinite(s) or s <= 0 for s in self.speed):
-            raise ValueError(f"compute speeds must be positive and finite, got {self.speed}")
-        if not np.isfinite(self.jitter) or self.jitter < 0:
-            raise ValueError(f"jitter (lognormal sigma) must be >= 0, got {self.jitter}")
+        lo, hi = SPEED_RANGE
+        if any(not lo <= s <= hi for s in self.speed):  # also refuses NaN
+            raise ValueError(f"compute speeds must lie in [{lo:g}, {hi:g}] (relative to the profile), "
+                             f"got {self.speed}")
+        if not 0 <= self.jitter <= MAX_JITTER:
+            raise ValueError(f"jitter (lognormal sigma) must lie in [0, {MAX_JITTER:g}], got {self.jitter}: "
+                             f"at {MAX_JITTER:g} one step in a thousand is already "
+                             f"{math.exp(3.09 * MAX_JITTER):.0f}x its median; stragglers are usually 0.05-0.5")
 
     @property
     def identity(self) -> bool:

@@ -19,7 +19,7 @@ from pysim.config import TrainConfig
 from pysim.report import plot_runs, results_table, verdicts
 from pysim.result import Result
 from pysim.rundir import check_out_dir
-from pysim.trainer import RunOptions, finished_run, run
+from pysim.trainer import RunOptions, check_resume, finished_run, run
 
 
 def split_specs(text: str) -> list[str]:
@@ -81,6 +81,9 @@ def compare(configs: list[TrainConfig], out: str | Path, resume: bool = False, r
     line = shared_profile(configs, out, resume, recalibrate)
     if line:
         say(line)
+    if resume:   # before any training: a refusal must not come after hours of other runs
+        for cfg in configs:
+            check_resume(cfg, out)
     first = configs[0]
     seeds = sorted({c.seed for c in configs})
     say(f"{first.workload.name}: {first.nodes} nodes, network {first.network.describe()}, {first.steps} steps x "

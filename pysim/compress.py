@@ -227,7 +227,7 @@ class TopKCodec(Codec):
     """The k entries of largest magnitude, with sorted, compactly coded indices.
 
     ``k`` is a count (int >= 1) or a fraction of the tensor (float in (0, 1]).
-    NaN inputs raise ``ValueError``.
+    NaN ranks above every magnitude (inf included) and is sent like any large entry.
     """
 
     def __init__(self, k: int | float, value_dtype: str = "fp32", index_code: str = "ef") -> None:
@@ -375,7 +375,8 @@ class QuantCodec(Codec):
     expectation, the random draw coming from a hash of the packet seed (from
     ``seed``, ``key`` and ``step``, like :meth:`RandomKCodec.packet_seed`) and
     the element index, so packing is reproducible and unpacking deterministic.
-    NaN or inf inputs raise ``ValueError``.
+    A block holding NaN or inf is sent with a NaN scale and decodes to NaN (the
+    same bytes: a diverging run sends what a real one would, and notices its loss).
     """
 
     summable = True

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import threading
@@ -84,6 +85,21 @@ class ComputeProfile:
     version: int = PROFILE_VERSION
     calibrated_at: str = ""
     steps_calibrated_at: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("flops_per_s", "bytes_per_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:   # inf: that work is free
+                raise ValueError(f"compute profile {self.name!r}: {name} = {v!r} must be a positive rate")
+        if isinstance(self.kernel_s, bool) or not isinstance(self.kernel_s, (int, float)) \
+                or not math.isfinite(self.kernel_s) or self.kernel_s < 0:
+            raise ValueError(f"compute profile {self.name!r}: kernel_s = {self.kernel_s!r} must be finite seconds >= 0")
+        if not isinstance(self.steps, dict):
+            raise ValueError(f"compute profile {self.name!r}: steps must map step keys to seconds")
+        for key, v in self.steps.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"compute profile {self.name!r}: step {key!r} takes {v!r} s; a step time must be "
+                                 "positive and finite (recalibrate with --compute calibrated)")
 
     def step_calibrated_at(self, key: str) -> str:
         """When step ``key`` was measured; the rates' time for profiles kept before steps had one."""

@@ -14,6 +14,7 @@ from pysim.clock import ComputeScaling
 from pysim.compute import ComputeProfile, resolve_compute
 from pysim.network import Network, network_from_json, network_to_json
 from pysim.placement import Placement, check_fits, default_processes, node_state_bytes
+from pysim.probe import check_target
 from pysim.sharding import Sharding
 from pysim.strategies import make_strategy
 from pysim.workload import Target, Workload, get_workload
@@ -107,6 +108,7 @@ class TrainConfig:
         self.network = self.network.with_nodes(self.nodes)
         make_strategy(self.strategy, **self.strategy_args)  # fails early on bad arguments
         self.workload.validate()  # picklable, data present and not corrupt: reported here, not by every node
+        check_target(self.workload, self.goal.metric, str(self.goal))  # a user's workload is tried once here
         placement = Placement(self.nodes, processes or default_processes(self.nodes))
         check_fits(self.nodes, placement.processes, node_state_bytes(model_parameters(self.workload)))
         size = self.workload.train_size

@@ -93,8 +93,9 @@ MIN_BANDWIDTH_BPS = 1.0  # slower links make simulated times of real packets ove
 
 def parse_bandwidth(value: str | float | int) -> float:
     """Bits per second from ``"100Mbit"``, ``"1Gbps"``, ``"100MBps"`` / ``"25GB/s"`` (bytes:
-    capital B, x8) or a plain number of bits/s. Raises ValueError for zero, negative, unknown
-    or ambiguous units (lower-case ``"mb"``)."""
+    capital B, x8) or a Python number of bits/s. A string needs its unit: ``"100"`` is refused
+    (100 bit/s is never what was meant). Raises ValueError for zero, negative, non-finite,
+    unknown or ambiguous units (lower-case ``"mb"``)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         bps = float(value)
     elif isinstance(value, str):
@@ -103,7 +104,10 @@ def parse_bandwidth(value: str | float | int) -> float:
             raise ValueError(f"bad bandwidth {value!r}: expected a number and a unit, "
                              "e.g. '100Mbit', '1Gbps', '25GB/s'")
         number, unit = float(m.group(1)), m.group(2)
-        bps = number * (_bandwidth_unit_bps(value, unit) if unit else 1.0)
+        if not unit:
+            raise ValueError(f"bad bandwidth {value!r}: give a unit, e.g. '{m.group(1)}Mbit' (bits/s) or "
+                             f"'{m.group(1)}MB/s' (bytes/s)")
+        bps = number * _bandwidth_unit_bps(value, unit)
     else:
         raise ValueError(f"bad bandwidth {value!r}: expected a string like '1Gbps' or a number of bits/s")
     if not math.isfinite(bps) or bps <= 0:
@@ -115,14 +119,17 @@ def parse_bandwidth(value: str | float | int) -> float:
 
 
 def parse_latency(value: str | float | int) -> float:
-    """Seconds from ``"20ms"``, ``"150us"``, ``"0.1s"`` or a plain number of seconds (>= 0)."""
+    """Seconds from ``"20ms"``, ``"150us"``, ``"0.1s"`` or a Python number of seconds (>= 0). A
+    string needs its unit, except ``"0"``: ``"20"`` is refused (is it 20 ms or 20 s?)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         s = float(value)
     elif isinstance(value, str):
         m = re.fullmatch(r"\s*" + _NUMBER + r"\s*([a-zµ]*)\s*", value)
         if not m or (m.group(2) and m.group(2) not in _LATENCY_UNITS):
             raise ValueError(f"bad latency {value!r}: expected a number and a unit, e.g. '20ms', '150us', '0.1s'")
-        s = float(m.group(1)) * _LATENCY_UNITS.get(m.group(2) or "s", 1.0)
+        if not m.group(2) and float(m.group(1)) != 0:
+            raise ValueError(f"bad latency {value!r}: give a unit, e.g. '{m.group(1)}ms' or '{m.group(1)}s'")
+        s = float(m.group(1)) * _LATENCY_UNITS[m.group(2) or "s"]
     else:
         raise ValueError(f"bad latency {value!r}: expected a string like '20ms' or a number of seconds")
     if not math.isfinite(s) or s < 0:
@@ -241,6 +248,17 @@ class Link:
     up_bps: float
     down_bps: float
     latency_s: float
+
+    def __post_init__(self) -> None:
+        for name in ("up_bps", "down_bps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < MIN_BANDWIDTH_BPS:
+                raise ValueError(f"bad link: {name} = {v!r}; a rate must be a finite number of bits/s "
+                                 f">= {MIN_BANDWIDTH_BPS:g}")
+        v = self.latency_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"bad link: latency_s = {v!r}; a latency must be a finite number of seconds >= 0")
 
     @classmethod
     def of(cls, bandwidth: str | float, latency: str | float = 0.0, down: str | float | None = None) -> Link:
@@ -481,11 +499,20 @@ def network_from_json(d: dict) -> Network:
                               int(fr.get("ack_bytes", 0)), int(fr.get("segments_per_ack", 2)))
         else:
             framing = Framing(int(d.get("overhead_bytes", 0)))
-        return Network(tuple(Link(*map(float, lk)) for lk in d["links"]),
-                       None if d["inter"] is None else Link(*map(float, d["inter"])),
+        return Network(tuple(_link_from_json(lk) for lk in d["links"]),
+                       None if d["inter"] is None else _link_from_json(d["inter"]),
                        d["group_size"], framing)
     except (KeyError, TypeError) as e:
         raise ValueError(f"malformed network description ({e})") from None
+
+
+def _link_from_json(fields: Sequence) -> Link:
+    """A Link from ``[up_bps, down_bps, latency_s]`` numbers."""
+    if not isinstance(fields, (list, tuple)) or len(fields) != 3 \
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fields):
+        raise ValueError(f"malformed network description: a link is [up_bps, down_bps, latency_s] numbers, "
+                         f"got {fields!r}")
+    return Link(*map(float, fields))
 
 
 def load_network_file(path: str | Path) -> Network:

@@ -10,6 +10,12 @@ after the last) on a fixed subset of the evaluation set (cheap, for time to
 target), and on the whole set at the end (the final metrics); every node takes
 part, evaluating its share of the examples (:class:`pysim.evaluation.Evaluator`).
 
+Divergence: a node whose training loss is not finite notes the step; at the next
+evaluation the nodes agree on the first such step of any node, and the run stops
+there, its final metrics NaN, its result marked "diverged at step N"
+(:attr:`pysim.result.Final.diverged_at_step`). Until then non-finite values flow on
+through the strategies as they would in a real run (the codecs carry them).
+
 Time to target at step resolution: until the target is reached, the node
 holding the deployed model (node 0, or the one the strategy names) keeps a
 copy of it for every step since the last evaluation. When an evaluation first
@@ -84,6 +90,8 @@ def train_node(rank: int, world: int, cfg: TrainConfig, plan: CheckpointPlan | N
     for step in range(node.start, cfg.steps):
         node.train_step(step)
         node.evaluate_after(step)
+        if node.diverged_at_step is not None:
+            break
         node.checkpoint_after(step)
     return node.finish()
 
@@ -118,6 +126,8 @@ class NodeRun:
         self.evaluate = Evaluator(self.host, wl.metrics, wl.split_evaluation)
         self.crossing = CrossingFinder(cfg.goal, lambda m, holder: self.evaluate(m, self.quick, holder))
         self.target_reached = False   # told to every node at evaluations
+        self.first_nonfinite_step: int | None = None   # this node's first step with a non-finite loss
+        self.diverged_at_step: int | None = None       # the run's, agreed at an evaluation
         self.start = self._resume() if plan is not None and plan.resume_step else 0
         self.bar = tqdm(total=cfg.steps, initial=self.start, desc=f"{cfg.name} (node 0)", unit="step", leave=False,
                         mininterval=0.5, disable=rank != 0 or cfg.steps < 200 or not sys.stderr.isatty())
@@ -149,6 +159,7 @@ class NodeRun:
         self.crossing.restore(state["crossing"])
         _set_rng_state(state["rng"])
         self.target_reached = state["target_reached"]
+        self.first_nonfinite_step = state.get("first_nonfinite_step")
         return self.plan.resume_step
 
     # ------------------------------------------------------------ the loop
@@ -166,8 +177,10 @@ class NodeRun:
         self.strategy.step(step, last=step == self.cfg.steps - 1)
         clock = self.comm.end_step()
         c = self.comm
-        self.steps.append(StepRecord(None if loss is None else loss.item(), clock, c.bytes_sent, c.bytes_received,
-                                     c.compute_total_s, c.comm_s))
+        value = None if loss is None else loss.item()
+        if value is not None and not math.isfinite(value) and self.first_nonfinite_step is None:
+            self.first_nonfinite_step = step + 1
+        self.steps.append(StepRecord(value, clock, c.bytes_sent, c.bytes_received, c.compute_total_s, c.comm_s))
         self.bar.update()
 
     def evaluate_after(self, step: int) -> None:
@@ -187,6 +200,7 @@ class NodeRun:
                 shown = {k: f"{v:.4g}" for k, v in metrics.items() if k == cfg.goal.metric}
                 self.bar.set_postfix(shown | {"sim": f"{self.comm.clock_s:.1f}s"})
             self.target_reached = self.crossing.reached
+            self.diverged_at_step = self.host.meet("divergence", self.first_nonfinite_step, self._first_of_all)
         elif cfg.resolve_target and not self.target_reached:   # only the node holding it keeps the model
             self.crossing.keep(done, self.strategy.eval_model() if self.rank == holder else None, holder)
 
@@ -198,10 +212,17 @@ class NodeRun:
         save_node_state(self.plan.folder, step + 1, self.rank, {
             "strategy": self.strategy,  # holds the model, optimizer, schedule and comm (clock, trace so far)
             "sampler": self.batches.state(), "steps": self.steps, "evals": self.evals, "rng": _rng_state(),
-            "target_reached": self.target_reached, "crossing": self.crossing.state()})
+            "target_reached": self.target_reached, "crossing": self.crossing.state(),
+            "first_nonfinite_step": self.first_nonfinite_step})
         self.host.meet("checkpoint", None, self._barrier)   # uncharged
         if self.rank == 0:
             prune(self.plan.folder, step + 1)
+
+    def _first_of_all(self, requests: dict[int, int | None]) -> dict[int, int | None]:
+        """The first step with a non-finite loss on any node (None: none), the same in every process."""
+        rows = {n: np.array([math.inf if s is None else float(s)]) for n, s in requests.items()}
+        first = float(self.host.transport.gather_rows(rows).min())
+        return dict.fromkeys(requests, None if first == math.inf else int(first))
 
     def _barrier(self, requests: dict) -> dict:
         self.host.transport.barrier()
@@ -211,10 +232,14 @@ class NodeRun:
         """The final evaluation on the whole set, and the records as plain JSON-able data (under
         torchrun they cross between ranks as JSON)."""
         self.bar.close()
-        final = self.evaluate(self.strategy.eval_model(), self.evaluation, self.strategy.deployer(self.cfg.steps - 1))
+        if self.diverged_at_step is None:
+            final = self.evaluate(self.strategy.eval_model(), self.evaluation,
+                                  self.strategy.deployer(self.cfg.steps - 1))
+        else:  # a model that is not finite has no metrics worth a pass over the evaluation set
+            final = dict.fromkeys(self.evals[-1].metrics if self.evals else (), math.nan)
         evals = self.evals if self.rank == 0 else []
         return {"steps": [list(s) for s in self.steps], "evals": [list(e) for e in evals],
-                "final_metrics": final if self.rank == 0 else None,
+                "final_metrics": final if self.rank == 0 else None, "diverged_at_step": self.diverged_at_step,
                 "segments": [(c, f, event_to_json(e)) for c, f, e in self.comm.segments],
                 "step_ends": self.comm.step_ends}
 

@@ -95,6 +95,16 @@ def _metric_format(metric: str):
     return lambda v: f"{v:.3f}"
 
 
+def final_metric(runs: list[Result], metric: str, fmt) -> str:
+    """The final metric over the seeds that did not diverge, and the step where the others did."""
+    steps = diverged_steps(runs)
+    values = [r.final.metrics[metric] for r in runs if not r.diverged]
+    where = f"at step {', '.join(map(str, steps))}"
+    if not values:
+        return f"diverged {where}"
+    return mean_ci(values, fmt) + (f" ({len(steps)}/{len(runs)} diverged {where})" if steps else "")
+
+
 def results_table(results: list[Result]) -> str:
     """One row per configuration: final metric, simulated time, time to target, bytes, real runtime;
     mean ± 95% interval over its seeds. The target and metric are the runs' own."""
@@ -125,7 +135,7 @@ def results_table(results: list[Result]) -> str:
         else:
             ratio = f"{base_bytes / sent:.3g}x fewer" if sent < base_bytes else f"{sent / base_bytes:.3g}x more"
         idle = [f.idle_s / f.sim_time_s for f in finals if f.sim_time_s]
-        rows.append([label, mean_ci([f.metrics[metric] for f in finals], fmt),
+        rows.append([label, final_metric(runs, metric, fmt),
                      mean_ci([f.sim_time_s for f in finals], human_seconds), ttt, human_bytes(sent), ratio,
                      f"{100 * float(np.mean(idle)):.0f}%" if idle else "-",
                      f"{sum(f.real_runtime_s for f in finals):.0f} s"])
@@ -137,32 +147,62 @@ def results_table(results: list[Result]) -> str:
     return markdown_table(head, rows) + "\n" + note
 
 
+def seeds_phrase(n: int) -> str:
+    return f"in all {n} seeds" if n > 1 else "(one seed)"
+
+
+def diverged_steps(runs: list[Result]) -> list[int]:
+    return [r.final.diverged_at_step for r in runs if r.final.diverged_at_step is not None]
+
+
+def verdict(label: str, runs: list[Result], base_t: dict[int, float | None]) -> str:
+    """One configuration against the baseline, paired by seed, naming the case it is in: diverged,
+    neither reaches the target, faster or slower in every seed (or never), or the seeds disagree."""
+    n = len(runs)
+    diverged = diverged_steps(runs)
+    if len(diverged) == n:
+        return f"{label} diverged {seeds_phrase(n)} (at step {', '.join(map(str, diverged))}): no verdict"
+    pairs = [(r.final.time_to_target_s, base_t.get(r.seed)) for r in runs]
+    inf = float("inf")
+    faster = sum((a if a is not None else inf) < (b if b is not None else inf) for a, b in pairs)
+    slower = sum((a if a is not None else inf) > (b if b is not None else inf) for a, b in pairs)
+    neither = sum(a is None and b is None for a, b in pairs)
+    never = sum(a is None for a, _ in pairs)
+    base_never = sum(b is None for _, b in pairs)
+    seeds = seeds_phrase(n)
+    if neither == n:
+        return f"{label} and {BASELINE}: neither reaches the target {seeds}"
+    if faster == n:
+        tail = f"; {BASELINE} never does" if base_never == n else \
+            f" ({BASELINE} never does in {base_never} of them)" if base_never else ""
+        return f"{label} reaches the target before {BASELINE} {seeds}{tail}"
+    if slower == n and never == n:
+        return f"{label} never reaches the target; {BASELINE} does {seeds}"
+    if slower == n:
+        tail = f" (never in {never} of them)" if never else ""
+        return f"{label} reaches the target after {BASELINE} {seeds}{tail}"
+    parts = [f"{faster} of {n} faster", f"{slower} slower"]
+    if neither:
+        parts.append(f"{neither} where neither reaches it")
+    if n - faster - slower - neither:
+        parts.append(f"{n - faster - slower - neither} equal")
+    return f"{label} and {BASELINE} tie: the seeds disagree ({', '.join(parts)})"
+
+
 def verdicts(results: list[Result]) -> list[str]:
-    """For each configuration against SimpleReduce: faster to target in every seed, slower in every
-    seed, or a tie (the seeds disagree). Runs are paired by seed."""
+    """For each configuration against SimpleReduce (paired by seed), the case it is in: see
+    :func:`verdict`. Also a line for a diverged baseline."""
     groups = group_by_label(results)
     base = groups.get(BASELINE)
     if base is None:
         return []
     base_t = {r.seed: r.final.time_to_target_s for r in base}
     lines = []
-    for label, runs in groups.items():
-        if runs is base:
-            continue
-        pairs = [(r.final.time_to_target_s, base_t.get(r.seed)) for r in runs]
-        inf = float("inf")
-        wins = [(a if a is not None else inf) < (b if b is not None else inf) for a, b in pairs]
-        losses = [(a if a is not None else inf) > (b if b is not None else inf) for a, b in pairs]
-        seeds = f"in all {len(pairs)} seeds" if len(pairs) > 1 else "(one seed)"
-        if all(a is None for a, _ in pairs) and all(b is not None for _, b in pairs):
-            lines.append(f"{label} never reaches the target, {BASELINE} does {seeds}")
-        elif all(wins):
-            lines.append(f"{label} reaches the target before {BASELINE} {seeds}")
-        elif all(losses):
-            lines.append(f"{label} reaches the target after {BASELINE} {seeds}")
-        else:
-            lines.append(f"{label} and {BASELINE} tie: the seeds disagree ({sum(wins)} of {len(pairs)} faster)")
-    return lines
+    steps = diverged_steps(base)
+    if steps:
+        lines.append(f"{BASELINE} diverged in {len(steps)} of {len(base)} seeds (at step "
+                     f"{', '.join(map(str, steps))})")
+    return lines + [verdict(label, runs, base_t) for label, runs in groups.items() if runs is not base]
 
 
 def sweep_table(s: Sweep, latency_index: int) -> str:

@@ -153,6 +153,10 @@ def sweep(runs: list[Result], bandwidths_bps: list[float], latencies_s: list[flo
             raise ValueError(f"the runs have different targets {sorted(goals)}; pass --target")
         target = goals.pop()
     target = Target.parse(target)
+    recorded = {m for r in runs for e in r.evals for m in e.metrics}
+    if target.metric not in recorded:
+        raise ValueError(f"target {target} names metric {target.metric!r}, which the runs do not record; they "
+                         f"record {', '.join(sorted(recorded)) or 'no metrics'}")
     names = list(dict.fromkeys(r.label for r in runs))
     seeds = sorted({r.seed for r in runs})
     seen = set()

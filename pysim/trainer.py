@@ -32,6 +32,13 @@ class RunOptions:
     timeout_s: float = 300.0         # bound on any single collective and on joining the group (s)
     tensorboard: str | None = None   # a folder for TensorBoard event files (per step and evaluation)
 
+    def __post_init__(self) -> None:
+        p = self.processes
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise ValueError(f"processes must be an integer >= 1 (or None: one per core), got {p!r}")
+        if not 0 < self.timeout_s < float("inf"):
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+
 
 def finished_run(cfg: TrainConfig, out_dir: str | Path) -> Result | None:
     """The saved result (with its trace) of a complete run of exactly ``cfg`` in ``out_dir``, or
@@ -42,6 +49,20 @@ def finished_run(cfg: TrainConfig, out_dir: str | Path) -> Result | None:
     except ValueError:
         return None
     return result if result.config == cfg.to_json() else None
+
+
+def check_resume(cfg: TrainConfig, out_dir: str | Path) -> None:
+    """On ``--resume``: a one-line ValueError if ``out_dir`` holds a finished run under ``cfg``'s
+    name of another configuration (resuming would overwrite it)."""
+    try:
+        saved = load_result(run_path(out_dir, cfg.run_name))
+    except ValueError:
+        return   # nothing finished there (or unreadable: nothing to lose)
+    new = cfg.to_json()
+    if saved.config != new:
+        diff = sorted(k for k in set(saved.config) | set(new) if saved.config.get(k) != new.get(k))
+        raise ValueError(f"{run_path(out_dir, cfg.run_name)} holds a finished run of another configuration "
+                         f"(differs in {', '.join(diff)}); resume with the same flags, or use another --out")
 
 
 def run(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = False,
@@ -59,6 +80,8 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fals
     plan = None
     if out_dir is not None:
         check_out_dir(out_dir)  # an unwritable --out fails now, not after training
+        if resume:
+            check_resume(cfg, out_dir)
         folder = run_path(out_dir, cfg.run_name) / "checkpoint"
         plan = checkpoint.prepare(folder, cfg.identity(), cfg.nodes, cfg.checkpoint_every, resume)
         if plan.resume_step:
@@ -81,7 +104,8 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fals
 
 def assemble(cfg: TrainConfig, nodes: list[dict], runtime_s: float) -> Result:
     """The run's :class:`Result` from every node's records: the trace, replayed (its times
-    must equal the live clock's), per-step rows, node 0's evaluations and the final figures."""
+    must equal the live clock's), per-step rows, node 0's evaluations and the final figures (a
+    run that diverged has rows up to the evaluation where it stopped)."""
     trace = trace_from_nodes([[(c, f, event_from_json(e)) for c, f, e in r["segments"]] for r in nodes],
                              nodes[0]["step_ends"])
     timeline = replay(trace, cfg.network, cfg.scaling)
@@ -90,7 +114,7 @@ def assemble(cfg: TrainConfig, nodes: list[dict], runtime_s: float) -> Result:
         raise RuntimeError(f"live clock {live} and replay {list(timeline.end_s[-1])} disagree")
     n = cfg.nodes
     steps = []
-    for k in range(cfg.steps):
+    for k in range(len(nodes[0]["steps"])):   # fewer than cfg.steps where the run diverged
         rows = [StepRecord(*r["steps"][k]) for r in nodes]
         losses = [row.loss for row in rows if row.loss is not None]   # of the nodes that trained
         steps.append(StepRow(step=k + 1, loss=sum(losses) / len(losses) if losses else float("nan"),
@@ -112,5 +136,5 @@ def assemble(cfg: TrainConfig, nodes: list[dict], runtime_s: float) -> Result:
         bytes_sent_per_node=sum(sent) / n, bytes_received_per_node=sum(recv) / n,
         compute_s=steps[-1].compute_s, comm_s=steps[-1].comm_s,
         idle_s=float(timeline.waited_s.mean()),   # per node: in collectives or waiting for others
-        real_runtime_s=runtime_s)
+        real_runtime_s=runtime_s, diverged_at_step=nodes[0]["diverged_at_step"])
     return result

@@ -167,6 +167,9 @@ def classification_metrics(model: nn.Module, data: Batches, loss: Callable = cro
     return {"loss": mean, "accuracy": correct / max(count, 1), "bits_per_token": mean / math.log(2)}
 
 
+CLASSIFICATION_METRICS = ("loss", "accuracy", "bits_per_token")   # what classification_metrics returns
+
+
 def adamw(params: Iterable[nn.Parameter], lr: float = 2e-3, weight_decay: float = 0.01) -> torch.optim.Optimizer:
     """AdamW, the inner optimizer of every built-in workload."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -193,7 +196,9 @@ class Workload:
     over examples, as ``classification_metrics``'s are); False: node 0 evaluates alone.
     ``defaults``: the study this workload is meant for, as command-line defaults of
     ``python -m pysim compare`` (``steps``, ``batch_size``, ``nodes``, ``eval_every``,
-    ``eval_subset``); flags override them.
+    ``eval_subset``); flags override them. ``reports``: the names of the metrics ``metrics``
+    returns, where known without trying it (built-ins; a user's workload is tried once before
+    training, :mod:`pysim.probe`).
     """
 
     name: str
@@ -209,6 +214,7 @@ class Workload:
     train_size: int | None = None
     split_evaluation: bool = True
     defaults: dict[str, Any] = field(default_factory=dict)
+    reports: tuple[str, ...] | None = None
 
     def validate(self) -> None:
         """Fails fast, in one line, for a workload the node processes could not use."""
@@ -259,6 +265,7 @@ def image_workload(data_dir: str | Path | None = None, lr: float = 2e-3, target:
         spec="mnist" if is_mnist and folder is None else f"idx:{root}",
         train_size=len(train_labels),
         defaults={"steps": 600, "batch_size": 64, "nodes": 2, "eval_every": 25, "eval_subset": 2000},
+        reports=CLASSIFICATION_METRICS,
     )
 
 
@@ -304,6 +311,7 @@ def shakespeare_workload(data_dir: str | Path | None = None, lr: float = 3e-3, t
         spec="shakespeare" if folder is None else f"shakespeare:{root}",
         train_size=int(len(text) * 0.9) - gpt.context,
         defaults={"steps": 500, "batch_size": 16, "nodes": 4, "eval_every": 25, "eval_subset": 64},
+        reports=CLASSIFICATION_METRICS,
     )
 
 

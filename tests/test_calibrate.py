@@ -2,7 +2,10 @@
 
 import json
 import re
+import socket
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -96,3 +99,76 @@ def test_shaped_link_refuses_a_congestion_control_it_cannot_set():
         with ShapedVeth("100mbit", name="pysimtcc", congestion="no_such_cc"):
             pass
     assert "pysimtcc" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rank", "0", "--master", "127.0.0.1:29581", "--bandwidth", "fast"], "bad bandwidth 'fast'"),
+    (["--rank", "0", "--master", "127.0.0.1:29581", "--bandwidth", "100"], "give a unit"),
+    (["--rank", "1", "--master", "127.0.0.1"], "give ADDR:PORT"),
+    (["--rank", "1", "--master", "127.0.0.1:99999"], "give ADDR:PORT"),
+    (["--rank", "1", "--master", "no-such-host.invalid:29500"], "cannot resolve 'no-such-host.invalid'"),
+    (["--rank", "0", "--master", "192.0.2.1:29581"], "192.0.2.1 is not an address of this machine"),
+    (["--rank", "0", "--master", "127.0.0.1:29581", "--out", "/no/such/folder/net.json"],
+     "cannot write /no/such/folder/net.json: folder /no/such/folder does not exist"),
+    (["--rank", "0", "--master", "127.0.0.1:29581", "--ifname", "nope0"], "--ifname 'nope0': no such network"),
+    (["--rank", "0", "--master", "127.0.0.1:29581", "--timeout", "0"], "--timeout must be a positive"),
+    (["--rank", "0", "--master", "127.0.0.1:29581", "--sizes", "1024,1024"], "at least two different sizes"),
+])
+def test_calibrate_argument_errors_come_before_waiting_for_the_peer(args, message, capsys):
+    # --bandwidth fast was once checked only after the whole calibration
+    from pysim.__main__ import main
+
+    t0 = time.perf_counter()
+    assert main(["calibrate", *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
+    assert time.perf_counter() - t0 < 5
+
+
+def test_calibrate_refuses_a_port_in_use_for_rank_0(capsys):
+    from pysim.__main__ import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["calibrate", "--rank", "0", "--master", f"127.0.0.1:{port}"]) == 2
+    assert f"port {port} is in use" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_peer_that_never_comes_is_one_line(rank, tmp_path):
+    # once 64-132 lines of torch's C++ log with stack frames
+    from pysim.launch import free_port
+
+    out = subprocess.run([sys.executable, "-m", "pysim", "calibrate", "--rank", str(rank), "--master",
+                          f"127.0.0.1:{free_port()}", "--timeout", "2", "--out", str(tmp_path / "n.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: calibrate: "), out.stderr
+    assert ("no other rank joined" if rank == 0 else "could not reach rank 0") in lines[0]
+
+
+def test_timings_are_saved_before_the_fit_can_fail(tmp_path, monkeypatch, capsys):
+    from pysim import calibrate
+    from pysim.__main__ import main
+    from pysim.launch import free_port
+
+    master = f"127.0.0.1:{free_port()}"
+    peer = subprocess.Popen([sys.executable, "-m", "pysim", "calibrate", "--rank", "1", "--master", master,
+                             "--sizes", "4096,65536", "--reps", "2", "--seconds", "0", "--timeout", "60"])
+
+    def fit_fails(*args, **kwargs):
+        raise ValueError("calibration: time does not grow with size; use larger sizes")
+
+    monkeypatch.setattr(calibrate, "fit_link", fit_fails)
+    try:
+        code = main(["calibrate", "--rank", "0", "--master", master, "--sizes", "4096,65536", "--reps", "2",
+                     "--seconds", "0", "--timeout", "60", "--out", str(tmp_path / "net.json")])
+    finally:
+        assert peer.wait(timeout=60) == 0
+    assert code == 2 and "time does not grow" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "net.timings.json").read_text())
+    assert saved["sizes"] == [4096, 65536] and len(saved["torch"]) == 2 and saved["reps"] == 2
+    assert not (tmp_path / "net.json").exists()

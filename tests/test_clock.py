@@ -178,8 +178,18 @@ def test_jitter_is_seeded_lognormal_per_node_and_step():
     assert not np.array_equal(other.end_s, tl.end_s)
     with pytest.raises(ValueError, match="speeds"):
         replay(t, Network.uniform(2, "1Gbps"), scaling=ComputeScaling(speed=(1, 1, 1)))
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match=r"speeds must lie in \[0.001, 1000\]"):
         ComputeScaling(speed=(1, 0))
+
+
+@pytest.mark.parametrize("kwargs", [{"speed": (1, float("nan"))}, {"speed": (1e-9, 1)}, {"speed": (1, 1e9)},
+                                    {"jitter": 1000.0}, {"jitter": float("nan")}, {"jitter": -0.1},
+                                    {"jitter": float("inf")}])
+def test_scaling_refuses_what_would_overflow_a_run(kwargs):
+    # --jitter 1000 once ended in "a collective was waited for that can never end"
+    with pytest.raises(ValueError, match="must lie in") as e:
+        ComputeScaling(**kwargs)
+    assert "\n" not in str(e.value)
 
 
 def test_clock_class_equals_vectorised_replay_bit_for_bit():

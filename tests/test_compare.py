@@ -117,16 +117,47 @@ def test_verdicts_only_where_every_seed_agrees():
 
     template = fake_run(1.0)
 
-    def res(label, seed, t):
+    def res(label, seed, t, diverged=None):
         return replace(template, label=label, config={"seed": seed, "strategy": label},
-                       final=replace(template.final, time_to_target_s=t))
+                       final=replace(template.final, time_to_target_s=t, diverged_at_step=diverged))
 
     base = [res("SimpleReduce", s, 10.0) for s in (0, 1, 2)]
     lines = verdicts(base + [res("A", 0, 5.0), res("A", 1, 6.0), res("A", 2, 9.0),
                              res("B", 0, 5.0), res("B", 1, 12.0), res("B", 2, 9.0),
                              res("C", 0, None), res("C", 1, None), res("C", 2, None),
-                             res("D", 0, 11.0), res("D", 1, None), res("D", 2, 30.0)])
+                             res("D", 0, 11.0), res("D", 1, None), res("D", 2, 30.0),
+                             res("E", 0, None, 40), res("E", 1, None, 12), res("E", 2, None, 7)])
     assert lines == ["A reaches the target before SimpleReduce in all 3 seeds",
-                     "B and SimpleReduce tie: the seeds disagree (2 of 3 faster)",
-                     "C never reaches the target, SimpleReduce does in all 3 seeds",
-                     "D reaches the target after SimpleReduce in all 3 seeds"]
+                     "B and SimpleReduce tie: the seeds disagree (2 of 3 faster, 1 slower)",
+                     "C never reaches the target; SimpleReduce does in all 3 seeds",
+                     "D reaches the target after SimpleReduce in all 3 seeds (never in 1 of them)",
+                     "E diverged in all 3 seeds (at step 40, 12, 7): no verdict"]
+
+
+def test_verdicts_where_the_baseline_misses_the_target():
+    # the case that once read "tie: the seeds disagree (0 of 3 faster)" although every seed agreed
+    from dataclasses import replace
+
+    from test_rundir import fake_run
+
+    from pysim.report import verdicts
+
+    template = fake_run(1.0)
+
+    def res(label, seed, t, diverged=None):
+        return replace(template, label=label, config={"seed": seed, "strategy": label},
+                       final=replace(template.final, time_to_target_s=t, diverged_at_step=diverged))
+
+    base = [res("SimpleReduce", 0, None), res("SimpleReduce", 1, None), res("SimpleReduce", 2, 8.0, 90)]
+    lines = verdicts(base + [res("A", 0, None), res("A", 1, None), res("A", 2, None),
+                             res("B", 0, 5.0), res("B", 1, 6.0), res("B", 2, 4.0),
+                             res("C", 0, None), res("C", 1, 3.0), res("C", 2, 9.0)])
+    assert lines == ["SimpleReduce diverged in 1 of 3 seeds (at step 90)",
+                     "A and SimpleReduce tie: the seeds disagree (0 of 3 faster, 1 slower, 2 where neither "
+                     "reaches it)",
+                     "B reaches the target before SimpleReduce in all 3 seeds (SimpleReduce never does in 2 of "
+                     "them)",
+                     "C and SimpleReduce tie: the seeds disagree (1 of 3 faster, 1 slower, 1 where neither "
+                     "reaches it)"]
+    assert verdicts([res("SimpleReduce", 0, None), res("A", 0, None)]) == \
+        ["A and SimpleReduce: neither reaches the target (one seed)"]

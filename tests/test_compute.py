@@ -81,6 +81,18 @@ def test_bad_compute_modes_and_profile_files(tmp_path):
     assert resolve_compute(f"profile:{good}").steps == {"k": 0.01}
 
 
+@pytest.mark.parametrize("edit", [{"flops_per_s": -1e9}, {"bytes_per_s": float("nan")}, {"kernel_s": -1e-6},
+                                  {"steps": {"k": -0.01}}, {"steps": {"k": float("nan")}}, {"steps": {"k": "fast"}},
+                                  {"flops_per_s": "1e9"}])
+def test_profile_with_negative_or_nan_numbers_is_refused(tmp_path, edit):
+    # a negative step time once gave "idle 1917%", NaN a clock that never ended
+    d = json.loads(ComputeProfile("calibrated", 1e10, 1e10, 1e-6, {"k": 0.01}).save(tmp_path / "p.json").read_text())
+    (tmp_path / "p.json").write_text(json.dumps(d | edit))
+    with pytest.raises(ValueError, match="not a pysim compute profile.*compute profile 'calibrated'") as e:
+        resolve_compute(f"profile:{tmp_path / 'p.json'}")
+    assert "\n" not in str(e.value)
+
+
 def test_reused_block_is_counted_twice_then_charged_the_same_without_counting(monkeypatch):
     import pysim.compute as compute
 

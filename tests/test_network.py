@@ -1,5 +1,6 @@
 """Cost formulas against hand-computed values; parsing and its errors."""
 
+import json
 import math
 
 import pytest
@@ -31,7 +32,33 @@ def test_parse_bandwidth_units():
     assert parse_bandwidth("10 Mbit/s") == 10e6
     assert parse_bandwidth("1.5e3kbps") == 1.5e6
     assert parse_bandwidth(5e6) == 5e6
-    assert parse_bandwidth("1e9") == 1e9
+    assert parse_bandwidth("1e9bit") == 1e9
+
+
+@pytest.mark.parametrize("bare", ["100", "1e9", " 20 "])
+def test_a_string_without_unit_is_refused(bare):
+    # --bandwidth 100 once ran at 100 bit/s and --latency 20 at 20 s: a unit nobody asked for
+    with pytest.raises(ValueError, match="give a unit") as e:
+        parse_bandwidth(bare)
+    assert "\n" not in str(e.value) and "Mbit" in str(e.value)
+    with pytest.raises(ValueError, match="give a unit.*ms"):
+        parse_latency(bare)
+
+
+@pytest.mark.parametrize("fields", [(-1e8, 1e8, 0.02), (1e8, float("nan"), 0.0), (1e8, 1e8, -0.02),
+                                    (float("inf"), 1e8, 0.0), (1e8, 1e8, float("nan")), (0.0, 1e8, 0.0),
+                                    ("1Gbit", 1e8, 0.0), (True, 1e8, 0.0)])
+def test_link_refuses_non_finite_negative_or_non_numeric_fields(fields):
+    with pytest.raises(ValueError, match="bad link") as e:
+        Link(*fields)
+    assert "\n" not in str(e.value)
+
+
+def test_network_file_with_negative_rates_is_refused(tmp_path):
+    f = tmp_path / "net.json"
+    f.write_text(json.dumps({"links": [[-1, -1, 0.02]], "inter": None, "group_size": None}))
+    with pytest.raises(ValueError, match="bad link: up_bps = -1"):
+        load_network_file(f)
 
 
 def test_capital_b_means_bytes_lower_case_b_bits():
@@ -58,7 +85,7 @@ def test_parse_latency():
     assert parse_latency("20ms") == pytest.approx(0.02)
     assert parse_latency("150us") == pytest.approx(150e-6)
     assert parse_latency("0.1s") == 0.1
-    assert parse_latency(0) == 0.0
+    assert parse_latency(0) == 0.0 and parse_latency("0") == 0.0
     for bad in ("-5ms", "5 lightyears", "abc", "", None):
         with pytest.raises(ValueError, match="bad latency"):
             parse_latency(bad)
@@ -235,3 +262,11 @@ def test_network_file_round_trip_and_errors(tmp_path):
         load_network_file(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="cannot read"):
         load_network_file(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("link", [["1Gbit", 1e9, 0.0], [1e9, 1e9], "fast", [1e9, None, 0.0]])
+def test_network_file_with_malformed_link_is_refused(tmp_path, link):
+    f = tmp_path / "net.json"
+    f.write_text(json.dumps({"links": [link], "inter": None, "group_size": None}))
+    with pytest.raises(ValueError, match="malformed network description: a link is"):
+        load_network_file(f)

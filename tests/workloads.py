@@ -23,3 +23,33 @@ def blobs() -> tuple[TensorDataset, TensorDataset]:
 
 def sgd(params):
     return torch.optim.SGD(params, lr=0.05)
+
+
+# ---------------------------------------------------------------- factories that are not what pysim expects
+# (tests/test_probe.py: each must fail before any node starts, in one line naming it)
+
+
+def five_class_blobs() -> tuple[TensorDataset, TensorDataset]:
+    """Labels 0..4, for tiny_mlp's 3 outputs."""
+    train, test = blobs()
+    return TensorDataset(train.tensors[0], train.tensors[1] + 2), test
+
+
+def unpaired() -> tuple[list, list]:
+    return [torch.randn(8) for _ in range(50)], [torch.randn(8) for _ in range(10)]
+
+
+def one_set() -> TensorDataset:
+    return blobs()[0]
+
+
+def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def no_optimizer(params) -> None:
+    return None
+
+
+def worded_metrics(model, data) -> dict:
+    return {"accuracy": "high"}
