@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs pysim and its test tools into the current Python environment.
+# Installs pysim, its test tools and TensorBoard logging (--tensorboard) into the
+# current Python environment.
 #
 # torch: an installed torch is kept as it is. With none installed, this pins
 # the CPU build torch==2.13.0 (a bare "torch" requirement would pull several GB
@@ -13,5 +14,5 @@ fi
 # The build needs no torch: only pybind11 and scikit-build-core (plus cmake and ninja).
 "$PY" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 command -v cmake >/dev/null 2>&1 || "$PY" -m pip install -q "cmake>=3.18"
-"$PY" -m pip install -q --no-build-isolation -e ".[test]"
+"$PY" -m pip install -q --no-build-isolation -e ".[test,tensorboard]"
 "$PY" -c "import pysim._C, torch; print('pysim installed; torch', torch.__version__)"

@@ -679,12 +679,9 @@ class RingPlan:
 # ---------------------------------------------------------------- the collectives
 
 
-def _ring(t: Transport, parts: list[_Part], ops: DensePieces | WholePackets, groups: Groups | None) -> None:
-    """Ring all-reduce (within each group at once) of every local part's ``x``; sets each part's
-    ``result`` to the mean over its group. Phase by phase, every local member receives the
-    packet of its hop (posted first when it comes from another process), reduces or decodes
-    it, and sends the next hop's packet on."""
-    n = t.nodes
+def _ring_plans(n: int, parts: list[_Part], groups: Groups | None) -> dict[int, tuple]:
+    """Per local member: (ring size k, chunk bounds, position of each member, its hops (out, in)
+    per phase); sets each part's ``result`` buffer (a copy of ``x`` for a ring of one)."""
     sizes = tuple(0 for _ in range(n))  # the ring's hops depend on the groups only, not on the sizes
     sched = phases("allreduce", "ring", sizes, groups)
     plans = {}
@@ -696,6 +693,15 @@ def _ring(t: Transport, parts: list[_Part], ops: DensePieces | WholePackets, gro
         hops = [ring_hop(sched[h], p.node) for h in range(2 * (k - 1))]
         plans[p.node] = (k, bounds, position, hops)
         p.result = p.x.clone() if k == 1 else torch.empty(p.x.numel(), dtype=torch.float32)
+    return plans
+
+
+def _ring(t: Transport, parts: list[_Part], ops: DensePieces | WholePackets, groups: Groups | None) -> None:
+    """Ring all-reduce (within each group at once) of every local part's ``x``; sets each part's
+    ``result`` to the mean over its group. Phase by phase, every local member receives the
+    packet of its hop (posted first when it comes from another process), reduces or decodes
+    it, and sends the next hop's packet on."""
+    plans = _ring_plans(t.nodes, parts, groups)
 
     def chunk(node: int, item: int) -> tuple[int, int]:
         _, bounds, position, _ = plans[node]

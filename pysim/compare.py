@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from pysim import tensorboard_log
 from pysim.compute import ComputeProfile, machine_profile, workload_step_key
 from pysim.config import TrainConfig
 from pysim.report import plot_runs, results_table, verdicts
@@ -93,6 +94,8 @@ def compare(configs: list[TrainConfig], out: str | Path, resume: bool = False, r
         done = finished_run(cfg, out) if resume else None
         if done is not None:
             say(f"{cfg.name} (seed {cfg.seed}): finished earlier, kept (--resume)")
+            if options is not None and options.tensorboard is not None:
+                tensorboard_log.write_run(done, options.tensorboard)
             results.append(done)
             continue
         say(f"training {cfg.name} (seed {cfg.seed}) ...")

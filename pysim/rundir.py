@@ -40,12 +40,13 @@ RESULT_FILE, TRACE_FILE, STEPS_FILE, MANIFEST_FILE = "result.json", "trace.json"
 RUN_FILES = (RESULT_FILE, TRACE_FILE, STEPS_FILE, MANIFEST_FILE)
 
 
-def check_out_dir(path: str | Path) -> Path:
+def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
     """Creates the output folder if needed and proves it writable (a probe file is written and
-    removed), so a bad ``--out`` fails before any training, not after. One-line ValueError if not."""
+    removed), so a bad ``--out`` (or ``flag``) fails before any training, not after. One-line
+    ValueError if not."""
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise ValueError(f"output folder {p} is an existing file, not a folder; give a folder path (--out)")
+        raise ValueError(f"output folder {p} is an existing file, not a folder; give a folder path ({flag})")
     try:
         p.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=p, prefix=".pysim-write-probe-")
@@ -55,7 +56,7 @@ def check_out_dir(path: str | Path) -> Path:
             os.close(fd)
             os.unlink(probe)
     except OSError as e:
-        raise ValueError(f"cannot write results to {p}: {e.strerror or e}; give a writable folder (--out)") from None
+        raise ValueError(f"cannot write results to {p}: {e.strerror or e}; give a writable folder ({flag})") from None
     return p
 
 

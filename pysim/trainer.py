@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pysim import checkpoint
+from pysim import checkpoint, tensorboard_log
 from pysim.clock import replay
 from pysim.compute import calibrate_workload
 from pysim.config import TrainConfig
@@ -38,6 +38,9 @@ class RunOptions:
             raise ValueError(f"processes must be an integer >= 1 (or None: one per core), got {p!r}")
         if not 0 < self.timeout_s < float("inf"):
             raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+        if self.tensorboard is not None:
+            tensorboard_log.check_available()
+            check_out_dir(self.tensorboard, "--tensorboard")
 
 
 def finished_run(cfg: TrainConfig, out_dir: str | Path) -> Result | None:
@@ -99,6 +102,8 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fals
         result = save_result(result, out_dir)
         if plan is not None:
             checkpoint.remove(plan.folder)
+    if options.tensorboard is not None:
+        tensorboard_log.write_run(result, options.tensorboard)
     return result
 
 

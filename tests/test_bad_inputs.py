@@ -131,3 +131,8 @@ def test_resume_refusal_keeps_the_finished_run(files, capsys):
                      "--bandwidth", "1Gbit"]) == 2
     after = load_result(files["run"])
     assert after.final == before.final and after.run_id == before.run_id
+
+
+def test_an_unwritable_tensorboard_folder_fails_before_training(capsys):
+    assert main(C + ["--tensorboard", "/proc/pysim-tb"]) == 2
+    assert "cannot write results to /proc/pysim-tb" in capsys.readouterr().err
