@@ -39,8 +39,9 @@ import torch
 from pysim import _C
 from pysim.compress import DEFAULT_MAX_NUMEL, get_codec, packet_header, unpack
 
-SPECS = ["dense", "dense:fp16", "dense:bf16", "topk:0.05", "topk:1", "topk:0.2:raw", "randomk:0.1", "randomk:1.0",
-         "lowrank:1", "lowrank:3:fp16", "int8", "int8:4:stochastic", "int4", "int4:2:stochastic", "int8:256"]
+SPECS = ["dense", "dense:fp16", "dense:bf16", "topk:0.05", "topk:1", "topk:0.2:raw", "topk:0.1:int2",
+         "randomk:0.1", "randomk:1.0", "lowrank:1", "lowrank:3:fp16", "int8", "int8:4:stochastic", "int4",
+         "int4:2:stochastic", "int8:256"]
 BOUNDARY = [0, 1, 2, 3, 7, 8, 31, 32, 63, 64, 255, 256, 2**16 - 1, 2**16, 2**24, 2**30, 2**31 - 1, 2**31,
             2**32 - 1, 2**32, 2**32 + 1, 2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
 FIELDS = ["version", "codec", "value_dtype", "source_dtype", "ndim", "flags", "reserved", "payload_len", "dim",

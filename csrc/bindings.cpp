@@ -182,6 +182,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("lowrank_payload_bytes", [](uint64_t rows, uint64_t cols, uint64_t rank, int d) {
     return lowrank_payload_bytes(rows, cols, rank, dtype_from_int(d));
   }, py::arg("rows"), py::arg("cols"), py::arg("rank"), py::arg("value_dtype"));
+  m.def("topk2_payload_bytes", [](uint64_t n, uint64_t k, uint64_t block, int code) {
+    if (code < 0 || code > 1) fail("index_code must be 0 (Elias-Fano) or 1 (raw int32)");
+    return topk2_payload_bytes(n, k, block, static_cast<IndexCode>(code));
+  }, py::arg("numel"), py::arg("k"), py::arg("block"), py::arg("index_code"));
   m.def("quant_payload_bytes", [](uint64_t n, int bits, uint64_t block) {
     return quant_payload_bytes(n, quant_codec(bits), block);
   }, py::arg("numel"), py::arg("bits"), py::arg("block"));
@@ -210,6 +214,15 @@ PYBIND11_MODULE(_C, m) {
     { py::gil_scoped_release nogil; out = pack_topk(t, k, d, static_cast<IndexCode>(index_code)); }
     return to_numpy(std::move(out));
   }, py::arg("x"), py::arg("shape"), py::arg("source_dtype"), py::arg("k"), py::arg("value_dtype"), py::arg("index_code"));
+
+  m.def("pack_topk2", [](const py::array& x, std::vector<uint32_t> shape, int source_dtype, uint64_t k, uint32_t block, int index_code) {
+    Tensor t = tensor_of(x, shape, source_dtype);
+    if (index_code < 0 || index_code > 1) fail("index_code must be 0 (Elias-Fano) or 1 (raw int32)");
+    Bytes out;
+    { py::gil_scoped_release nogil; out = pack_topk2(t, k, block, static_cast<IndexCode>(index_code)); }
+    return to_numpy(std::move(out));
+  }, py::arg("x"), py::arg("shape"), py::arg("source_dtype"), py::arg("k"), py::arg("block"), py::arg("index_code"),
+     "Top-k with 2-bit values (four levels per block of values, bf16 scales).");
 
   m.def("pack_randomk", [](const py::array& x, std::vector<uint32_t> shape, int source_dtype, uint64_t k, uint64_t seed, int value_dtype) {
     Tensor t = tensor_of(x, shape, source_dtype);

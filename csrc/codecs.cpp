@@ -32,6 +32,10 @@ void gather_encode(const float* x, const uint32_t* idx, uint64_t k, DType d, uin
 
 constexpr uint64_t kMaxIndexable = 0xffffffffull;  // sparse and quantised codecs index with uint32
 
+uint64_t index_bytes(uint64_t numel, uint64_t k, IndexCode code) {
+  return code == IndexCode::Raw32 ? checked_mul(4, k, "top-k payload") : elias_fano_bytes(numel, k);
+}
+
 void check_sparse(const Header& h) {
   if (h.numel > kMaxIndexable)
     fail("sparse packet corrupted: " + std::to_string(h.numel) + " elements, more than 2^32 - 1");
@@ -40,6 +44,12 @@ void check_sparse(const Header& h) {
   if (h.codec == Codec::TopK) {
     if (h.flags > 1) fail("top-k packet has an unknown index code " + std::to_string(h.flags));
     expect = topk_payload_bytes(h.numel, h.k, h.value_dtype, static_cast<IndexCode>(h.flags));
+  } else if (h.codec == Codec::TopK2) {
+    if (h.flags > 1) fail("top-k packet has an unknown index code " + std::to_string(h.flags));
+    if (h.value_dtype != DType::BF16) fail("2-bit top-k packet corrupted: scales must be bf16");
+    if (h.block < 4 || h.block > kMaxQuant2Block || h.block % 4 != 0)
+      fail("2-bit top-k packet corrupted: block " + std::to_string(h.block) + " is not a multiple of 4 in [4, 2^24]");
+    expect = topk2_payload_bytes(h.numel, h.k, h.block, static_cast<IndexCode>(h.flags));
   } else {
     if (h.flags != 0) fail("random-k packet corrupted: flags must be zero");
     expect = randomk_payload_bytes(h.k, h.value_dtype);
@@ -77,8 +87,11 @@ std::string shape_str(const std::vector<uint32_t>& s) {
 uint64_t dense_payload_bytes(uint64_t numel, DType d) { return checked_mul(numel, dtype_bytes(d), "dense payload"); }
 uint64_t topk_payload_bytes(uint64_t numel, uint64_t k, DType d, IndexCode code) {
   if (k > numel || numel > kMaxIndexable) fail("top-k needs k <= numel < 2^32");
-  const uint64_t index_bytes = code == IndexCode::Raw32 ? checked_mul(4, k, "top-k payload") : elias_fano_bytes(numel, k);
-  return checked_add(checked_mul(k, dtype_bytes(d), "top-k payload"), index_bytes, "top-k payload");
+  return checked_add(checked_mul(k, dtype_bytes(d), "top-k payload"), index_bytes(numel, k, code), "top-k payload");
+}
+uint64_t topk2_payload_bytes(uint64_t numel, uint64_t k, uint64_t block, IndexCode code) {
+  if (k > numel || numel > kMaxIndexable) fail("top-k needs k <= numel < 2^32");
+  return checked_add(quant2_payload_bytes(k, block), index_bytes(numel, k, code), "top-k payload");
 }
 uint64_t randomk_payload_bytes(uint64_t k, DType d) { return checked_mul(k, dtype_bytes(d), "random-k payload"); }
 uint64_t lowrank_payload_bytes(uint64_t rows, uint64_t cols, uint64_t rank, DType d) {
@@ -95,6 +108,7 @@ Header read_packet(const uint8_t* p, size_t len, const Limits& limits) {
         fail("dense packet corrupted: payload size does not match its shape");
       break;
     case Codec::TopK:
+    case Codec::TopK2:
     case Codec::RandomK: check_sparse(h); break;
     case Codec::LowRank: check_lowrank(h); break;
     case Codec::Int8:
@@ -129,6 +143,27 @@ Bytes pack_topk(const Tensor& x, uint64_t k, DType value_dtype, IndexCode code) 
   uint8_t* p = out.data() + h.header_bytes;
   gather_encode(x.data, idx.data(), k, value_dtype, p);
   p += k * dtype_bytes(value_dtype);
+  if (code == IndexCode::Raw32) std::memcpy(p, idx.data(), 4 * k);
+  else elias_fano_encode(idx.data(), k, h.numel, p);
+  seal(out);
+  return out;
+}
+
+Bytes pack_topk2(const Tensor& x, uint64_t k, uint32_t block, IndexCode code) {
+  Header h = make_header(Codec::TopK2, x, DType::BF16);
+  if (code == IndexCode::Raw32 && h.numel > 0x7fffffffull) fail("raw int32 indices need fewer than 2^31 elements");
+  check_quant2_block(block);
+  const std::vector<uint32_t> idx = topk_select(x.data, h.numel, k);
+  h.k = k;
+  h.block = block;
+  h.flags = static_cast<uint8_t>(code);
+  h.payload_bytes = topk2_payload_bytes(h.numel, k, block, code);
+  Bytes out = start_packet(h);
+  uint8_t* p = out.data() + h.header_bytes;
+  Floats vals(k);
+  for (uint64_t j = 0; j < k; ++j) vals[j] = x.data[idx[j]];
+  quantize2(vals.data(), k, block, p);
+  p += quant2_payload_bytes(k, block);
   if (code == IndexCode::Raw32) std::memcpy(p, idx.data(), 4 * k);
   else elias_fano_encode(idx.data(), k, h.numel, p);
   seal(out);
@@ -183,12 +218,18 @@ Bytes pack_quant(const Tensor& x, Codec codec, uint32_t block, bool stochastic, 
 }
 
 void unpack_sparse(const uint8_t* p, const Header& h, Indices& idx, Floats& val) {
-  if (h.codec != Codec::TopK && h.codec != Codec::RandomK) fail("packet is not a sparse (top-k or random-k) packet");
+  if (h.codec != Codec::TopK && h.codec != Codec::RandomK && h.codec != Codec::TopK2)
+    fail("packet is not a sparse (top-k or random-k) packet");
   const uint8_t* q = p + h.header_bytes;
   val.resize(h.k);
   idx.resize(h.k);
-  decode_values(q, h.k, h.value_dtype, val.data());
-  q += h.k * dtype_bytes(h.value_dtype);
+  if (h.codec == Codec::TopK2) {
+    dequantize2(q, h.k, h.block, val.data());
+    q += quant2_payload_bytes(h.k, h.block);
+  } else {
+    decode_values(q, h.k, h.value_dtype, val.data());
+    q += h.k * dtype_bytes(h.value_dtype);
+  }
   if (h.codec == Codec::RandomK) {
     randomk_indices(h.seed, h.numel, h.k, idx.data());
   } else if (h.flags == static_cast<uint8_t>(IndexCode::Raw32)) {
@@ -218,6 +259,7 @@ Floats unpack_dense(const uint8_t* p, const Header& h) {
       return out;
     }
     case Codec::TopK:
+    case Codec::TopK2:
     case Codec::RandomK: {
       Indices idx;
       Floats val;

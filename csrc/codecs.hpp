@@ -22,6 +22,10 @@ Bytes pack_randomk(const Tensor& x, uint64_t k, uint64_t seed, DType value_dtype
 Bytes pack_lowrank(const Tensor& x, uint32_t rows, uint32_t rank, float* q, DType value_dtype);
 // Block-absmax quantisation to int8 (codec Int8) or int4 (codec Int4); see quant.hpp.
 Bytes pack_quant(const Tensor& x, Codec codec, uint32_t block, bool stochastic, uint64_t seed);
+// Top-k with 2-bit values (codec TopK2): the k entries of largest magnitude, their
+// values quantised to four levels per block of `block` values (quantize2 in
+// quant.hpp), indices coded as in top-k.
+Bytes pack_topk2(const Tensor& x, uint64_t k, uint32_t block, IndexCode code);
 
 // Payload bytes of each codec (the header adds header_bytes(codec, ndim)).
 // All fail (ValueError) rather than wrap around on overflow.
@@ -29,6 +33,7 @@ uint64_t dense_payload_bytes(uint64_t numel, DType d);
 uint64_t topk_payload_bytes(uint64_t numel, uint64_t k, DType d, IndexCode code);
 uint64_t randomk_payload_bytes(uint64_t k, DType d);
 uint64_t lowrank_payload_bytes(uint64_t rows, uint64_t cols, uint64_t rank, DType d);
+uint64_t topk2_payload_bytes(uint64_t numel, uint64_t k, uint64_t block, IndexCode code);
 
 // Parses a packet (parse_packet) and checks everything its codec's header
 // claims against the payload: k in [1, numel], rank <= min(rows, cols), the

@@ -261,4 +261,50 @@ void dequantize(const uint8_t* in, uint64_t n, Codec c, uint32_t block, float* o
   });
 }
 
+// ---------------------------------------------------------------- two-bit values
+
+void check_quant2_block(uint64_t block) {
+  if (block < 4 || block > kMaxQuant2Block || block % 4 != 0)
+    fail("2-bit block size must be a multiple of 4 in [4, 2^24], got " + std::to_string(block));
+}
+
+uint64_t quant2_payload_bytes(uint64_t n, uint64_t block) {
+  check_quant2_block(block);
+  const uint64_t blocks = n / block + (n % block != 0);
+  return checked_add(checked_mul(blocks, 2, "2-bit payload"), n / 4 + (n % 4 != 0), "2-bit payload");
+}
+
+void quantize2(const float* x, uint64_t n, uint32_t block, uint8_t* out) {
+  const uint64_t blocks = n / block + (n % block != 0);
+  uint8_t* codes = out + 2 * blocks;
+  std::memset(codes, 0, n / 4 + (n % 4 != 0));
+  for (uint64_t b = 0; b < blocks; ++b) {
+    const uint64_t i0 = b * block, i1 = std::min<uint64_t>(n, i0 + block);
+    uint32_t amax = 0;
+    for (uint64_t i = i0; i < i1; ++i) amax = std::max(amax, bits(x[i]) & kAbsMask);
+    const uint16_t wire = amax >= kInfBits ? kNanScale : bf16_round_up(from_bits(amax));
+    std::memcpy(out + 2 * b, &wire, 2);
+    if (amax >= kInfBits) continue;  // zero codes under a NaN scale
+    const float s = bf16_value(wire), hi = s * (2.0f / 3.0f);
+    for (uint64_t i = i0; i < i1; ++i) {  // thresholds between -s, -s/3, s/3, s: -2s/3, 0, 2s/3
+      const float v = x[i];
+      const uint32_t c = v < -hi ? 0u : v < 0.0f ? 1u : v < hi ? 2u : 3u;
+      codes[i / 4] = static_cast<uint8_t>(codes[i / 4] | (c << (2 * (i % 4))));
+    }
+  }
+}
+
+void dequantize2(const uint8_t* in, uint64_t n, uint32_t block, float* out) {
+  const uint64_t blocks = n / block + (n % block != 0);
+  const uint8_t* codes = in + 2 * blocks;
+  if (n % 4 != 0 && (codes[n / 4] >> (2 * (n % 4))) != 0)
+    fail("2-bit packet corrupted: a padding bit of the last byte is set");
+  static constexpr float kLevel[4] = {-1.0f, -1.0f / 3.0f, 1.0f / 3.0f, 1.0f};
+  for (uint64_t b = 0; b < blocks; ++b) {
+    const float s = checked_scale(in, b);
+    const uint64_t i0 = b * block, i1 = std::min<uint64_t>(n, i0 + block);
+    for (uint64_t i = i0; i < i1; ++i) out[i] = kLevel[(codes[i / 4] >> (2 * (i % 4))) & 3u] * s;
+  }
+}
+
 }  // namespace pysim

@@ -40,4 +40,20 @@ void quantize(const float* x, uint64_t n, Codec c, uint32_t block, bool stochast
 // Decodes n values; fails on a corrupted scale or value (see above).
 void dequantize(const uint8_t* in, uint64_t n, Codec c, uint32_t block, float* out);
 
+// Two-bit values (the topk2 codec's): per block of `block` values one bf16
+// scale s, the smallest bf16 >= the block's absmax, then codes c in 0..3
+// standing for (2c - 3) * s / 3, i.e. -s, -s/3, s/3, s (four levels, no zero:
+// made for the large values top-k keeps), rounded to the nearest level, so
+// |x - v| <= s/3. Codes are packed four to a byte, element 4j + r in bits
+// 2r..2r+1, the unused bits of the last byte zero. A block holding NaN or inf
+// is sent as scale 0x7fc0 (NaN) with zero codes and decodes to NaN, as in
+// int8/int4. Payload: 2 * ceil(n / block) + ceil(n / 4) bytes.
+constexpr uint64_t kMaxQuant2Block = uint64_t{1} << 24;
+// Fails unless block is a multiple of 4 in [4, 2^24].
+void check_quant2_block(uint64_t block);
+uint64_t quant2_payload_bytes(uint64_t n, uint64_t block);
+void quantize2(const float* x, uint64_t n, uint32_t block, uint8_t* out);
+// Decodes n values; fails on a corrupted scale or a set padding bit.
+void dequantize2(const uint8_t* in, uint64_t n, uint32_t block, float* out);
+
 }  // namespace pysim

@@ -57,7 +57,7 @@ size_t peak_buffer_bytes(bool reset) {
 }
 
 const char* codec_name(Codec c) {
-  static const char* names[kNumCodecs] = {"dense", "topk", "randomk", "lowrank", "int8", "int4"};
+  static const char* names[kNumCodecs] = {"dense", "topk", "randomk", "lowrank", "int8", "int4", "topk2"};
   return names[static_cast<int>(c)];
 }
 
@@ -73,7 +73,8 @@ size_t codec_param_bytes(Codec c) {
     case Codec::RandomK: return 16;
     case Codec::LowRank: return 8;
     case Codec::Int8:
-    case Codec::Int4: return 12;
+    case Codec::Int4:
+    case Codec::TopK2: return 12;
   }
   fail("unknown codec id " + std::to_string(static_cast<int>(c)));
 }
@@ -204,6 +205,7 @@ void write_header(Header& h, uint8_t* p) {
     case Codec::LowRank: put<uint32_t>(p + o, h.rows); put<uint32_t>(p + o + 4, h.rank); break;
     case Codec::Int8:
     case Codec::Int4: put<uint64_t>(p + o, h.seed); put<uint32_t>(p + o + 8, h.block); break;
+    case Codec::TopK2: put<uint64_t>(p + o, h.k); put<uint32_t>(p + o + 8, h.block); break;
   }
 }
 
@@ -265,6 +267,7 @@ Header parse_packet(const uint8_t* p, size_t len) {
     case Codec::LowRank: h.rows = get<uint32_t>(p + o); h.rank = get<uint32_t>(p + o + 4); break;
     case Codec::Int8:
     case Codec::Int4: h.seed = get<uint64_t>(p + o); h.block = get<uint32_t>(p + o + 8); break;
+    case Codec::TopK2: h.k = get<uint64_t>(p + o); h.block = get<uint32_t>(p + o + 8); break;
   }
   return h;
 }

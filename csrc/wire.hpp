@@ -19,13 +19,15 @@
 //       24  4*nd  shape, one uint32 per dimension
 //        .     P  codec parameters: dense 0, topk 8 (k), randomk 16 (seed, k),
 //                 lowrank 8 (rows, rank as uint32), int8/int4 12 (seed as
-//                 uint64, zero for nearest rounding; block as uint32)
+//                 uint64, zero for nearest rounding; block as uint32), topk2
+//                 12 (k as uint64, block as uint32)
 //        .     .  payload
 //
 // Rules for changing the layout: a new codec takes the next codec id and
 // appends its parameters after the shape; any change to what an existing
 // field means, or to which packets are valid, bumps kVersion. Version 2 added
-// the int8/int4 codecs and made the flags byte zero for codecs without flags.
+// the int8/int4 codecs and made the flags byte zero for codecs without flags;
+// topk2 (top-k with 2-bit values, id 6) came after it as a new codec.
 //
 // Validation: every size computed from header fields is overflow-checked
 // (checked_mul/checked_add), the payload length must equal the codec's
@@ -99,8 +101,8 @@ constexpr uint8_t kVersion = 2;
 constexpr int kMaxDims = 8;
 constexpr size_t kBaseHeaderBytes = 24;
 
-enum class Codec : uint8_t { Dense = 0, TopK = 1, RandomK = 2, LowRank = 3, Int8 = 4, Int4 = 5 };
-constexpr int kNumCodecs = 6;
+enum class Codec : uint8_t { Dense = 0, TopK = 1, RandomK = 2, LowRank = 3, Int8 = 4, Int4 = 5, TopK2 = 6 };
+constexpr int kNumCodecs = 7;
 const char* codec_name(Codec c);
 Codec codec_from_int(int v);
 enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2 };
@@ -122,11 +124,11 @@ struct Header {
   std::vector<uint32_t> shape;
   uint64_t numel = 0;
   uint64_t payload_bytes = 0;
-  uint64_t k = 0;      // topk, randomk
+  uint64_t k = 0;      // topk, randomk, topk2
   uint64_t seed = 0;   // randomk
   uint32_t rows = 0;   // lowrank
   uint32_t rank = 0;   // lowrank
-  uint32_t block = 0;  // int8, int4: elements per scale
+  uint32_t block = 0;  // int8, int4, topk2: elements (values) per scale
   size_t header_bytes = 0;
 };
 

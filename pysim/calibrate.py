@@ -416,6 +416,30 @@ def veth_missing() -> str | None:
     return None
 
 
+def check_congestion(congestion: str | None) -> str | None:
+    """``congestion`` if it can name a TCP congestion control (e.g. "reno", "bbr"), else ValueError;
+    None (the host's default: a new namespace inherits it) passes."""
+    if congestion is not None and not re.fullmatch(r"[a-z0-9_]+", congestion):
+        raise ValueError(f"bad TCP congestion control name {congestion!r}: e.g. reno, cubic, bbr")
+    return congestion
+
+
+def set_tcp_congestion(ns: str, congestion: str) -> None:
+    """Sets the TCP congestion control of network namespace ``ns`` (needs root); ValueError naming
+    the allowed ones if the kernel refuses it."""
+    check_congestion(congestion)
+    # written through /proc by sh (always there; sysctl may not be), the name passed as an argument
+    done = subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", 'printf %s "$1" > "$2"', "sh", congestion,
+                           "/proc/sys/net/ipv4/tcp_congestion_control"],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+        names = allowed.read_text().split() if allowed.exists() else []
+        why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        raise ValueError(f"TCP congestion control {congestion!r} cannot be set here ({why}); allowed: "
+                         f"{' '.join(names) or 'unknown'} (net.ipv4.tcp_allowed_congestion_control)")
+
+
 class ShapedVeth:
     """Two network namespaces ``{name}a`` / ``{name}b`` joined by a veth pair, addresses
     10.77.0.1/30 and 10.77.0.2/30 inside them only, each direction shaped by tbf to
@@ -428,10 +452,7 @@ class ShapedVeth:
     def __init__(self, rate: str, name: str = "pysimcal", burst: str | None = None, queue: str = "1s",
                  congestion: str | None = None) -> None:
         self.rate, self.name, self.queue = rate, name, queue
-        # None: the host's default (a new namespace inherits it)
-        if congestion is not None and not re.fullmatch(r"[a-z0-9_]+", congestion):
-            raise ValueError(f"bad TCP congestion control name {congestion!r}: e.g. reno, cubic, bbr")
-        self.congestion = congestion
+        self.congestion = check_congestion(congestion)
         # the bucket's credit lets a transfer start faster than the rate: 16 KiB (1.3 ms at 100 Mbit/s,
         # 0.13 ms at 1 Gbit/s) is small beside the transfers calibrated; 1 ms of traffic (125 kB at
         # 1 Gbit/s) made 256 KiB all-reduces nearly free and the fit find 1.16 Gbit/s on a 1 Gbit/s link
@@ -464,16 +485,7 @@ class ShapedVeth:
         return self
 
     def _set_congestion(self, ns: str) -> None:
-        # written through /proc by sh (always there; sysctl may not be), the name passed as an argument
-        done = subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", 'printf %s "$1" > "$2"', "sh", self.congestion,
-                               "/proc/sys/net/ipv4/tcp_congestion_control"],
-                              capture_output=True, text=True, timeout=30)
-        if done.returncode != 0:
-            allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
-            names = allowed.read_text().split() if allowed.exists() else []
-            why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
-            raise ValueError(f"TCP congestion control {self.congestion!r} cannot be set here ({why}); allowed: "
-                             f"{' '.join(names) or 'unknown'} (net.ipv4.tcp_allowed_congestion_control)")
+        set_tcp_congestion(ns, self.congestion)
 
     def close(self) -> None:
         for ns in self.ns:  # deleting a namespace deletes the veth end inside it, and its peer

@@ -122,6 +122,10 @@ def add_compare_arguments(ap: argparse.ArgumentParser) -> None:
                     help="protocol bytes charged on top of the packets: ideal | tcp (TCP/IPv4 as tc counts it, "
                          "66 B per 1448-byte segment, and a 66 B ACK per 2 segments on the reverse path) | "
                          "tcp-ethernet (90 B per segment and per ACK, a physical wire)")
+    ap.add_argument("--tcp", default="off",
+                    help="TCP window model: off | reno | cubic (initial window 10, slow start, restart after an "
+                         "idle RTO, as Linux) | bbr (no restart after idle), with optional :iw=SEGMENTS:cap=BYTES"
+                         "[KiB|MiB]:idle=restart|keep (e.g. reno:cap=3MiB); see pysim/tcp.py")
     ap.add_argument("--network", default=None,
                     help="a network file (e.g. written by `python -m pysim calibrate`); replaces --bandwidth, "
                          "--latency, --topology and --framing")
@@ -171,6 +175,10 @@ def add_sweep_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--bandwidths", default="10Mbit:100Gbit:20", help="LO:HI:N (log-spaced) or a list")
     ap.add_argument("--latencies", default="0.1ms:200ms:10", help="LO:HI:N (log-spaced) or a list")
     ap.add_argument("--topology", default="uniform", help="uniform | two-tier:G:BW:LAT (grid sweeps the inter link)")
+    ap.add_argument("--tcp", default="off",
+                    help="TCP window model: off | reno | cubic (initial window 10, slow start, restart after an "
+                         "idle RTO, as Linux) | bbr (no restart after idle), with optional :iw=SEGMENTS:cap=BYTES"
+                         "[KiB|MiB]:idle=restart|keep (e.g. reno:cap=3MiB); see pysim/tcp.py")
     ap.add_argument("--target", default=None, help="e.g. accuracy>=0.98 or loss<=1.7 (default: the runs' own)")
     ap.add_argument("--table-latency", default="20ms", help="latency of the printed table and line plot")
     ap.add_argument("--out", default="runs/sweep_out")
@@ -280,6 +288,8 @@ def base_config(a: argparse.Namespace, workload):
 
     network = load_network_file(a.network).with_nodes(a.nodes) if a.network else \
         parse_network(a.nodes, a.bandwidth, a.latency, a.topology, a.framing)
+    if a.tcp != "off" or not a.network:
+        network = network.with_tcp(a.tcp)
     compute = f"profile:{a.compute_profile}" if a.compute_profile else a.compute
     if a.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {a.seed}")
@@ -315,7 +325,7 @@ def sweep_command(a: argparse.Namespace) -> int:
     if not paths:
         raise ValueError("give run folders, or --train JSON")
     t0 = time.perf_counter()
-    s, table = run_sweep(paths, a.bandwidths, a.latencies, a.target, a.topology, a.out, a.table_latency)
+    s, table = run_sweep(paths, a.bandwidths, a.latencies, a.target, a.topology, a.out, a.table_latency, a.tcp)
     print(table)
     grid = len(s.bandwidths_bps) * len(s.latencies_s)
     print(f"\n{len(s.names)} runs x {grid} networks re-timed in {time.perf_counter() - t0:.2f} s; "
@@ -324,15 +334,17 @@ def sweep_command(a: argparse.Namespace) -> int:
 
 
 def run_sweep(paths: list, bandwidths: str, latencies: str, target: str | None = None, topology: str = "uniform",
-              out_dir: str | Path | None = None, table_latency: str = "20ms"):
-    """Loads runs, re-times them over the grid (``"LO:HI:N"`` or lists), writes the data and plots
-    to ``out_dir`` if given; returns the :class:`pysim.sweep.Sweep` and its printed table."""
+              out_dir: str | Path | None = None, table_latency: str = "20ms", tcp: str = "off"):
+    """Loads runs, re-times them over the grid (``"LO:HI:N"`` or lists; ``tcp``: the window model,
+    :func:`pysim.tcp.parse_tcp`), writes the data and plots to ``out_dir`` if given; returns the
+    :class:`pysim.sweep.Sweep` and its printed table."""
     from pysim.network import parse_bandwidth, parse_latency
     from pysim.report import plot_sweep, sweep_table
     from pysim.sweep import load_runs, nearest, parse_grid, sweep, write_data
+    from pysim.tcp import parse_tcp
 
     s = sweep(load_runs(paths), parse_grid(bandwidths, parse_bandwidth, "bandwidth"),
-              parse_grid(latencies, parse_latency, "latency"), target, topology)
+              parse_grid(latencies, parse_latency, "latency"), target, topology, parse_tcp(tcp))
     j = nearest(s.latencies_s, parse_latency(table_latency))
     if out_dir is not None:
         write_data(s, out_dir)

@@ -41,6 +41,29 @@ vectorised replay (many networks at once, for traces with no cross-stream
 overlap) performs the same floating-point operations, and networks on which
 collectives of different streams overlap are re-timed by :class:`Clock`.
 
+Server rounds (:class:`pysim.trace.ServerRound`, asynchronous methods): a
+parameter server lives on node ``server`` with its own timeline (its arithmetic
+is not charged); its link is that node's. A node's update of b bytes leaves at
+its arrive_i and queues FIFO (in order of leaving, then node) on the server's
+downlink: tx = max(arrive_i, down_free), down_free = tx + X, arrives at
+a_i = tx + X + L, with L and X = the latency and transfer parts of the lone
+message i -> server (:meth:`pysim.network.Network.phase_parts`); the server's
+own node hands its update over in memory (a_i = arrive_i). The round's ``order``
+lists the pending updates the server applies now (by the frontier rule of
+:meth:`Clock.server_order`: in arrival order, those no later message can
+precede); the reply to node i leaves at max(a_i, up_free) on the server's
+uplink, FIFO in that order, and node i's clock becomes max(arrive_i, reply
+arrival). Other nodes: t_i = arrive_i. Messages of server rounds do not share
+bandwidth with collectives (async methods here use no collectives).
+
+TCP windows (a network with ``tcp`` set, :mod:`pysim.tcp`): a collective's cost is computed
+when it starts, message by message on each connection's window (persistent per directed pair
+of nodes, restarted after idle), and the windows change as it runs
+(:func:`pysim.network.tcp_collective_parts`); server-round messages likewise at the time they
+leave. Under cross-stream sharing a connection's last send is taken as the unshared schedule
+has it. Live clock and replay make the same calls in the same order, so they still agree bit
+for bit; the vectorised replay leaves such networks to :class:`Clock`.
+
 Compute scaling (:class:`ComputeScaling`): node i's recorded compute is
 divided by ``speed[i]`` and multiplied by a lognormal factor exp(jitter * z)
 with z ~ N(0, 1) (median 1; sigma = jitter), one z per node and training step
@@ -53,13 +76,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from pysim.network import Network, collective_parts
-from pysim.trace import Collective, Event, Start, Trace, Wait, event_collective
+from pysim.network import Network, collective_parts, tcp_collective_parts, tcp_message
+from pysim.tcp import Connection
+from pysim.trace import Collective, Event, ServerRound, Start, Trace, Wait, event_collective
 
 SPEED_RANGE = (1e-3, 1e3)  # relative compute speeds a run may give (beyond them a run's times overflow)
 MAX_JITTER = 3.0           # largest lognormal sigma of per-step compute
@@ -125,10 +149,12 @@ NO_SCALING = ComputeScaling()
 class _Flight:
     """One collective from issue to end (times in s)."""
 
-    __slots__ = ("issue", "stream", "cost", "latency", "start", "rem", "delay", "end")
+    __slots__ = ("issue", "stream", "cost", "latency", "cost_at", "start", "rem", "delay", "end")
 
-    def __init__(self, issue: float, stream: int, cost: float, latency: float) -> None:
+    def __init__(self, issue: float, stream: int, cost: float, latency: float,
+                 cost_at: Callable[[float], tuple[float, float]] | None = None) -> None:
         self.issue, self.stream, self.cost, self.latency = issue, stream, cost, latency
+        self.cost_at = cost_at      # (cost, latency) from the start time, if they depend on it (TCP)
         self.start: float | None = None
         self.rem = cost - latency   # transfer work left (seconds at the full rate)
         self.delay = 0.0            # time lost to sharing
@@ -147,8 +173,11 @@ class Links:
         self.running: dict[int, _Flight] = {}        # started, not ended, per stream
         self.free: dict[int, float] = {}             # end of the last collective per stream
 
-    def issue(self, issue_s: float, stream: int, cost_s: float, latency_s: float) -> int:
-        f = _Flight(issue_s, stream, cost_s, latency_s)
+    def issue(self, issue_s: float, stream: int, cost_s: float, latency_s: float,
+              cost_at: Callable[[float], tuple[float, float]] | None = None) -> int:
+        """Adds a collective issued at ``issue_s``; ``cost_at``, if given, replaces ``cost_s`` and
+        ``latency_s`` by what it returns for the collective's start time, once that is known."""
+        f = _Flight(issue_s, stream, cost_s, latency_s, cost_at)
         self.flights.append(f)
         self.queue.setdefault(stream, []).append(f)
         return len(self.flights) - 1
@@ -188,11 +217,78 @@ class Links:
         if kind == "start":
             f = self.queue[obj].pop(0)
             f.start = max(f.issue, self.free.get(obj, 0.0))
+            if f.cost_at is not None:
+                f.cost, f.latency = f.cost_at(f.start)
+                f.rem = f.cost - f.latency
             self.running[obj] = f
         elif kind == "end":
             obj.end = obj.start + obj.cost + obj.delay
             self.free[obj.stream] = obj.end
             del self.running[obj.stream]
+
+
+class ServerLinks:
+    """A parameter server's state on the clock: when its downlink and uplink are free and the
+    arrival time of every update it holds but has not applied (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.down_free = self.up_free = 0.0
+        self.pending: dict[int, float] = {}
+
+    def arrivals(self, net: Network, arrive: np.ndarray, e: ServerRound,
+                 conns: dict[tuple[int, int], Connection]) -> dict[int, float]:
+        """Every pending update's arrival once ``e``'s senders' updates are added (changes nothing)."""
+        pending, _ = self._receive(net, arrive, e, conns, commit=False)
+        return pending
+
+    def _receive(self, net: Network, arrive: np.ndarray, e: ServerRound, conns: dict[tuple[int, int], Connection],
+                 commit: bool) -> tuple[dict[int, float], float]:
+        pending, free = dict(self.pending), self.down_free
+        for i in sorted(e.senders, key=lambda i: (arrive[i], i)):
+            if i in pending:
+                raise ValueError(f"node {i} sent the server an update before its last one was answered")
+            if i == e.server:
+                pending[i] = float(arrive[i])
+                continue
+            tx = max(float(arrive[i]), free)
+            latency, transfer = _message_parts(net, i, e.server, e.update_bytes[i], conns, tx, commit)
+            free = tx + transfer
+            pending[i] = tx + transfer + latency
+        return pending, free
+
+    def round(self, net: Network, arrive: np.ndarray, e: ServerRound,
+              conns: dict[tuple[int, int], Connection]) -> np.ndarray:
+        """Node clocks after server round ``e`` (see the module docstring)."""
+        self.pending, self.down_free = self._receive(net, arrive, e, conns, commit=True)
+        t = arrive.copy()
+        for i in e.order:
+            if i not in self.pending:
+                raise ValueError(f"the server answers node {i}, whose update it does not hold")
+            a = self.pending.pop(i)
+            if i == e.server:
+                t[i] = max(t[i], a)
+                continue
+            tx = max(a, self.up_free)
+            latency, transfer = _message_parts(net, e.server, i, e.reply_bytes[i], conns, tx, True)
+            self.up_free = tx + transfer
+            t[i] = max(t[i], tx + transfer + latency)
+        return t
+
+
+def _message_parts(net: Network, src: int, dst: int, nbytes: int, conns: dict[tuple[int, int], Connection],
+                   start_s: float, commit: bool) -> tuple[float, float]:
+    """(latency, transfer) seconds of one message on its own, sent at ``start_s``; with a TCP
+    model the transfer is the connection's (:func:`pysim.network.tcp_message`)."""
+    if nbytes <= 0:
+        return 0.0, 0.0
+    seconds, latency = net.phase_parts([(src, dst, int(nbytes))])
+    transfer = seconds - latency
+    if net.tcp is None:
+        return latency, transfer
+    mss = net.framing.mss or net.tcp.mss
+    segments = max(1, -(-(int(nbytes) + net.framing.per_message) // mss))
+    return latency, tcp_message(net.tcp, conns, (src, dst), segments, latency, transfer, start_s,
+                                net.tcp.cap_segments(mss), commit)
 
 
 class Clock:
@@ -209,6 +305,8 @@ class Clock:
         self.step = 0                     # training steps ended so far
         self.links = Links()
         self._handles: dict[int, int] = {}    # Start handle -> index in self.links
+        self.server = ServerLinks()
+        self.conns: dict[tuple[int, int], Connection] = {}   # TCP windows per (src, dst), with a TCP model
 
     def scaled(self, compute_s: np.ndarray) -> np.ndarray:
         return self.scaling.scale(np.asarray(compute_s, dtype=np.float64), self.step)
@@ -219,6 +317,8 @@ class Clock:
         if event is None:
             t = arrive
             self.step += 1
+        elif isinstance(event, ServerRound):
+            t = self.server.round(self.network, arrive, event, self.conns)
         elif isinstance(event, Wait):
             if event.id not in self._handles:
                 raise ValueError(f"wait on handle {event.id}, which was not started or was already waited for")
@@ -228,9 +328,8 @@ class Clock:
             coll = event_collective(event)
             if coll is None:
                 raise ValueError(f"unknown trace event {event!r}")
-            cost, latency = collective_parts(self.network, coll.op, coll.algo, coll.sizes, coll.groups)
             stream = event.stream if isinstance(event, Start) else 0
-            k = self.links.issue(float(arrive.max()), stream, cost, latency)
+            k = self._issue(float(arrive.max()), stream, coll)
             if isinstance(event, Start):
                 if event.id in self._handles:
                     raise ValueError(f"handle {event.id} started twice")
@@ -241,6 +340,26 @@ class Clock:
         self.waited_s += t - arrive
         self.t = t
         return t
+
+    def _issue(self, issue_s: float, stream: int, coll: Collective) -> int:
+        if self.network.tcp is None:
+            cost, latency = collective_parts(self.network, coll.op, coll.algo, coll.sizes, coll.groups)
+            return self.links.issue(issue_s, stream, cost, latency)
+        return self.links.issue(issue_s, stream, 0.0, 0.0, lambda start: tcp_collective_parts(
+            self.network, self.conns, start, coll.op, coll.algo, coll.sizes, coll.groups))
+
+    def server_order(self, arrive: np.ndarray, server: int, senders: Sequence[int], update_bytes: Sequence[int],
+                     final: bool) -> tuple[int, ...]:
+        """The pending updates (after ``senders``' arrive) the server applies in this round, in
+        arrival order (ties: by node): those that arrived by the frontier F, the earliest time a
+        node not awaiting a reply can send again (the earliest ``arrive`` among them); with
+        ``final`` or when every node awaits a reply, all of them. Changes nothing."""
+        pending = self.server.arrivals(self.network, arrive, ServerRound(server, tuple(senders),
+                                                                         tuple(update_bytes), (), ()),
+                                       self.conns)
+        free = [i for i in range(self.nodes) if i not in pending]
+        frontier = np.inf if final or not free else float(min(arrive[i] for i in free))
+        return tuple(sorted((i for i, a in pending.items() if a <= frontier), key=lambda i: (pending[i], i)))
 
 
 # ---------------------------------------------------------------- replay
@@ -305,12 +424,18 @@ def replay(trace: Trace, networks: Network | Sequence[Network], scaling: Compute
     scaling.speeds(trace.nodes)   # checks the number of speeds
     raw = compute_seconds(trace)
     comp = scaled_compute(trace, scaling)
-    ends, starts_c, ends_c, streams = _replay_without_sharing(trace, nets, comp)
-    if len(set(streams)) > 1:
-        for j in np.flatnonzero(_cross_stream_overlap(starts_c, ends_c)):
-            clock = Clock(nets[j], trace.nodes, scaling)
-            for s, e in enumerate(trace.events):
-                ends[s, :, j] = clock.advance(raw[s], e)
+    stateful = [j for j, net in enumerate(nets) if net.tcp is not None]   # TCP windows are state
+    if trace.server_rounds() or len(stateful) == len(nets):   # so are a server's queues
+        ends = np.empty((len(trace.events), trace.nodes, len(nets)))
+        redo = range(len(nets))
+    else:
+        ends, starts_c, ends_c, streams = _replay_without_sharing(trace, nets, comp)
+        redo = np.flatnonzero(_cross_stream_overlap(starts_c, ends_c)) if len(set(streams)) > 1 else []
+        redo = sorted(set(redo) | set(stateful))
+    for j in redo:
+        clock = Clock(nets[j], trace.nodes, scaling)
+        for s, e in enumerate(trace.events):
+            ends[s, :, j] = clock.advance(raw[s], e)
     step_end = ends[trace.step_ends].max(axis=1) if trace.step_ends else np.zeros((0, len(nets)))
     if single:
         return Timeline(ends[:, :, 0], comp, step_end[:, 0])

@@ -44,6 +44,16 @@ DDP-style bucketed reduce::
         pending.append(comm.allreduce_mean_async(grads))
     means = [p.wait() for p in pending]
 
+Parameter server (asynchronous methods). ``server_round(update, ...)``: every
+node calls it at once, each with its update packet or None; the server (an
+object on node ``server_node``, passed by that node) receives every update,
+applies the pending ones the clock says have arrived (:meth:`pysim.clock.Clock.server_order`)
+and answers each with a reply packet; the round is one
+:class:`pysim.trace.ServerRound` on the clock. It also tells each node whether
+it computes the next step: a node awaiting a reply does not, and of the others
+those whose clock is within one step of the earliest clock do (a discrete-event
+simulation in steps of the fastest node, so that faster nodes train more steps).
+
 Grouped all-reduce. ``allreduce_mean(x, groups=[[0, 2], [1, 3]])`` gives each
 node the mean over its own group (FedAvg's islands): every group runs its own
 ring (or star, root = its first member) at once, along the grouped schedule of
@@ -67,7 +77,7 @@ from pysim.host import current_host, solo_host
 from pysim.network import Network
 from pysim.pieces import PIECE_BYTES, BufferPool, DenseLayout, add_encode_piece, decode_piece, encode_piece
 from pysim.schedule import Groups, check_groups, group_of, phases, ring_hop
-from pysim.trace import Collective, Event, Start, Wait
+from pysim.trace import Collective, Event, ServerRound, Start, Wait
 from pysim.transport import Transport
 
 T = TypeVar("T")
@@ -94,6 +104,27 @@ class Pending(Generic[T]):
             if self._finish is not None:
                 self._result, self._finish = self._finish(), None
         return self._result  # type: ignore[return-value]
+
+
+class ParameterServer:
+    """What a server round hands the server, on the server's node: every update packet as it
+    comes (``receive``), then ``apply(node)`` for each update it applies now, in order, which
+    returns the reply packet for that node."""
+
+    def receive(self, node: int, packet: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def apply(self, node: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class ServerReply:
+    """A node's outcome of a server round: the server's reply (None: it did not apply this
+    node's update in this round) and whether the node computes the next step."""
+
+    packet: torch.Tensor | None
+    trains_next: bool
 
 
 @dataclass
@@ -140,6 +171,7 @@ class Comm:
         self.segments: list[tuple[float, float, Event]] = []
         self.step_ends: list[int] = []
         self._next_handle = 0
+        self._tick_s = 0.0               # the latest step time of the fastest node (server rounds)
         self._dense = DenseCodec()
         self.piece_bytes = PIECE_BYTES   # dense ring packets travel between processes in pieces of this size
         self._attach()
@@ -205,6 +237,14 @@ class Comm:
         self.compute_total_s += comp
         self.segments.append((comp, flops, event))
         return handle
+
+    def _record(self, event: Event, table: np.ndarray) -> None:
+        """Records a segment ending in ``event`` given every node's metadata row."""
+        comp, flops = float(table[self.rank, 1]), float(table[self.rank, 2])
+        self.clock.t = table[:, 0].copy()
+        self.clock.advance(table[:, 1].copy(), event)
+        self.compute_total_s += comp
+        self.segments.append((comp, flops, event))
 
     def _collective(self, op: str, part: _Part, execute: Callable[[list[_Part], np.ndarray], None],
                     algo: str, stream: int | None, groups: Groups | None) -> _Part:
@@ -293,6 +333,48 @@ class Comm:
             execute = lambda parts, table: _ring(self.transport, parts, ops, norm)  # noqa: E731
         done = self._collective("allreduce", part, execute, self.algorithm, stream, norm)
         return done.result.reshape(x.shape).to(x.dtype), done.extra["handle"]
+
+    # ------------------------------------------------------------ parameter server
+
+    def server_round(self, update: torch.Tensor | None, reply_bytes: int, final: bool = False,
+                     server_node: int = 0, server: ParameterServer | None = None) -> ServerReply:
+        """One round with the parameter server on ``server_node`` (see the module docstring):
+        ``update``: this node's packet for the server, or None; ``reply_bytes``: the size of
+        every reply packet (the same on every node); ``final``: the server applies everything
+        pending. The server's node passes ``server``. Blocking for the nodes the server answers."""
+        if update is not None and (update.dtype != torch.uint8 or update.dim() != 1):
+            raise ValueError("server_round sends packets: 1-D torch.uint8 tensors from a codec")
+        if (server is not None) != (self.rank == server_node):
+            raise ValueError(f"the server's node (node {server_node}) and only it passes the server")
+        sends = update is not None
+        row = np.append(self._row(update.numel() if sends and self.rank != server_node else 0), float(sends))
+        part = _Part(self, row, packet=update, settings=("server", final, server_node, reply_bytes))
+        part.extra["server"] = server
+
+        def run(requests: dict[int, _Part]) -> dict[int, _Part]:
+            parts = [requests[n] for n in sorted(requests)]
+            for p in parts[1:]:
+                if p.settings != parts[0].settings:
+                    raise RuntimeError(f"nodes {parts[0].node} and {p.node} disagree on a server round: "
+                                       f"{parts[0].settings} vs {p.settings}")
+            t = self.transport
+            table = t.gather_rows({p.node: p.row for p in parts})
+            event, trains = _plan_server_round(parts[0].comm, table, final, server_node, reply_bytes)
+            sent = {p.node: t.sent[p.node] for p in parts}
+            received = {p.node: t.received[p.node] for p in parts}
+            for p in parts:
+                p.comm._record(event, table)
+                p.comm._tick_s = parts[0].comm._tick_s
+                p.extra["trains"] = bool(trains[p.node])
+            _server_exchange(t, parts, event, requests.get(server_node))
+            t.flush()
+            for p in parts:
+                p.comm.bytes_sent += t.sent[p.node] - sent[p.node]
+                p.comm.bytes_received += t.received[p.node] - received[p.node]
+            return {p.node: p for p in parts}
+
+        done = self.host.meet("server", part, run)
+        return ServerReply(done.result, done.extra["trains"])
 
     # ------------------------------------------------------------ broadcast
 
@@ -784,6 +866,60 @@ def _star(t: Transport, parts: list[_Part], codec: Codec, groups: Groups | None,
         if len(members) > 1 and members[0] != p.node:
             got = incoming.pop((members[0], p.node), None) or _Incoming(t, p.node, members[0], 0)
             p.result = codec.unpack(got.arrive(), expect_shape=p.x.shape).float()
+
+
+def _plan_server_round(comm: Comm, table: np.ndarray, final: bool, server_node: int, reply_bytes: int
+                       ) -> tuple[ServerRound, np.ndarray]:
+    """The round's event (which pending updates the server applies: the clock decides) and which
+    nodes compute the next step: those not awaiting a reply whose clock after the round is
+    within one step time (the fastest node's latest) of the earliest such clock. Updates
+    ``comm._tick_s``."""
+    clock, n = comm.clock, comm.world
+    scaled = clock.scaled(table[:, 1])
+    arrive = table[:, 0] + scaled
+    senders = tuple(i for i in range(n) if table[i, 4] > 0)
+    update_bytes = tuple(int(table[i, 3]) for i in range(n))
+    order = clock.server_order(arrive, server_node, senders, update_bytes, final)
+    replies = tuple(reply_bytes if i in order and i != server_node else 0 for i in range(n))
+    event = ServerRound(server_node, senders, update_bytes, order, replies)
+    if (scaled > 0).any():
+        comm._tick_s = float(scaled[scaled > 0].min())
+    after = Clock(clock.network, n, clock.scaling)   # the clocks after the round, on a copy
+    after.t, after.step, after.server.pending = table[:, 0].copy(), clock.step, dict(clock.server.pending)
+    after.server.down_free, after.server.up_free = clock.server.down_free, clock.server.up_free
+    t = after.advance(table[:, 1].copy(), event)
+    free = np.array([i not in after.server.pending for i in range(n)])
+    earliest = t[free].min() if free.any() else np.inf
+    return event, free & (t < earliest + comm._tick_s * (1 - 1e-9))
+
+
+def _server_exchange(t: Transport, parts: list[_Part], event: ServerRound, server_part: _Part | None) -> None:
+    """Moves a server round's packets: every update to the server's node (in memory when local),
+    then, in the server's order, each reply to its node. Sets each part's ``result`` to its reply
+    packet or None."""
+    s = event.server
+    incoming = {i: _Incoming(t, s, i, event.update_bytes[i]) for i in event.senders
+                if t.local(s) and i != s and not t.local(i)}
+    replies = {p.node: _Incoming(t, p.node, s, event.reply_bytes[p.node]) for p in parts
+               if p.node in event.order and p.node != s and not t.local(s)}
+    for p in parts:
+        p.result = None
+        if p.node in event.senders and p.node != s:
+            t.send(p.node, s, p.packet)
+    if server_part is not None:
+        server = server_part.extra["server"]
+        for i in event.senders:
+            packet = server_part.packet if i == s else incoming[i].arrive() if i in incoming else t.take(s, i)
+            server.receive(i, packet)
+        for i in event.order:
+            reply = server.apply(i)
+            if i == s:
+                server_part.result = reply
+            else:
+                t.send(s, i, reply)
+    for p in parts:
+        if p.node in event.order and p.node != s:
+            p.result = replies.pop(p.node).arrive() if p.node in replies else t.take(p.node, s)
 
 
 def _broadcast(t: Transport, parts: list[_Part], codec: Codec, groups: Groups | None) -> None:

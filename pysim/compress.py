@@ -8,9 +8,10 @@ raises ``ValueError`` for anything truncated, corrupted or foreign.
 Codecs, by spec string (see :func:`get_codec`):
 
 - ``dense[:fp32|fp16|bf16]``   all values.
-- ``topk:K[:ef|raw][:fp32|fp16|bf16]``  the K entries of largest magnitude; K is
+- ``topk:K[:ef|raw][:fp32|fp16|bf16|int2]``  the K entries of largest magnitude; K is
   a count (``topk:1000``) or a fraction (``topk:0.01``). Indices are sorted and
   Elias-Fano coded (``ef``, default) or raw int32 (``raw``, for comparison).
+  ``int2``: values in 2 bits (four levels per block of 64, bf16 scales).
 - ``randomk:P[:seed][:dtype]``  a fraction P of entries chosen by a seed shared by
   all nodes; no index bytes on the wire.
 - ``lowrank:R[:dtype]``  one PowerSGD round of rank R with a warm-started Q.
@@ -23,6 +24,7 @@ Append ``+ef`` to any spec for error feedback.
 Packet size in bytes (``ndim`` = tensor rank, ``b`` = bytes per value):
 
 - header: ``24 + 4*ndim`` plus 0 (dense), 8 (topk), 16 (randomk), 8 (lowrank)
+- header of topk int2: ``24 + 4*ndim + 12``; its values ``2*ceil(k/64) + ceil(k/4)``.
 - dense: ``numel*b``; topk: ``k*b`` + index bytes (raw: ``4k``; Elias-Fano:
   ``ceil(k*L/8) + ceil((k + ((n-1) >> L) + 1)/8)`` with ``L = floor(log2(n/k))``);
   randomk: ``k*b``; lowrank: ``(rows + cols)*rank*b``.
@@ -55,7 +57,8 @@ from pysim.compute import record_native_kernel
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
 _TORCH_TO_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CODE_TO_TORCH = {v: k for k, v in _TORCH_TO_CODE.items()}
-_CODEC_IDS = {"dense": 0, "topk": 1, "randomk": 2, "lowrank": 3, "int8": 4, "int4": 5}
+_CODEC_IDS = {"dense": 0, "topk": 1, "randomk": 2, "lowrank": 3, "int8": 4, "int4": 5, "topk2": 6}
+INT2_BLOCK = 64   # values per bf16 scale of 2-bit top-k values
 INDEX_CODES = {"ef": 0, "raw": 1}
 ROUNDINGS = ("nearest", "stochastic")
 DEFAULT_MAX_NUMEL = 2**26  # elements unpack accepts when the caller gives no bound: 256 MiB of float32
@@ -228,9 +231,13 @@ class TopKCodec(Codec):
 
     ``k`` is a count (int >= 1) or a fraction of the tensor (float in (0, 1]).
     NaN ranks above every magnitude (inf included) and is sent like any large entry.
+    ``value_dtype="int2"``: each value in 2 bits, one of four levels -s, -s/3, s/3, s
+    with s the bf16 absmax of its block of ``block`` values (SparseLoCo's 2-bit
+    values; the ``topk2`` wire codec: ``2*ceil(k/block) + ceil(k/4)`` value bytes).
     """
 
-    def __init__(self, k: int | float, value_dtype: str = "fp32", index_code: str = "ef") -> None:
+    def __init__(self, k: int | float, value_dtype: str = "fp32", index_code: str = "ef",
+                 block: int = INT2_BLOCK) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, float)):
             raise ValueError(f"top-k k must be a count or a fraction, got {k!r}")
         if isinstance(k, float) and not (0.0 < k <= 1.0):
@@ -240,9 +247,13 @@ class TopKCodec(Codec):
         if index_code not in INDEX_CODES:
             raise ValueError(f"unknown index code {index_code!r}; use 'ef' (Elias-Fano) or 'raw'")
         self.k = k
-        self.dtype = _dtype_code(value_dtype)
+        self.int2 = value_dtype == "int2"
+        self.dtype = _dtype_code("bf16" if self.int2 else value_dtype)
+        self.block = block
+        if self.int2:
+            _C.topk2_payload_bytes(block, 1, block, 0)   # checks the block size
         self.index_code = INDEX_CODES[index_code]
-        self.name = f"topk:{k}:{index_code}:{value_dtype}"
+        self.name = f"topk:{k}:{index_code}:{value_dtype}" + (f"/{block}" if self.int2 and block != INT2_BLOCK else "")
 
     def count(self, numel: int) -> int:
         """Number of entries kept for a tensor of ``numel`` elements."""
@@ -255,13 +266,17 @@ class TopKCodec(Codec):
     def pack(self, x: torch.Tensor, *, key: str = "", step: int = 0) -> torch.Tensor:
         flat, shape, src = _flat_f32(x)
         k = self.count(flat.size)
-        packet = _C.pack_topk(flat, shape, src, k, self.dtype, self.index_code)
+        packet = _C.pack_topk2(flat, shape, src, k, self.block, self.index_code) if self.int2 else \
+            _C.pack_topk(flat, shape, src, k, self.dtype, self.index_code)
         record_native_kernel(2 * flat.nbytes + packet.nbytes)  # x is read by the selection and by the gather
         return torch.from_numpy(packet)
 
     def nbytes(self, shape) -> int:
         shape = list(shape)
         n = math.prod(shape)
+        if self.int2:
+            return _C.header_bytes(6, len(shape)) + _C.topk2_payload_bytes(n, self.count(n), self.block,
+                                                                           self.index_code)
         return _C.header_bytes(1, len(shape)) + _C.topk_payload_bytes(
             n, self.count(n), self.dtype, self.index_code
         )
@@ -493,9 +508,11 @@ def get_codec(spec: str | Codec | None) -> Codec:
     try:
         if name == "dense" and not rest:
             codec: Codec = DenseCodec(dtype)
-        elif name == "topk" and 1 <= len(rest) <= 2:
+        elif name == "topk" and 1 <= len(rest) - ("int2" in rest) <= 2 and rest.count("int2") <= 1:
+            value = "int2" if "int2" in rest else dtype
+            rest = [a for a in rest if a != "int2"]
             k: int | float = float(rest[0]) if any(c in rest[0] for c in ".eE") else int(rest[0])
-            codec = TopKCodec(k, dtype, rest[1] if len(rest) == 2 else "ef")
+            codec = TopKCodec(k, value, rest[1] if len(rest) == 2 else "ef")
         elif name == "randomk" and 1 <= len(rest) <= 2:
             codec = RandomKCodec(float(rest[0]), int(rest[1]) if len(rest) == 2 else 0, dtype)
         elif name == "lowrank" and len(rest) == 1:

@@ -106,7 +106,11 @@ class TrainConfig:
         if self.algorithm not in ("ring", "star"):
             raise ValueError(f"algorithm must be 'ring' or 'star', got {self.algorithm!r}")
         self.network = self.network.with_nodes(self.nodes)
-        make_strategy(self.strategy, **self.strategy_args)  # fails early on bad arguments
+        strategy = make_strategy(self.strategy, **self.strategy_args)  # fails early on bad arguments
+        if strategy.asynchronous and self.compute == "measured":
+            raise ValueError(f"{strategy.name} orders its updates by simulated time, so measured compute times "
+                             "would make every run different: give a compute profile (compute='calibrated', "
+                             "'cpu', 'a100', ... or 'profile:FILE')")
         self.workload.validate()  # picklable, data present and not corrupt: reported here, not by every node
         check_target(self.workload, self.goal.metric, str(self.goal))  # a user's workload is tried once here
         placement = Placement(self.nodes, processes or default_processes(self.nodes))

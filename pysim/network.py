@@ -62,6 +62,7 @@ from pathlib import Path
 
 from pysim import schedule
 from pysim.schedule import ALGORITHMS, bytes_received, bytes_sent  # noqa: F401  (re-exported)
+from pysim.tcp import Connection, TcpModel, parse_tcp, tcp_from_json, tcp_to_json, transfer_s, window_after_idle
 
 _PREFIXES = {"": 1.0, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9, "t": 1e12, "T": 1e12}
 _BIT_UNITS = ("bit", "bits", "bit/s", "bits/s", "bps", "b/s")
@@ -281,19 +282,22 @@ class Network:
     inter: Link | None = None
     group_size: int | None = None
     framing: Framing = Framing()
+    tcp: TcpModel | None = None
 
     def __hash__(self) -> int:   # computed once: a run's clock looks its collectives up by network
         return self._hash
 
     @functools.cached_property
     def _hash(self) -> int:
-        return hash((self.links, self.inter, self.group_size, self.framing))
+        return hash((self.links, self.inter, self.group_size, self.framing, self.tcp))
 
     def __post_init__(self) -> None:
         if not self.links:
             raise ValueError("a network needs at least one node")
         if not isinstance(self.framing, Framing):
             object.__setattr__(self, "framing", parse_framing(self.framing))
+        if self.tcp is not None and not isinstance(self.tcp, TcpModel):
+            object.__setattr__(self, "tcp", parse_tcp(self.tcp))
         if (self.inter is None) != (self.group_size is None):
             raise ValueError("a two-tier network needs both an inter-group link and a group size")
         if self.group_size is not None and (self.group_size < 1 or len(self.links) % self.group_size):
@@ -330,11 +334,17 @@ class Network:
             return self
         if len(set(self.links)) != 1:
             raise ValueError(f"this heterogeneous network describes {self.n} nodes, the run has {n}")
-        return Network((self.links[0],) * n, self.inter, self.group_size, self.framing)
+        return Network((self.links[0],) * n, self.inter, self.group_size, self.framing, self.tcp)
+
+    def with_tcp(self, tcp: str | TcpModel | None) -> Network:
+        """The same network with TCP window model ``tcp`` (:func:`pysim.tcp.parse_tcp`; None: off)."""
+        return Network(self.links, self.inter, self.group_size, self.framing, parse_tcp(tcp))
 
     def describe(self) -> str:
         first = self.links[0]
         framing = "" if self.framing == Framing() else f", framing {self.framing_name()}"
+        if self.tcp is not None:
+            framing += f", {self.tcp.describe()}"
         if self.inter is not None:
             return (f"two-tier, groups of {self.group_size}: intra {format_bandwidth(first.up_bps)} "
                     f"{first.latency_s * 1e3:g} ms, inter {format_bandwidth(self.inter.up_bps)} "
@@ -370,8 +380,17 @@ class Network:
         """(seconds, latency part) of one phase of concurrent messages (src, dst, bytes):
         the phase ends with its slowest message (see the module docstring); the latency
         part is that message's latency."""
+        best, best_lat = -1.0, 0.0
+        for lat, transfer in self.message_parts(messages):
+            if lat + transfer > best:
+                best, best_lat = lat + transfer, lat
+        return (best, best_lat) if messages else (0.0, 0.0)
+
+    def message_parts(self, messages: Sequence[tuple[int, int, int]]) -> list[tuple[float, float]]:
+        """(latency, transfer) seconds of each of one phase's concurrent messages (src, dst,
+        bytes): the transfer at its fair share of every link it crosses."""
         if not messages:
-            return 0.0, 0.0
+            return []
         info = []
         sharing: dict[tuple, list[float]] = {}
         for src, dst, nbytes in messages:
@@ -384,12 +403,8 @@ class Network:
             if acks:  # the receiver's ACKs load the reverse path while the message flows
                 for key, _ in self._resources(dst, src)[1]:
                     sharing.setdefault(key, []).append(acks)
-        best, best_lat = -1.0, 0.0
-        for lat, bits, res in info:
-            transfer = max(sum(min(w, bits) for w in sharing[key]) / bps for key, bps in res)
-            if lat + transfer > best:
-                best, best_lat = lat + transfer, lat
-        return best, best_lat
+        return [(lat, max(sum(min(w, bits) for w in sharing[key]) / bps for key, bps in res))
+                for lat, bits, res in info]
 
     def phase_s(self, messages: Sequence[tuple[int, int, int]]) -> float:
         """Seconds for one phase of concurrent messages (src, dst, bytes)."""
@@ -426,6 +441,68 @@ def _collective_parts(net: Network, op: str, algo: str, sizes: tuple[int, ...],
         total += s
         latency += lat
     return total, latency
+
+
+@functools.lru_cache(maxsize=4096)
+def _phase_table(net: Network, op: str, algo: str, sizes: tuple[int, ...], groups: schedule.Groups | None
+                 ) -> tuple[tuple[tuple[int, int, int, float, float], ...], ...]:
+    """Per phase, per message: (src, dst, segments, latency, transfer) without a window model."""
+    mss = net.framing.mss or (net.tcp.mss if net.tcp is not None else 1448)
+    table = []
+    for phase in schedule.phases(op, algo, sizes, groups):
+        messages = [(m.src, m.dst, m.nbytes) for m in phase]
+        table.append(tuple((src, dst, max(1, -(-(nbytes + net.framing.per_message) // mss)), lat, transfer)
+                           for (src, dst, nbytes), (lat, transfer) in zip(messages, net.message_parts(messages),
+                                                                           strict=True)))
+    return tuple(table)
+
+
+def tcp_collective_parts(net: Network, conns: dict[tuple[int, int], Connection], start_s: float, op: str,
+                         algo: str, sizes: Sequence[int], groups: Sequence[Sequence[int]] | None = None
+                         ) -> tuple[float, float]:
+    """(seconds, latency part) of one collective starting at ``start_s`` on a network with a
+    TCP window model (:mod:`pysim.tcp`), whose connections' windows ``conns`` ((src, dst) ->
+    :class:`pysim.tcp.Connection`) it reads and updates. Phase by phase as
+    :func:`collective_parts`, each message taking its latency plus :func:`pysim.tcp.transfer_s`
+    of its transfer; the time the window adds (round trips spent waiting) counts as latency,
+    the part that does not share bandwidth with other collectives."""
+    model = net.tcp
+    if model is None:
+        raise ValueError("tcp_collective_parts needs a network with a TCP model (Network.tcp)")
+    sizes = tuple(int(s) for s in sizes)
+    table = _phase_table(net, op, algo, sizes, schedule.check_groups(groups, len(sizes)))
+    cap = model.cap_segments(net.framing.mss or model.mss)
+    total = latency = 0.0
+    for phase in table:
+        best, best_lat = -1.0, 0.0
+        for src, dst, segments, lat, transfer in phase:
+            took = tcp_message(model, conns, (src, dst), segments, lat, transfer, start_s + total, cap)
+            if lat + took > best:
+                best, best_lat = lat + took, lat + (took - transfer)
+        total += best
+        latency += best_lat
+    return total, latency
+
+
+def tcp_message(model: TcpModel, conns: dict[tuple[int, int], Connection], key: tuple[int, int], segments: int,
+                latency_s: float, transfer_s_: float, start_s: float, cap: float, commit: bool = True) -> float:
+    """Seconds from a message's first segment sent to its last on connection ``key``, starting
+    at ``start_s`` (restart after idle, then slow start; see :mod:`pysim.tcp`); with ``commit``
+    the connection keeps its new window and the time it last sent."""
+    rtt = 2.0 * latency_s
+    conn = conns.get(key)
+    if conn is None:
+        cwnd = float(model.initial_window)
+    elif conn.last_send_s is None:
+        cwnd = conn.cwnd
+    else:
+        cwnd = window_after_idle(model, conn.cwnd, start_s - conn.last_send_s, rtt)
+    took, after = transfer_s(segments, transfer_s_, rtt, cwnd, cap)
+    if model.rendezvous:   # the receiver's ready notice comes first
+        took += latency_s
+    if commit:
+        conns[key] = Connection(after, start_s + took)
+    return took
 
 
 def collective_s(net: Network, op: str, algo: str, sizes: Sequence[int],
@@ -486,7 +563,8 @@ def network_to_json(net: Network) -> dict:
             "inter": None if net.inter is None else [net.inter.up_bps, net.inter.down_bps, net.inter.latency_s],
             "group_size": net.group_size,
             "framing": {"per_message": f.per_message, "mss": f.mss, "per_segment": f.per_segment,
-                        "ack_bytes": f.ack_bytes, "segments_per_ack": f.segments_per_ack}}
+                        "ack_bytes": f.ack_bytes, "segments_per_ack": f.segments_per_ack},
+            **({} if net.tcp is None else {"tcp": tcp_to_json(net.tcp)})}   # absent when off: older files match
 
 
 def network_from_json(d: dict) -> Network:
@@ -501,7 +579,7 @@ def network_from_json(d: dict) -> Network:
             framing = Framing(int(d.get("overhead_bytes", 0)))
         return Network(tuple(_link_from_json(lk) for lk in d["links"]),
                        None if d["inter"] is None else _link_from_json(d["inter"]),
-                       d["group_size"], framing)
+                       d["group_size"], framing, tcp_from_json(d.get("tcp")))
     except (KeyError, TypeError) as e:
         raise ValueError(f"malformed network description ({e})") from None
 

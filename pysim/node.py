@@ -143,7 +143,7 @@ class NodeRun:
             x, y = probe.next()
             with torch.random.fork_rng(devices=[]):
                 work = count_work(lambda: wl.loss(self.model(x), y).backward())
-            self.optimizer.zero_grad()
+            self.model.zero_grad()
             return work
 
         return self.host.shared(("step work", key), count), key
@@ -172,7 +172,7 @@ class NodeRun:
             x, y = self.batches.next()
             with self.comm.meter.measure(work=self.work, key=self.key):
                 loss = self.cfg.workload.loss(self.model(x), y)
-                self.optimizer.zero_grad()
+                self.model.zero_grad()   # every parameter, whichever optimizer steps it
                 loss.backward()
         self.strategy.step(step, last=step == self.cfg.steps - 1)
         clock = self.comm.end_step()

@@ -32,6 +32,7 @@ from pysim.clock import replay
 from pysim.network import Link, Network, format_bandwidth
 from pysim.result import BASELINE, Result, crossing_step, time_at_step
 from pysim.rundir import load_result, run_dirs
+from pysim.tcp import TcpModel
 from pysim.workload import Target
 
 MAX_GRID_AXIS = 1000
@@ -123,23 +124,24 @@ class Sweep:
         return "mixed (no single crossover)"
 
 
-def build_network(nodes: int, topology: str, bandwidth_bps: float, latency_s: float) -> Network:
+def build_network(nodes: int, topology: str, bandwidth_bps: float, latency_s: float,
+                  tcp: TcpModel | None = None) -> Network:
     """``uniform``: every node on the swept link. ``two-tier:G:BW:LAT``: groups of G on a
-    BW/LAT link, the swept link joins the groups."""
+    BW/LAT link, the swept link joins the groups. ``tcp``: the window model (None: off)."""
     kind, *args = topology.split(":")
     if kind == "uniform" and not args:
-        return Network((Link(bandwidth_bps, bandwidth_bps, latency_s),) * nodes)
+        return Network((Link(bandwidth_bps, bandwidth_bps, latency_s),) * nodes, tcp=tcp)
     if kind == "two-tier" and len(args) == 3:
         intra = Link.of(args[1], args[2])
-        return Network((intra,) * nodes, Link(bandwidth_bps, bandwidth_bps, latency_s), int(args[0]))
+        return Network((intra,) * nodes, Link(bandwidth_bps, bandwidth_bps, latency_s), int(args[0]), tcp=tcp)
     raise ValueError(f"bad sweep topology {topology!r}: use 'uniform' or 'two-tier:G:BW:LAT' "
                      "(the grid then sweeps the link between groups)")
 
 
 def sweep(runs: list[Result], bandwidths_bps: list[float], latencies_s: list[float],
-          target: Target | str | None = None, topology: str = "uniform") -> Sweep:
-    """Re-times each run (with its trace) under every grid point. ``target``: default the runs'
-    own (they must agree)."""
+          target: Target | str | None = None, topology: str = "uniform", tcp: TcpModel | None = None) -> Sweep:
+    """Re-times each run (with its trace) under every grid point (with TCP window model ``tcp``,
+    if given). ``target``: default the runs' own (they must agree)."""
     if not runs:
         raise ValueError("sweep needs at least one recorded run")
     if not bandwidths_bps or not latencies_s:
@@ -170,8 +172,13 @@ def sweep(runs: list[Result], bandwidths_bps: list[float], latencies_s: list[flo
     for result in runs:
         if result.trace is None:
             raise ValueError(f"run {result.name!r} has no trace to re-time")
+        if result.trace.server_rounds():
+            raise ValueError(f"run {result.name!r} is asynchronous: the order in which its server applied updates "
+                             "depends on the network, so re-timing it under another network would keep an order "
+                             "that network would not produce; train it on each network instead")
         k, j = names.index(result.label), seeds.index(result.seed)
-        nets = [build_network(result.trace.nodes, topology, b, lat) for b in bandwidths_bps for lat in latencies_s]
+        nets = [build_network(result.trace.nodes, topology, b, lat, tcp) for b in bandwidths_bps
+                for lat in latencies_s]
         tl = replay(result.trace, nets, result.scaling)
         total[k, j] = tl.total_s.reshape(shape[2:])
         reached = time_to_target_grid(result, target, tl.step_end_s)

@@ -9,16 +9,19 @@ the event ``events[s]``:
 - :class:`Start`: a non-blocking collective is issued on a stream and runs
   while the node goes on computing;
 - :class:`Wait`: the node needs the result of the collective started with the
-  same ``id``.
+  same ``id``;
+- :class:`ServerRound`: point-to-point messages to and from a parameter server
+  (asynchronous methods): nodes send updates, the server answers those it applies.
 
 A collective's ``sizes`` are its exact packet bytes per member and its
 ``groups``, if any, the disjoint groups it runs within (see
 :mod:`pysim.schedule`). How long anything takes is the clock's business
 (:mod:`pysim.clock`). JSON form (version 3): events are ``null``,
 ``[op, algo, sizes]`` (blocking), ``["start", id, stream, op, algo, sizes]``
-or ``["wait", id]``; a grouped collective appends its groups (a list of lists
-of node indices) to its list. Versions 1 (blocking collectives only) and 2 (no
-groups) still load.
+``["wait", id]`` or ``["server", server, senders, update_bytes, order,
+reply_bytes]``; a grouped collective appends its groups (a list of lists of
+node indices) to its list. Versions 1 (blocking collectives only), 2 (no
+groups) and 3 (no server rounds) still load.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from typing import Union
 from pysim.network import Framing, Network, framing_bytes
 from pysim.schedule import Groups, bytes_received, bytes_sent, check_collective, check_groups
 
-TRACE_VERSION = 3
-READS_VERSIONS = (1, 2, 3)
+TRACE_VERSION = 4
+READS_VERSIONS = (1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,29 @@ class Wait:
     id: int
 
 
-Event = Union[Collective, Start, Wait, None]  # noqa: UP007 (a runtime alias)
+@dataclass(frozen=True)
+class ServerRound:
+    """One round of point-to-point messages with a parameter server that lives on node ``server``
+    (asynchronous methods; the clock's semantics are in :mod:`pysim.clock`).
+
+    ``senders``: the nodes sending the server an update now, of ``update_bytes[i]`` packet bytes
+    (the server's own node hands its update over in memory: 0 bytes). ``order``: the nodes whose
+    pending updates the server applies in this round, in the order it applies them (each update
+    arrived by now); each gets a reply of ``reply_bytes[i]`` bytes (0 for the server's own node)."""
+
+    server: int
+    senders: tuple[int, ...]
+    update_bytes: tuple[int, ...]
+    order: tuple[int, ...]
+    reply_bytes: tuple[int, ...]
+
+    def messages(self) -> list[tuple[int, int, int]]:
+        """(src, dst, bytes) of every message that crosses the network in this round."""
+        ups = [(i, self.server, self.update_bytes[i]) for i in self.senders if i != self.server]
+        return ups + [(self.server, i, self.reply_bytes[i]) for i in self.order if i != self.server]
+
+
+Event = Union[Collective, Start, Wait, ServerRound, None]  # noqa: UP007 (a runtime alias)
 
 
 def event_collective(event: Event) -> Collective | None:
@@ -98,6 +123,9 @@ class Trace:
         """Every collective of the run, blocking or started, in issue order."""
         return [c for c in map(event_collective, self.events) if c is not None]
 
+    def server_rounds(self) -> list[ServerRound]:
+        return [e for e in self.events if isinstance(e, ServerRound)]
+
     def streams(self) -> set[int]:
         """The streams collectives ran on (0: blocking collectives)."""
         return {e.stream if isinstance(e, Start) else 0 for e in self.events if event_collective(e) is not None}
@@ -116,6 +144,8 @@ class Trace:
                 if len(c.sizes) != self.nodes:
                     raise ValueError(f"segment {s}: collective over {len(c.sizes)} members in a {self.nodes}-node "
                                      "trace")
+            if isinstance(e, ServerRound):
+                _check_server_round(e, self.nodes, s)
             if isinstance(e, Start):
                 if e.id in started:
                     raise ValueError(f"segment {s}: handle {e.id} started twice")
@@ -170,6 +200,10 @@ class Trace:
                                            bytes_received(c.op, c.algo, c.sizes, c.groups), strict=True)):
                 sent[i] += s
                 recv[i] += r
+        for e in self.server_rounds():
+            for src, dst, b in e.messages():
+                sent[src] += b
+                recv[dst] += b
         return sent, recv
 
     def framing_bytes_per_node(self, framing: Framing | Network) -> list[int]:
@@ -178,7 +212,22 @@ class Trace:
         for c in self.collectives():
             for i, b in enumerate(framing_bytes(framing, c.op, c.algo, c.sizes, c.groups)):
                 out[i] += b
+        f = framing.framing if isinstance(framing, Network) else framing
+        for e in self.server_rounds():
+            for src, dst, b in e.messages():
+                out[src] += f.overhead(b)
+                out[dst] += f.acks(b)
         return out
+
+
+def _check_server_round(e: ServerRound, nodes: int, s: int) -> None:
+    if not 0 <= e.server < nodes or len(e.update_bytes) != nodes or len(e.reply_bytes) != nodes:
+        raise ValueError(f"segment {s}: a server round's node lists do not match a {nodes}-node trace")
+    for name, members in (("senders", e.senders), ("order", e.order)):
+        if len(set(members)) != len(members) or not all(0 <= i < nodes for i in members):
+            raise ValueError(f"segment {s}: a server round's {name} are not distinct nodes")
+    if any(b < 0 for b in e.update_bytes + e.reply_bytes):
+        raise ValueError(f"segment {s}: a server round with negative bytes")
 
 
 def _collective_to_json(c: Collective) -> list:
@@ -199,6 +248,8 @@ def event_to_json(e: Event):
         return _collective_to_json(e)
     if isinstance(e, Start):
         return ["start", e.id, e.stream, *_collective_to_json(e.collective)]
+    if isinstance(e, ServerRound):
+        return ["server", e.server, list(e.senders), list(e.update_bytes), list(e.order), list(e.reply_bytes)]
     return ["wait", e.id]
 
 
@@ -209,6 +260,9 @@ def event_from_json(e) -> Event:
         return Start(int(e[1]), _collective_from_json(e[3:]), int(e[2]))
     if e[0] == "wait":
         return Wait(int(e[1]))
+    if e[0] == "server":
+        ints = [tuple(int(v) for v in part) for part in e[2:6]]
+        return ServerRound(int(e[1]), *ints)
     return _collective_from_json(e)
 
 

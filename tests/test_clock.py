@@ -264,7 +264,7 @@ def test_grouped_collective_json_round_trip_and_version_2_still_loads(tmp_path):
     assert pairs.groups == PAIRS and Collective("allreduce", "ring", (1, 1), [[0, 1]]).groups is None
     t = trace_of(4, [([1] * 4, pairs), ([1] * 4, Start(3, pairs, 1)), ([0] * 4, Wait(3)), ([0] * 4, None)])
     d = t.to_json()
-    assert d["version"] == 3 and d["events"][0] == ["allreduce", "ring", [7, 8, 9, 10], [[0, 2], [1, 3]]]
+    assert d["version"] == 4 and d["events"][0] == ["allreduce", "ring", [7, 8, 9, 10], [[0, 2], [1, 3]]]
     t.save(tmp_path / "t.json")
     assert Trace.load(tmp_path / "t.json") == t
     # each pair's ring: a node sends its own chunk, then its partner's; the trace has the collective twice

@@ -779,3 +779,65 @@ def test_crc32c_matches_a_bitwise_reference_across_its_three_block_loop_and_chai
         assert _C.crc32c(data, 0) == _crc32c_bitwise(data.tobytes()), n
         for cut in {0, n // 3, n - 1} if n else ():
             assert _C.crc32c(data[cut:], _C.crc32c(data[:cut], 0)) == _C.crc32c(data, 0)   # a continuation
+
+
+# ---------------------------------------------------------------- top-k with 2-bit values (SparseLoCo's)
+
+
+def bf16_up(v: float) -> float:
+    """The smallest bfloat16 >= v >= 0, by hand."""
+    b = torch.tensor([v]).view(torch.int32).item()
+    return torch.tensor([(b >> 16) + (b & 0xFFFF != 0) << 16], dtype=torch.int32).view(torch.float32).item()
+
+
+def test_int2_topk_bytes_by_hand():
+    # 1000 elements, k = 20: header 24 + 4 (shape) + 12 (k, block); values 2 * ceil(20/64) scale bytes + ceil(20/4)
+    # code bytes; Elias-Fano indices with L = floor(log2(1000/20)) = 5: ceil(20*5/8) + ceil((20 + (999 >> 5) + 1)/8)
+    ef = math.ceil(20 * 5 / 8) + math.ceil((20 + (999 >> 5) + 1) / 8)
+    expected = 24 + 4 + 12 + 2 * 1 + 5 + ef
+    c = get_codec("topk:20:int2")
+    assert c.nbytes((1000,)) == expected == len(c.pack(torch.randn(1000)))
+    raw = get_codec("topk:130:raw:int2")       # 3 blocks of 64 values (the last holds 2), 33 code bytes
+    assert raw.nbytes((1000,)) == 24 + 4 + 12 + 2 * 3 + 33 + 4 * 130
+
+
+def test_int2_values_are_the_nearest_of_four_levels_of_their_block():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5000, generator=g)
+    k = 200
+    packet = TopKCodec(k, "int2", block=64).pack(x)
+    header, idx, val = _C.unpack_sparse(packet.numpy())
+    idx, val = torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(val)
+    assert torch.equal(idx, x.abs().topk(k).indices.sort().values)   # the same entries as top-k
+    picked = x[idx]
+    for b in range(0, k, 64):                 # by hand: s = bf16 >= absmax of the block, levels (2c - 3) s / 3
+        block = picked[b:b + 64]
+        s = bf16_up(block.abs().max().item())
+        levels = torch.tensor([-s, -s / 3, s / 3, s])
+        nearest = levels[(block[:, None] - levels[None, :]).abs().argmin(dim=1)]
+        assert torch.allclose(val[b:b + 64], nearest, rtol=0, atol=1e-6 * s)
+        assert ((val[b:b + 64] - block).abs() <= s / 3 * (1 + 1e-6)).all()
+
+
+def test_int2_topk_refuses_corrupted_packets():
+    packet = bytes(TopKCodec(10, "int2").pack(torch.randn(100)).numpy())   # 10 values: the last code byte has
+    hb = packet_header(packet)["header_bytes"]                          # 2 values, 4 padding bits
+    scales, codes = 2, 3
+    last = hb + scales + codes - 1
+    with pytest.raises(ValueError, match="padding bit"):
+        unpack(reseal(packet[:last] + bytes([packet[last] | 0x40]) + packet[last + 1:]))
+    with pytest.raises(ValueError, match="corrupted: a scale"):
+        unpack(reseal(packet[:hb] + b"\x80\x7f" + packet[hb + 2:]))   # +inf scale
+    bad_block = bytearray(packet)
+    bad_block[hb - 4:hb] = (6).to_bytes(4, "little")                  # not a multiple of 4
+    with pytest.raises(ValueError, match="block 6"):
+        unpack(reseal(bytes(bad_block)))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        TopKCodec(10, "int2", block=30)
+
+
+def test_int2_topk_carries_nan_on():
+    x = torch.randn(256)
+    x[3] = float("nan")
+    y = unpack(TopKCodec(8, "int2").pack(x))
+    assert torch.isnan(y[3]) and torch.isnan(y[y != 0]).all()   # NaN is selected; its block decodes to NaN

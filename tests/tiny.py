@@ -34,7 +34,7 @@ def train(rank: int, world: int, spec: str, steps: int, net: Network, profile: C
         x, y = batch(rank, step)
         with meter.measure(work=Work(), key="step"):
             loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
+            model.zero_grad()
             loss.backward()
         strategy.step(step, last=step == steps - 1)
         clocks.append(comm.end_step())

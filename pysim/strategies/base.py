@@ -81,6 +81,7 @@ class Strategy:
     in ``__init__`` and/or override ``local_step`` or ``step``."""
 
     name: ClassVar[str] = "Local"      # the registry key (case-insensitive); defaults to the class name
+    asynchronous: ClassVar[bool] = False   # orders its numerics by simulated time (needs a compute profile)
     comm_steps: tuple[CommStep, ...] = ()
 
     def __new__(cls, *args, **kwargs):

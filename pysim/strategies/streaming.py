@@ -146,3 +146,56 @@ class StreamingDiLoCo(Strategy):
     def __init__(self, H: int = 25, fragments: int = 2, tau: int = 5, alpha: float = 0.5, outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, codec: str | None = None) -> None:
         self.comm_steps = (StreamingOuterStep(H, fragments, tau, alpha, outer_lr, outer_momentum, codec),)
+
+
+class EagerOuterStep(StreamingOuterStep):
+    """Eager updates (Kale et al. 2025): each fragment's outer-gradient all-reduce overlaps the
+    whole next inner phase, and the outer step does not wait for it. At fragment p's sync
+    (step t) node m starts the all-reduce of its delta_t and at once applies the outer step with
+
+        delta~ = delta_t / N + (mean_{t-1} - delta_{t-1} / N)
+
+    its own fresh outer gradient standing in for its share, and the other nodes' shares of the
+    previous round, whose mean arrived meanwhile (waited for now, one round after it started;
+    in the first round only delta_t / N). The local fragment restarts from the updated global
+    one (no merge). After the last step the sync is blocking and applies everything still owed:
+    mean_last + (mean_{t-1} - delta_{t-1} / N). Nodes hold slightly different global models (each
+    applied its own fresh share first); a run scores node 0's."""
+
+    def __init__(self, H: int, fragments: int, outer_lr: float, outer_momentum: float, codec: str | None) -> None:
+        super().__init__(H, fragments, 0, 0.0, outer_lr, outer_momentum, codec)
+        codec_label = "" if self.codec.name == "dense:fp32" else f" {codec}"
+        self.label = f"H={H} M={fragments} eager{codec_label} outer {outer_lr}/{outer_momentum}"
+
+    def setup(self, strategy) -> None:
+        super().setup(strategy)
+        self.previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # fragment -> (own delta, mean)
+        self.pending: dict[int, tuple[torch.Tensor, Pending[torch.Tensor]]] = {}   # fragment -> (own delta, mean)
+
+    def after_local_step(self, step: int, last: bool) -> None:
+        n = self.strategy.comm.world
+        for p in range(self.M):
+            if not (last or self.due(p, step)):
+                continue
+            if p in self.pending:   # the last round's mean, overlapped with the inner phase since
+                own, mean = self.pending.pop(p)
+                self.previous[p] = (own, mean.wait())
+            delta = self.outer_gradient(p)
+            owed = self.previous[p][1] - self.previous[p][0] / n if p in self.previous else None
+            if last:
+                proxy = self.strategy.comm.allreduce_mean(delta, self.codec)
+            else:
+                self.pending[p] = (delta, self.strategy.comm.allreduce_mean_async(delta, self.codec))
+                proxy = delta / n
+            self.apply(p, proxy if owed is None else proxy + owed)
+
+
+class EagerDiLoCo(Strategy):
+    """DiLoCo with eager updates: each outer gradient's all-reduce overlaps a whole inner phase
+    and the node's own fresh outer gradient stands in for its share meanwhile (see
+    :class:`EagerOuterStep`). ``fragments`` > 1 streams the model in strided fragments as
+    Streaming DiLoCo does. Defaults: H = 25, one fragment, DiLoCo's outer lr and momentum."""
+
+    def __init__(self, H: int = 25, fragments: int = 1, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+                 codec: str | None = None) -> None:
+        self.comm_steps = (EagerOuterStep(H, fragments, outer_lr, outer_momentum, codec),)

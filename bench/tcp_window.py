@@ -1,0 +1,193 @@
+"""TCP's window against the clock: gloo all-reduces over the delay line vs pysim's model (issue 22).
+
+    sudo python bench/tcp_window.py [--rates 100mbit] [--rtts 10,40,100] [--ranks 2] \
+        [--congestion reno,bbr] [--sizes 100000,1000000,4000000,10000000] [--rounds 5] [--idle-s 1.0]
+
+For each rate, round trip, congestion control and number of ranks: N network namespaces
+joined by the delay line (:class:`pysim.delayline.DelayLine`, one-way delay RTT/2, 14 bytes
+charged per packet on top of its IP length, so a full segment costs 1514 bytes as pysim's
+``tcp`` framing says), one gloo rank in each. Each rank times ``torch.distributed.all_reduce``
+of float32 tensors of each size (after one warm-up of each): back to back (a barrier before
+each, nothing else in between), then after an idle gap of ``--idle-s`` (longer than the
+retransmission timeout, so a Linux reno/cubic sender restarts its window), sizes interleaved,
+``--rounds`` rounds each; the slower rank's time, fastest repetition per size.
+
+The model replays the same sequence on pysim's clock (:class:`pysim.clock.Clock`): the
+warm-up, then per size the gap and a blocking ring all-reduce, on ``Network.uniform(N, rate,
+RTT/2, framing="tcp")`` without a TCP model (today's) and with one (``--tcp``, default the
+congestion control's preset; ``reno:cap=...`` to try a window cap), fastest repetition per
+size as measured. Prints model/real - 1 per cell and writes everything to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pysim.clock import Clock  # noqa: E402
+from pysim.network import Network, parse_bandwidth  # noqa: E402
+from pysim.tcp import parse_tcp  # noqa: E402
+from pysim.trace import Collective  # noqa: E402
+
+PORT = 29611
+
+
+# ---------------------------------------------------------------- one rank (inside its namespace)
+
+
+def worker(a: argparse.Namespace) -> None:
+    import os
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = a.ifname
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://{a.master}", rank=a.rank, world_size=a.world,
+                            timeout=timedelta(seconds=120))
+    sizes = [int(s) for s in a.sizes.split(",")]
+    tensors = [torch.ones(s // 4) for s in sizes]
+    for x in tensors:
+        dist.all_reduce(x)   # warm-up: connections up, buffers allocated
+    out: dict[str, list[list[float]]] = {}
+    for mode, idle in (("back_to_back", 0.0), ("after_idle", a.idle_s)):
+        times: list[list[float]] = [[] for _ in sizes]
+        for _ in range(a.rounds):
+            for i, x in enumerate(tensors):
+                if idle:
+                    time.sleep(idle)
+                dist.barrier()
+                t0 = time.perf_counter()
+                dist.all_reduce(x)
+                t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                times[i].append(float(t))
+        out[mode] = times
+    if a.rank == 0:
+        Path(a.out).write_text(json.dumps({"sizes": sizes, **out}))
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the model
+
+
+def model_times(net: Network, sizes: list[int], rounds: int, idle_s: float) -> dict[str, list[float]]:
+    """The worker's sequence on pysim's clock: fastest repetition per size, per mode (s)."""
+    n = net.n
+    clock = Clock(net, n)
+
+    def allreduce(gap_s: float, nbytes: int) -> float:
+        before = clock.t.max() + gap_s
+        chunks = [nbytes // 4 * 4 // n] * n   # the tensor's bytes in n ring chunks
+        clock.advance(np.full(n, gap_s), Collective("allreduce", "ring", tuple(chunks)))
+        return float(clock.t.max() - before)
+
+    for s in sizes:
+        allreduce(0.0, s)
+    out = {}
+    for mode, idle in (("back_to_back", 0.0), ("after_idle", idle_s)):
+        times: list[list[float]] = [[] for _ in sizes]
+        for _ in range(rounds):
+            for i, s in enumerate(sizes):
+                times[i].append(allreduce(idle, s))
+        out[mode] = [min(t) for t in times]
+    return out
+
+
+# ---------------------------------------------------------------- the rig
+
+
+def measure(rate: str, rtt_ms: float, congestion: str, ranks: int, a: argparse.Namespace) -> dict:
+    from pysim.delayline import DelayLine
+
+    out = Path(a.tmp) / f"times_{rate}_{rtt_ms:g}_{congestion}_{ranks}.json"
+    with DelayLine(ranks, rate, f"{rtt_ms / 2:g}ms", congestion=congestion, name="pysimtw",
+                   overhead_bytes=14) as dl:
+        base = [sys.executable, __file__, "worker", "--world", str(ranks), "--master", f"{dl.addr(0)}:{PORT}",
+                "--sizes", a.sizes, "--rounds", str(a.rounds), "--idle-s", str(a.idle_s), "--out", str(out)]
+        procs = [subprocess.Popen(dl.command(r, base + ["--rank", str(r), "--ifname", dl.dev(r)]),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
+        errs = [p.communicate(timeout=1800)[1] for p in procs]
+        if any(p.returncode for p in procs):
+            raise RuntimeError(f"a rank failed: {[e[-800:] for e in errs if e]}")
+    stats = dl.stats()
+    real = json.loads(out.read_text())
+    return {"real": {m: [min(t) for t in real[m]] for m in ("back_to_back", "after_idle")},
+            "every_rep": {m: real[m] for m in ("back_to_back", "after_idle")},
+            "drops": stats["drops"], "lateness_us": stats["lateness_us"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="bench", choices=["bench", "worker", "model"])
+    ap.add_argument("--rates", default="100mbit")
+    ap.add_argument("--rtts", default="10,40,100", help="round trips, ms")
+    ap.add_argument("--ranks", default="2")
+    ap.add_argument("--congestion", default="reno,bbr")
+    ap.add_argument("--sizes", default="100000,1000000,4000000,10000000")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--idle-s", type=float, default=1.0)
+    ap.add_argument("--tcp", default=None, help="TCP model to compare (default: the congestion control's preset)")
+    ap.add_argument("--json", default="bench/tcp_window.json", help="results (bench), or results to re-model")
+    ap.add_argument("--tmp", default="/tmp")
+    # worker only
+    ap.add_argument("--rank", type=int)
+    ap.add_argument("--world", type=int)
+    ap.add_argument("--master")
+    ap.add_argument("--ifname")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if a.mode == "worker":
+        return worker(a)
+    sizes = [int(s) for s in a.sizes.split(",")]
+    if a.mode == "bench":
+        from pysim.delayline import delayline_missing
+        if (why := delayline_missing()) is not None:
+            sys.exit(f"tcp_window: the delay line {why}")
+        cells = []
+        for rate in a.rates.split(","):
+            for ranks in map(int, a.ranks.split(",")):
+                for rtt in map(float, a.rtts.split(",")):
+                    for cc in a.congestion.split(","):
+                        t0 = time.time()
+                        cell = {"rate": rate, "rtt_ms": rtt, "congestion": cc, "ranks": ranks, "sizes": sizes,
+                                "rounds": a.rounds, "idle_s": a.idle_s, **measure(rate, rtt, cc, ranks, a)}
+                        cells.append(cell)
+                        print(f"measured {rate} rtt {rtt:g} ms {cc} {ranks} ranks in {time.time() - t0:.0f} s",
+                              flush=True)
+                        Path(a.json).write_text(json.dumps(cells, indent=1))
+    else:
+        cells = json.loads(Path(a.json).read_text())
+    report(cells, a.tcp)
+
+
+def report(cells: list[dict], tcp: str | None) -> None:
+    print("model / real - 1 (fastest repetition per size); no TCP model | TCP model")
+    for c in cells:
+        model = parse_tcp(tcp or c["congestion"])
+        plain = Network.uniform(c["ranks"], parse_bandwidth(c["rate"]), c["rtt_ms"] / 2e3, framing="tcp")
+        without = model_times(plain, c["sizes"], c["rounds"], c["idle_s"])
+        with_tcp = model_times(plain.with_tcp(model), c["sizes"], c["rounds"], c["idle_s"])
+        for mode in ("back_to_back", "after_idle"):
+            cells_txt = []
+            for i, s in enumerate(c["sizes"]):
+                real = c["real"][mode][i]
+                cells_txt.append(f"{s / 1e6:g} MB {real * 1e3:7.1f} ms: {100 * (without[mode][i] / real - 1):+5.1f}%"
+                                 f" | {100 * (with_tcp[mode][i] / real - 1):+5.1f}%")
+            print(f"{c['rate']:>8} rtt {c['rtt_ms']:>4g} ms {c['congestion']:>5} {c['ranks']} ranks "
+                  f"{mode:>12}: " + "; ".join(cells_txt))
+        if any(c["drops"].values()):
+            print(f"    delay line drops: {c['drops']}")
+
+
+if __name__ == "__main__":
+    main()

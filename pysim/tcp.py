@@ -1,0 +1,210 @@
+"""TCP's congestion window on the clock: slow start, restart after idle, the socket buffers' cap.
+
+Without this model a message of X seconds of transfer (its wire bits over its share of the
+rate) and one-way latency L takes L + X. A TCP connection cannot send at the rate from its
+first byte: it may have ``cwnd`` segments unacknowledged, starts with the initial window and,
+in slow start, grows by one segment per segment acknowledged (doubling per round trip) until
+the window covers the path's bandwidth-delay product. With ``per`` = X / S seconds per
+segment (S segments) and round trip R = 2 L, a message is sent in rounds
+(:func:`transfer_s`):
+
+    a round with w * per < R (the window does not fill the pipe) sends min(w, left) segments
+    and costs R; then w = min(w + sent, cap)
+    once w * per >= R, the rest flows at the rate: left * per
+    once w = cap < R / per (buffer-limited), cap segments per round trip for the rest
+
+so a message sent with a window that already fills the pipe takes exactly L + X, as without
+the model. The window is per connection (a directed pair of nodes) and persists across
+messages and collectives, as a transport's connections do. Before sending, a connection
+that sent nothing for longer than the retransmission timeout RTO (``rto_min_s`` + R, what
+Linux's estimator settles to on a steady path) restarts (RFC 5681 4.1; Linux
+``tcp_cwnd_restart``): the window halves per RTO of idle time, down to min(initial window,
+cwnd). BBR (``net.ipv4.tcp_congestion_control = bbr``) controls its own rate and skips this
+restart (Linux applies it only to congestion controls without ``cong_control``): the
+``bbr`` preset has ``restart_after_idle`` off.
+
+Not modelled: losses (no congestion avoidance: the window grows until the cap, as on a path
+whose queue absorbs a window, like the delay line's and tbf's 1 s queues), delayed ACKs'
+effect on growth (Linux counts segments acknowledged, not ACKs), Nagle, pacing, HyStart.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+LINUX_INITIAL_WINDOW = 10  # segments (RFC 6928; Linux since 2.6.39)
+LINUX_RTO_MIN_S = 0.2      # TCP_RTO_MIN
+
+
+@dataclass(frozen=True)
+class TcpModel:
+    """How a connection's window limits its messages (see the module docstring).
+
+    ``initial_window``: segments a new (or restarted) connection may send before its first
+    ACK. ``restart_after_idle``: Linux's ``tcp_slow_start_after_idle`` (on for reno and cubic,
+    skipped by bbr). ``rto_min_s``: the floor of the retransmission timeout (s).
+    ``max_window_bytes``: payload bytes in flight the socket buffers allow at most (None: no
+    cap). ``mss``: payload bytes per segment, used when the network's framing has none.
+    ``rendezvous``: the transport sends a message only once the receiver has said it is ready
+    for it (gloo's TCP pairs do, for every message): one more one-way latency per message.
+    Not TCP itself, but a cost only a model with round trips can place; off in the presets."""
+
+    initial_window: int = LINUX_INITIAL_WINDOW
+    restart_after_idle: bool = True
+    rto_min_s: float = LINUX_RTO_MIN_S
+    max_window_bytes: int | None = None
+    mss: int = 1448
+    rendezvous: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.initial_window, bool) or not isinstance(self.initial_window, int) \
+                or not 1 <= self.initial_window <= 1_000_000:
+            raise ValueError(f"bad TCP initial window {self.initial_window!r}: a whole number of segments "
+                             f"from 1 to 10^6 (Linux: {LINUX_INITIAL_WINDOW})")
+        if not isinstance(self.rto_min_s, (int, float)) or not 0 <= self.rto_min_s <= 60:
+            raise ValueError(f"bad TCP rto_min_s {self.rto_min_s!r}: seconds from 0 to 60 "
+                             f"(Linux: {LINUX_RTO_MIN_S})")
+        if self.max_window_bytes is not None and (isinstance(self.max_window_bytes, bool)
+                                                  or not isinstance(self.max_window_bytes, int)
+                                                  or self.max_window_bytes < self.mss):
+            raise ValueError(f"bad TCP max_window_bytes {self.max_window_bytes!r}: a whole number of bytes "
+                             f">= one segment ({self.mss}), or None for no cap")
+        if isinstance(self.mss, bool) or not isinstance(self.mss, int) or not 1 <= self.mss <= 65_535:
+            raise ValueError(f"bad TCP mss {self.mss!r}: payload bytes per segment from 1 to 65535")
+
+    def cap_segments(self, mss: int) -> float:
+        """The window's cap in segments of ``mss`` payload bytes (inf without a cap)."""
+        return math.inf if self.max_window_bytes is None else max(1, self.max_window_bytes // mss)
+
+    def rto_s(self, rtt_s: float) -> float:
+        return self.rto_min_s + rtt_s
+
+    def describe(self) -> str:
+        cap = "" if self.max_window_bytes is None else f", cap {self.max_window_bytes / 2**20:.3g} MiB"
+        idle = "restart after idle" if self.restart_after_idle else "no restart after idle"
+        ready = ", rendezvous" if self.rendezvous else ""
+        return f"tcp window IW{self.initial_window}, {idle}{cap}{ready}"
+
+
+TCP_MODELS = {
+    "reno": TcpModel(),
+    "cubic": TcpModel(),
+    "bbr": TcpModel(restart_after_idle=False),
+}
+
+
+def parse_tcp(spec: str | TcpModel | None) -> TcpModel | None:
+    """A :class:`TcpModel` from ``off`` (None: no window model), a preset (``reno``, ``cubic``:
+    Linux's defaults, restart after idle; ``bbr``: no restart), optionally followed by
+    ``:KEY=VALUE`` settings: ``iw`` (segments), ``cap`` (bytes, with an optional KiB/MiB unit),
+    ``idle`` (``restart`` or ``keep``), ``rto_min`` (ms), ``rendezvous`` (``on`` or ``off``; on
+    for gloo). Example: ``reno:cap=3MiB:rendezvous=on``."""
+    if spec is None or isinstance(spec, TcpModel):
+        return spec
+    name, *settings = str(spec).split(":")
+    if name == "off" and not settings:
+        return None
+    if name not in TCP_MODELS:
+        raise ValueError(f"bad TCP model {spec!r}: use off, {', '.join(TCP_MODELS)}, optionally with "
+                         f":iw=SEGMENTS:cap=BYTES[KiB|MiB]:idle=restart|keep:rto_min=MS:rendezvous=on|off "
+                         f"(e.g. reno:cap=3MiB)")
+    fields = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        try:
+            fields.update(_setting(key, value))
+        except ValueError:
+            raise ValueError(f"bad TCP model setting {setting!r} in {spec!r}: use iw=SEGMENTS, "
+                             f"cap=BYTES[KiB|MiB], idle=restart|keep, rto_min=MS or rendezvous=on|off") from None
+    base = TCP_MODELS[name]
+    return TcpModel(**{**base.__dict__, **fields})
+
+
+def _setting(key: str, value: str) -> dict:
+    if key == "iw":
+        return {"initial_window": int(value)}
+    if key == "cap":
+        units = {"KiB": 1024, "MiB": 2**20, "kB": 1000, "MB": 10**6, "B": 1, "": 1}
+        number = value.rstrip("KMiBk")
+        unit = value[len(number):]
+        if unit not in units:
+            raise ValueError
+        return {"max_window_bytes": int(float(number) * units[unit])}
+    if key == "idle" and value in ("restart", "keep"):
+        return {"restart_after_idle": value == "restart"}
+    if key == "rto_min":
+        return {"rto_min_s": float(value) / 1e3}
+    if key == "rendezvous" and value in ("on", "off"):
+        return {"rendezvous": value == "on"}
+    raise ValueError
+
+
+def tcp_to_json(model: TcpModel | None) -> dict | None:
+    return None if model is None else dict(model.__dict__)
+
+
+def tcp_from_json(d: dict | None) -> TcpModel | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise ValueError(f"malformed TCP model {d!r}: an object of TcpModel's fields or null")
+    try:
+        return TcpModel(**d)
+    except TypeError as e:
+        raise ValueError(f"malformed TCP model ({e})") from None
+
+
+class Connection:
+    """One direction of a connection: its window (segments) and when it last sent (s)."""
+
+    __slots__ = ("cwnd", "last_send_s")
+
+    def __init__(self, cwnd: float, last_send_s: float | None = None) -> None:
+        self.cwnd, self.last_send_s = cwnd, last_send_s
+
+
+def window_after_idle(model: TcpModel, cwnd: float, idle_s: float, rtt_s: float) -> float:
+    """The window a connection sends with after ``idle_s`` seconds without sending (Linux's
+    ``tcp_cwnd_restart``: halved per RTO elapsed, down to min(initial window, cwnd))."""
+    rto = model.rto_s(rtt_s)
+    if not model.restart_after_idle or idle_s <= rto:
+        return cwnd
+    restart = min(model.initial_window, cwnd)
+    delta = idle_s - rto
+    while delta > 0 and cwnd > restart:
+        cwnd = math.floor(cwnd / 2)
+        delta -= rto
+    return max(cwnd, restart)
+
+
+def transfer_s(segments: int, plain_s: float, rtt_s: float, cwnd: float, cap: float) -> tuple[float, float]:
+    """(seconds from the first segment sent to the last, window after) of a message of
+    ``segments`` segments whose transfer at its share of the rate takes ``plain_s``, on a path
+    of round trip ``rtt_s``, sent with window ``cwnd`` capped at ``cap`` segments (see the
+    module docstring). Returns exactly ``plain_s`` when the window fills the pipe from the start."""
+    if segments <= 0 or plain_s <= 0:
+        return plain_s, cwnd
+    per = plain_s / segments
+    if cwnd * per >= rtt_s:
+        return plain_s, _grown(cwnd, segments, cap)
+    t, left, w = 0.0, segments, cwnd
+    while True:
+        if w * per >= rtt_s:                  # the window fills the pipe: the rest at the rate
+            return t + left * per, _grown(w, left, cap)
+        if w >= cap:                          # buffer-limited: cap segments per round trip
+            rounds = math.ceil(left / w)
+            return t + (rounds - 1) * rtt_s + (left - (rounds - 1) * w) * per, w
+        sent = min(w, left)
+        left -= sent
+        if left == 0:
+            return t + sent * per, _grown(w, sent, cap)
+        t += rtt_s
+        w = _grown(w, sent, cap)
+
+
+def _grown(cwnd: float, acked: int, cap: float) -> float:
+    """The window after ``acked`` segments are acknowledged in slow start: one more per segment,
+    but only while it is under twice the segments in flight (Linux's ``tcp_is_cwnd_limited``: a
+    sender that does not use its window does not grow it), and at most ``cap``."""
+    return min(cwnd + acked, max(cwnd, 2 * acked), cap)
