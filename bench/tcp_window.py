@@ -136,7 +136,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="100000,1000000,4000000,10000000")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--idle-s", type=float, default=1.0)
-    ap.add_argument("--tcp", default=None, help="TCP model to compare (default: the congestion control's preset)")
+    ap.add_argument("--tcp", default=":rendezvous=on",
+                    help="settings added to each cell's congestion control preset for the model (gloo waits for "
+                         "the receiver's ready notice: rendezvous=on), e.g. ':rendezvous=on:cap=3MiB'")
     ap.add_argument("--json", default="bench/tcp_window.json", help="results (bench), or results to re-model")
     ap.add_argument("--tmp", default="/tmp")
     # worker only
@@ -170,10 +172,12 @@ def main() -> None:
     report(cells, a.tcp)
 
 
-def report(cells: list[dict], tcp: str | None) -> None:
-    print("model / real - 1 (fastest repetition per size); no TCP model | TCP model")
+def report(cells: list[dict], settings: str) -> list[dict]:
+    """Prints model/real - 1 per cell and returns the rows."""
+    print(f"model / real - 1 (fastest repetition per size); no TCP model | TCP model <congestion>{settings}")
+    rows = []
     for c in cells:
-        model = parse_tcp(tcp or c["congestion"])
+        model = parse_tcp(c["congestion"] + settings)
         plain = Network.uniform(c["ranks"], parse_bandwidth(c["rate"]), c["rtt_ms"] / 2e3, framing="tcp")
         without = model_times(plain, c["sizes"], c["rounds"], c["idle_s"])
         with_tcp = model_times(plain.with_tcp(model), c["sizes"], c["rounds"], c["idle_s"])
@@ -185,8 +189,11 @@ def report(cells: list[dict], tcp: str | None) -> None:
                                  f" | {100 * (with_tcp[mode][i] / real - 1):+5.1f}%")
             print(f"{c['rate']:>8} rtt {c['rtt_ms']:>4g} ms {c['congestion']:>5} {c['ranks']} ranks "
                   f"{mode:>12}: " + "; ".join(cells_txt))
+            rows.append({"cell": {k: c[k] for k in ("rate", "rtt_ms", "congestion", "ranks")}, "mode": mode,
+                         "real_s": c["real"][mode], "model_plain_s": without[mode], "model_tcp_s": with_tcp[mode]})
         if any(c["drops"].values()):
             print(f"    delay line drops: {c['drops']}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def test_parse_tcp_and_errors():
     m = parse_tcp("reno:iw=4:cap=3MiB:idle=keep:rto_min=300")
     assert (m.initial_window, m.max_window_bytes, m.restart_after_idle, m.rto_min_s) == (4, 3 * 2**20, False, 0.3)
     assert parse_tcp("bbr:rendezvous=on").rendezvous and not parse_tcp("bbr").restart_after_idle
-    for bad in ("vegas", "reno:rendezvous=1", "reno:iw=0", "reno:cap=5GB", "reno:idle=maybe", "reno:x=1", "off:iw=3", "reno:cap=10"):
+    for bad in ("vegas", "reno:rendezvous=1", "reno:iw=0", "reno:cap=5GB", "reno:idle=maybe", "reno:x=1",
+                "off:iw=3", "reno:cap=10"):
         with pytest.raises(ValueError, match="TCP"):
             parse_tcp(bad)
 
