@@ -472,6 +472,9 @@ def tcp_collective_parts(net: Network, conns: dict[tuple[int, int], Connection],
     sizes = tuple(int(s) for s in sizes)
     table = _phase_table(net, op, algo, sizes, schedule.check_groups(groups, len(sizes)))
     cap = model.cap_segments(net.framing.mss or model.mss)
+    keys, symmetric = _table_shape(table)
+    if symmetric and len({_state(conns.get(k)) for k in keys}) == 1:
+        return _symmetric_collective(model, conns, keys, table, start_s, cap)
     total = latency = 0.0
     for phase in table:
         best, best_lat = -1.0, 0.0
@@ -481,6 +484,38 @@ def tcp_collective_parts(net: Network, conns: dict[tuple[int, int], Connection],
                 best, best_lat = lat + took, lat + (took - transfer)
         total += best
         latency += best_lat
+    return total, latency
+
+
+def _state(conn: Connection | None) -> tuple[float, float | None] | None:
+    return None if conn is None else (conn.cwnd, conn.last_send_s)
+
+
+@functools.lru_cache(maxsize=4096)
+def _table_shape(table: tuple) -> tuple[tuple[tuple[int, int], ...], bool]:
+    """The connections a collective uses, and whether it is symmetric: every phase uses all of
+    them with messages of equal segments, latency and transfer (a ring on a uniform network)."""
+    keys = tuple(sorted({(m[0], m[1]) for phase in table for m in phase}))
+    symmetric = all(len(phase) == len(keys) and len({m[2:] for m in phase}) == 1
+                    and len({(m[0], m[1]) for m in phase}) == len(keys) for phase in table)
+    return keys, symmetric
+
+
+def _symmetric_collective(model: TcpModel, conns: dict[tuple[int, int], Connection],
+                          keys: tuple[tuple[int, int], ...], table: tuple, start_s: float, cap: float
+                          ) -> tuple[float, float]:
+    """:func:`tcp_collective_parts` where every connection starts in the same state and every
+    phase treats them alike: one connection stands for all (the same arithmetic, done once)."""
+    one = {keys[0]: conns[keys[0]]} if keys[0] in conns else {}
+    total = latency = 0.0
+    for phase in table:
+        _, _, segments, lat, transfer = phase[0]
+        took = tcp_message(model, one, keys[0], segments, lat, transfer, start_s + total, cap)
+        total += lat + took
+        latency += lat + (took - transfer)
+    state = one[keys[0]]
+    for k in keys:
+        conns[k] = Connection(state.cwnd, state.last_send_s)
     return total, latency
 
 

@@ -141,9 +141,9 @@ def results_table(results: list[Result]) -> str:
                      f"{sum(f.real_runtime_s for f in finals):.0f} s"])
     note = (f"mean ± 95% confidence interval of the mean over {seeds} seeds (Student's t)" if seeds > 1
             else "one seed: no spread shown; use --seeds") + \
-        "; time to target: end of the first step whose model reaches it (every kept model between evaluations checked); " \
-        "idle/node: share of the simulated time a node spends in collectives or waiting for others, not " \
-        "computing; real runtime summed over seeds"
+        "; time to target: end of the first step whose model reaches it (every kept model between " \
+        "evaluations checked); idle/node: share of the simulated time a node spends in collectives or " \
+        "waiting for others, not computing; real runtime summed over seeds"
     return markdown_table(head, rows) + "\n" + note
 
 

@@ -135,3 +135,15 @@ def test_rendezvous_adds_one_way_latency_per_message():
         t1 = c1.advance(np.zeros(2), allreduce(1_000_000)).max()
         t2 = c2.advance(np.zeros(2), allreduce(1_000_000)).max()
     assert t2 - t1 == pytest.approx(4 * 0.02)   # 2 phases per collective, 2 collectives
+
+
+def test_symmetric_shortcut_is_the_general_arithmetic(monkeypatch):
+    import pysim.network as network
+
+    net = Network.uniform(5, "100Mbit", "30ms", framing="tcp").with_tcp("reno")
+    def run():
+        clock = Clock(net, 5)
+        return [clock.advance(np.full(5, gap), allreduce(700_000, 5)).copy() for gap in (0, 0, 2.0, 0)]
+    fast = run()
+    monkeypatch.setattr(network, "_table_shape", lambda table: (None, False))
+    assert all(np.array_equal(a, b) for a, b in zip(fast, run(), strict=True))
