@@ -31,6 +31,13 @@ addresses in a private /30, each end shaped with ``tc qdisc ... tbf`` (needs
 root and iproute2; traffic never leaves the two namespaces), optionally with
 its own TCP congestion control.
 
+TCP's window (:mod:`pysim.tcp`) is not fitted here: the repetitions run back to back, so
+after the warm-up every window covers the path and neither the initial window nor a
+buffer cap changes a timing (at the sub-millisecond round trips of a tbf link they could
+not anyway). Its parameters are Linux's, checked against gloo over a delay line with
+``bench/tcp_window.py``, whose ``model`` mode re-models saved timings under other settings
+(``--tcp ':rendezvous=on:cap=2MiB'``).
+
 The congestion control matters. With a loss-based one (reno) both ranks keep
 the shaper's queue full and a 2-rank all-reduce takes what the link's rate,
 framing and ACKs say. BBR (the default on some hosts) paces from its own

@@ -115,20 +115,7 @@ def add_compare_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--processes", type=int, default=None,
                     help="worker processes the nodes are spread over (default: one per core, at most one per "
                          "node); changes real time only, never a result")
-    ap.add_argument("--bandwidth", default="100Mbit", help="per-node link with its unit, e.g. 100Mbit, 1Gbps, 10MB/s")
-    ap.add_argument("--latency", default="20ms", help="one-way link latency with its unit, e.g. 20ms, 150us")
-    ap.add_argument("--topology", default="uniform", help="uniform | two-tier:G:BW:LAT | slow-node:I:BW:LAT")
-    ap.add_argument("--framing", default="ideal",
-                    help="protocol bytes charged on top of the packets: ideal | tcp (TCP/IPv4 as tc counts it, "
-                         "66 B per 1448-byte segment, and a 66 B ACK per 2 segments on the reverse path) | "
-                         "tcp-ethernet (90 B per segment and per ACK, a physical wire)")
-    ap.add_argument("--tcp", default="off",
-                    help="TCP window model: off | reno | cubic (initial window 10, slow start, restart after an "
-                         "idle RTO, as Linux) | bbr (no restart after idle), with optional :iw=SEGMENTS:cap=BYTES"
-                         "[KiB|MiB]:idle=restart|keep (e.g. reno:cap=3MiB); see pysim/tcp.py")
-    ap.add_argument("--network", default=None,
-                    help="a network file (e.g. written by `python -m pysim calibrate`); replaces --bandwidth, "
-                         "--latency, --topology and --framing")
+    add_network_arguments(ap)
     ap.add_argument("--algorithm", default="ring", choices=["ring", "star"], help="all-reduce algorithm")
     ap.add_argument("--steps", type=int, default=None, help="training steps per node (default: the workload's)")
     ap.add_argument("--batch-size", type=int, default=None, help="per node (default: the workload's)")
@@ -163,6 +150,24 @@ def add_compare_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0, help="first seed")
     ap.add_argument("--seeds", type=int, default=3, help="number of seeds per strategy")
     ap.add_argument("--title", default=None, help="title of the plot (default: the workload's name)")
+
+
+def add_network_arguments(ap: argparse.ArgumentParser) -> None:
+    """The simulated network of a comparison: link, topology, framing, TCP model, or a file."""
+    ap.add_argument("--bandwidth", default="100Mbit", help="per-node link with its unit, e.g. 100Mbit, 1Gbps, 10MB/s")
+    ap.add_argument("--latency", default="20ms", help="one-way link latency with its unit, e.g. 20ms, 150us")
+    ap.add_argument("--topology", default="uniform", help="uniform | two-tier:G:BW:LAT | slow-node:I:BW:LAT")
+    ap.add_argument("--framing", default="ideal",
+                    help="protocol bytes charged on top of the packets: ideal | tcp (TCP/IPv4 as tc counts it, "
+                         "66 B per 1448-byte segment, and a 66 B ACK per 2 segments on the reverse path) | "
+                         "tcp-ethernet (90 B per segment and per ACK, a physical wire)")
+    ap.add_argument("--tcp", default="off",
+                    help="TCP window model: off | reno | cubic (initial window 10, slow start, restart after an "
+                         "idle RTO, as Linux) | bbr (no restart after idle), with optional :iw=SEGMENTS:cap=BYTES"
+                         "[KiB|MiB]:idle=restart|keep (e.g. reno:cap=3MiB); see pysim/tcp.py")
+    ap.add_argument("--network", default=None,
+                    help="a network file (e.g. written by `python -m pysim calibrate`); replaces --bandwidth, "
+                         "--latency, --topology and --framing")
 
 
 def add_sweep_arguments(ap: argparse.ArgumentParser) -> None:

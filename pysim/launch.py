@@ -517,9 +517,11 @@ def _run_under_torchrun(fn: Callable, n: int, args: tuple, timeout_s: float) -> 
     placement = Placement(n, world)
     try:
         try:
-            mine = Host(placement.hosted(rank), n, Transport(placement, rank)).run(fn, args)
+            transport = Transport(placement, rank)
+            mine = Host(placement.hosted(rank), n, transport).run(fn, args)
         except NodeFailed as e:
             raise NodeError(e.node, e.message, e.node_traceback) from None
+        transport.flush()
         gathered = gather_json({str(node): r for node, r in mine.items()}, rank, world)
         dist.barrier()
         if gathered is None:
@@ -580,6 +582,8 @@ def _destroy_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        import gc
+        gc.collect()   # finished point-to-point Work objects go before the group they belong to
         dist.destroy_process_group()
 
 

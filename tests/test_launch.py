@@ -246,3 +246,61 @@ def test_a_script_without_a_main_guard_is_told_so_in_one_line(tmp_path):
     # the node processes say it in one line, without tracebacks of their own
     assert p.stderr.count("a node process imported a script that starts runs at import time") >= 1
     assert p.stderr.count("Traceback") == 1
+
+
+def test_torchrun_across_hosts_with_a_loopback_hostname_says_which_interface_to_set(monkeypatch):
+    import socket
+
+    from pysim import launch
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")
+    real = socket.gethostbyname
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1" if name == socket.gethostname()
+                        else real(name))
+    monkeypatch.setattr(launch, "interface_towards", lambda address: "eth7" if address == "10.1.2.3" else None)
+    with pytest.raises(ValueError, match=r"resolves to 127\.0\.1\.1.*set GLOO_SOCKET_IFNAME=eth7 \(the master is "
+                                         r"10\.1\.2\.3\) on every host"):
+        launch.check_gloo_interface()
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")      # named: gloo binds there, nothing to say
+    launch.check_gloo_interface()
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")        # one host: loopback is right
+    launch.check_gloo_interface()
+
+
+NODE_GROUPS = """
+import json, sys
+from pysim.config import TrainConfig
+from pysim.trainer import RunOptions, run
+
+if __name__ == "__main__":
+    cfg = TrainConfig(workload="mnist", strategy=sys.argv[1], nodes=4, steps=12, eval_every=6, eval_subset=200,
+                      train_examples=2000, batch_size=16, compute="cpu", seed=3)
+    result = run(cfg, options=RunOptions(processes=int(sys.argv[2])) if sys.argv[2] != "torchrun" else None)
+    if result is not None:
+        f = result.final
+        print("RESULT", json.dumps([f.metrics, f.bytes_sent_per_node, f.sim_time_s,
+                                    [e.sim_time_s for e in result.evals]]))
+"""
+
+
+@pytest.mark.parametrize("strategy", ["SimpleReduce", "DiLoCo(H=5)"])
+def test_torchrun_ranks_hosting_node_groups_match_one_machine(strategy, tmp_path):
+    # 2 torchrun ranks x 2 nodes each = the 4 nodes that 2 local worker processes host
+    script = tmp_path / "groups.py"
+    script.write_text(NODE_GROUPS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+
+    def result(cmd):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        assert len(lines) == 1, out.stdout   # rank 0 alone prints
+        return lines[0]
+
+    local = result([sys.executable, str(script), strategy, "2"])
+    ranks = result([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                    str(free_port()), str(script), strategy, "torchrun"])
+    assert ranks == local
