@@ -6,13 +6,21 @@
 
 Each point trains the workload (MNIST CNN by default, batch 32 per node, a
 compute profile so the clock never depends on this machine's noise; 1 Gbit/s,
-1 ms) on N nodes spread over the default worker processes (one per core).
+1 ms) on N nodes spread over the default worker processes (one per core),
+after a 1-step run that starts the fork server the workers come from (a
+process's first run pays its ~2 s of imports once).
 
 - efficiency: the bare compute those node-steps need, N x steps x bare step /
   cores, over the real time of the whole run (start, training, the final
   evaluation on the whole test set); the bare step (forward, backward and the
   AdamW step of one batch, one thread, hot caches) is timed in this process
   right before each run, median of 100 after 20 of warm-up;
+- of busy cores: the same with the bare step of the run's own layout: each
+  core's share of the nodes (N / cores models, each with its own optimizer and
+  sampler) stepped round robin on one thread, in as many processes at once as
+  the run has cores. No simulator: what the node-steps cost when every core
+  steps its nodes at once, their models, optimizer states and activations
+  competing for the caches. The gap to it is pysim's own cost;
 - memory: the machine's memory in use (MemTotal - MemAvailable, sampled every
   0.1 s) at its peak during the run, less what was in use before it; per node:
   that over N; marginal: the difference to the previous N, per added node.
@@ -21,6 +29,7 @@ compute profile so the clock never depends on this machine's noise; 1 Gbit/s,
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import threading
 import time
@@ -68,44 +77,71 @@ class PeakMemory:
         return self.peak - self.base
 
 
-def bare_step_s(workload_name: str, batch_size: int, repeats: int = 100, warmup: int = 20) -> float:
-    """Median seconds of one training step (forward, backward, optimizer) on one thread."""
+def bare_step_s(workload_name: str, batch_size: int, models: int = 1, steps: int = 100, warmup: int = 20) -> float:
+    """Median seconds of one training step (forward, backward, optimizer) on one thread; with
+    ``models`` > 1, that many models (each its own optimizer and sampler) stepped round robin,
+    as a worker process steps its nodes, and at least ``steps`` steps timed after ``warmup``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         wl = get_workload(workload_name)
         data = Batches(wl.data()[0])
-        model = wl.model()
-        opt = wl.optimizer(model.parameters())
-        sampler = ShardSampler(data, torch.arange(len(data)), batch_size, 0)
+        nodes = []
+        for k in range(models):
+            model = wl.model()
+            nodes.append((model, wl.optimizer(model.parameters()),
+                          ShardSampler(data, torch.arange(len(data)), batch_size, k)))
+        rounds = -(-warmup // models) + -(-steps // models)
         times = []
-        for i in range(warmup + repeats):
-            x, y = sampler.next()
-            t0 = time.perf_counter()
-            loss = wl.loss(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+        for r in range(rounds):
+            for model, opt, sampler in nodes:
+                x, y = sampler.next()
+                t0 = time.perf_counter()
+                loss = wl.loss(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if r >= -(-warmup // models):
+                    times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
     finally:
         torch.set_num_threads(threads)
 
 
-def measure(workload: str, strategy: str, nodes: int, steps: int, batch_size: int) -> dict:
+_start = None   # in a pool worker: the barrier that starts the timings together
+
+
+def _pool_init(barrier) -> None:
+    global _start
+    _start = barrier
+
+
+def _busy_bare_step_s(workload_name: str, batch_size: int, models: int) -> float:
+    _start.wait()
+    return bare_step_s(workload_name, batch_size, models)
+
+
+def busy_bare_step_s(pool, cores: int, workload_name: str, batch_size: int, models: int) -> float:
+    """Median over ``cores`` processes of the bare step of ``models`` models stepped round robin,
+    every process timing at once."""
+    return sorted(pool.starmap(_busy_bare_step_s, [(workload_name, batch_size, models)] * cores))[cores // 2]
+
+
+def measure(workload: str, strategy: str, nodes: int, steps: int, batch_size: int, pool) -> dict:
     bare = bare_step_s(workload, batch_size)
     cfg = TrainConfig(workload=workload, strategy=strategy, nodes=nodes, steps=steps, batch_size=batch_size,
                       eval_every=steps, eval_subset=500, compute="cpu", warmup_steps=min(30, steps // 3),
                       network=Network.uniform(nodes, "1Gbps", "1ms"))
     cores = min(os.cpu_count() or 1, default_processes(nodes))
+    busy = busy_bare_step_s(pool, cores, workload, batch_size, -(-nodes // cores))
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         result = run(cfg, options=RunOptions(timeout_s=1200))
         real = time.perf_counter() - t0
     ideal = nodes * steps * bare / cores
     return {"strategy": strategy, "nodes": nodes, "processes": default_processes(nodes), "real_s": real,
-            "bare_step_ms": 1e3 * bare, "efficiency": ideal / real, "peak_gib": mem.extra / 2**30,
+            "bare_step_ms": 1e3 * bare, "efficiency": ideal / real, "busy_step_ms": 1e3 * busy,
+            "of_busy": nodes * steps * busy / cores / real, "peak_gib": mem.extra / 2**30,
             "per_node_mib": mem.extra / nodes / 2**20, "metric": result.final.metrics}
 
 
@@ -118,17 +154,23 @@ def main() -> None:
     ap.add_argument("--workload", default="mnist")
     a = ap.parse_args()
     print(f"{a.workload}, batch {a.batch_size} per node, {a.steps} steps, {os.cpu_count()} cores")
-    print("| strategy | nodes | processes | real | bare step | efficiency | peak memory | per node "
-          "| marginal per node |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| strategy | nodes | processes | real | bare step | efficiency | bare step, cores busy | of busy cores "
+          "| peak memory | per node | marginal per node |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    cores = os.cpu_count() or 1
+    pool = mp.get_context("spawn").Pool(cores, _pool_init, (mp.get_context("spawn").Barrier(cores),))
+    # the fork server that starts workers is started once per process (~2 s of imports): before the first row
+    run(TrainConfig(workload=a.workload, nodes=2, steps=1, batch_size=a.batch_size, eval_every=1, eval_subset=100),
+        options=RunOptions(timeout_s=600))
     for strategy in a.strategies.split(";"):
         previous = None
         for n in (int(v) for v in a.nodes.split(",")):
-            r = measure(a.workload, strategy.strip(), n, a.steps, a.batch_size)
+            r = measure(a.workload, strategy.strip(), n, a.steps, a.batch_size, pool)
             marginal = "-" if previous is None else \
                 f"{(r['peak_gib'] - previous['peak_gib']) * 1024 / (n - previous['nodes']):.1f} MiB"
             print(f"| {strategy} | {n} | {r['processes']} | {r['real_s']:.1f} s | {r['bare_step_ms']:.2f} ms | "
-                  f"{100 * r['efficiency']:.0f}% | {r['peak_gib']:.2f} GiB | {r['per_node_mib']:.0f} MiB "
+                  f"{100 * r['efficiency']:.0f}% | {r['busy_step_ms']:.2f} ms | {100 * r['of_busy']:.0f}% | "
+                  f"{r['peak_gib']:.2f} GiB | {r['per_node_mib']:.0f} MiB "
                   f"| {marginal} |", flush=True)
             previous = r
 
