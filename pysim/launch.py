@@ -126,7 +126,7 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
-NODE_PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "pysim.node")
+NODE_PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "pysim.node", "pysim.shipped_data")
 
 
 def _describe_process(placement, p: int, pid: int | None) -> str:
@@ -138,8 +138,9 @@ def _describe_process(placement, p: int, pid: int | None) -> str:
 
 def node_context() -> mp.context.BaseContext:
     """How node processes start: forked from multiprocessing's fork server, which imports torch
-    and pysim (:data:`NODE_PRELOAD`) once, so a node is ready in milliseconds instead of the
-    3-4 s those imports take in every process of every run. Otherwise a node starts as a
+    and pysim (:data:`NODE_PRELOAD`) and decodes the shipped MNIST (:mod:`pysim.shipped_data`)
+    once, so a node is ready in milliseconds instead of the 3-4 s those imports take in every
+    process of every run. Otherwise a node starts as a
     spawned process does: fresh from the server (no state of the parent is inherited; the
     user's script is imported as ``__mp_main__``), with the parent's environment as of the
     start (:func:`_worker_main` applies it). Falls back to spawn where there is no fork server."""

@@ -109,3 +109,56 @@ def test_shakespeare_split_and_checksum(tmp_path):
     (tmp_path / "input.txt").write_text("not shakespeare")
     with pytest.raises(DataError, match="SHA-256 mismatch"):
         load_shakespeare(tmp_path)
+
+
+def test_a_decoded_set_is_reused_only_for_the_same_bytes(tmp_path):
+    make_set(tmp_path, sums=False)
+    a_train, a_test = load_image_set(tmp_path)
+    b_train, b_test = load_image_set(tmp_path)
+    assert b_train is not a_train and b_train.images.data_ptr() == a_train.images.data_ptr()   # not decoded again
+    assert (b_train.mean, b_train.std) == (a_train.mean, a_train.std)
+    make_set(tmp_path, h=21, sums=False)            # other bytes at the same paths: decoded afresh
+    c_train, _ = load_image_set(tmp_path)
+    assert c_train.image_shape == (1, 21, 24) and c_train.images.data_ptr() != a_train.images.data_ptr()
+    # a file damaged after its set was decoded is still caught: every load checks the files
+    for name in IDX_FILES.values():
+        shutil.copy(MNIST_DIR / name, tmp_path / name)
+    shutil.copy(MNIST_DIR / "SHA256SUMS", tmp_path / "SHA256SUMS")
+    load_image_set(tmp_path)
+    p = tmp_path / IDX_FILES[("test", "images")]
+    raw = bytearray(p.read_bytes())
+    raw[200] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="SHA-256 mismatch"):
+        load_image_set(tmp_path)
+
+
+def test_mean_and_std_do_not_depend_on_the_thread_count(tmp_path):
+    import torch
+
+    from pysim import datasets
+
+    make_set(tmp_path, n_train=3000, sums=False)
+    threads = torch.get_num_threads()
+    try:
+        stats = []
+        for n in (1, 2):
+            datasets._DECODED.clear()
+            torch.set_num_threads(n)
+            train, _ = load_image_set(tmp_path)
+            stats.append((train.mean, train.std))
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+    assert stats[0] == stats[1]
+
+
+def test_the_fork_server_preload_decodes_the_shipped_mnist():
+    import importlib
+
+    from pysim import datasets, launch, shipped_data
+
+    assert "pysim.shipped_data" in launch.NODE_PRELOAD
+    datasets._DECODED.clear()
+    importlib.reload(shipped_data)
+    assert [root for root, _ in datasets._DECODED] == [str(MNIST_DIR.resolve())]
