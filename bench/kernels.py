@@ -2,6 +2,7 @@
 
     python bench/kernels.py --threads 2            # N = 1M and 10M; 4096x4096 and 8192x4096
     python bench/kernels.py --threads 2 --quick    # small sizes, a smoke run
+    python bench/kernels.py --threads 1 --only "max pool" --repeats 50   # one kernel
 
 Both libraries get the same thread count (``torch.set_num_threads`` and
 ``_C.set_num_threads``, printed in the first line). Times are the minimum over
@@ -29,6 +30,9 @@ Baselines:
   ``(P.T @ M).T`` measured in the same repeat.
 - int8/int4: per-block absmax quantisation in torch ops (amax, divide, round,
   cast; int4 also packs two nibbles per byte), and its inverse.
+- max pool 2x2: ``F.max_pool2d(x, 2)`` on the MNIST CNN's activations (batch 32
+  as in training, 250 as in evaluation), input requiring grad as in training;
+  ours is :func:`pysim.pooling.max_pool_2x2` (the same values and argmax).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch is imported: 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
 from pysim import _C  # noqa: E402
 from pysim.compress import QuantCodec, RandomKCodec, TopKCodec
@@ -158,10 +163,33 @@ def lowrank_cases(n: int, m: int, rank: int = 4) -> list[Case]:
     ]
 
 
+def pool_cases(batch: int) -> list[Case]:
+    """The MNIST CNN's two 2x2 max poolings (pysim.pooling) on a batch of that many images, in the
+    training path (input requiring grad: both sides also produce the argmax for the backward)."""
+    from pysim.pooling import max_pool_2x2
+
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for c, hw in ((16, 24), (32, 8)):
+        x = torch.relu(torch.randn(batch, c, hw, hw, generator=g)).requires_grad_()
+        out = batch * c * (hw // 2) ** 2
+        size = f"{batch}x{c}x{hw}x{hw}"
+        dst, xn = np.empty(x.numel(), np.float32), x.detach().numpy().reshape(-1)
+        cases += [
+            Case("copy (memory bandwidth)", size, lambda d=dst, v=xn: np.copyto(d, v), lambda v=x: v.detach().clone(),
+                 4 * x.numel()),
+            # bytes: the input read, the values and the int64 argmax written
+            Case("max pool 2x2 (values, argmax)", size, lambda v=x: max_pool_2x2(v), lambda v=x: F.max_pool2d(v, 2),
+                 4 * x.numel() + 12 * out),
+        ]
+    return cases
+
+
 def all_cases(quick: bool) -> list[Case]:
     if quick:
-        return vector_cases(128_000) + lowrank_cases(256, 256)
-    return vector_cases(1_000_000) + vector_cases(10_000_000) + lowrank_cases(4096, 4096) + lowrank_cases(8192, 4096)
+        return vector_cases(128_000) + lowrank_cases(256, 256) + pool_cases(32)
+    return (vector_cases(1_000_000) + vector_cases(10_000_000) + lowrank_cases(4096, 4096) + lowrank_cases(8192, 4096)
+            + pool_cases(32) + pool_cases(250))
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -186,16 +214,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1),
                     help="threads for both torch and pysim (default: min(8, cores))")
+    ap.add_argument("--only", default="", help="only the kernels whose name holds this (and their copy rows)")
     args = ap.parse_args()
     set_threads(args.threads)
     print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
           f"pysim threads {_C.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
-    header = f"| {'kernel':28} | {'size':13} | {'% copy':>6} | {'torch % copy':>12} | {'ours ms':>8} | " \
+    header = f"| {'kernel':29} | {'size':13} | {'% copy':>6} | {'torch % copy':>12} | {'ours ms':>8} | " \
              f"{'torch ms':>8} | {'speedup':>7} | {'bits/idx':>8} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     copy_gbps: dict[str, float] = {}
-    for case in all_cases(args.quick):
+    cases = all_cases(args.quick)
+    sizes = {c.size for c in cases if args.only in c.kernel}
+    for case in (c for c in cases if c.size in sizes and (args.only in c.kernel or c.kernel.startswith("copy"))):
         ours, base = measure(case, args.repeats)
         if case.kernel.startswith("copy"):
             copy_gbps[case.size] = case.bytes_touched / min(ours, base) / 1e9
@@ -205,7 +236,7 @@ def main() -> None:
             return f"{100 * c.bytes_touched / t / 1e9 / r:5.0f}%" if r else "-"
 
         bits = f"{case.bits_per_index:8.2f}" if case.bits_per_index else f"{'-':>8}"
-        print(f"| {case.kernel:28} | {case.size:13} | {pct(ours):>6} | {pct(base):>12} | {ours * 1e3:8.3f} | "
+        print(f"| {case.kernel:29} | {case.size:13} | {pct(ours):>6} | {pct(base):>12} | {ours * 1e3:8.3f} | "
               f"{base * 1e3:8.3f} | {base / ours:6.1f}x | {bits} |", flush=True)
 
 

@@ -10,6 +10,7 @@
 #include "codecs.hpp"
 #include "elias_fano.hpp"
 #include "lowrank.hpp"
+#include "maxpool.hpp"
 #include "parallel.hpp"
 #include "pieces.hpp"
 #include "quant.hpp"
@@ -163,6 +164,25 @@ Codec quant_codec(int bits) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pysim compression core: codecs, wire format and kernels (C++17).";
 
+  m.def("maxpool2x2", [](const py::array& x, py::array out, py::array index) {
+    // x: (planes, h, w) float32; out: (planes, h/2, w/2) float32; index: the same, int64
+    if (x.ndim() != 3) fail("maxpool2x2: x must be 3-D (planes, height, width)");
+    const float* src = f32_data(x, "maxpool2x2 input");
+    float* dst = f32_mut(out, "maxpool2x2 output");
+    const auto planes = static_cast<size_t>(x.shape(0)), h = static_cast<size_t>(x.shape(1)),
+               w = static_cast<size_t>(x.shape(2));
+    if (out.ndim() != 3 || static_cast<size_t>(out.shape(0)) != planes || static_cast<size_t>(out.shape(1)) != h / 2 ||
+        static_cast<size_t>(out.shape(2)) != w / 2)
+      fail("maxpool2x2: the output must be (planes, height / 2, width / 2)");
+    if (!py::isinstance<py::array_t<int64_t>>(index) || index.dtype().kind() != 'i' || index.itemsize() != 8 ||
+        !(index.flags() & py::array::c_style) || !index.writeable() || index.ndim() != 3 ||
+        index.shape(0) != out.shape(0) || index.shape(1) != out.shape(1) || index.shape(2) != out.shape(2))
+      fail("maxpool2x2: the index must be a writeable C-contiguous int64 array shaped like the output");
+    auto* at = static_cast<int64_t*>(index.mutable_data());
+    py::gil_scoped_release release;
+    maxpool2x2(src, planes, h, w, dst, at);
+  }, py::arg("x"), py::arg("out"), py::arg("index"),
+  "2x2 max pooling, stride 2, of float32 planes (torch's max_pool2d rule, bit for bit) and the argmax of each window.");
   m.def("set_num_threads", &pysim::set_num_threads, py::arg("n"),
         "Threads the kernels may use for large inputs (default: min(8, cores)).");
   m.def("get_num_threads", &pysim::num_threads);

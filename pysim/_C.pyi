@@ -108,5 +108,9 @@ def lowrank_mq(M: F32, Q: F32) -> F32:
 def lowrank_mtp(M: F32, P: F32) -> F32:
     """Q = M.T @ P, reading M once."""
 
+def maxpool2x2(x: F32, out: F32, index: np.ndarray) -> None:
+    """2x2 max pooling, stride 2, of float32 planes x (planes, h, w) into out (planes, h/2, w/2),
+    with the argmax of each window (row * w + column) in the int64 index; torch's rule, bit for bit."""
+
 def orthonormalize(P: F32) -> F32:
     """Orthonormalises the columns of P in place (Gram-Schmidt) and returns it."""

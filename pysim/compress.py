@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from pysim import _C
-from pysim.compute import record_native_kernel
+from pysim.kernel_count import record_native_kernel
 
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
 _TORCH_TO_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import platform
-import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -48,6 +47,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pysim.atomic import atomic_write_text
+from pysim.kernel_count import open_counters
 from pysim.sharding import ShardSampler
 from pysim.workload import Batches, Workload
 
@@ -185,27 +185,6 @@ def _tensor_bytes(x) -> int:
     return 0
 
 
-_counting = threading.local()   # .open: this thread's counting() blocks now open, innermost last
-
-
-def _open_counters() -> list[_KernelCounter]:
-    if not hasattr(_counting, "open"):
-        _counting.open = []
-    return _counting.open
-
-
-def record_native_kernel(bytes_moved: float, flops: float = 0.0) -> None:
-    """Adds one kernel that torch cannot see (pysim's C++ codecs and piece kernels) to the
-    innermost open :func:`counting` block of this thread, if any: the bytes it read and wrote
-    and its FLOPs, so profile modes charge that work like torch's."""
-    counters = _open_counters()
-    if counters:
-        counter = counters[-1]
-        counter.kernels += 1
-        counter.bytes += bytes_moved
-        counter.native_flops += flops
-
-
 @contextmanager
 def counting():
     """Counts the work of the body (torch's kernels and pysim's C++ ones); yields a list that
@@ -214,12 +193,12 @@ def counting():
 
     box: list[Work] = []
     flop_mode, kernel_mode = FlopCounterMode(display=False), _KernelCounter()
-    _open_counters().append(kernel_mode)
+    open_counters().append(kernel_mode)
     try:
         with flop_mode, kernel_mode:
             yield box
     finally:
-        _open_counters().pop()
+        open_counters().pop()
     box.append(Work(float(flop_mode.get_total_flops()) + kernel_mode.native_flops, float(kernel_mode.bytes),
                     kernel_mode.kernels))
 
@@ -274,11 +253,11 @@ class ComputeMeter:
         are not charged)."""
         if native and work is None and self.profile is not None and self._depth == 0:
             counter = _KernelCounter()
-            _open_counters().append(counter)
+            open_counters().append(counter)
             try:
                 yield
             finally:
-                _open_counters().pop()
+                open_counters().pop()
             counted = Work(counter.native_flops, float(counter.bytes), counter.kernels)
             self.seconds += self.profile.seconds(counted, key)
             self.flops += counted.flops

@@ -8,10 +8,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pysim.pooling import MaxPool2x2
+
 
 class ImageCNN(nn.Module):
-    """A small LeNet-style CNN: two 5x5 convolutions (16, 32 channels) with 2x2 pooling, then two
-    linear layers. 46,730 parameters for 28x28 greyscale images and 10 classes (MNIST)."""
+    """A small LeNet-style CNN: two 5x5 convolutions (16, 32 channels) with 2x2 max pooling
+    (:class:`pysim.pooling.MaxPool2x2`, ``nn.MaxPool2d(2)`` bit for bit), then two linear
+    layers. 46,730 parameters for 28x28 greyscale images and 10 classes (MNIST)."""
 
     def __init__(self, channels: int = 1, height: int = 28, width: int = 28, classes: int = 10) -> None:
         super().__init__()
@@ -19,8 +22,8 @@ class ImageCNN(nn.Module):
         if h < 1 or w < 1:
             raise ValueError(f"images of {height}x{width} are too small for this CNN; it needs at least 16x16")
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 16, 5), nn.ReLU(), MaxPool2x2(),
+            nn.Conv2d(16, 32, 5), nn.ReLU(), MaxPool2x2(),
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * h * w, 64), nn.ReLU(), nn.Linear(64, classes))
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 
 from pysim import _C
-from pysim.compute import record_native_kernel
+from pysim.kernel_count import record_native_kernel
 
 PIECE_BYTES = 1 << 20  # payload bytes per piece: 1 MiB, 8.4 ms at 1 Gbit/s
 
