@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import statistics
 import threading
 import time
 
@@ -116,15 +117,16 @@ def _pool_init(barrier) -> None:
     _start = barrier
 
 
-def _busy_bare_step_s(workload_name: str, batch_size: int, models: int) -> float:
-    _start.wait()
-    return bare_step_s(workload_name, batch_size, models)
+def _busy_bare_step_s(workload_name: str, batch_size: int, models: int, busy: bool) -> float | None:
+    _start.wait()   # every pool process holds one task here, so they start together
+    return bare_step_s(workload_name, batch_size, models) if busy else None
 
 
-def busy_bare_step_s(pool, cores: int, workload_name: str, batch_size: int, models: int) -> float:
-    """Median over ``cores`` processes of the bare step of ``models`` models stepped round robin,
-    every process timing at once."""
-    return sorted(pool.starmap(_busy_bare_step_s, [(workload_name, batch_size, models)] * cores))[cores // 2]
+def busy_bare_step_s(pool, pool_size: int, cores: int, workload_name: str, batch_size: int, models: int) -> float:
+    """Median over ``cores`` processes (of the pool's ``pool_size``, the rest idle) of the bare step
+    of ``models`` models stepped round robin, every one of them timing at once."""
+    tasks = [(workload_name, batch_size, models, i < cores) for i in range(pool_size)]
+    return statistics.median(t for t in pool.starmap(_busy_bare_step_s, tasks, chunksize=1) if t is not None)
 
 
 def measure(workload: str, strategy: str, nodes: int, steps: int, batch_size: int, pool) -> dict:
@@ -133,7 +135,7 @@ def measure(workload: str, strategy: str, nodes: int, steps: int, batch_size: in
                       eval_every=steps, eval_subset=500, compute="cpu", warmup_steps=min(30, steps // 3),
                       network=Network.uniform(nodes, "1Gbps", "1ms"))
     cores = min(os.cpu_count() or 1, default_processes(nodes))
-    busy = busy_bare_step_s(pool, cores, workload, batch_size, -(-nodes // cores))
+    busy = busy_bare_step_s(pool, os.cpu_count() or 1, cores, workload, batch_size, -(-nodes // cores))
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         result = run(cfg, options=RunOptions(timeout_s=1200))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,12 +77,18 @@ def read_sha256sums(root: Path) -> dict[str, str]:
 
 def read_checked(path: Path, sha256: str | None) -> bytes:
     """The bytes of ``path``, verified against ``sha256`` when one is given."""
+    return _read_hashed(path, sha256)[0]
+
+
+def _read_hashed(path: Path, sha256: str | None) -> tuple[bytes, str]:
+    """The bytes of ``path`` and their SHA-256, verified against ``sha256`` when one is given."""
     if not path.is_file():
         raise DataError(f"missing data file {path}; copy it there or pass --data-dir")
     raw = path.read_bytes()
-    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+    digest = hashlib.sha256(raw).hexdigest()
+    if sha256 is not None and digest != sha256:
         raise DataError(f"corrupt data file {path}: SHA-256 mismatch; replace it with the original file")
-    return raw
+    return raw, digest
 
 
 def expected_sha256(root: Path, name: str) -> str | None:
@@ -179,6 +186,7 @@ def _decode_split(root: Path, split: str, raw: dict[str, bytes]) -> ImageSet:
 
 # Image sets decoded in this process, by folder and the SHA-256 of each of its four files (see load_image_set)
 _DECODED: dict[tuple[str, tuple[str, ...]], tuple[ImageSet, ImageSet]] = {}
+_DECODING = threading.Lock()   # one decode at a time: it sets torch's process-wide thread count
 
 
 def load_image_set(path: str | Path | None = None) -> tuple[ImageSet, ImageSet]:
@@ -187,13 +195,15 @@ def load_image_set(path: str | Path | None = None) -> tuple[ImageSet, ImageSet]:
 
     The files are read and checked on every call; a set this process has already decoded from
     files with the same SHA-256 is not decoded again (0.3-0.5 s for MNIST): the sets returned share
-    their (read-only) tensors with it. Worker processes are forked from a server that has decoded the
-    shipped MNIST (:mod:`pysim.shipped_data`), so its pages are shared by every worker of a run."""
+    their tensors with it, so they must not be modified in place. Worker processes are forked from a
+    server that has decoded the shipped MNIST (:mod:`pysim.shipped_data`), so its pages are shared by
+    every worker of a run."""
     root = data_dir(path, MNIST_DIR, "IDX image set")
-    raw = {name: read_checked(root / name, expected_sha256(root, name)) for name in IDX_FILES.values()}
-    key = (str(root.resolve()), tuple(hashlib.sha256(raw[n]).hexdigest() for n in IDX_FILES.values()))
-    if key not in _DECODED:
-        _DECODED[key] = _decode_image_set(root, raw)
+    read = {name: _read_hashed(root / name, expected_sha256(root, name)) for name in IDX_FILES.values()}
+    key = (str(root.resolve()), tuple(digest for _, digest in read.values()))
+    with _DECODING:
+        if key not in _DECODED:
+            _DECODED[key] = _decode_image_set(root, {name: raw for name, (raw, _) in read.items()})
     return tuple(dataclasses.replace(s) for s in _DECODED[key])  # type: ignore[return-value]
 
 

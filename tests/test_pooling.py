@@ -115,10 +115,26 @@ def test_large_inputs_split_over_threads_give_the_same_bits():
     threads = _C.get_num_threads()
     try:
         _C.set_num_threads(2)
-        x = torch.randn(4, 64, 66, 65, generator=torch.Generator().manual_seed(3))   # 1.1M values: two parts
-        grad = torch.randn(4, 64, 33, 32, generator=torch.Generator().manual_seed(4))
+        x = torch.randn(8, 64, 66, 65, generator=torch.Generator().manual_seed(3))   # 2.2M values: two parts
+        grad = torch.randn(8, 64, 33, 32, generator=torch.Generator().manual_seed(4))
         y_ref, _, gx_ref = reference(x, grad)
         y, gx = ours(x, grad)
         assert same_bits(y, y_ref) and same_bits(gx, gx_ref)
     finally:
         _C.set_num_threads(threads)
+
+
+def test_second_derivatives_and_transforms_match_torch():
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(2, 3, 6, 6, generator=g)
+    w = torch.randn(2, 3, 3, 3, generator=g)
+    second = []
+    for pool in (max_pool_2x2, lambda v: F.max_pool2d(v, 2)):
+        x = x0.clone().requires_grad_()
+        (gx,) = torch.autograd.grad((pool(x) * w).sum() ** 2, x, create_graph=True)
+        second.append(torch.autograd.grad(gx.sum(), x)[0])
+    assert same_bits(second[0], second[1])
+    # inside torch.func transforms, on a tensor the transform does not wrap
+    xs = torch.randn(3, 4, generator=g)
+    out = torch.func.vmap(lambda v: v.sum() + max_pool_2x2(x0).sum())(xs)
+    assert torch.equal(out, xs.sum(1) + F.max_pool2d(x0, 2).sum())
