@@ -199,7 +199,7 @@ def load_image_set(path: str | Path | None = None) -> tuple[ImageSet, ImageSet]:
     server that has decoded the shipped MNIST (:mod:`pysim.shipped_data`), so its pages are shared by
     every worker of a run."""
     root = data_dir(path, MNIST_DIR, "IDX image set")
-    read = {name: _read_hashed(root / name, expected_sha256(root, name)) for name in IDX_FILES.values()}
+    read = _read_image_set(root)
     key = (str(root.resolve()), tuple(digest for _, digest in read.values()))
     with _DECODING:
         if key not in _DECODED:
@@ -226,9 +226,12 @@ def _decode_image_set(root: Path, raw: dict[str, bytes]) -> tuple[ImageSet, Imag
 
 def check_image_set(path: str | Path | None = None) -> None:
     """Fast check before any node starts: the four files are there and match their checksums."""
-    root = data_dir(path, MNIST_DIR, "IDX image set")
-    for name in IDX_FILES.values():
-        read_checked(root / name, expected_sha256(root, name))
+    _read_image_set(data_dir(path, MNIST_DIR, "IDX image set"))
+
+
+def _read_image_set(root: Path) -> dict[str, tuple[bytes, str]]:
+    """The four files of the image set in ``root``: their bytes and SHA-256, each checked."""
+    return {name: _read_hashed(root / name, expected_sha256(root, name)) for name in IDX_FILES.values()}
 
 
 @dataclass

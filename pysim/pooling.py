@@ -7,9 +7,9 @@ more than it saves). :class:`MaxPool2x2` computes the same values and the same
 argmax per window in C++ (:func:`pysim._C.maxpool2x2`, torch's rule: first
 maximum in scan order, NaN wins), and its backward is torch's own
 ``max_pool2d_with_indices_backward`` on those indices, so forward values and
-gradients (second derivatives too) are identical to ``nn.MaxPool2d(2)``'s. Compute profiles count it as
-the one kernel torch's pooling is, with the same bytes. Tensors the kernel does
-not take (not float32, not contiguous NCHW on the CPU, inside ``torch.func``
+gradients (second derivatives too) are identical to ``nn.MaxPool2d(2)``'s.
+Compute profiles count it as the one kernel torch's pooling is, with the same
+bytes. Tensors the kernel does not take (not float32, not contiguous NCHW on the CPU, inside ``torch.func``
 transforms) go to ``F.max_pool2d``.
 """
 

@@ -84,20 +84,27 @@ def test_non_idx_truncated_and_mismatched_files(tmp_path):
         read_idx(tmp_path / IDX_FILES[("test", "labels")])
 
 
+def copy_mnist(root) -> None:
+    """The shipped MNIST's four files and their SHA256SUMS, copied into ``root``."""
+    for name in [*IDX_FILES.values(), "SHA256SUMS"]:
+        shutil.copy(MNIST_DIR / name, root / name)
+
+
+def flip_byte(path, at: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
 def test_missing_and_corrupt_mnist(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_image_set(tmp_path / "nope")
-    for name in IDX_FILES.values():
-        shutil.copy(MNIST_DIR / name, tmp_path / name)
-    shutil.copy(MNIST_DIR / "SHA256SUMS", tmp_path / "SHA256SUMS")
+    copy_mnist(tmp_path)
     (tmp_path / IDX_FILES[("test", "labels")]).unlink()
     with pytest.raises(DataError, match="missing data file .*t10k-labels"):
         check_image_set(tmp_path)
     shutil.copy(MNIST_DIR / IDX_FILES[("test", "labels")], tmp_path / IDX_FILES[("test", "labels")])
-    p = tmp_path / IDX_FILES[("train", "labels")]
-    raw = bytearray(p.read_bytes())
-    raw[100] ^= 0xFF
-    p.write_bytes(bytes(raw))
+    flip_byte(tmp_path / IDX_FILES[("train", "labels")], 100)
     with pytest.raises(DataError, match="SHA-256 mismatch"):
         check_image_set(tmp_path)
 
@@ -121,14 +128,9 @@ def test_a_decoded_set_is_reused_only_for_the_same_bytes(tmp_path):
     c_train, _ = load_image_set(tmp_path)
     assert c_train.image_shape == (1, 21, 24) and c_train.images.data_ptr() != a_train.images.data_ptr()
     # a file damaged after its set was decoded is still caught: every load checks the files
-    for name in IDX_FILES.values():
-        shutil.copy(MNIST_DIR / name, tmp_path / name)
-    shutil.copy(MNIST_DIR / "SHA256SUMS", tmp_path / "SHA256SUMS")
+    copy_mnist(tmp_path)
     load_image_set(tmp_path)
-    p = tmp_path / IDX_FILES[("test", "images")]
-    raw = bytearray(p.read_bytes())
-    raw[200] ^= 0xFF
-    p.write_bytes(bytes(raw))
+    flip_byte(tmp_path / IDX_FILES[("test", "images")], 200)
     with pytest.raises(DataError, match="SHA-256 mismatch"):
         load_image_set(tmp_path)
 
