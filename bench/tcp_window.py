@@ -136,9 +136,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="100000,1000000,4000000,10000000")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--idle-s", type=float, default=1.0)
-    ap.add_argument("--tcp", default=":rendezvous=on",
+    ap.add_argument("--tcp", default=":rendezvous=on:segment=1MiB",
                     help="settings added to each cell's congestion control preset for the model (gloo waits for "
-                         "the receiver's ready notice: rendezvous=on), e.g. ':rendezvous=on:cap=3MiB'")
+                         "the receiver's ready notice: rendezvous=on; its ring all-reduce runs in 1 MiB segments, "
+                         "two in flight: segment=1MiB), e.g. ':rendezvous=on' for the phase model")
     ap.add_argument("--json", default="bench/tcp_window.json", help="results (bench), or results to re-model")
     ap.add_argument("--tmp", default="/tmp")
     # worker only

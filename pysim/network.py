@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pysim import schedule
+from pysim.gloo_ring import gloo_ring, gloo_ring_segment
 from pysim.schedule import ALGORITHMS, bytes_received, bytes_sent  # noqa: F401  (re-exported)
 from pysim.tcp import Connection, TcpModel, parse_tcp, tcp_from_json, tcp_to_json, transfer_s, window_after_idle
 
@@ -470,7 +471,10 @@ def tcp_collective_parts(net: Network, conns: dict[tuple[int, int], Connection],
     if model is None:
         raise ValueError("tcp_collective_parts needs a network with a TCP model (Network.tcp)")
     sizes = tuple(int(s) for s in sizes)
-    table = _phase_table(net, op, algo, sizes, schedule.check_groups(groups, len(sizes)))
+    norm = schedule.check_groups(groups, len(sizes))
+    if model.segment_bytes is not None and op == "allreduce" and algo == "ring":
+        return _gloo_allreduce(net, conns, start_s, sizes, norm)
+    table = _phase_table(net, op, algo, sizes, norm)
     cap = model.cap_segments(net.framing.mss or model.mss)
     keys, symmetric = _table_shape(table)
     if symmetric and len({_state(conns.get(k)) for k in keys}) == 1:
@@ -485,6 +489,55 @@ def tcp_collective_parts(net: Network, conns: dict[tuple[int, int], Connection],
         total += best
         latency += best_lat
     return total, latency
+
+
+def _gloo_allreduce(net: Network, conns: dict[tuple[int, int], Connection], start_s: float,
+                    sizes: tuple[int, ...], groups: schedule.Groups | None) -> tuple[float, float]:
+    """:func:`tcp_collective_parts` of a ring all-reduce timed as gloo runs it
+    (:func:`pysim.gloo_ring.gloo_ring`), in each group at once (a group's ring shares links
+    with the other groups' rings as their phase messages do); the latency part is what the
+    slowest group spends beyond its busiest connection's sending."""
+    model = net.tcp
+    rings = [list(g) for g in groups] if groups is not None else [list(range(len(sizes)))]
+    rings = [g for g in rings if len(g) > 1]
+    if not rings:
+        return 0.0, 0.0
+    mss = net.framing.mss or model.mss
+    segment = {}
+    hops = []
+    for g in rings:
+        total = sum(sizes[m] for m in g)
+        segment[tuple(g)] = gloo_ring_segment(total, len(g), model.segment_bytes)
+        hops += [(g[j], g[(j + 1) % len(g)], segment[tuple(g)]) for j in range(len(g))]
+    transfer = {(src, dst): t for (src, dst, _), (_, t) in zip(hops, net.message_parts(hops), strict=True)}
+    total_s = latency = 0.0
+    for g in rings:
+        k, seg = len(g), segment[tuple(g)]
+        links = [(g[j], g[(j + 1) % k]) for j in range(k)]
+        lat = tuple(net._resources(a, b)[0] for a, b in links)
+        back = tuple(net._resources(g[j], g[(j - 1) % k])[0] for j in range(k))
+        rtt = tuple(lat[j] + net._resources(b, a)[0] for j, (a, b) in enumerate(links))
+        windows = tuple(_window_at(model, conns.get(key), start_s + back[(j + 1) % k], rtt[j])
+                        for j, key in enumerate(links))
+        run = gloo_ring(sum(sizes[m] for m in g), model.segment_bytes, lat, back,
+                        tuple(transfer[key] for key in links), max(1, -(-(seg + net.framing.per_message) // mss)),
+                        windows, rtt)
+        for j, key in enumerate(links):
+            if run.last_send_s[j] is not None:
+                conns[key] = Connection(run.windows[j], start_s + run.last_send_s[j])
+        if run.end_s > total_s:
+            total_s, latency = run.end_s, run.end_s - run.busy_s
+    return total_s, latency
+
+
+def _window_at(model: TcpModel, conn: Connection | None, send_s: float, rtt_s: float) -> float:
+    """A connection's window when it next sends at ``send_s``: the initial window if it never
+    sent, else its window after the idle time since it last sent."""
+    if conn is None:
+        return float(model.initial_window)
+    if conn.last_send_s is None:
+        return conn.cwnd
+    return window_after_idle(model, conn.cwnd, send_s - conn.last_send_s, rtt_s)
 
 
 def _state(conn: Connection | None) -> tuple[float, float | None] | None:

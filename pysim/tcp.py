@@ -48,7 +48,10 @@ class TcpModel:
     cap). ``mss``: payload bytes per segment, used when the network's framing has none.
     ``rendezvous``: the transport sends a message only once the receiver has said it is ready
     for it (gloo's TCP pairs do, for every message): one more one-way latency per message.
-    Not TCP itself, but a cost only a model with round trips can place; off in the presets."""
+    Not TCP itself, but a cost only a model with round trips can place; off in the presets.
+    ``segment_bytes``: ring all-reduces are timed as gloo runs them (:mod:`pysim.gloo_ring`:
+    segments of at most this many bytes, two in flight, each after its ready notice) instead
+    of phase by phase (None: phase by phase; gloo: 1 MiB)."""
 
     initial_window: int = LINUX_INITIAL_WINDOW
     restart_after_idle: bool = True
@@ -56,6 +59,7 @@ class TcpModel:
     max_window_bytes: int | None = None
     mss: int = 1448
     rendezvous: bool = False
+    segment_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.initial_window, bool) or not isinstance(self.initial_window, int) \
@@ -70,6 +74,11 @@ class TcpModel:
                                                   or self.max_window_bytes < self.mss):
             raise ValueError(f"bad TCP max_window_bytes {self.max_window_bytes!r}: a whole number of bytes "
                              f">= one segment ({self.mss}), or None for no cap")
+        if self.segment_bytes is not None and (isinstance(self.segment_bytes, bool)
+                                               or not isinstance(self.segment_bytes, int)
+                                               or not 1 <= self.segment_bytes <= 1 << 40):
+            raise ValueError(f"bad TCP segment_bytes {self.segment_bytes!r}: a whole number of bytes from 1 "
+                             "to 2^40 (gloo: 1MiB), or None for phase-by-phase ring all-reduces")
         if isinstance(self.mss, bool) or not isinstance(self.mss, int) or not 1 <= self.mss <= 65_535:
             raise ValueError(f"bad TCP mss {self.mss!r}: payload bytes per segment from 1 to 65535")
 
@@ -84,7 +93,8 @@ class TcpModel:
         cap = "" if self.max_window_bytes is None else f", cap {self.max_window_bytes / 2**20:.3g} MiB"
         idle = "restart after idle" if self.restart_after_idle else "no restart after idle"
         ready = ", rendezvous" if self.rendezvous else ""
-        return f"tcp window IW{self.initial_window}, {idle}{cap}{ready}"
+        ring = "" if self.segment_bytes is None else f", gloo ring in {self.segment_bytes / 2**20:.3g} MiB segments"
+        return f"tcp window IW{self.initial_window}, {idle}{cap}{ready}{ring}"
 
 
 TCP_MODELS = {
@@ -99,7 +109,9 @@ def parse_tcp(spec: str | TcpModel | None) -> TcpModel | None:
     Linux's defaults, restart after idle; ``bbr``: no restart), optionally followed by
     ``:KEY=VALUE`` settings: ``iw`` (segments), ``cap`` (bytes, with an optional KiB/MiB unit),
     ``idle`` (``restart`` or ``keep``), ``rto_min`` (ms), ``rendezvous`` (``on`` or ``off``; on
-    for gloo). Example: ``reno:cap=3MiB:rendezvous=on``."""
+    for gloo), ``segment`` (bytes, with an optional KiB/MiB unit: ring all-reduces run as gloo
+    runs them, in segments of at most this size, two in flight: :mod:`pysim.gloo_ring`;
+    gloo's is 1MiB). Example: ``reno:cap=3MiB:rendezvous=on:segment=1MiB``."""
     if spec is None or isinstance(spec, TcpModel):
         return spec
     name, *settings = str(spec).split(":")
@@ -107,7 +119,8 @@ def parse_tcp(spec: str | TcpModel | None) -> TcpModel | None:
         return None
     if name not in TCP_MODELS:
         raise ValueError(f"bad TCP model {spec!r}: use off, {', '.join(TCP_MODELS)}, optionally with "
-                         f":iw=SEGMENTS:cap=BYTES[KiB|MiB]:idle=restart|keep:rto_min=MS:rendezvous=on|off "
+                         f":iw=SEGMENTS:cap=BYTES[KiB|MiB]:idle=restart|keep:rto_min=MS:rendezvous=on|off"
+                         f":segment=BYTES[KiB|MiB] "
                          f"(e.g. reno:cap=3MiB)")
     fields = {}
     for setting in settings:
@@ -116,7 +129,8 @@ def parse_tcp(spec: str | TcpModel | None) -> TcpModel | None:
             fields.update(_setting(key, value))
         except ValueError:
             raise ValueError(f"bad TCP model setting {setting!r} in {spec!r}: use iw=SEGMENTS, "
-                             f"cap=BYTES[KiB|MiB], idle=restart|keep, rto_min=MS or rendezvous=on|off") from None
+                             f"cap=BYTES[KiB|MiB], idle=restart|keep, rto_min=MS, rendezvous=on|off or "
+                             f"segment=BYTES[KiB|MiB]") from None
     base = TCP_MODELS[name]
     return TcpModel(**{**base.__dict__, **fields})
 
@@ -125,12 +139,9 @@ def _setting(key: str, value: str) -> dict:
     if key == "iw":
         return {"initial_window": int(value)}
     if key == "cap":
-        units = {"KiB": 1024, "MiB": 2**20, "kB": 1000, "MB": 10**6, "B": 1, "": 1}
-        number = value.rstrip("KMiBk")
-        unit = value[len(number):]
-        if unit not in units:
-            raise ValueError
-        return {"max_window_bytes": int(float(number) * units[unit])}
+        return {"max_window_bytes": _bytes(value)}
+    if key == "segment":
+        return {"segment_bytes": _bytes(value)}
     if key == "idle" and value in ("restart", "keep"):
         return {"restart_after_idle": value == "restart"}
     if key == "rto_min":
@@ -138,6 +149,15 @@ def _setting(key: str, value: str) -> dict:
     if key == "rendezvous" and value in ("on", "off"):
         return {"rendezvous": value == "on"}
     raise ValueError
+
+
+def _bytes(value: str) -> int:
+    units = {"KiB": 1024, "MiB": 2**20, "kB": 1000, "MB": 10**6, "B": 1, "": 1}
+    number = value.rstrip("KMiBk")
+    unit = value[len(number):]
+    if unit not in units:
+        raise ValueError
+    return int(float(number) * units[unit])
 
 
 def tcp_to_json(model: TcpModel | None) -> dict | None:
