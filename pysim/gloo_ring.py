@@ -36,6 +36,8 @@ import heapq
 import math
 from typing import NamedTuple
 
+from pysim.tcp import transfer_s
+
 GLOO_MAX_SEGMENT_BYTES = 1 << 20   # gloo's AllreduceOptions::kMaxSegmentSize
 
 
@@ -71,107 +73,114 @@ def gloo_ring(total_bytes: int, max_segment_bytes: int, latency_s: tuple[float, 
     ``rtt_s[j]`` the round trip of its connection to j+1. ``tcp_segments``: TCP segments in a
     full segment. ``windows``: each connection's window when the collective starts (None:
     no TCP model, bytes leave at the rate). Cached: every node's clock asks the same."""
-    n = len(latency_s)
-    count, seg = segments_of(total_bytes, n, max_segment_bytes)
-    per_rank = count // n
-    loop_ops = count - per_rank
-    events: list[tuple[float, int, int, int, int, int]] = []   # (t, order, kind, rank, loop, i)
-    order = 0
-    queue_end = [0.0] * n                       # when the bytes each node wrote so far have left
-    burst: list[list[float] | None] = [None] * n   # per connection: [start, window, segments, plain_s]
-    after = list(windows) if windows is not None else [math.inf] * n
-    last_send: list[float | None] = [None] * n
-    busy = [0.0] * n
+    return _Ring(total_bytes, max_segment_bytes, latency_s, notice_latency_s, segment_s, tcp_segments, windows,
+                 rtt_s).run()
 
-    def length(loop: int, j: int, i: int, receiving: bool) -> int:
-        # bytes member j sends (or receives) at iteration i of reduce-scatter (loop 0) or
-        # all-gather (loop 1): gloo's offsets, for gloo rank g = -j (gloo's ranks send to r - 1)
-        g = -j % n
-        first = g + 1 + (1 if receiving else 0) if loop == 0 else g + (1 if receiving else 0)
-        offset = ((first * per_rank + i) % count) * seg
-        return max(0, min(seg, total_bytes - offset))
 
-    def push(t: float, kind: int, rank: int, loop: int, i: int) -> None:
-        nonlocal order
-        order += 1
-        heapq.heappush(events, (t, order, kind, rank, loop, i))
+class _Ring:
+    """The event run behind :func:`gloo_ring`. Events: a ready notice reaching a sender (kind 0)
+    and a segment reaching its receiver (kind 1), keyed (member, loop, iteration); loop 0 is
+    reduce-scatter, loop 1 all-gather."""
 
-    def send_segment(t: float, j: int, nbytes: int, loop: int, i: int) -> None:
-        frac = nbytes / seg
-        plain, tcp_segs = segment_s[j] * frac, max(1, math.ceil(tcp_segments * frac))
-        b = burst[j]
-        if b is None or t > queue_end[j]:      # the connection is idle: a new burst
-            b = burst[j] = [t, after[j], 0, 0.0]
-        b[2] += tcp_segs
+    def __init__(self, total_bytes: int, max_segment_bytes: int, latency_s: tuple[float, ...],
+                 notice_latency_s: tuple[float, ...], segment_s: tuple[float, ...], tcp_segments: int,
+                 windows: tuple[float, ...] | None, rtt_s: tuple[float, ...]) -> None:
+        self.n = n = len(latency_s)
+        self.total = total_bytes
+        self.count, self.seg = segments_of(total_bytes, n, max_segment_bytes)
+        self.per_rank = self.count // n
+        self.loop_ops = self.count - self.per_rank          # iterations that post operations
+        self.latency_s, self.notice_latency_s, self.segment_s = latency_s, notice_latency_s, segment_s
+        self.tcp_segments, self.windows, self.rtt_s = tcp_segments, windows, rtt_s
+        self.events: list[tuple[float, int, int, int, int, int]] = []   # (t, order, kind, member, loop, i)
+        self.order = 0
+        self.queue_end = [0.0] * n            # when the bytes each member wrote so far have left it
+        self.burst: list[list | None] = [None] * n   # per connection: [start, window, TCP segments, plain s]
+        self.after = list(windows) if windows is not None else [math.inf] * n
+        self.last_send: list[float | None] = [None] * n
+        self.busy = [0.0] * n
+        self.state = [(0, 0)] * n             # per member: its next (loop, iteration)
+        self.clock = [0.0] * n                # per member: when it may go on
+        self.received: set[tuple[int, int, int]] = set()
+        self.sent: set[tuple[int, int, int]] = set()
+        self.notices: dict[tuple[int, int, int], float] = {}   # sends whose notice came first: when
+        self.issued: dict[tuple[int, int, int], float] = {}    # sends issued before their notice: when
+
+    def run(self) -> RingRun:
+        for j in range(self.n):
+            self.advance(j, 0.0)
+        while self.events:
+            t, _, kind, j, loop, i = heapq.heappop(self.events)
+            key = (j, loop, i)
+            if kind == 1:                     # j received its segment (loop, i)
+                self.received.add(key)
+                self.advance(j, t)
+            elif key in self.issued:          # j's receiver is ready for a send j has issued
+                send_at = max(t, self.issued.pop(key))
+                self.send(send_at, key)
+                self.advance(j, send_at)
+            else:
+                self.notices[key] = t
+        return RingRun(max(self.clock), max(self.busy), tuple(self.after), tuple(self.last_send))
+
+    def length(self, loop: int, j: int, i: int, receiving: bool) -> int:
+        """Bytes member j sends (or receives) at iteration i of ``loop``: gloo's offsets, for gloo
+        rank g = -j (gloo's ranks send to r - 1)."""
+        g = -j % self.n
+        first = g + 1 + receiving if loop == 0 else g + receiving
+        offset = ((first * self.per_rank + i) % self.count) * self.seg
+        return max(0, min(self.seg, self.total - offset))
+
+    def push(self, t: float, kind: int, j: int, loop: int, i: int) -> None:
+        self.order += 1
+        heapq.heappush(self.events, (t, self.order, kind, j, loop, i))
+
+    def send(self, t: float, key: tuple[int, int, int]) -> None:
+        """Member j writes its segment (loop, i) at t: it joins the burst its connection is
+        sending, or starts one; it reaches j + 1 one latency after its last byte left."""
+        j, loop, i = key
+        self.sent.add(key)
+        frac = self.length(loop, j, i, False) / self.seg
+        plain, segments = self.segment_s[j] * frac, max(1, math.ceil(self.tcp_segments * frac))
+        b = self.burst[j]
+        if b is None or t > self.queue_end[j]:
+            b = self.burst[j] = [t, self.after[j], 0, 0.0]
+        b[2] += segments
         b[3] += plain
-        busy[j] += plain
-        if windows is None:
-            took = b[3]
-        else:
-            took, after[j] = _transfer(b[2], b[3], rtt_s[j], b[1])
-        queue_end[j] = last_send[j] = b[0] + took
-        push(queue_end[j] + latency_s[j], 1, (j + 1) % n, loop, i)       # arrives at j + 1
+        self.busy[j] += plain
+        took = b[3]
+        if self.windows is not None:
+            took, self.after[j] = transfer_s(b[2], b[3], self.rtt_s[j], b[1], math.inf)
+        self.queue_end[j] = self.last_send[j] = b[0] + took
+        self.push(self.queue_end[j] + self.latency_s[j], 1, (j + 1) % self.n, loop, i)
 
-    # state per rank: next iteration (loop, i), time it may go on; what it waits for
-    state = [(0, 0)] * n
-    clock = [0.0] * n
-    received: set[tuple[int, int, int]] = set()
-    sent: set[tuple[int, int, int]] = set()
-    notices: dict[tuple[int, int, int], float] = {}   # (sender, loop, i): when its notice arrived
-    issued: dict[tuple[int, int, int], float] = {}    # (sender, loop, i): when the rank issued the send
-    ends = [0.0] * n
-
-    def advance(r: int, t: float) -> None:
-        clock[r] = max(clock[r], t)
-        loop, i = state[r]
+    def advance(self, j: int, t: float) -> None:
+        """Member j goes through its iterations from t until it must wait for the receive or the
+        send of two iterations back."""
+        self.clock[j] = max(self.clock[j], t)
+        loop, i = self.state[j]
         while loop < 2:
-            if i >= loop_ops + 2:
+            if i >= self.loop_ops + 2:
                 loop, i = loop + 1, 0
                 continue
-            if i >= 2:
-                if length(loop, r, i - 2, True) and (r, loop, i - 2) not in received:
-                    break
-                if length(loop, r, i - 2, False) and (r, loop, i - 2) not in sent:
-                    break
-            if i < loop_ops:
-                now = clock[r]
-                if length(loop, r, i, True):      # post the receive: a notice to the sender (r - 1)
-                    left = (r - 1) % n
-                    push(max(now, queue_end[r]) + notice_latency_s[r], 0, left, loop, i)
-                nbytes = length(loop, r, i, False)
-                if nbytes:
-                    key = (r, loop, i)
-                    if key in notices:
-                        send_at = max(now, notices.pop(key))
-                        sent.add(key)
-                        send_segment(send_at, r, nbytes, loop, i)
-                    else:
-                        issued[key] = now
+            if i >= 2 and any(self.length(loop, j, i - 2, receiving) and (j, loop, i - 2) not in done
+                              for receiving, done in ((True, self.received), (False, self.sent))):
+                break
+            if i < self.loop_ops:
+                self.post(j, loop, i)
             i += 1
-        state[r] = (loop, i)
-        if loop == 2:
-            ends[r] = clock[r]
+        self.state[j] = (loop, i)
 
-    for r in range(n):
-        advance(r, 0.0)
-    while events:
-        t, _, kind, r, loop, i = heapq.heappop(events)
-        key = (r, loop, i)
-        if kind == 0:        # r learns that r + 1 is ready for its segment (loop, i)
-            if key in issued:
-                send_at = max(t, issued.pop(key))
-                sent.add(key)
-                send_segment(send_at, r, length(loop, r, i, False), loop, i)
-                advance(r, send_at)
+    def post(self, j: int, loop: int, i: int) -> None:
+        """Member j's iteration i: the receive's ready notice to j - 1 (behind j's own bytes),
+        then the send, which leaves once j + 1's notice is in."""
+        now = self.clock[j]
+        if self.length(loop, j, i, True):
+            notice_at = max(now, self.queue_end[j]) + self.notice_latency_s[j]
+            self.push(notice_at, 0, (j - 1) % self.n, loop, i)
+        if self.length(loop, j, i, False):
+            key = (j, loop, i)
+            if key in self.notices:
+                self.send(max(now, self.notices.pop(key)), key)
             else:
-                notices[key] = t
-        else:                # r received its segment (loop, i)
-            received.add(key)
-            advance(r, t)
-    return RingRun(max(ends), max(busy), tuple(after), tuple(last_send))
-
-
-def _transfer(segments: int, plain_s: float, rtt_s: float, window: float) -> tuple[float, float]:
-    from pysim.tcp import transfer_s
-
-    return transfer_s(segments, plain_s, rtt_s, window, math.inf)
+                self.issued[key] = now
