@@ -36,7 +36,7 @@ import heapq
 import math
 from typing import NamedTuple
 
-from pysim.tcp import transfer_s
+from pysim.tcp import queue_delay_s, smoothed_rtt, transfer_s
 
 GLOO_MAX_SEGMENT_BYTES = 1 << 20   # gloo's AllreduceOptions::kMaxSegmentSize
 
@@ -48,6 +48,7 @@ class RingRun(NamedTuple):
     busy_s: float                    # the longest time one connection spent sending bytes
     windows: tuple[float, ...]       # per ring connection (member j -> j+1): window after
     last_send_s: tuple[float | None, ...]   # per ring connection: when its last byte left (None: none)
+    srtt_s: tuple[float | None, ...]        # per ring connection: smoothed round trip after (None: no model)
 
 
 def segments_of(total_bytes: int, ranks: int, max_segment_bytes: int) -> tuple[int, int]:
@@ -65,16 +66,22 @@ def gloo_ring_segment(total_bytes: int, ranks: int, max_segment_bytes: int) -> i
 @functools.lru_cache(maxsize=4096)
 def gloo_ring(total_bytes: int, max_segment_bytes: int, latency_s: tuple[float, ...],
               notice_latency_s: tuple[float, ...], segment_s: tuple[float, ...], tcp_segments: int,
-              windows: tuple[float, ...] | None, rtt_s: tuple[float, ...]) -> RingRun:
+              windows: tuple[float, ...] | None, rtt_s: tuple[float, ...],
+              srtt_s: tuple[float | None, ...] | None = None) -> RingRun:
     """One ring all-reduce of ``total_bytes`` over the ring of ``len(latency_s)`` members
     (member j sends to j+1, its ready notices go to j-1). Per member j: ``latency_s[j]`` of
     its link to j+1, ``notice_latency_s[j]`` of its link to j-1, ``segment_s[j]`` the transfer
     time of one full segment to j+1 (shorter segments in proportion to their bytes), and
     ``rtt_s[j]`` the round trip of its connection to j+1. ``tcp_segments``: TCP segments in a
     full segment. ``windows``: each connection's window when the collective starts (None:
-    no TCP model, bytes leave at the rate). Cached: every node's clock asks the same."""
-    return _Ring(total_bytes, max_segment_bytes, latency_s, notice_latency_s, segment_s, tcp_segments, windows,
-                 rtt_s).run()
+    no TCP model, bytes leave at the rate); ``srtt_s``: their smoothed round trips (None:
+    no sample yet), updated per segment as :mod:`pysim.tcp` says. Cached: every node's
+    clock asks the same."""
+    ring = _Ring(total_bytes, max_segment_bytes, latency_s, notice_latency_s, segment_s, tcp_segments, windows,
+                 rtt_s)
+    if srtt_s is not None:
+        ring.srtt = list(srtt_s)
+    return ring.run()
 
 
 class _Ring:
@@ -99,6 +106,7 @@ class _Ring:
         self.after = list(windows) if windows is not None else [math.inf] * n
         self.last_send: list[float | None] = [None] * n
         self.busy = [0.0] * n
+        self.srtt: list[float | None] = [None] * n
         self.state = [(0, 0)] * n             # per member: its next (loop, iteration)
         self.clock = [0.0] * n                # per member: when it may go on
         self.received: set[tuple[int, int, int]] = set()
@@ -121,7 +129,7 @@ class _Ring:
                 self.advance(j, send_at)
             else:
                 self.notices[key] = t
-        return RingRun(max(self.clock), max(self.busy), tuple(self.after), tuple(self.last_send))
+        return RingRun(max(self.clock), max(self.busy), tuple(self.after), tuple(self.last_send), tuple(self.srtt))
 
     def length(self, loop: int, j: int, i: int, receiving: bool) -> int:
         """Bytes member j sends (or receives) at iteration i of ``loop``: gloo's offsets, for gloo
@@ -151,6 +159,8 @@ class _Ring:
         took = b[3]
         if self.windows is not None:
             took, self.after[j] = transfer_s(b[2], b[3], self.rtt_s[j], b[1], math.inf)
+            queue = queue_delay_s(b[0] + took - t, self.after[j], plain / segments, self.rtt_s[j])
+            self.srtt[j] = smoothed_rtt(self.srtt[j], self.rtt_s[j], queue, segments)
         self.queue_end[j] = self.last_send[j] = b[0] + took
         self.push(self.queue_end[j] + self.latency_s[j], 1, (j + 1) % self.n, loop, i)
 

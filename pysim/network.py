@@ -63,7 +63,17 @@ from pathlib import Path
 from pysim import schedule
 from pysim.gloo_ring import gloo_ring, gloo_ring_segment
 from pysim.schedule import ALGORITHMS, bytes_received, bytes_sent  # noqa: F401  (re-exported)
-from pysim.tcp import Connection, TcpModel, parse_tcp, tcp_from_json, tcp_to_json, transfer_s, window_after_idle
+from pysim.tcp import (
+    Connection,
+    TcpModel,
+    parse_tcp,
+    queue_delay_s,
+    smoothed_rtt,
+    tcp_from_json,
+    tcp_to_json,
+    transfer_s,
+    window_after_idle,
+)
 
 _PREFIXES = {"": 1.0, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9, "t": 1e12, "T": 1e12}
 _BIT_UNITS = ("bit", "bits", "bit/s", "bits/s", "bps", "b/s")
@@ -519,12 +529,13 @@ def _gloo_allreduce(net: Network, conns: dict[tuple[int, int], Connection], star
         rtt = tuple(lat[j] + net._resources(b, a)[0] for j, (a, b) in enumerate(links))
         windows = tuple(_window_at(model, conns.get(key), start_s + back[(j + 1) % k], rtt[j])
                         for j, key in enumerate(links))
+        srtts = tuple(conns[key].srtt_s if key in conns else None for key in links)
         run = gloo_ring(sum(sizes[m] for m in g), model.segment_bytes, lat, back,
                         tuple(transfer[key] for key in links), max(1, -(-(seg + net.framing.per_message) // mss)),
-                        windows, rtt)
+                        windows, rtt, srtts)
         for j, key in enumerate(links):
             if run.last_send_s[j] is not None:
-                conns[key] = Connection(run.windows[j], start_s + run.last_send_s[j])
+                conns[key] = Connection(run.windows[j], start_s + run.last_send_s[j], run.srtt_s[j])
         if run.end_s > total_s:
             total_s, latency = run.end_s, run.end_s - run.busy_s
     return total_s, latency
@@ -537,11 +548,15 @@ def _window_at(model: TcpModel, conn: Connection | None, send_s: float, rtt_s: f
         return float(model.initial_window)
     if conn.last_send_s is None:
         return conn.cwnd
-    return window_after_idle(model, conn.cwnd, send_s - conn.last_send_s, rtt_s)
+    return window_after_idle(model, conn.cwnd, send_s - conn.last_send_s, _srtt(conn, rtt_s))
+
+
+def _srtt(conn: Connection, rtt_s: float) -> float:
+    return rtt_s if conn.srtt_s is None else conn.srtt_s
 
 
 def _state(conn: Connection | None) -> tuple[float, float | None] | None:
-    return None if conn is None else (conn.cwnd, conn.last_send_s)
+    return None if conn is None else (conn.cwnd, conn.last_send_s, conn.srtt_s)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -568,7 +583,7 @@ def _symmetric_collective(model: TcpModel, conns: dict[tuple[int, int], Connecti
         latency += lat + (took - transfer)
     state = one[keys[0]]
     for k in keys:
-        conns[k] = Connection(state.cwnd, state.last_send_s)
+        conns[k] = Connection(state.cwnd, state.last_send_s, state.srtt_s)
     return total, latency
 
 
@@ -584,12 +599,14 @@ def tcp_message(model: TcpModel, conns: dict[tuple[int, int], Connection], key: 
     elif conn.last_send_s is None:
         cwnd = conn.cwnd
     else:
-        cwnd = window_after_idle(model, conn.cwnd, start_s - conn.last_send_s, rtt)
+        cwnd = window_after_idle(model, conn.cwnd, start_s - conn.last_send_s, _srtt(conn, rtt))
     took, after = transfer_s(segments, transfer_s_, rtt, cwnd, cap)
+    queue = queue_delay_s(took, after, transfer_s_ / max(1, segments), rtt)
+    srtt = smoothed_rtt(None if conn is None else conn.srtt_s, rtt, queue, segments)
     if model.rendezvous:   # the receiver's ready notice comes first
         took += latency_s
     if commit:
-        conns[key] = Connection(after, start_s + took)
+        conns[key] = Connection(after, start_s + took, srtt)
     return took
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from pysim.clock import Clock, replay
 from pysim.network import Network, collective_s, network_from_json, network_to_json
-from pysim.tcp import TcpModel, parse_tcp, transfer_s, window_after_idle
+from pysim.tcp import TcpModel, parse_tcp, queue_delay_s, smoothed_rtt, transfer_s, window_after_idle
 from pysim.trace import Collective, Start, Trace, Wait
 
 
@@ -147,3 +147,38 @@ def test_symmetric_shortcut_is_the_general_arithmetic(monkeypatch):
     fast = run()
     monkeypatch.setattr(network, "_table_shape", lambda table: (None, False))
     assert all(np.array_equal(a, b) for a, b in zip(fast, run(), strict=True))
+
+
+def test_smoothed_rtt_follows_the_queue_as_linux_measures_it():
+    assert smoothed_rtt(None, 0.1, 0.05, 10) == pytest.approx(0.15)          # the first sample sets it
+    assert smoothed_rtt(0.3, 0.1, 0.0, 2) == pytest.approx(0.1 + 0.2 * 0.875)   # one ACK: 1/8 of the way
+    assert smoothed_rtt(0.3, 0.1, 0.0, 1000) == pytest.approx(0.1)           # a long message: its own samples
+    assert queue_delay_s(0.5, 2790, 0.000124, 0.1) == pytest.approx(2790 * 0.000124 - 0.1)   # window beyond the pipe
+    assert queue_delay_s(0.05, 2790, 0.000124, 0.1) == 0.05                  # no more than the bytes waited
+    assert queue_delay_s(0.5, 100, 0.000124, 0.1) == 0.0                     # a window inside the pipe: no queue
+
+
+def test_restart_counts_rtos_of_the_smoothed_round_trip():
+    # Linux over the delay line (ss -ti, 100 ms): srtt 155-163 ms after a 10 MB all-reduce, 1 s idle,
+    # window 2790 -> 697 (two halvings); srtt 103 ms after a 0.1 MB one, 697 -> 87 (three)
+    m = TcpModel()
+    assert window_after_idle(m, 2790, 1.05, 0.16) == 697
+    assert window_after_idle(m, 697, 1.05, 0.103) == 87
+
+
+def test_last_round_grows_with_the_rounds_in_flight():
+    # 346 segments from a window of 86 at 100 ms: rounds of 86, 172 and 88; Linux ends at 433-436
+    per = 0.1 / 806
+    took, after = transfer_s(346, 346 * per, 0.1, 86, math.inf)
+    assert took == pytest.approx(2 * 0.1 + 88 * per)
+    assert after == 86 + 346
+
+
+def test_connections_keep_their_smoothed_round_trip():
+    clock = Clock(Network.uniform(2, "100Mbit", "50ms", framing="tcp").with_tcp("reno"), 2)
+    for _ in range(3):
+        clock.advance(np.zeros(2), allreduce(10_000_000))
+    big = clock.conns[(0, 1)].srtt_s
+    assert big > 0.15                              # 5 MB messages queue behind a window beyond the pipe
+    clock.advance(np.zeros(2), allreduce(10_000))
+    assert 0.1 <= clock.conns[(0, 1)].srtt_s < big  # a small one pulls it back toward the round trip
