@@ -132,8 +132,8 @@ class Host:
             self._finish(node)
             return
         _local.host, _local.node = self, node
-        self._load_rng(_fresh_rng())
         try:
+            self._load_rng(_fresh_rng())
             self.results[node] = fn(node, self.world, *args)
         except _Stopped:
             pass
