@@ -21,8 +21,10 @@ Timing, event by event, with every rank starting at 0:
   rate: :meth:`pysim.network.Network.message_parts` of the ring's concurrent
   messages); with a TCP model (:mod:`pysim.tcp`), the segments a connection writes
   while its earlier ones are still leaving form one burst, sent from the window the
-  burst started with (:func:`pysim.tcp.transfer_s` of the burst so far), and a segment
-  written to an idle connection starts a new burst from the window the last one left;
+  burst started with (:func:`pysim.tcp.transfer_s` of the burst so far, with the ACKs of each
+  slow-start round leaving behind the receiver's own burst: every member sends as it
+  receives), and a segment written to an idle connection starts a new burst from the window
+  the last one left;
 - a rank's reductions and copies take no time (the clock charges compute separately).
 
 The result is each rank's end time and, per connection, its window and the time it
@@ -158,7 +160,7 @@ class _Ring:
         self.busy[j] += plain
         took = b[3]
         if self.windows is not None:
-            took, self.after[j] = transfer_s(b[2], b[3], self.rtt_s[j], b[1], math.inf)
+            took, self.after[j] = transfer_s(b[2], b[3], self.rtt_s[j], b[1], math.inf, reverse_burst=True)
             queue = queue_delay_s(b[0] + took - t, self.after[j], plain / segments, self.rtt_s[j])
             self.srtt[j] = smoothed_rtt(self.srtt[j], self.rtt_s[j], queue, segments)
         self.queue_end[j] = self.last_send[j] = b[0] + took

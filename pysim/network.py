@@ -488,12 +488,13 @@ def tcp_collective_parts(net: Network, conns: dict[tuple[int, int], Connection],
     cap = model.cap_segments(net.framing.mss or model.mss)
     keys, symmetric = _table_shape(table)
     if symmetric and len({_state(conns.get(k)) for k in keys}) == 1:
-        return _symmetric_collective(model, conns, keys, table, start_s, cap)
+        return _symmetric_collective(model, conns, keys, table, start_s, cap, algo == "ring")
     total = latency = 0.0
     for phase in table:
         best, best_lat = -1.0, 0.0
         for src, dst, segments, lat, transfer in phase:
-            took = tcp_message(model, conns, (src, dst), segments, lat, transfer, start_s + total, cap)
+            took = tcp_message(model, conns, (src, dst), segments, lat, transfer, start_s + total, cap,
+                               reverse_burst=algo == "ring")
             if lat + took > best:
                 best, best_lat = lat + took, lat + (took - transfer)
         total += best
@@ -570,15 +571,16 @@ def _table_shape(table: tuple) -> tuple[tuple[tuple[int, int], ...], bool]:
 
 
 def _symmetric_collective(model: TcpModel, conns: dict[tuple[int, int], Connection],
-                          keys: tuple[tuple[int, int], ...], table: tuple, start_s: float, cap: float
-                          ) -> tuple[float, float]:
+                          keys: tuple[tuple[int, int], ...], table: tuple, start_s: float, cap: float,
+                          reverse_burst: bool) -> tuple[float, float]:
     """:func:`tcp_collective_parts` where every connection starts in the same state and every
     phase treats them alike: one connection stands for all (the same arithmetic, done once)."""
     one = {keys[0]: conns[keys[0]]} if keys[0] in conns else {}
     total = latency = 0.0
     for phase in table:
         _, _, segments, lat, transfer = phase[0]
-        took = tcp_message(model, one, keys[0], segments, lat, transfer, start_s + total, cap)
+        took = tcp_message(model, one, keys[0], segments, lat, transfer, start_s + total, cap,
+                           reverse_burst=reverse_burst)
         total += lat + took
         latency += lat + (took - transfer)
     state = one[keys[0]]
@@ -588,9 +590,11 @@ def _symmetric_collective(model: TcpModel, conns: dict[tuple[int, int], Connecti
 
 
 def tcp_message(model: TcpModel, conns: dict[tuple[int, int], Connection], key: tuple[int, int], segments: int,
-                latency_s: float, transfer_s_: float, start_s: float, cap: float, commit: bool = True) -> float:
+                latency_s: float, transfer_s_: float, start_s: float, cap: float, commit: bool = True,
+                reverse_burst: bool = False) -> float:
     """Seconds from a message's first segment sent to its last on connection ``key``, starting
-    at ``start_s`` (restart after idle, then slow start; see :mod:`pysim.tcp`); with ``commit``
+    at ``start_s`` (restart after idle, then slow start; see :mod:`pysim.tcp`; ``reverse_burst``:
+    its receiver sends as much at the same time, as in a ring); with ``commit``
     the connection keeps its new window and the time it last sent."""
     rtt = 2.0 * latency_s
     conn = conns.get(key)
@@ -600,7 +604,7 @@ def tcp_message(model: TcpModel, conns: dict[tuple[int, int], Connection], key: 
         cwnd = conn.cwnd
     else:
         cwnd = window_after_idle(model, conn.cwnd, start_s - conn.last_send_s, _srtt(conn, rtt))
-    took, after = transfer_s(segments, transfer_s_, rtt, cwnd, cap)
+    took, after = transfer_s(segments, transfer_s_, rtt, cwnd, cap, reverse_burst)
     queue = queue_delay_s(took, after, transfer_s_ / max(1, segments), rtt)
     srtt = smoothed_rtt(None if conn is None else conn.srtt_s, rtt, queue, segments)
     if model.rendezvous:   # the receiver's ready notice comes first

@@ -33,9 +33,12 @@ preset has ``restart_after_idle`` off.
 
 Not modelled: losses (no congestion avoidance: the window grows until the cap, as on a path
 whose queue absorbs a window, like the delay line's and tbf's 1 s queues), delayed ACKs'
-effect on growth (Linux counts segments acknowledged, not ACKs), Nagle, pacing, HyStart,
-and the ACKs' wait behind their node's own queued data, which lengthens slow-start rounds
-when both directions send (the likely rest of the delay-line cells still 6-8% fast).
+effect on growth (Linux counts segments acknowledged, not ACKs), Nagle, pacing, HyStart.
+
+Where both ends of a connection send at once (every member of a ring sends a chunk while it
+receives one), a receiver's ACKs leave through its own queue, behind the burst it is sending:
+the first ACK of a round of ``sent`` segments waits max(0, sent * per - R/2) there, and the
+next round starts that much later (``reverse_burst``; ring collectives and gloo's ring).
 """
 
 from __future__ import annotations
@@ -228,14 +231,22 @@ def window_after_idle(model: TcpModel, cwnd: float, idle_s: float, rtt_s: float)
     return max(cwnd, restart)
 
 
-def transfer_s(segments: int, plain_s: float, rtt_s: float, cwnd: float, cap: float) -> tuple[float, float]:
+def transfer_s(segments: int, plain_s: float, rtt_s: float, cwnd: float, cap: float,
+               reverse_burst: bool = False) -> tuple[float, float]:
     """(seconds from the first segment sent to the last, window after) of a message of
     ``segments`` segments whose transfer at its share of the rate takes ``plain_s``, on a path
     of round trip ``rtt_s``, sent with window ``cwnd`` capped at ``cap`` segments (see the
-    module docstring). Returns exactly ``plain_s`` when the window fills the pipe from the start."""
+    module docstring). Returns exactly ``plain_s`` when the window fills the pipe from the start.
+    ``reverse_burst``: the receiver sends a burst like this one at the same time (every member
+    of a ring does), and its ACKs leave behind what of it is still queued: a round of ``sent``
+    segments then lasts R + max(0, sent * per - R / 2), the wait of the round's first ACK."""
     if segments <= 0 or plain_s <= 0:
         return plain_s, cwnd
     per = plain_s / segments
+
+    def round_s(sent: float) -> float:
+        return rtt_s + max(0.0, sent * per - rtt_s / 2) if reverse_burst else rtt_s
+
     if cwnd * per >= rtt_s:
         return plain_s, _grown(cwnd, segments, segments, cap)
     t, left, w, prev = 0.0, segments, cwnd, 0
@@ -244,12 +255,12 @@ def transfer_s(segments: int, plain_s: float, rtt_s: float, cwnd: float, cap: fl
             return t + left * per, _grown(w, left, prev + left, cap)
         if w >= cap:                          # buffer-limited: cap segments per round trip
             rounds = math.ceil(left / w)
-            return t + (rounds - 1) * rtt_s + (left - (rounds - 1) * w) * per, w
+            return t + (rounds - 1) * round_s(w) + (left - (rounds - 1) * w) * per, w
         sent = min(w, left)
         left -= sent
         if left == 0:
             return t + sent * per, _grown(w, sent, prev + sent, cap)
-        t += rtt_s
+        t += round_s(sent)
         w = _grown(w, sent, sent, cap)
         prev = sent
 

@@ -87,12 +87,15 @@ def test_first_collective_pays_slow_start_then_the_window_persists():
     first = clock.advance(np.zeros(2), allreduce(4_000_000)).max()
     # two phases of a 4 MB message each way: 2763 segments of `per` (1514 B and an ACK share at
     # 100 Mbit/s); RTT 40 ms. Phase 1: rounds of 10, 20, 40, 80, 160, 320 segments (6 RTT; 320 x
-    # 124 us < 40 ms), then 640 fills the pipe and the other 2133 flow at the rate. Phase 2:
+    # 124 us < 40 ms), then 640 fills the pipe and the other 2133 flow at the rate; the other node
+    # sends its burst at the same time (a ring), so the round of 320 waits for its first ACK
+    # behind the 320 x 124 us - 20 ms still queued there (160 x 124 us < 20 ms: no wait). Phase 2:
     # the window (2773) fills the pipe: the plain time.
     per = (lone / 2 - 0.02) / 2763
-    assert first == pytest.approx((0.02 + 6 * 0.04 + 2133 * per) + (0.02 + 2763 * per), rel=1e-9)
+    ack_wait = 320 * per - 0.02
+    assert first == pytest.approx((0.02 + 6 * 0.04 + ack_wait + 2133 * per) + (0.02 + 2763 * per), rel=1e-9)
     second = clock.advance(np.zeros(2), allreduce(4_000_000)).max() - first
-    assert second == lone             # the window grew past the pipe: the plain formula, bit for bit
+    assert second == pytest.approx(lone, rel=1e-12)   # the window grew past the pipe: the plain formula
 
 
 def test_idle_gap_restarts_the_window_reno_but_not_bbr():
@@ -182,3 +185,12 @@ def test_connections_keep_their_smoothed_round_trip():
     assert big > 0.15                              # 5 MB messages queue behind a window beyond the pipe
     clock.advance(np.zeros(2), allreduce(10_000))
     assert 0.1 <= clock.conns[(0, 1)].srtt_s < big  # a small one pulls it back toward the round trip
+
+
+def test_a_round_waits_for_acks_behind_the_receiver_s_own_burst():
+    # 100 segments of 1 ms, RTT 20 ms, window 2: rounds of 2, 4, 8, 16 (16 ms > RTT/2: its
+    # first ACK waits 6 ms behind the receiver's own 16 segments), then 32 fill the pipe
+    took, after = transfer_s(100, 0.1, 0.02, 2, math.inf, reverse_burst=True)
+    assert took == pytest.approx(4 * 0.02 + 0.006 + 0.07)
+    assert after == 102
+    assert transfer_s(100, 0.1, 0.02, 64, math.inf, reverse_burst=True) == transfer_s(100, 0.1, 0.02, 64, math.inf)
