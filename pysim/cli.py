@@ -152,6 +152,12 @@ def add_compare_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--title", default=None, help="title of the plot (default: the workload's name)")
 
 
+TCP_HELP = ("TCP window model: off | reno | cubic (initial window 10, slow start, restart after an idle RTO, as "
+            "Linux) | bbr (no restart after idle), with optional :iw=SEGMENTS:cap=BYTES[KiB|MiB]:idle=restart|keep"
+            ":rto_min=MS:rendezvous=on|off:segment=BYTES[KiB|MiB] (gloo: reno:rendezvous=on:segment=1MiB, its ready "
+            "notice per message and its ring in 1 MiB segments); see pysim/tcp.py")
+
+
 def add_network_arguments(ap: argparse.ArgumentParser) -> None:
     """The simulated network of a comparison: link, topology, framing, TCP model, or a file."""
     ap.add_argument("--bandwidth", default="100Mbit", help="per-node link with its unit, e.g. 100Mbit, 1Gbps, 10MB/s")
@@ -162,9 +168,7 @@ def add_network_arguments(ap: argparse.ArgumentParser) -> None:
                          "66 B per 1448-byte segment, and a 66 B ACK per 2 segments on the reverse path) | "
                          "tcp-ethernet (90 B per segment and per ACK, a physical wire)")
     ap.add_argument("--tcp", default="off",
-                    help="TCP window model: off | reno | cubic (initial window 10, slow start, restart after an "
-                         "idle RTO, as Linux) | bbr (no restart after idle), with optional :iw=SEGMENTS:cap=BYTES"
-                         "[KiB|MiB]:idle=restart|keep (e.g. reno:cap=3MiB); see pysim/tcp.py")
+                    help=TCP_HELP)
     ap.add_argument("--network", default=None,
                     help="a network file (e.g. written by `python -m pysim calibrate`); replaces --bandwidth, "
                          "--latency, --topology and --framing")
@@ -181,9 +185,7 @@ def add_sweep_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--latencies", default="0.1ms:200ms:10", help="LO:HI:N (log-spaced) or a list")
     ap.add_argument("--topology", default="uniform", help="uniform | two-tier:G:BW:LAT (grid sweeps the inter link)")
     ap.add_argument("--tcp", default="off",
-                    help="TCP window model: off | reno | cubic (initial window 10, slow start, restart after an "
-                         "idle RTO, as Linux) | bbr (no restart after idle), with optional :iw=SEGMENTS:cap=BYTES"
-                         "[KiB|MiB]:idle=restart|keep (e.g. reno:cap=3MiB); see pysim/tcp.py")
+                    help=TCP_HELP)
     ap.add_argument("--target", default=None, help="e.g. accuracy>=0.98 or loss<=1.7 (default: the runs' own)")
     ap.add_argument("--table-latency", default="20ms", help="latency of the printed table and line plot")
     ap.add_argument("--out", default="runs/sweep_out")
