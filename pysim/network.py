@@ -71,9 +71,9 @@ from pysim.tcp import (
     smoothed_rtt,
     tcp_from_json,
     tcp_to_json,
-    transfer_s,
     window_after_idle,
 )
+from pysim.tcp import transfer as window_transfer
 
 _PREFIXES = {"": 1.0, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9, "t": 1e12, "T": 1e12}
 _BIT_UNITS = ("bit", "bits", "bit/s", "bits/s", "bps", "b/s")
@@ -474,13 +474,17 @@ def tcp_collective_parts(net: Network, conns: dict[tuple[int, int], Connection],
     """(seconds, latency part) of one collective starting at ``start_s`` on a network with a
     TCP window model (:mod:`pysim.tcp`), whose connections' windows ``conns`` ((src, dst) ->
     :class:`pysim.tcp.Connection`) it reads and updates. Phase by phase as
-    :func:`collective_parts`, each message taking its latency plus :func:`pysim.tcp.transfer_s`
+    :func:`collective_parts`, each message taking its latency plus :func:`pysim.tcp.transfer`
     of its transfer; the time the window adds (round trips spent waiting) counts as latency,
-    the part that does not share bandwidth with other collectives."""
+    the part that does not share bandwidth with other collectives. With the model's
+    ``segment_bytes``, a ring all-reduce is timed as gloo runs it instead
+    (:func:`pysim.gloo_ring.gloo_ring`, :func:`_gloo_allreduce`)."""
     model = net.tcp
     if model is None:
         raise ValueError("tcp_collective_parts needs a network with a TCP model (Network.tcp)")
     sizes = tuple(int(s) for s in sizes)
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"negative message size in {sizes}")
     norm = schedule.check_groups(groups, len(sizes))
     if model.segment_bytes is not None and op == "allreduce" and algo == "ring":
         return _gloo_allreduce(net, conns, start_s, sizes, norm)
@@ -533,7 +537,7 @@ def _gloo_allreduce(net: Network, conns: dict[tuple[int, int], Connection], star
         srtts = tuple(conns[key].srtt_s if key in conns else None for key in links)
         run = gloo_ring(sum(sizes[m] for m in g), model.segment_bytes, lat, back,
                         tuple(transfer[key] for key in links), max(1, -(-(seg + net.framing.per_message) // mss)),
-                        windows, rtt, srtts)
+                        windows, rtt, srtts, model.cap_segments(mss))
         for j, key in enumerate(links):
             if run.last_send_s[j] is not None:
                 conns[key] = Connection(run.windows[j], start_s + run.last_send_s[j], run.srtt_s[j])
@@ -556,7 +560,7 @@ def _srtt(conn: Connection, rtt_s: float) -> float:
     return rtt_s if conn.srtt_s is None else conn.srtt_s
 
 
-def _state(conn: Connection | None) -> tuple[float, float | None] | None:
+def _state(conn: Connection | None) -> tuple[float, float | None, float | None] | None:
     return None if conn is None else (conn.cwnd, conn.last_send_s, conn.srtt_s)
 
 
@@ -604,8 +608,10 @@ def tcp_message(model: TcpModel, conns: dict[tuple[int, int], Connection], key: 
         cwnd = conn.cwnd
     else:
         cwnd = window_after_idle(model, conn.cwnd, start_s - conn.last_send_s, _srtt(conn, rtt))
-    took, after = transfer_s(segments, transfer_s_, rtt, cwnd, cap, reverse_burst)
-    queue = queue_delay_s(took, after, transfer_s_ / max(1, segments), rtt)
+    took, after, in_flight = window_transfer(segments, transfer_s_, rtt, cwnd, cap, reverse_burst)
+    # in a ring the RTT samples also hold the ACKs' wait behind the receiver's own burst: the
+    # window after stands for both queues (it reproduced Linux's SRTT-driven restarts, RESULTS.md)
+    queue = queue_delay_s(took, after if reverse_burst else in_flight, transfer_s_ / max(1, segments), rtt)
     srtt = smoothed_rtt(None if conn is None else conn.srtt_s, rtt, queue, segments)
     if model.rendezvous:   # the receiver's ready notice comes first
         took += latency_s

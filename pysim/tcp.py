@@ -38,13 +38,17 @@ effect on growth (Linux counts segments acknowledged, not ACKs), Nagle, pacing, 
 Where both ends of a connection send at once (every member of a ring sends a chunk while it
 receives one), a receiver's ACKs leave through its own queue, behind the burst it is sending:
 the first ACK of a round of ``sent`` segments waits max(0, sent * per - R/2) there, and the
-next round starts that much later (``reverse_burst``; ring collectives and gloo's ring).
+next round starts that much later (``reverse_burst``; ring collectives and gloo's ring). An
+RTT sample there holds both queues, the data's and its ACK's; the model takes the window
+after the message for both (elsewhere the segments in flight, which bound one queue), which
+reproduced every restart Linux made on the delay line (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 LINUX_INITIAL_WINDOW = 10  # segments (RFC 6928; Linux since 2.6.39)
 LINUX_RTO_MIN_S = 0.2      # TCP_RTO_MIN
@@ -63,8 +67,9 @@ class TcpModel:
     for it (gloo's TCP pairs do, for every message): one more one-way latency per message.
     Not TCP itself, but a cost only a model with round trips can place; off in the presets.
     ``segment_bytes``: ring all-reduces are timed as gloo runs them (:mod:`pysim.gloo_ring`:
-    segments of at most this many bytes, two in flight, each after its ready notice) instead
-    of phase by phase (None: phase by phase; gloo: 1 MiB)."""
+    segments of at most this many bytes, two in flight, each after its ready notice, whether
+    or not ``rendezvous`` is on) instead of phase by phase (None: phase by phase; gloo: 1 MiB).
+    At least 1 KiB."""
 
     initial_window: int = LINUX_INITIAL_WINDOW
     restart_after_idle: bool = True
@@ -89,8 +94,8 @@ class TcpModel:
                              f">= one segment ({self.mss}), or None for no cap")
         if self.segment_bytes is not None and (isinstance(self.segment_bytes, bool)
                                                or not isinstance(self.segment_bytes, int)
-                                               or not 1 <= self.segment_bytes <= 1 << 40):
-            raise ValueError(f"bad TCP segment_bytes {self.segment_bytes!r}: a whole number of bytes from 1 "
+                                               or not 1024 <= self.segment_bytes <= 1 << 40):
+            raise ValueError(f"bad TCP segment_bytes {self.segment_bytes!r}: a whole number of bytes from 1 KiB "
                              "to 2^40 (gloo: 1MiB), or None for phase-by-phase ring all-reduces")
         if isinstance(self.mss, bool) or not isinstance(self.mss, int) or not 1 <= self.mss <= 65_535:
             raise ValueError(f"bad TCP mss {self.mss!r}: payload bytes per segment from 1 to 65535")
@@ -165,12 +170,16 @@ def _setting(key: str, value: str) -> dict:
 
 
 def _bytes(value: str) -> int:
+    """A whole number of bytes from ``N[KiB|MiB|kB|MB|B]`` (ValueError otherwise)."""
     units = {"KiB": 1024, "MiB": 2**20, "kB": 1000, "MB": 10**6, "B": 1, "": 1}
     number = value.rstrip("KMiBk")
     unit = value[len(number):]
     if unit not in units:
         raise ValueError
-    return int(float(number) * units[unit])
+    size = float(number) * units[unit]
+    if not math.isfinite(size) or size != int(size) or size > 2**50:
+        raise ValueError
+    return int(size)
 
 
 def tcp_to_json(model: TcpModel | None) -> dict | None:
@@ -199,9 +208,10 @@ class Connection:
 
 
 def queue_delay_s(waited_s: float, window: float, per_s: float, rtt_s: float) -> float:
-    """Seconds a message's last segment waits in the bottleneck's queue: the part of the window
-    beyond the pipe (``window`` segments of ``per_s`` seconds, less the round trip ``rtt_s``),
-    at most the ``waited_s`` its bytes spent since they were written, never negative."""
+    """Seconds a message's last segment waits in the bottleneck's queue: the part of the
+    segments in flight (``window``, of ``per_s`` seconds each) beyond the pipe (the round trip
+    ``rtt_s``), at most the ``waited_s`` its bytes spent since they were written, never
+    negative."""
     return max(0.0, min(waited_s, window * per_s - rtt_s))
 
 
@@ -231,38 +241,53 @@ def window_after_idle(model: TcpModel, cwnd: float, idle_s: float, rtt_s: float)
     return max(cwnd, restart)
 
 
-def transfer_s(segments: int, plain_s: float, rtt_s: float, cwnd: float, cap: float,
-               reverse_burst: bool = False) -> tuple[float, float]:
-    """(seconds from the first segment sent to the last, window after) of a message of
-    ``segments`` segments whose transfer at its share of the rate takes ``plain_s``, on a path
-    of round trip ``rtt_s``, sent with window ``cwnd`` capped at ``cap`` segments (see the
-    module docstring). Returns exactly ``plain_s`` when the window fills the pipe from the start.
-    ``reverse_burst``: the receiver sends a burst like this one at the same time (every member
-    of a ring does), and its ACKs leave behind what of it is still queued: a round of ``sent``
-    segments then lasts R + max(0, sent * per - R / 2), the wait of the round's first ACK."""
+class Transfer(NamedTuple):
+    """A message through a connection's window (:func:`transfer`)."""
+
+    took_s: float       # from the first segment sent to the last (s)
+    window: float       # the window after (segments)
+    in_flight: float    # segments in flight when the last one left: what a queue can hold of it
+
+
+def transfer(segments: int, plain_s: float, rtt_s: float, cwnd: float, cap: float,
+             reverse_burst: bool = False) -> Transfer:
+    """A message of ``segments`` segments whose transfer at its share of the rate takes
+    ``plain_s``, on a path of round trip ``rtt_s``, sent with window ``cwnd`` capped at ``cap``
+    segments (see the module docstring). Takes exactly ``plain_s`` when the window fills the
+    pipe from the start. ``reverse_burst``: the receiver sends a burst like this one at the same
+    time (every member of a ring does), and its ACKs leave behind what of it is still queued: a
+    round of ``sent`` segments then lasts R + max(0, sent * per - R / 2), the wait of the
+    round's first ACK."""
     if segments <= 0 or plain_s <= 0:
-        return plain_s, cwnd
+        return Transfer(plain_s, cwnd, 0.0)
     per = plain_s / segments
 
     def round_s(sent: float) -> float:
         return rtt_s + max(0.0, sent * per - rtt_s / 2) if reverse_burst else rtt_s
 
     if cwnd * per >= rtt_s:
-        return plain_s, _grown(cwnd, segments, segments, cap)
+        return Transfer(plain_s, _grown(cwnd, segments, segments, cap), min(cwnd, segments))
     t, left, w, prev = 0.0, segments, cwnd, 0
     while True:
         if w * per >= rtt_s:                  # the window fills the pipe: the rest at the rate
-            return t + left * per, _grown(w, left, prev + left, cap)
+            return Transfer(t + left * per, _grown(w, left, prev + left, cap), min(w, left))
         if w >= cap:                          # buffer-limited: cap segments per round trip
             rounds = math.ceil(left / w)
-            return t + (rounds - 1) * round_s(w) + (left - (rounds - 1) * w) * per, w
+            return Transfer(t + (rounds - 1) * round_s(w) + (left - (rounds - 1) * w) * per, w, min(w, left))
         sent = min(w, left)
         left -= sent
         if left == 0:
-            return t + sent * per, _grown(w, sent, prev + sent, cap)
+            return Transfer(t + sent * per, _grown(w, sent, prev + sent, cap), sent)
         t += round_s(sent)
         w = _grown(w, sent, sent, cap)
         prev = sent
+
+
+def transfer_s(segments: int, plain_s: float, rtt_s: float, cwnd: float, cap: float,
+               reverse_burst: bool = False) -> tuple[float, float]:
+    """(seconds from the first segment sent to the last, window after) of :func:`transfer`."""
+    done = transfer(segments, plain_s, rtt_s, cwnd, cap, reverse_burst)
+    return done.took_s, done.window
 
 
 def _grown(cwnd: float, acked: int, in_flight: int, cap: float) -> float:

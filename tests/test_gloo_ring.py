@@ -21,7 +21,7 @@ def test_segments_as_gloo_cuts_them():
     assert segments_of(10_000_000, 2, 1 << 20) == (10, 1_000_000)
     assert segments_of(4_000_000, 4, 1 << 20) == (8, 500_000)       # at least 2 per rank
     assert segments_of(100_000, 2, 1 << 20) == (4, 25_000)
-    assert segments_of(10, 4, 1 << 20) == (8, 2)                     # the last ones empty
+    assert segments_of(40, 4, 1 << 20) == (8, 8)                     # whole floats: 5 segments, 3 empty
 
 
 def test_small_buffer_is_the_rendezvous_phase_model():
@@ -61,16 +61,15 @@ def allreduce(total: int, n: int = 2) -> Collective:
 
 def test_on_the_clock_windows_persist_and_bbr_skips_the_restart():
     net = Network.uniform(2, "100Mbit", "50ms", framing="tcp")
-    times, windows = {}, {}
+    times = {}
     for cc in ("reno", "bbr"):
         clock = Clock(net.with_tcp(f"{cc}:rendezvous=on:segment=1MiB"), 2)
         first = clock.advance(np.zeros(2), allreduce(10_000_000)).max()
         warm = clock.advance(np.zeros(2), allreduce(10_000_000)).max() - first
-        conn = clock.conns[(0, 1)]
-        assert conn.srtt_s > 0.15   # the segments queued behind each other: srtt well above the 100 ms RTT
+        assert clock.conns[(0, 1)].srtt_s > 0.15   # segments queued behind each other: srtt above the 100 ms RTT
         before = clock.t.max() + 3.0
         idle = clock.advance(np.full(2, 3.0), allreduce(1_000_000)).max() - before
-        times[cc], windows[cc] = (first, warm, idle), conn.cwnd
+        times[cc] = first, warm, idle
         assert first > warm   # the first one starts from the initial window
     assert times["reno"][1] == times["bbr"][1]
     # after 3 s idle reno restarts from the initial window (RTO = 200 ms + srtt): round trips of slow start
@@ -110,6 +109,36 @@ def test_segment_setting_parses_and_bad_ones_say_so():
     assert parse_tcp("reno:segment=1MiB").segment_bytes == 1 << 20
     assert parse_tcp("reno").segment_bytes is None
     assert "1 MiB segments" in parse_tcp("bbr:segment=1MiB").describe()
-    for bad in ("reno:segment=0", "reno:segment=big", "reno:segment=-1KiB"):
+    for bad in ("reno:segment=0", "reno:segment=big", "reno:segment=-1KiB", "reno:segment=inf",
+                "reno:segment=1e400", "reno:segment=1.9", "reno:segment=512"):
         with pytest.raises(ValueError, match="TCP"):
             parse_tcp(bad)
+
+
+@pytest.mark.parametrize("n", [3, 4, 5])
+def test_without_latency_the_ring_is_a_pipeline_of_its_segments(n):
+    # no latency, notices free: each loop is S - S/n segments back to back on every member
+    t = 0.01
+    run = gloo_ring(2 * n * 1000, 1000, (0.0,) * n, (0.0,) * n, (t,) * n, 10, None, (0.0,) * n)
+    assert run.end_s == pytest.approx(2 * (2 * n - 2) * t)
+    assert run.busy_s == pytest.approx((2 * n - 2) * 2 * t)
+
+
+def test_the_window_cap_limits_gloo_s_ring_too():
+    net = Network.uniform(2, "100Mbit", "50ms", framing="tcp")
+    took = {}
+    for spec in ("reno:segment=1MiB", "reno:segment=1MiB:cap=64KiB"):
+        clock = Clock(net.with_tcp(spec), 2)
+        for _ in range(2):
+            t0 = clock.t.max()
+            clock.advance(np.zeros(2), allreduce(10_000_000))
+        took[spec] = clock.t.max() - t0
+        assert clock.conns[(0, 1)].cwnd <= (45 if "cap" in spec else 1e9)
+    # 64 KiB (45 segments) per round trip of 100 ms: 5 MB each way takes ~7.6 s, not ~1 s
+    assert took["reno:segment=1MiB:cap=64KiB"] > 7 * took["reno:segment=1MiB"]
+
+
+def test_negative_sizes_are_refused_on_gloo_s_path_too():
+    net = Network.uniform(2, "100Mbit", "50ms", framing="tcp").with_tcp("reno:segment=1MiB")
+    with pytest.raises(ValueError, match="negative"):
+        tcp_collective_parts(net, {}, 0.0, "allreduce", "ring", (-5, 10))

@@ -2,6 +2,7 @@
 failures that end in one NodeFailed instead of a hang."""
 
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -75,5 +76,16 @@ def test_a_failure_before_a_node_s_first_line_is_reported_not_hung(monkeypatch):
         raise RuntimeError("cannot restore the random state")
 
     monkeypatch.setattr(Host, "_load_rng", staticmethod(broken))
-    with pytest.raises(NodeFailed, match="cannot restore"):
-        host(2).run(_whoami)
+    outcome = []
+
+    def run() -> None:
+        try:
+            host(2).run(_whoami)
+        except NodeFailed as e:
+            outcome.append(e)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(timeout=20)
+    assert not runner.is_alive(), "the host hung instead of reporting the node"
+    assert outcome and "cannot restore" in str(outcome[0])
