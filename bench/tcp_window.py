@@ -14,9 +14,10 @@ retransmission timeout, so a Linux reno/cubic sender restarts its window), sizes
 
 The model replays the same sequence on pysim's clock (:class:`pysim.clock.Clock`): the
 warm-up, then per size the gap and a blocking ring all-reduce, on ``Network.uniform(N, rate,
-RTT/2, framing="tcp")`` without a TCP model (today's) and with one (``--tcp``, default the
-congestion control's preset; ``reno:cap=...`` to try a window cap), fastest repetition per
-size as measured. Prints model/real - 1 per cell and writes everything to --json.
+RTT/2, framing="tcp")`` without a TCP model and with one: the cell's congestion control
+plus ``--tcp`` (default ``:rendezvous=on:segment=1MiB``, gloo's ready notices and its ring
+in 1 MiB segments; ``:rendezvous=on`` for the phase model, ``:cap=...`` to try a window
+cap), fastest repetition per size as measured. Prints model/real - 1 per cell and writes everything to --json.
 """
 
 from __future__ import annotations
