@@ -59,6 +59,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from pysim import schedule
 from pysim.gloo_ring import gloo_ring, gloo_ring_segment
@@ -454,18 +455,31 @@ def _collective_parts(net: Network, op: str, algo: str, sizes: tuple[int, ...],
     return total, latency
 
 
+class _PhaseTable(tuple):
+    """Per phase, per message: (src, dst, segments, latency, transfer) without a window model;
+    ``keys`` and ``symmetric`` as :func:`_table_shape` says, worked out once (hashing a large
+    table costs more than the arithmetic it would save)."""
+
+    keys: tuple[tuple[int, int], ...]
+    symmetric: bool
+
+
 @functools.lru_cache(maxsize=4096)
 def _phase_table(net: Network, op: str, algo: str, sizes: tuple[int, ...], groups: schedule.Groups | None
-                 ) -> tuple[tuple[tuple[int, int, int, float, float], ...], ...]:
-    """Per phase, per message: (src, dst, segments, latency, transfer) without a window model."""
+                 ) -> _PhaseTable:
+    """The :class:`_PhaseTable` of a collective on ``net``."""
     mss = net.framing.mss or (net.tcp.mss if net.tcp is not None else 1448)
-    table = []
+    rows = []
     for phase in schedule.phases(op, algo, sizes, groups):
         messages = [(m.src, m.dst, m.nbytes) for m in phase]
-        table.append(tuple((src, dst, max(1, -(-(nbytes + net.framing.per_message) // mss)), lat, transfer)
-                           for (src, dst, nbytes), (lat, transfer) in zip(messages, net.message_parts(messages),
-                                                                           strict=True)))
-    return tuple(table)
+        rows.append(tuple((src, dst, max(1, -(-(nbytes + net.framing.per_message) // mss)), lat, transfer)
+                          for (src, dst, nbytes), (lat, transfer) in zip(messages, net.message_parts(messages),
+                                                                          strict=True)))
+    table = _PhaseTable(rows)
+    table.keys = tuple(sorted({(m[0], m[1]) for phase in table for m in phase}))
+    table.symmetric = all(len(phase) == len(table.keys) and len({m[2:] for m in phase}) == 1
+                          and len({(m[0], m[1]) for m in phase}) == len(table.keys) for phase in table)
+    return table
 
 
 def tcp_collective_parts(net: Network, conns: dict[tuple[int, int], Connection], start_s: float, op: str,
@@ -492,7 +506,7 @@ def tcp_collective_parts(net: Network, conns: dict[tuple[int, int], Connection],
     cap = model.cap_segments(net.framing.mss or model.mss)
     keys, symmetric = _table_shape(table)
     if symmetric and len({_state(conns.get(k)) for k in keys}) == 1:
-        return _symmetric_collective(model, conns, keys, table, start_s, cap, algo == "ring")
+        return _symmetric_collective(model, conns, keys, (net, op, algo, sizes, norm), start_s, cap, algo == "ring")
     total = latency = 0.0
     for phase in table:
         best, best_lat = -1.0, 0.0
@@ -506,6 +520,43 @@ def tcp_collective_parts(net: Network, conns: dict[tuple[int, int], Connection],
     return total, latency
 
 
+class _GlooRingPath(NamedTuple):
+    """What one group's gloo ring needs of the network (see :func:`_gloo_paths`)."""
+
+    total_bytes: int
+    links: tuple[tuple[int, int], ...]    # member j -> j + 1
+    latency_s: tuple[float, ...]
+    notice_latency_s: tuple[float, ...]   # member j -> j - 1
+    rtt_s: tuple[float, ...]
+    segment_s: tuple[float, ...]          # one full segment's transfer on each link
+    tcp_segments: int                     # TCP segments in a full segment
+
+
+@functools.lru_cache(maxsize=1024)
+def _gloo_paths(net: Network, sizes: tuple[int, ...], groups: schedule.Groups | None) -> tuple[_GlooRingPath, ...]:
+    """Every group's ring path (members of one group and more): its links, latencies, round trips
+    and a segment's transfer at its fair share (the rings of all groups at once). Cached: it
+    depends on the network and the collective's shape only."""
+    model = net.tcp
+    rings = [list(g) for g in groups] if groups is not None else [list(range(len(sizes)))]
+    rings = [g for g in rings if len(g) > 1]
+    mss = net.framing.mss or model.mss
+    segment = {tuple(g): gloo_ring_segment(sum(sizes[m] for m in g), len(g), model.segment_bytes) for g in rings}
+    hops = [(g[j], g[(j + 1) % len(g)], segment[tuple(g)]) for g in rings for j in range(len(g))]
+    transfer = {(src, dst): t for (src, dst, _), (_, t) in zip(hops, net.message_parts(hops), strict=True)}
+    paths = []
+    for g in rings:
+        k, seg = len(g), segment[tuple(g)]
+        links = tuple((g[j], g[(j + 1) % k]) for j in range(k))
+        lat = tuple(net._resources(a, b)[0] for a, b in links)
+        paths.append(_GlooRingPath(sum(sizes[m] for m in g), links, lat,
+                                   tuple(net._resources(g[j], g[(j - 1) % k])[0] for j in range(k)),
+                                   tuple(lat[j] + net._resources(b, a)[0] for j, (a, b) in enumerate(links)),
+                                   tuple(transfer[key] for key in links),
+                                   max(1, -(-(seg + net.framing.per_message) // mss))))
+    return tuple(paths)
+
+
 def _gloo_allreduce(net: Network, conns: dict[tuple[int, int], Connection], start_s: float,
                     sizes: tuple[int, ...], groups: schedule.Groups | None) -> tuple[float, float]:
     """:func:`tcp_collective_parts` of a ring all-reduce timed as gloo runs it
@@ -513,32 +564,16 @@ def _gloo_allreduce(net: Network, conns: dict[tuple[int, int], Connection], star
     with the other groups' rings as their phase messages do); the latency part is what the
     slowest group spends beyond its busiest connection's sending."""
     model = net.tcp
-    rings = [list(g) for g in groups] if groups is not None else [list(range(len(sizes)))]
-    rings = [g for g in rings if len(g) > 1]
-    if not rings:
-        return 0.0, 0.0
-    mss = net.framing.mss or model.mss
-    segment = {}
-    hops = []
-    for g in rings:
-        total = sum(sizes[m] for m in g)
-        segment[tuple(g)] = gloo_ring_segment(total, len(g), model.segment_bytes)
-        hops += [(g[j], g[(j + 1) % len(g)], segment[tuple(g)]) for j in range(len(g))]
-    transfer = {(src, dst): t for (src, dst, _), (_, t) in zip(hops, net.message_parts(hops), strict=True)}
+    cap = model.cap_segments(net.framing.mss or model.mss)
     total_s = latency = 0.0
-    for g in rings:
-        k, seg = len(g), segment[tuple(g)]
-        links = [(g[j], g[(j + 1) % k]) for j in range(k)]
-        lat = tuple(net._resources(a, b)[0] for a, b in links)
-        back = tuple(net._resources(g[j], g[(j - 1) % k])[0] for j in range(k))
-        rtt = tuple(lat[j] + net._resources(b, a)[0] for j, (a, b) in enumerate(links))
-        windows = tuple(_window_at(model, conns.get(key), start_s + back[(j + 1) % k], rtt[j])
-                        for j, key in enumerate(links))
-        srtts = tuple(conns[key].srtt_s if key in conns else None for key in links)
-        run = gloo_ring(sum(sizes[m] for m in g), model.segment_bytes, lat, back,
-                        tuple(transfer[key] for key in links), max(1, -(-(seg + net.framing.per_message) // mss)),
-                        windows, rtt, srtts, model.cap_segments(mss))
-        for j, key in enumerate(links):
+    for path in _gloo_paths(net, sizes, groups):
+        k = len(path.links)
+        windows = tuple(_window_at(model, conns.get(key), start_s + path.notice_latency_s[(j + 1) % k], path.rtt_s[j])
+                        for j, key in enumerate(path.links))
+        srtts = tuple(conns[key].srtt_s if key in conns else None for key in path.links)
+        run = gloo_ring(path.total_bytes, model.segment_bytes, path.latency_s, path.notice_latency_s, path.segment_s,
+                        path.tcp_segments, windows, path.rtt_s, srtts, cap)
+        for j, key in enumerate(path.links):
             if run.last_send_s[j] is not None:
                 conns[key] = Connection(run.windows[j], start_s + run.last_send_s[j], run.srtt_s[j])
         if run.end_s > total_s:
@@ -564,33 +599,68 @@ def _state(conn: Connection | None) -> tuple[float, float | None, float | None] 
     return None if conn is None else (conn.cwnd, conn.last_send_s, conn.srtt_s)
 
 
-@functools.lru_cache(maxsize=4096)
-def _table_shape(table: tuple) -> tuple[tuple[tuple[int, int], ...], bool]:
+def _table_shape(table: _PhaseTable) -> tuple[tuple[tuple[int, int], ...], bool]:
     """The connections a collective uses, and whether it is symmetric: every phase uses all of
     them with messages of equal segments, latency and transfer (a ring on a uniform network)."""
-    keys = tuple(sorted({(m[0], m[1]) for phase in table for m in phase}))
-    symmetric = all(len(phase) == len(keys) and len({m[2:] for m in phase}) == 1
-                    and len({(m[0], m[1]) for m in phase}) == len(keys) for phase in table)
-    return keys, symmetric
+    return table.keys, table.symmetric
 
 
 def _symmetric_collective(model: TcpModel, conns: dict[tuple[int, int], Connection],
-                          keys: tuple[tuple[int, int], ...], table: tuple, start_s: float, cap: float,
+                          keys: tuple[tuple[int, int], ...], shape: tuple, start_s: float, cap: float,
                           reverse_burst: bool) -> tuple[float, float]:
     """:func:`tcp_collective_parts` where every connection starts in the same state and every
-    phase treats them alike: one connection stands for all (the same arithmetic, done once)."""
+    phase treats them alike: one connection stands for all (the same arithmetic, done once).
+    The first phase may restart an idle window; the later ones follow from its outcome alone
+    (:func:`_later_phases`, cached), since a connection idles only one latency between phases.
+    ``shape``: the collective's (net, op, algo, sizes, groups), which name its phase table."""
+    table = _phase_table(*shape)
     one = {keys[0]: conns[keys[0]]} if keys[0] in conns else {}
-    total = latency = 0.0
-    for phase in table:
-        _, _, segments, lat, transfer = phase[0]
-        took = tcp_message(model, one, keys[0], segments, lat, transfer, start_s + total, cap,
-                           reverse_burst=reverse_burst)
-        total += lat + took
-        latency += lat + (took - transfer)
+    _, _, segments, lat, transfer = table[0][0]
+    took = tcp_message(model, one, keys[0], segments, lat, transfer, start_s, cap, reverse_burst=reverse_burst)
     state = one[keys[0]]
+    total, latency, last = lat + took, lat + (took - transfer), took
+    later = _later_phases(model, shape, state.cwnd, state.srtt_s, total, latency, cap, reverse_burst)
+    if later is None:   # a gap between phases longer than an RTO: phase by phase, at the phases' times
+        for phase in table[1:]:
+            _, _, segments, lat, transfer = phase[0]
+            took = tcp_message(model, one, keys[0], segments, lat, transfer, start_s + total, cap,
+                               reverse_burst=reverse_burst)
+            total += lat + took
+            latency += lat + (took - transfer)
+        state = one[keys[0]]
+    else:
+        total, latency, cwnd, srtt, last = later
+        state = Connection(cwnd, start_s + last, srtt)
     for k in keys:
         conns[k] = Connection(state.cwnd, state.last_send_s, state.srtt_s)
     return total, latency
+
+
+@functools.lru_cache(maxsize=4096)
+def _later_phases(model: TcpModel, shape: tuple, cwnd: float, srtt: float | None, total: float, latency: float,
+                  cap: float, reverse_burst: bool) -> tuple[float, float, float, float | None, float] | None:
+    """The phases after the first of :func:`_symmetric_collective` (as :func:`tcp_message` times
+    them), from the window and SRTT the first left and the time it took: (total, latency part,
+    window, SRTT, last send), times from the collective's start; None where a gap between phases
+    (the previous phase's latency) would restart the window. Cached: steps repeat."""
+    table = _phase_table(*shape)
+    last = total
+    gap = table[0][0][3]
+    for phase in table[1:]:
+        _, _, segments, lat, transfer = phase[0]
+        if model.restart_after_idle and gap > model.rto_s(2.0 * lat if srtt is None else srtt):
+            return None
+        rtt = 2.0 * lat
+        took, after, in_flight = window_transfer(segments, transfer, rtt, cwnd, cap, reverse_burst)
+        queue = queue_delay_s(took, after if reverse_burst else in_flight, transfer / max(1, segments), rtt)
+        srtt = smoothed_rtt(srtt, rtt, queue, segments)
+        if model.rendezvous:
+            took += lat
+        last = total + took
+        total += lat + took
+        latency += lat + (took - transfer)
+        cwnd, gap = after, lat
+    return total, latency, cwnd, srtt, last
 
 
 def tcp_message(model: TcpModel, conns: dict[tuple[int, int], Connection], key: tuple[int, int], segments: int,
