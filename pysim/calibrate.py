@@ -34,9 +34,12 @@ its own TCP congestion control.
 TCP's window (:mod:`pysim.tcp`) is not fitted here: the repetitions run back to back, so
 after the warm-up every window covers the path and neither the initial window nor a
 buffer cap changes a timing (at the sub-millisecond round trips of a tbf link they could
-not anyway). Its parameters are Linux's, checked against gloo over a delay line with
-``bench/tcp_window.py``, whose ``model`` mode re-models saved timings under other settings
-(``--tcp ':rendezvous=on:cap=2MiB'``).
+not anyway). Its parameters are Linux's (initial window 10, RTO 200 ms + the smoothed
+RTT), checked against gloo over a delay line with ``bench/tcp_window.py`` (and Linux's own
+windows with ``bench/tcp_state.py``); its ``model`` mode re-models saved timings under other
+settings (``--tcp ':rendezvous=on:segment=1MiB:cap=2MiB'``). For a link that gloo will run
+on, compare with ``--tcp reno:rendezvous=on:segment=1MiB`` (or the link's congestion
+control), which adds gloo's ready notices and its ring's 1 MiB segments.
 
 The congestion control matters. With a loss-based one (reno) both ranks keep
 the shaper's queue full and a 2-rank all-reduce takes what the link's rate,
