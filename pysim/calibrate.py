@@ -83,6 +83,7 @@ from pysim.network import (
     parse_bandwidth,
     parse_framing,
 )
+from pysim.tcp import TCP_MODELS
 
 DEFAULT_SIZES = (262_144, 1_048_576, 4_194_304, 10_485_760)
 
@@ -285,6 +286,10 @@ def run_cli(a: argparse.Namespace) -> int:
     print(f"timings saved to {timings_path}")
     fit = fit_link(sizes, times["torch"], a.framing, a.bandwidth)
     print(f"TCP congestion control: {congestion}; {a.stat} of {len(every_rep['torch'][0])} repetitions per size")
+    print("TCP window: not fitted (the repetitions run back to back, every window open); assumed Linux's: "
+          "initial window 10, restart after 200 ms + smoothed RTT idle. For gloo on this link add "
+          f"--tcp {ends[0] if ends[0] == ends[1] and ends[0] in TCP_MODELS else 'reno'}:rendezvous=on:segment=1MiB "
+          "to compare or sweep")
     print(fit.table())
     write_network_file(fit, a.out, congestion)
     if "pysim" in times:

@@ -87,6 +87,7 @@ def test_calibrate_over_a_tbf_shaped_veth_link(tmp_path):
     for real, model in zip(cal["real_s"], cal["model_s"], strict=True):
         assert model == pytest.approx(real, rel=0.1)
     assert cal["tcp_congestion_control"] == "reno" and "TCP congestion control: reno" in done.stdout
+    assert "TCP window: not fitted" in done.stdout and "--tcp reno:rendezvous=on:segment=1MiB" in done.stdout
     # at least 2 rounds, and more until 2 s have passed: a round of 3.5 MiB takes ~0.3 s at 100 Mbit/s
     assert int(re.search(r"min of (\d+) repetitions", done.stdout).group(1)) > 2
     assert "model/real" in done.stdout
