@@ -43,7 +43,7 @@ import heapq
 import math
 from typing import NamedTuple
 
-from pysim.tcp import queue_delay_s, smoothed_rtt, transfer
+from pysim.tcp import srtt_after, transfer
 
 GLOO_MAX_SEGMENT_BYTES = 1 << 20   # gloo's AllreduceOptions::kMaxSegmentSize
 
@@ -90,12 +90,8 @@ def gloo_ring(total_bytes: int, max_segment_bytes: int, latency_s: tuple[float, 
     no TCP model, bytes leave at the rate); ``srtt_s``: their smoothed round trips (None:
     no sample yet), updated per segment as :mod:`pysim.tcp` says; ``cap``: the windows' cap
     (segments). Cached: every node's clock asks the same."""
-    ring = _Ring(total_bytes, max_segment_bytes, latency_s, notice_latency_s, segment_s, tcp_segments, windows,
-                 rtt_s)
-    ring.cap = cap
-    if srtt_s is not None:
-        ring.srtt = list(srtt_s)
-    return ring.run()
+    return _Ring(total_bytes, max_segment_bytes, latency_s, notice_latency_s, segment_s, tcp_segments, windows,
+                 rtt_s, srtt_s, cap).run()
 
 
 class _Ring:
@@ -105,14 +101,15 @@ class _Ring:
 
     def __init__(self, total_bytes: int, max_segment_bytes: int, latency_s: tuple[float, ...],
                  notice_latency_s: tuple[float, ...], segment_s: tuple[float, ...], tcp_segments: int,
-                 windows: tuple[float, ...] | None, rtt_s: tuple[float, ...]) -> None:
+                 windows: tuple[float, ...] | None, rtt_s: tuple[float, ...], srtt_s: tuple[float | None, ...] | None,
+                 cap: float) -> None:
         self.n = n = len(latency_s)
         self.total = total_bytes
         self.count, self.seg = segments_of(total_bytes, n, max_segment_bytes)
         self.per_rank = self.count // n
         self.loop_ops = self.count - self.per_rank          # iterations that post operations
         self.latency_s, self.notice_latency_s, self.segment_s = latency_s, notice_latency_s, segment_s
-        self.tcp_segments, self.windows, self.rtt_s = tcp_segments, windows, rtt_s
+        self.tcp_segments, self.windows, self.rtt_s, self.cap = tcp_segments, windows, rtt_s, cap
         self.events: list[tuple[float, int, int, int, int, int]] = []   # (t, order, kind, member, loop, i)
         self.order = 0
         self.queue_end = [0.0] * n            # when the bytes each member wrote so far have left it
@@ -120,8 +117,7 @@ class _Ring:
         self.after = list(windows) if windows is not None else [math.inf] * n
         self.last_send: list[float | None] = [None] * n
         self.busy = [0.0] * n
-        self.srtt: list[float | None] = [None] * n
-        self.cap = math.inf
+        self.srtt: list[float | None] = list(srtt_s) if srtt_s is not None else [None] * n
         self.state = [(0, 0)] * n             # per member: its next (loop, iteration)
         self.clock = [0.0] * n                # per member: when it may go on
         self.received: set[tuple[int, int, int]] = set()
@@ -175,12 +171,11 @@ class _Ring:
         b[3] += plain
         self.busy[j] += plain
         took = b[3]
-        if self.windows is not None:
-            took, self.after[j], _ = transfer(b[2], b[3], self.rtt_s[j], b[1], self.cap, reverse_burst=True)
-            # the RTT samples also hold the ACKs' wait behind the receiver's own burst (every member
-            # sends as it receives): the window after stands for both queues, as in tcp_message
-            queue = queue_delay_s(b[0] + took - t, self.after[j], plain / segments, self.rtt_s[j])
-            self.srtt[j] = smoothed_rtt(self.srtt[j], self.rtt_s[j], queue, segments)
+        if self.windows is not None:   # every member sends as it receives: a ring's reverse burst
+            done = transfer(b[2], b[3], self.rtt_s[j], b[1], self.cap, reverse_burst=True)
+            took, self.after[j] = done.took_s, done.window
+            self.srtt[j] = srtt_after(self.srtt[j], self.rtt_s[j], done, b[0] + took - t, plain / segments, segments,
+                                      reverse_burst=True)
         self.queue_end[j] = self.last_send[j] = b[0] + took
         self.push(self.queue_end[j] + self.latency_s[j], 1, (j + 1) % self.n, loop, i)
 

@@ -68,8 +68,7 @@ from pysim.tcp import (
     Connection,
     TcpModel,
     parse_tcp,
-    queue_delay_s,
-    smoothed_rtt,
+    srtt_after,
     tcp_from_json,
     tcp_to_json,
     window_after_idle,
@@ -497,8 +496,7 @@ def tcp_collective_parts(net: Network, conns: dict[tuple[int, int], Connection],
     if model is None:
         raise ValueError("tcp_collective_parts needs a network with a TCP model (Network.tcp)")
     sizes = tuple(int(s) for s in sizes)
-    if any(s < 0 for s in sizes):
-        raise ValueError(f"negative message size in {sizes}")
+    schedule.check_sizes(sizes)
     norm = schedule.check_groups(groups, len(sizes))
     if model.segment_bytes is not None and op == "allreduce" and algo == "ring":
         return _gloo_allreduce(net, conns, start_s, sizes, norm)
@@ -541,15 +539,16 @@ def _gloo_paths(net: Network, sizes: tuple[int, ...], groups: schedule.Groups | 
     rings = [list(g) for g in groups] if groups is not None else [list(range(len(sizes)))]
     rings = [g for g in rings if len(g) > 1]
     mss = net.framing.mss or model.mss
-    segment = {tuple(g): gloo_ring_segment(sum(sizes[m] for m in g), len(g), model.segment_bytes) for g in rings}
-    hops = [(g[j], g[(j + 1) % len(g)], segment[tuple(g)]) for g in rings for j in range(len(g))]
+    totals = [sum(sizes[m] for m in g) for g in rings]
+    segments = [gloo_ring_segment(total, len(g), model.segment_bytes) for g, total in zip(rings, totals, strict=True)]
+    hops = [(g[j], g[(j + 1) % len(g)], seg) for g, seg in zip(rings, segments, strict=True) for j in range(len(g))]
     transfer = {(src, dst): t for (src, dst, _), (_, t) in zip(hops, net.message_parts(hops), strict=True)}
     paths = []
-    for g in rings:
-        k, seg = len(g), segment[tuple(g)]
+    for g, total, seg in zip(rings, totals, segments, strict=True):
+        k = len(g)
         links = tuple((g[j], g[(j + 1) % k]) for j in range(k))
         lat = tuple(net._resources(a, b)[0] for a, b in links)
-        paths.append(_GlooRingPath(sum(sizes[m] for m in g), links, lat,
+        paths.append(_GlooRingPath(total, links, lat,
                                    tuple(net._resources(g[j], g[(j - 1) % k])[0] for j in range(k)),
                                    tuple(lat[j] + net._resources(b, a)[0] for j, (a, b) in enumerate(links)),
                                    tuple(transfer[key] for key in links),
@@ -588,11 +587,8 @@ def _window_at(model: TcpModel, conn: Connection | None, send_s: float, rtt_s: f
         return float(model.initial_window)
     if conn.last_send_s is None:
         return conn.cwnd
-    return window_after_idle(model, conn.cwnd, send_s - conn.last_send_s, _srtt(conn, rtt_s))
-
-
-def _srtt(conn: Connection, rtt_s: float) -> float:
-    return rtt_s if conn.srtt_s is None else conn.srtt_s
+    srtt = rtt_s if conn.srtt_s is None else conn.srtt_s   # the RTO comes from the smoothed round trip
+    return window_after_idle(model, conn.cwnd, send_s - conn.last_send_s, srtt)
 
 
 def _state(conn: Connection | None) -> tuple[float, float | None, float | None] | None:
@@ -610,57 +606,37 @@ def _symmetric_collective(model: TcpModel, conns: dict[tuple[int, int], Connecti
                           reverse_burst: bool) -> tuple[float, float]:
     """:func:`tcp_collective_parts` where every connection starts in the same state and every
     phase treats them alike: one connection stands for all (the same arithmetic, done once).
-    The first phase may restart an idle window; the later ones follow from its outcome alone
-    (:func:`_later_phases`, cached), since a connection idles only one latency between phases.
-    ``shape``: the collective's (net, op, algo, sizes, groups), which name its phase table."""
-    table = _phase_table(*shape)
+    The first phase may restart a window left idle since the last collective; the later ones
+    follow from its outcome alone (:func:`_later_phases`, cached). ``shape``: the collective's
+    (net, op, algo, sizes, groups), which name its phase table."""
+    _, _, segments, lat, transfer = _phase_table(*shape)[0][0]
     one = {keys[0]: conns[keys[0]]} if keys[0] in conns else {}
-    _, _, segments, lat, transfer = table[0][0]
     took = tcp_message(model, one, keys[0], segments, lat, transfer, start_s, cap, reverse_burst=reverse_burst)
     state = one[keys[0]]
-    total, latency, last = lat + took, lat + (took - transfer), took
-    later = _later_phases(model, shape, state.cwnd, state.srtt_s, total, latency, cap, reverse_burst)
-    if later is None:   # a gap between phases longer than an RTO: phase by phase, at the phases' times
-        for phase in table[1:]:
-            _, _, segments, lat, transfer = phase[0]
-            took = tcp_message(model, one, keys[0], segments, lat, transfer, start_s + total, cap,
-                               reverse_burst=reverse_burst)
-            total += lat + took
-            latency += lat + (took - transfer)
-        state = one[keys[0]]
-    else:
-        total, latency, cwnd, srtt, last = later
-        state = Connection(cwnd, start_s + last, srtt)
+    total, latency, cwnd, srtt, last = _later_phases(model, shape, state.cwnd, state.srtt_s, took, cap,
+                                                     reverse_burst)
     for k in keys:
-        conns[k] = Connection(state.cwnd, state.last_send_s, state.srtt_s)
+        conns[k] = Connection(cwnd, start_s + last, srtt)
     return total, latency
 
 
 @functools.lru_cache(maxsize=4096)
-def _later_phases(model: TcpModel, shape: tuple, cwnd: float, srtt: float | None, total: float, latency: float,
-                  cap: float, reverse_burst: bool) -> tuple[float, float, float, float | None, float] | None:
-    """The phases after the first of :func:`_symmetric_collective` (as :func:`tcp_message` times
-    them), from the window and SRTT the first left and the time it took: (total, latency part,
-    window, SRTT, last send), times from the collective's start; None where a gap between phases
-    (the previous phase's latency) would restart the window. Cached: steps repeat."""
+def _later_phases(model: TcpModel, shape: tuple, cwnd: float, srtt: float | None, first_took: float, cap: float,
+                  reverse_burst: bool) -> tuple[float, float, float, float | None, float]:
+    """(total, latency part, window, SRTT, last send) of :func:`_symmetric_collective` after its
+    first phase took ``first_took`` and left window ``cwnd`` and ``srtt``: every later phase as
+    :func:`tcp_message` times it, times from the collective's start. Cached: steps repeat."""
     table = _phase_table(*shape)
-    last = total
-    gap = table[0][0][3]
+    _, _, _, lat, transfer = table[0][0]
+    total, latency = lat + first_took, lat + (first_took - transfer)
+    one = {(0, 1): Connection(cwnd, first_took, srtt)}
     for phase in table[1:]:
         _, _, segments, lat, transfer = phase[0]
-        if model.restart_after_idle and gap > model.rto_s(2.0 * lat if srtt is None else srtt):
-            return None
-        rtt = 2.0 * lat
-        took, after, in_flight = window_transfer(segments, transfer, rtt, cwnd, cap, reverse_burst)
-        queue = queue_delay_s(took, after if reverse_burst else in_flight, transfer / max(1, segments), rtt)
-        srtt = smoothed_rtt(srtt, rtt, queue, segments)
-        if model.rendezvous:
-            took += lat
-        last = total + took
+        took = tcp_message(model, one, (0, 1), segments, lat, transfer, total, cap, reverse_burst=reverse_burst)
         total += lat + took
         latency += lat + (took - transfer)
-        cwnd, gap = after, lat
-    return total, latency, cwnd, srtt, last
+    state = one[(0, 1)]
+    return total, latency, state.cwnd, state.srtt_s, state.last_send_s
 
 
 def tcp_message(model: TcpModel, conns: dict[tuple[int, int], Connection], key: tuple[int, int], segments: int,
@@ -672,21 +648,12 @@ def tcp_message(model: TcpModel, conns: dict[tuple[int, int], Connection], key: 
     the connection keeps its new window and the time it last sent."""
     rtt = 2.0 * latency_s
     conn = conns.get(key)
-    if conn is None:
-        cwnd = float(model.initial_window)
-    elif conn.last_send_s is None:
-        cwnd = conn.cwnd
-    else:
-        cwnd = window_after_idle(model, conn.cwnd, start_s - conn.last_send_s, _srtt(conn, rtt))
-    took, after, in_flight = window_transfer(segments, transfer_s_, rtt, cwnd, cap, reverse_burst)
-    # in a ring the RTT samples also hold the ACKs' wait behind the receiver's own burst: the
-    # window after stands for both queues (it reproduced Linux's SRTT-driven restarts, RESULTS.md)
-    queue = queue_delay_s(took, after if reverse_burst else in_flight, transfer_s_ / max(1, segments), rtt)
-    srtt = smoothed_rtt(None if conn is None else conn.srtt_s, rtt, queue, segments)
-    if model.rendezvous:   # the receiver's ready notice comes first
-        took += latency_s
+    done = window_transfer(segments, transfer_s_, rtt, _window_at(model, conn, start_s, rtt), cap, reverse_burst)
+    srtt = srtt_after(None if conn is None else conn.srtt_s, rtt, done, done.took_s, transfer_s_ / max(1, segments),
+                      segments, reverse_burst)
+    took = done.took_s + (latency_s if model.rendezvous else 0.0)   # the receiver's ready notice comes first
     if commit:
-        conns[key] = Connection(after, start_s + took, srtt)
+        conns[key] = Connection(done.window, start_s + took, srtt)
     return took
 
 

@@ -129,12 +129,17 @@ def phases(op: str, algo: str, sizes: Sequence[int], groups: Sequence[Sequence[i
     return _phases(op, algo, sizes, check_groups(groups, len(sizes)))
 
 
+def check_sizes(sizes: tuple[int, ...]) -> None:
+    """ValueError if a member's message size (bytes) is negative."""
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"negative message size in {sizes}")
+
+
 @functools.lru_cache(maxsize=65536)
 def _phases(op: str, algo: str, sizes: tuple[int, ...], groups: Groups | None) -> tuple[Phase, ...]:
     """:func:`phases` on normalised arguments. Cached: a run repeats few distinct collectives."""
     check_collective(op, algo)
-    if any(s < 0 for s in sizes):
-        raise ValueError(f"negative message size in {sizes}")
+    check_sizes(sizes)
     if groups is not None:
         return _grouped(op, algo, sizes, groups)
     return _one_group(op, algo, sizes)

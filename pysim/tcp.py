@@ -6,7 +6,7 @@ first byte: it may have ``cwnd`` segments unacknowledged, starts with the initia
 in slow start, grows by one segment per segment acknowledged (doubling per round trip) until
 the window covers the path's bandwidth-delay product. With ``per`` = X / S seconds per
 segment (S segments) and round trip R = 2 L, a message is sent in rounds
-(:func:`transfer_s`):
+(:func:`transfer`):
 
     a round with w * per < R (the window does not fill the pipe) sends min(w, left) segments
     and costs R; then w = min(w + sent, cap)
@@ -226,6 +226,17 @@ def smoothed_rtt(srtt_s: float | None, rtt_s: float, queue_s: float, segments: i
     return sample + (srtt_s - sample) * 0.875 ** max(1, segments // 2)
 
 
+def srtt_after(srtt_s: float | None, rtt_s: float, done: Transfer, waited_s: float, per_s: float,
+               segments: int, reverse_burst: bool) -> float:
+    """A connection's smoothed round trip after a message of ``segments`` segments of ``per_s``
+    seconds sent as ``done`` (:func:`transfer`), its last bytes ``waited_s`` since they were
+    written: :func:`smoothed_rtt` of its :func:`queue_delay_s`. In a ring (``reverse_burst``) a
+    sample holds both queues, the data's and its ACK's, and the window after stands for them
+    (see the module docstring); elsewhere the segments in flight bound the one queue."""
+    window = done.window if reverse_burst else done.in_flight
+    return smoothed_rtt(srtt_s, rtt_s, queue_delay_s(waited_s, window, per_s, rtt_s), segments)
+
+
 def window_after_idle(model: TcpModel, cwnd: float, idle_s: float, rtt_s: float) -> float:
     """The window a connection sends with after ``idle_s`` seconds without sending (Linux's
     ``tcp_cwnd_restart``: halved per RTO elapsed, down to min(initial window, cwnd)).
@@ -281,13 +292,6 @@ def transfer(segments: int, plain_s: float, rtt_s: float, cwnd: float, cap: floa
         t += round_s(sent)
         w = _grown(w, sent, sent, cap)
         prev = sent
-
-
-def transfer_s(segments: int, plain_s: float, rtt_s: float, cwnd: float, cap: float,
-               reverse_burst: bool = False) -> tuple[float, float]:
-    """(seconds from the first segment sent to the last, window after) of :func:`transfer`."""
-    done = transfer(segments, plain_s, rtt_s, cwnd, cap, reverse_burst)
-    return done.took_s, done.window
 
 
 def _grown(cwnd: float, acked: int, in_flight: int, cap: float) -> float:

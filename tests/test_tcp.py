@@ -8,38 +8,43 @@ import pytest
 
 from pysim.clock import Clock, replay
 from pysim.network import Network, collective_s, network_from_json, network_to_json
-from pysim.tcp import TcpModel, parse_tcp, queue_delay_s, smoothed_rtt, transfer_s, window_after_idle
+from pysim.tcp import TcpModel, parse_tcp, queue_delay_s, smoothed_rtt, transfer, window_after_idle
 from pysim.trace import Collective, Start, Trace, Wait
+
+
+def transfer_s_of(*args, **kwargs) -> tuple[float, float]:
+    """(seconds, window after) of :func:`pysim.tcp.transfer`."""
+    return tuple(transfer(*args, **kwargs)[:2])
 
 
 def test_slow_start_rounds_by_hand():
     # 100 segments of 1 ms each, RTT 20 ms, window 10: one round of 10 segments (20 ms), then the
     # window (20) fills the pipe (20 x 1 ms = RTT) and the other 90 flow at the rate (90 ms)
-    took, after = transfer_s(100, 0.1, 0.02, 10, math.inf)
+    took, after = transfer_s_of(100, 0.1, 0.02, 10, math.inf)
     assert took == pytest.approx(0.02 + 0.09)
     assert after == 110
     # window 2, RTT 20 ms: rounds of 2, 4, 8 segments (3 x 20 ms), then 16 x 1 ms < 20 ms: a
     # fourth round; then 32 fills the pipe: 100 - 30 = 70 segments at the rate
-    took, after = transfer_s(100, 0.1, 0.02, 2, math.inf)
+    took, after = transfer_s_of(100, 0.1, 0.02, 2, math.inf)
     assert took == pytest.approx(4 * 0.02 + 0.07)
     assert after == 102
 
 
 def test_full_window_is_exactly_the_plain_transfer():
-    assert transfer_s(1000, 0.123456789, 0.01, 500, math.inf) == (0.123456789, 1500)
-    assert transfer_s(1000, 0.5, 0.0, 1, math.inf)[0] == 0.5   # no round trip, no wait
+    assert transfer_s_of(1000, 0.123456789, 0.01, 500, math.inf) == (0.123456789, 1500)
+    assert transfer_s_of(1000, 0.5, 0.0, 1, math.inf)[0] == 0.5   # no round trip, no wait
 
 
 def test_message_within_one_window_costs_no_round_trip():
-    took, after = transfer_s(5, 0.005, 0.2, 10, math.inf)
+    took, after = transfer_s_of(5, 0.005, 0.2, 10, math.inf)
     assert took == pytest.approx(0.005)
     assert after == 10      # 5 in flight under a window of 10: not window-limited, no growth (Linux)
-    assert transfer_s(8, 0.008, 0.2, 10, math.inf)[1] == 16     # grows to twice the segments in flight
+    assert transfer_s_of(8, 0.008, 0.2, 10, math.inf)[1] == 16     # grows to twice the segments in flight
 
 
 def test_buffer_cap_limits_every_round():
     # cap 10 segments, 100 segments of 1 ms, RTT 50 ms: 10 rounds, the last one's 10 segments at the rate
-    took, after = transfer_s(100, 0.1, 0.05, 10, 10)
+    took, after = transfer_s_of(100, 0.1, 0.05, 10, 10)
     assert took == pytest.approx(9 * 0.05 + 0.01)
     assert after == 10
 
@@ -172,7 +177,7 @@ def test_restart_counts_rtos_of_the_smoothed_round_trip():
 def test_last_round_grows_with_the_rounds_in_flight():
     # 346 segments from a window of 86 at 100 ms: rounds of 86, 172 and 88; Linux ends at 433-436
     per = 0.1 / 806
-    took, after = transfer_s(346, 346 * per, 0.1, 86, math.inf)
+    took, after = transfer_s_of(346, 346 * per, 0.1, 86, math.inf)
     assert took == pytest.approx(2 * 0.1 + 88 * per)
     assert after == 86 + 346
 
@@ -190,7 +195,8 @@ def test_connections_keep_their_smoothed_round_trip():
 def test_a_round_waits_for_acks_behind_the_receiver_s_own_burst():
     # 100 segments of 1 ms, RTT 20 ms, window 2: rounds of 2, 4, 8, 16 (16 ms > RTT/2: its
     # first ACK waits 6 ms behind the receiver's own 16 segments), then 32 fill the pipe
-    took, after = transfer_s(100, 0.1, 0.02, 2, math.inf, reverse_burst=True)
+    took, after = transfer_s_of(100, 0.1, 0.02, 2, math.inf, reverse_burst=True)
     assert took == pytest.approx(4 * 0.02 + 0.006 + 0.07)
     assert after == 102
-    assert transfer_s(100, 0.1, 0.02, 64, math.inf, reverse_burst=True) == transfer_s(100, 0.1, 0.02, 64, math.inf)
+    wide = 100, 0.1, 0.02, 64, math.inf   # a window past the pipe: no rounds, no wait
+    assert transfer_s_of(*wide, reverse_burst=True) == transfer_s_of(*wide)
