@@ -13,7 +13,8 @@ nodes share nothing but meetings; it only sets which one uses the CPU when.
 Each node has its own random number generators: torch's, Python's ``random``
 and NumPy's global ones are saved when a node passes the turn and restored
 when it gets it back, so a node draws the same numbers as it would alone in a
-process (each node starts from the same fixed state, as a fresh process would).
+process (each node starts from the same fixed state, as a fresh process would;
+:mod:`pysim.global_rng` keeps that cheap).
 
 Meetings (:meth:`Host.meet`). Every local node calls ``meet`` in the same
 order (the code is the same on every node, SPMD); the last node to arrive runs
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pysim.global_rng import GlobalRNG, RNGState
 from pysim.transport import Transport
 
 _local = threading.local()   # .host, .node: the Host and node of the current node thread
@@ -72,20 +74,19 @@ class _Meeting:
         self.outcomes: dict[int, Any] | None = None
 
 
-_FRESH_RNG: tuple | None = None   # the generators' state of a fresh process, which every node starts from
+_FRESH_RNG: RNGState | None = None   # the generators' state of a fresh process, which every node starts from
 
 
-def _fresh_rng() -> tuple:
+def _fresh_rng() -> RNGState:
     global _FRESH_RNG
     if _FRESH_RNG is None:
-        saved = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+        generators = GlobalRNG()
+        saved = generators.save()
         torch.manual_seed(torch.initial_seed())
         random.seed(0)
         np.random.seed(0)
-        _FRESH_RNG = (torch.get_rng_state(), random.getstate(), np.random.get_state())
-        torch.set_rng_state(saved[0])
-        random.setstate(saved[1])
-        np.random.set_state(saved[2])
+        _FRESH_RNG = generators.save()
+        generators.load(saved)
     return _FRESH_RNG
 
 
@@ -103,7 +104,8 @@ class Host:
             lock.acquire()                       # a node runs only once its lock is released to it
         self._blocked: dict[int, Callable[[], bool]] = {}
         self._done: set[int] = set()
-        self._rng: dict[int, tuple] = {}
+        self._rng: dict[int, RNGState] = {}
+        self._generators = GlobalRNG()
         self._joined: dict[int, int] = {n: 0 for n in self.nodes}    # meetings each node has joined
         self._meetings: dict[int, _Meeting] = {}
         self._failure: NodeFailed | None = None
@@ -158,7 +160,7 @@ class Host:
         node = _local.node
         if until():
             return
-        self._rng[node] = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+        self._rng[node] = self._generators.save()
         self._blocked[node] = until
         self._pass_turn(node)
         self._turn[node].acquire()
@@ -185,11 +187,8 @@ class Host:
             for n in waiting:
                 self._turn[n].release()
 
-    @staticmethod
-    def _load_rng(state: tuple) -> None:
-        torch.set_rng_state(state[0])
-        random.setstate(state[1])
-        np.random.set_state(state[2])
+    def _load_rng(self, state: RNGState) -> None:
+        self._generators.load(state)
 
     # ------------------------------------------------------------ meetings
 

@@ -1,0 +1,95 @@
+"""The process's global generators saved and restored exactly (pysim/global_rng.py), and cheaply:
+NumPy's legacy state with and without a cached Gaussian, a reseed, another bit generator."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pysim.global_rng import GlobalRNG
+from pysim.host import Host, current_host
+from pysim.placement import Placement
+from pysim.transport import Transport
+
+
+def draws() -> tuple:
+    """One of each generator's draws, NumPy's legacy Gaussian included (it caches every other one)."""
+    return torch.rand(2).tolist(), random.random(), np.random.rand(), np.random.randn(), np.random.randint(1 << 30)
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    yield
+    np.random.seed()
+
+
+def test_a_saved_state_gives_the_same_draws_again(seeded):
+    generators = GlobalRNG()
+    start = generators.save()
+    first = draws()
+    after = generators.save()          # NumPy holds a cached Gaussian here (one randn drawn)
+    second = draws()
+    generators.load(start)
+    assert draws() == first
+    generators.load(after)
+    assert draws() == second
+
+
+@pytest.mark.parametrize("disturb", ["nothing", "uniform", "gaussian", "reseed", "another bit generator"])
+def test_a_state_survives_whatever_ran_while_it_was_saved(seeded, disturb):
+    generators = GlobalRNG()
+    np.random.randn()                  # a cached Gaussian in the saved state, then none
+    for cached in (True, False):
+        saved = generators.save()
+        expected = draws()
+        generators.load(saved)
+        assert draws() == expected
+        generators.load(saved)
+        if disturb == "uniform":
+            np.random.rand(5)
+        elif disturb == "gaussian":
+            np.random.randn(3)
+        elif disturb == "reseed":
+            np.random.seed(7)
+        elif disturb == "another bit generator" and hasattr(np.random, "set_bit_generator"):
+            np.random.set_bit_generator(np.random.MT19937(3))
+        generators.save()              # what a node that passes the turn does
+        generators.load(saved)
+        assert draws() == expected, (disturb, cached)
+        np.random.randn()              # the next round starts from no cached Gaussian
+
+
+def test_a_state_that_did_not_change_is_not_copied_again(seeded, monkeypatch):
+    generators = GlobalRNG()
+    np.random.rand()
+    saved = generators.save()
+    calls = []
+    monkeypatch.setattr(np.random, "get_state", lambda *a: calls.append("get"))
+    monkeypatch.setattr(np.random, "set_state", lambda *a: calls.append("set"))
+    assert generators.save().numpy is saved.numpy
+    generators.load(saved)
+    assert calls == []
+
+
+def _gaussians(node: int, world: int) -> list[float]:
+    host = current_host()
+    out = []
+    for turn in range(3):
+        out.append(float(np.random.randn()))     # odd counts: a Gaussian stays cached across the turn
+        if node == 1:
+            np.random.seed(turn + 10)            # another node reseeds between the others' draws
+        host.meet("turn", None, lambda req: dict.fromkeys(req))
+    return out
+
+
+def test_nodes_taking_turns_draw_a_fresh_process_s_gaussians():
+    placement = Placement(3, 1)
+    out = Host(placement.hosted(0), 3, Transport(placement, 0)).run(_gaussians)
+    np.random.seed(0)                            # a fresh process's NumPy state
+    fresh = [float(np.random.randn()) for _ in range(3)]
+    assert out[0] == fresh and out[2] == fresh
+    assert out[1][0] == fresh[0] and out[1][1] != fresh[1]
