@@ -108,6 +108,7 @@ class NodeRun:
         self.batches = ShardSampler(self.train, shards[rank], cfg.batch_size, cfg.seed * 1000 + rank)
         self.quick = Subset(evaluation, eval_subset(len(evaluation), cfg.eval_subset))
         self.evaluation = evaluation
+        self.last_metrics: tuple[int, dict[str, float]] | None = None   # (steps done, metrics) of the last evaluation
         # model, optimizer, strategy: identical initial model on every node
         torch.manual_seed(cfg.seed)
         self.model = wl.model()
@@ -193,6 +194,7 @@ class NodeRun:
         if done % cfg.eval_every == 0 or done == cfg.steps:
             deployed = self.strategy.eval_model()
             metrics = self.evaluate(deployed, self.quick, holder)
+            self.last_metrics = (done, metrics)
             bisected = self.crossing.evaluated(done, metrics)
             if self.rank == 0:
                 self.evals += [EvalRecord(k, m, len(self.quick)) for k, m in bisected]
@@ -229,14 +231,18 @@ class NodeRun:
         return dict.fromkeys(requests)
 
     def finish(self) -> dict:
-        """The final evaluation on the whole set, and the records as plain JSON-able data (under
-        torchrun they cross between ranks as JSON)."""
+        """The final evaluation on the whole set (the last step's evaluation, when that already was
+        of the whole set: the same model, examples and split), and the records as plain JSON-able
+        data (under torchrun they cross between ranks as JSON)."""
         self.bar.close()
-        if self.diverged_at_step is None:
+        if self.diverged_at_step is not None:   # a model that is not finite has no metrics worth a pass
+            final = dict.fromkeys(self.evals[-1].metrics if self.evals else (), math.nan)
+        elif self.last_metrics is not None and self.last_metrics[0] == self.cfg.steps \
+                and len(self.quick) == len(self.evaluation):
+            final = dict(self.last_metrics[1])   # the last step's evaluation was this very pass (the whole set)
+        else:
             final = self.evaluate(self.strategy.eval_model(), self.evaluation,
                                   self.strategy.deployer(self.cfg.steps - 1))
-        else:  # a model that is not finite has no metrics worth a pass over the evaluation set
-            final = dict.fromkeys(self.evals[-1].metrics if self.evals else (), math.nan)
         evals = self.evals if self.rank == 0 else []
         return {"steps": [list(s) for s in self.steps], "evals": [list(e) for e in evals],
                 "final_metrics": final if self.rank == 0 else None, "diverged_at_step": self.diverged_at_step,

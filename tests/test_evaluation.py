@@ -106,3 +106,43 @@ def test_crossing_finder_finds_an_early_crossing_a_bisection_would_skip():
     values.update({28: 0.985, **{k: 0.99 for k in range(45, 101)}})
     found, _, _ = run_finder(values)
     assert found[-1][0] == 28 and found[-1][1]["accuracy"] >= 0.98
+
+
+def _run_counting_evaluations(monkeypatch, eval_subset, reuse=True) -> tuple[dict, list[int]]:
+    from pysim.config import TrainConfig
+    from pysim.host import Host, current_node
+    from pysim.node import NodeRun, train_node
+    from pysim.placement import Placement
+    from pysim.transport import Transport
+
+    passes = []   # node 0's calls (every node takes part in each)
+    real_call = Evaluator.__call__
+    monkeypatch.setattr(Evaluator, "__call__", lambda self, m, data, holder=0: (current_node() == 0 and passes.append(
+        len(data))) or real_call(self, m, data, holder))
+    if not reuse:   # the final evaluation made as if the last one had not been of the whole set
+        real_finish = NodeRun.finish
+
+        def finish(self):
+            self.last_metrics = None
+            return real_finish(self)
+        monkeypatch.setattr(NodeRun, "finish", finish)
+    cfg = TrainConfig(workload="mnist", strategy="SimpleReduce", nodes=3, steps=6, eval_every=3,
+                      eval_subset=eval_subset, train_examples=600, batch_size=16, compute="cpu")
+    cfg.check()
+    placement = Placement(3, 1)   # three nodes in this process, the evaluation split between them
+    return Host(placement.hosted(0), 3, Transport(placement, 0)).run(train_node, (cfg,))[0], passes
+
+
+def test_a_last_evaluation_of_the_whole_set_is_the_final_one_not_a_second_pass(monkeypatch):
+    out, passes = _run_counting_evaluations(monkeypatch, None)
+    assert passes == [10_000, 10_000]                       # after steps 3 and 6; no third pass
+    assert out["final_metrics"] == out["evals"][-1][1]
+    with monkeypatch.context() as m:
+        forced, forced_passes = _run_counting_evaluations(m, None, reuse=False)
+    assert forced_passes == [10_000, 10_000, 10_000]
+    assert forced["final_metrics"] == out["final_metrics"]  # the pass it saves gives the very same metrics
+
+
+def test_a_subset_evaluation_still_ends_in_a_pass_over_the_whole_set(monkeypatch):
+    out, passes = _run_counting_evaluations(monkeypatch, 500)
+    assert passes == [500, 500, 10_000]
