@@ -20,9 +20,10 @@ process's first run pays its ~2 s of imports once).
 - of busy cores: the same with the bare step of the run's own layout: each
   core's share of the nodes (N / cores models, each with its own optimizer and
   sampler) stepped round robin on one thread, in as many processes at once as
-  the run has cores. No simulator: what the node-steps cost when every core
-  steps its nodes at once, their models, optimizer states and activations
-  competing for the caches. The gap to it is pysim's own cost;
+  the run has cores, timed before and after the run as well (the faster
+  counts). No simulator: what the node-steps cost when every core steps its
+  nodes at once, their models, optimizer states and activations competing
+  for the caches. The gap to it is pysim's own cost;
 - memory: the machine's memory in use (MemTotal - MemAvailable, sampled every
   0.1 s) at its peak during the run, less what was in use before it; per node:
   that over N; marginal: the difference to the previous N, per added node.
@@ -137,12 +138,17 @@ def measure(workload: str, strategy: str, nodes: int, steps: int, batch_size: in
                       eval_every=steps, eval_subset=500, compute="cpu", warmup_steps=min(30, steps // 3),
                       network=Network.uniform(nodes, "1Gbps", "1ms"))
     cores = min(os.cpu_count() or 1, default_processes(nodes))
-    busy = busy_bare_step_s(pool, os.cpu_count() or 1, cores, workload, batch_size, -(-nodes // cores))
+
+    def busy_step() -> float:
+        return busy_bare_step_s(pool, os.cpu_count() or 1, cores, workload, batch_size, -(-nodes // cores))
+
+    busy = busy_step()
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         result = run(cfg, options=RunOptions(timeout_s=1200))
         real = time.perf_counter() - t0
     after = bare_step_s(workload, batch_size)
+    busy = min(busy, busy_step())
     ideal = nodes * steps * min(bare, after) / cores
     return {"strategy": strategy, "nodes": nodes, "processes": default_processes(nodes), "real_s": real,
             "bare_step_ms": (1e3 * bare, 1e3 * after), "efficiency": ideal / real, "busy_step_ms": 1e3 * busy,
