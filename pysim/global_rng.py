@@ -53,15 +53,26 @@ class RNGState:
     numpy: _NumpyState
 
 
+_READABLE: dict[int, bool] = {}    # id of a bit generator -> whether its raw state reads as its own state
+
+
 def _mt19937() -> tuple[object, int] | None:
-    """NumPy's global bit generator and the address of its state, if it is an MT19937 we can read."""
+    """NumPy's global bit generator and the address of its state, if it is an MT19937 whose raw
+    words read back as the state NumPy itself reports (checked once per generator; else None,
+    and the exact calls are used)."""
     get = getattr(np.random, "get_bit_generator", None)    # NumPy >= 1.25
     if get is None:
         return None
     generator = get()
     if type(generator).__name__ != "MT19937":
         return None
-    return generator, generator.ctypes.state_address
+    address = generator.ctypes.state_address
+    readable = _READABLE.get(id(generator))
+    if readable is None:
+        state = generator.state["state"]
+        expected = np.asarray(state["key"], dtype=np.uint32).tobytes() + np.int32(state["pos"]).tobytes()
+        readable = _READABLE[id(generator)] = ctypes.string_at(address, _MT_BYTES) == expected
+    return (generator, address) if readable else None
 
 
 class GlobalRNG:

@@ -93,3 +93,27 @@ def test_nodes_taking_turns_draw_a_fresh_process_s_gaussians():
     fresh = [float(np.random.randn()) for _ in range(3)]
     assert out[0] == fresh and out[2] == fresh
     assert out[1][0] == fresh[0] and out[1][1] != fresh[1]
+
+
+def test_without_raw_access_the_exact_calls_keep_states_apart(seeded, monkeypatch):
+    """An older NumPy (no get_bit_generator), another bit generator, or words that do not read back
+    as NumPy's own state: every save and restore takes the exact path."""
+    import pysim.global_rng as global_rng
+
+    monkeypatch.setattr(global_rng, "_mt19937", lambda: None)
+    generators = GlobalRNG()
+    np.random.randn()
+    saved = generators.save()
+    expected = draws()
+    np.random.seed(3)
+    generators.save()
+    generators.load(saved)
+    assert draws() == expected
+
+
+def test_the_raw_words_read_back_as_numpy_s_own_state(seeded):
+    import pysim.global_rng as global_rng
+
+    if not hasattr(np.random, "get_bit_generator"):
+        pytest.skip("NumPy < 1.25: no raw access, the exact calls are used")
+    assert global_rng._mt19937() is not None     # this NumPy's layout is the one assumed
