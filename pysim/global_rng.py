@@ -9,23 +9,25 @@ way) and Python's a 625-tuple (about 10 us), but NumPy's ``get_state`` and
 ``set_state`` copy the Mersenne Twister's 624 words one by one (about 50 us
 each way, most of a turn's cost).
 
-NumPy's state is therefore compared before it is copied: its raw Mersenne
-Twister words (2,500 bytes at the bit generator's ``ctypes.state_address``)
-are read with one memcpy, and when they are what the node was given and no
-Gaussian was cached, the node did not draw and its state is the one it was
-given (a draw always moves the words; a cached Gaussian, the one part of the
-legacy state outside them, is only ever made by a draw). Otherwise the exact
-``get_state`` runs. Restoring writes the 2,500 bytes back where neither the
-state restored nor the one it replaces (checked the same way) holds a cached
-Gaussian, else runs ``set_state``. The one change this cannot
-see is a node calling ``np.random.set_state`` with the very words it already
-had but a cached Gaussian added; any other use of the generator is exact.
+NumPy's legacy state is the Mersenne Twister's words and position (2,500 bytes
+at the bit generator's ``ctypes.state_address``) and a cached Gaussian (a flag
+and a value in the ``RandomState`` object). Both are read directly, one memcpy
+and one int: when the words are those the node was given and no Gaussian is
+cached, its state is exactly the one it was given, and nothing is copied;
+restoring such a state writes the words back with one memcpy where no Gaussian
+is cached now. Every other case runs the exact ``get_state`` / ``set_state``.
+Where the flag is read from is found once per process by probing a scratch
+``RandomState`` (set a cached Gaussian, see which bytes change) and the words
+are checked once per generator against the state NumPy reports; if either
+check fails (another NumPy, another bit generator), the exact calls are used
+throughout.
 """
 
 from __future__ import annotations
 
 import ctypes
 import random
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,15 +55,49 @@ class RNGState:
     numpy: _NumpyState
 
 
-_READABLE: dict[int, bool] = {}    # id of a bit generator -> whether its raw state reads as its own state
+def _find_gauss_flag() -> int | None:
+    """Byte offset of a ``RandomState``'s cached-Gaussian flag (a C int) in the object, found on a
+    scratch instance: the one int that reads 1 with a Gaussian cached and 0 without, next to the
+    cached value. None if no single such int is found."""
+    try:
+        probe = np.random.RandomState(0)
+        size = type(probe).__basicsize__
+        key = probe.get_state()
+
+        def image(flag: int, value: float) -> bytes:
+            probe.set_state(key[:3] + (flag, value))
+            return ctypes.string_at(id(probe), size)
+
+        first, none, second = image(1, 1.2345678901234), image(0, 0.0), image(1, -9.87654321)
+        value_at = first.find(struct.pack("d", 1.2345678901234))
+        if value_at < 0 or second.find(struct.pack("d", -9.87654321)) != value_at:
+            return None
+        flags = [i for i in range(0, size - 3, 4) if not value_at <= i < value_at + 8
+                 and first[i:i + 4] == second[i:i + 4] == struct.pack("i", 1) and none[i:i + 4] == bytes(4)]
+        return flags[0] if len(flags) == 1 else None
+    except Exception:  # noqa: BLE001 (any surprise: the exact calls are used)
+        return None
+
+
+_GAUSS_FLAG: list[int | None] = []           # [offset], found on first use
+_READABLE: dict[int, bool] = {}              # id of a bit generator -> whether its raw words read as its state
+
+
+def _gauss_cached() -> bool | None:
+    """Whether NumPy's global RandomState holds a cached Gaussian; None if that cannot be read."""
+    if not _GAUSS_FLAG:
+        _GAUSS_FLAG.append(_find_gauss_flag())
+    legacy = getattr(np.random.mtrand, "_rand", None)
+    if _GAUSS_FLAG[0] is None or type(legacy) is not np.random.RandomState:
+        return None
+    return ctypes.c_int.from_address(id(legacy) + _GAUSS_FLAG[0]).value != 0
 
 
 def _mt19937() -> tuple[object, int] | None:
-    """NumPy's global bit generator and the address of its state, if it is an MT19937 whose raw
-    words read back as the state NumPy itself reports (checked once per generator; else None,
-    and the exact calls are used)."""
+    """NumPy's global bit generator and the address of its words, where both they and the cached
+    Gaussian's flag can be read (else None, and the exact calls are used)."""
     get = getattr(np.random, "get_bit_generator", None)    # NumPy >= 1.25
-    if get is None:
+    if get is None or _gauss_cached() is None:
         return None
     generator = get()
     if type(generator).__name__ != "MT19937":
@@ -79,7 +115,7 @@ class GlobalRNG:
     """Saves and restores the process's generators (one per process: they are its globals)."""
 
     def __init__(self) -> None:
-        self._numpy_now: _NumpyState | None = None    # what NumPy's global state is known to be
+        self._numpy_now: _NumpyState | None = None    # the NumPy state last saved or loaded
 
     def save(self) -> RNGState:
         return RNGState(torch.get_rng_state(), random.getstate(), self._save_numpy())
@@ -93,8 +129,8 @@ class GlobalRNG:
         mt = _mt19937()
         known = self._numpy_now
         if mt is not None and known is not None and known.generator is mt[0] and known.words is not None \
-                and ctypes.string_at(mt[1], _MT_BYTES) == known.words:
-            return known     # not drawn from since it was known: the same state
+                and not _gauss_cached() and ctypes.string_at(mt[1], _MT_BYTES) == known.words:
+            return known     # the same words and no cached Gaussian: the same state
         full = np.random.get_state()
         words = ctypes.string_at(mt[1], _MT_BYTES) if mt is not None and full[3] == 0 else None
         self._numpy_now = _NumpyState(full, None if mt is None else mt[0], words)
@@ -102,13 +138,9 @@ class GlobalRNG:
 
     def _load_numpy(self, state: _NumpyState) -> None:
         mt = _mt19937()
-        known = self._numpy_now
-        if mt is not None and state.words is not None and state.generator is mt[0] and known is not None \
-                and known.words is not None and known.generator is mt[0] \
-                and ctypes.string_at(mt[1], _MT_BYTES) == known.words:
-            # the global state is ``known`` (not drawn from since), and neither it nor ``state``
-            # holds a cached Gaussian: the words are the whole difference
-            if state.words != known.words:
+        if mt is not None and state.words is not None and state.generator is mt[0] and not _gauss_cached():
+            # neither the state now nor ``state`` holds a cached Gaussian: the words are the difference
+            if ctypes.string_at(mt[1], _MT_BYTES) != state.words:
                 ctypes.memmove(mt[1], state.words, _MT_BYTES)
         else:
             np.random.set_state(state.full)

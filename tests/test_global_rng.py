@@ -117,3 +117,47 @@ def test_the_raw_words_read_back_as_numpy_s_own_state(seeded):
     if not hasattr(np.random, "get_bit_generator"):
         pytest.skip("NumPy < 1.25: no raw access, the exact calls are used")
     assert global_rng._mt19937() is not None     # this NumPy's layout is the one assumed
+
+
+def _rewinds(node: int, world: int) -> list[float]:
+    """Node 0 rewinds its words with a Gaussian cached in two ways (the bit generator's public
+    ``state`` setter; ``set_state`` with a snapshot holding one), node 1 draws meanwhile."""
+    host, out = current_host(), []
+    np.random.randn()
+    snapshot = np.random.get_state()                 # holds a cached Gaussian
+    out.append(float(np.random.randn()))             # the cached one: the words do not move
+    host.meet("turn", None, dict.fromkeys)
+    if node == 0:
+        words = np.random.get_bit_generator().state
+        np.random.standard_normal()                  # a pair drawn, one cached
+        np.random.get_bit_generator().state = words  # the words back as they were, the Gaussian still cached
+    host.meet("turn", None, dict.fromkeys)
+    out.append(float(np.random.standard_normal()))
+    if node == 0:
+        np.random.set_state(snapshot)                # the same words again, a Gaussian cached
+    host.meet("turn", None, dict.fromkeys)
+    out += [float(v) for v in np.random.randn(3)]
+    return out
+
+
+def test_a_cached_gaussian_under_unchanged_words_is_neither_lost_nor_handed_on(monkeypatch):
+    import pysim.global_rng as global_rng
+
+    placement = Placement(2, 1)
+    fast = Host(placement.hosted(0), 2, Transport(placement, 0)).run(_rewinds)
+    monkeypatch.setattr(global_rng, "_mt19937", lambda: None)   # the exact calls throughout
+    exact = Host(placement.hosted(0), 2, Transport(placement, 0)).run(_rewinds)
+    assert fast == exact
+
+
+def test_the_cached_gaussian_flag_is_found_on_this_numpy():
+    import pysim.global_rng as global_rng
+
+    if not hasattr(np.random, "get_bit_generator"):
+        pytest.skip("NumPy < 1.25: the exact calls are used")
+    np.random.seed(0)
+    assert global_rng._gauss_cached() is False
+    np.random.randn()
+    assert global_rng._gauss_cached() is True
+    np.random.randn()
+    assert global_rng._gauss_cached() is False
