@@ -43,7 +43,9 @@ class TrainConfig:
     ``workload``: what is trained (a :class:`~pysim.workload.Workload`, or a built-in's name
     such as ``"mnist"``); ``target`` overrides the workload's. ``sharding``: ``iid``,
     ``contiguous`` or ``dirichlet:ALPHA``. ``eval_every``: steps between evaluations on
-    ``eval_subset`` examples of the evaluation set (None: all); the final metrics use all.
+    ``eval_subset`` examples of the evaluation set (None: all); the final metrics use all
+    (with None, the last step's evaluation is the final one: one pass, not two, so an
+    evaluation that draws random numbers reports that pass's draw).
     ``resolve_target``: node 0 keeps each step's deployed model between evaluations and
     bisects to the first step that reached the target (time to target known to one step).
     ``train_examples`` keeps only the first N training examples (quick studies, tests).

@@ -232,8 +232,9 @@ class NodeRun:
 
     def finish(self) -> dict:
         """The final evaluation on the whole set (the last step's evaluation, when that already was
-        of the whole set: the same model, examples and split), and the records as plain JSON-able
-        data (under torchrun they cross between ranks as JSON)."""
+        of the whole set: the same model, examples and split, so the same metrics unless the
+        evaluation draws random numbers), and the records as plain JSON-able data (under
+        torchrun they cross between ranks as JSON)."""
         self.bar.close()
         if self.diverged_at_step is not None:   # a model that is not finite has no metrics worth a pass
             final = dict.fromkeys(self.evals[-1].metrics if self.evals else (), math.nan)
