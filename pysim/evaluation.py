@@ -156,8 +156,12 @@ class CrossingFinder:
         it, and the kept models."""
         return self.reached, self.last_step, self.kept
 
-    def restore(self, state: tuple) -> None:
+    def restore(self, state: tuple, template: nn.Module) -> None:
+        """Back to a checkpoint's ``state``; ``template``: a model of the kept ones' architecture
+        (the node's deployed model), which the kept weights are loaded into to evaluate them."""
         self.reached, self.last_step, self.kept = state
+        if any(tensors is not None for _, tensors in self.kept.values()):
+            self._scratch = copy.deepcopy(template)
 
     def keep(self, step: int, model: nn.Module | None, holder: int) -> None:
         if self.reached:

@@ -157,7 +157,7 @@ class NodeRun:
         self.model, self.optimizer, self.scheduler, self.comm = s.model, s.optimizer, s.scheduler, s.comm
         self.batches.restore(state["sampler"])
         self.steps, self.evals = state["steps"], state["evals"]
-        self.crossing.restore(state["crossing"])
+        self.crossing.restore(state["crossing"], self.strategy.eval_model())
         _set_rng_state(state["rng"])
         self.target_reached = state["target_reached"]
         self.first_nonfinite_step = state.get("first_nonfinite_step")

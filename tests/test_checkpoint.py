@@ -109,3 +109,27 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
         checkpoint.load_node_state(folder, 10, 1)
     with pytest.raises(ValueError, match="give an output folder"):
         run(make_cfg("SimpleReduce"), None, resume=True)
+
+
+def test_a_resume_whose_next_evaluation_reaches_the_target_checks_the_kept_models(tmp_path):
+    """The checkpoint after step 3 holds node 0's copies of the models after steps 1-3; the
+    evaluation after step 4 reaches the target, so those are evaluated, in the resumed run too."""
+    from pysim.checkpoint import CheckpointPlan
+    from pysim.host import Host
+    from pysim.node import train_node
+    from pysim.placement import Placement
+    from pysim.transport import Transport
+
+    cfg = TrainConfig(workload="mnist", strategy="SimpleReduce", nodes=2, steps=4, eval_every=4, eval_subset=200,
+                      train_examples=400, batch_size=16, compute="cpu", target="accuracy>=0.0")
+    cfg.check()
+
+    def node0(resume_step: int) -> dict:
+        placement = Placement(2, 1)
+        plan = CheckpointPlan(str(tmp_path), 3, resume_step)
+        return Host(placement.hosted(0), 2, Transport(placement, 0)).run(train_node, (cfg, plan))[0]
+
+    whole = node0(0)
+    resumed = node0(3)
+    assert [e[0] for e in whole["evals"]] == [1, 4]      # the kept model after step 1 already reaches it
+    assert resumed["evals"] == whole["evals"] and resumed["final_metrics"] == whole["final_metrics"]

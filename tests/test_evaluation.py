@@ -146,3 +146,21 @@ def test_a_last_evaluation_of_the_whole_set_is_the_final_one_not_a_second_pass(m
 def test_a_subset_evaluation_still_ends_in_a_pass_over_the_whole_set(monkeypatch):
     out, passes = _run_counting_evaluations(monkeypatch, 500)
     assert passes == [500, 500, 10_000]
+
+
+def test_a_restored_crossing_finder_evaluates_the_kept_models():
+    model = torch.nn.Linear(2, 2)
+    seen = []
+
+    def evaluate(m, holder):
+        seen.append(m.weight.detach().clone())
+        return {"accuracy": 0.99}
+
+    first = CrossingFinder(Target("accuracy", ">=", 0.98), evaluate)
+    first.evaluated(2, {"accuracy": 0.1})
+    first.keep(3, model, 0)
+    state = first.state()                                  # what a checkpoint after step 3 holds
+    resumed = CrossingFinder(Target("accuracy", ">=", 0.98), evaluate)
+    resumed.restore(state, torch.nn.Linear(2, 2))         # a template of the architecture, other weights
+    assert resumed.evaluated(4, {"accuracy": 0.99}) == [(3, {"accuracy": 0.99})]
+    assert torch.equal(seen[0], model.weight)              # the kept weights, not the template's
