@@ -106,7 +106,8 @@ class NodeRun:
         self.train, evaluation, shards = _process_data(cfg, world)
         examples = [len(s) for s in shards]
         self.batches = ShardSampler(self.train, shards[rank], cfg.batch_size, cfg.seed * 1000 + rank)
-        self.quick = Subset(evaluation, eval_subset(len(evaluation), cfg.eval_subset))
+        rows = eval_subset(len(evaluation), cfg.eval_subset)
+        self.quick = evaluation if len(rows) == len(evaluation) else Subset(evaluation, rows)
         self.evaluation = evaluation
         self.last_metrics: tuple[int, dict[str, float]] | None = None   # (steps done, metrics) of the last evaluation
         # model, optimizer, strategy: identical initial model on every node
@@ -238,8 +239,7 @@ class NodeRun:
         self.bar.close()
         if self.diverged_at_step is not None:   # a model that is not finite has no metrics worth a pass
             final = dict.fromkeys(self.evals[-1].metrics if self.evals else (), math.nan)
-        elif self.last_metrics is not None and self.last_metrics[0] == self.cfg.steps \
-                and len(self.quick) == len(self.evaluation):
+        elif self.last_metrics is not None and self.last_metrics[0] == self.cfg.steps and self.quick is self.evaluation:
             final = dict(self.last_metrics[1])   # the last step's evaluation was this very pass (the whole set)
         else:
             final = self.evaluate(self.strategy.eval_model(), self.evaluation,
