@@ -83,21 +83,28 @@ _GAUSS_FLAG: list[int | None] = []           # [offset], found on first use
 _READABLE: dict[int, bool] = {}              # id of a bit generator -> whether its raw words read as its state
 
 
-def _gauss_cached() -> bool | None:
-    """Whether NumPy's global RandomState holds a cached Gaussian; None if that cannot be read."""
+def _gauss_flag_address() -> int | None:
+    """Address of the cached-Gaussian flag (a C int) in NumPy's global RandomState; None if it
+    cannot be read."""
     if not _GAUSS_FLAG:
         _GAUSS_FLAG.append(_find_gauss_flag())
     legacy = getattr(np.random.mtrand, "_rand", None)
     if _GAUSS_FLAG[0] is None or type(legacy) is not np.random.RandomState:
         return None
-    return ctypes.c_int.from_address(id(legacy) + _GAUSS_FLAG[0]).value != 0
+    return id(legacy) + _GAUSS_FLAG[0]
+
+
+def _gauss_cached() -> bool | None:
+    """Whether NumPy's global RandomState holds a cached Gaussian; None if that cannot be read."""
+    address = _gauss_flag_address()
+    return None if address is None else ctypes.c_int.from_address(address).value != 0
 
 
 def _mt19937() -> tuple[object, int] | None:
     """NumPy's global bit generator and the address of its words, where both they and the cached
     Gaussian's flag can be read (else None, and the exact calls are used)."""
     get = getattr(np.random, "get_bit_generator", None)    # NumPy >= 1.25
-    if get is None or _gauss_cached() is None:
+    if get is None or _gauss_flag_address() is None:
         return None
     generator = get()
     if type(generator).__name__ != "MT19937":
