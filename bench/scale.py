@@ -132,7 +132,7 @@ def busy_bare_step_s(pool, pool_size: int, cores: int, workload_name: str, batch
     return statistics.median(t for t in pool.starmap(_busy_bare_step_s, tasks, chunksize=1) if t is not None)
 
 
-def measure(workload: str, strategy: str, nodes: int, steps: int, batch_size: int, pool) -> dict:
+def measure(workload: str, strategy: str, nodes: int, steps: int, batch_size: int, pool, pin_cpus: bool = True) -> dict:
     bare = bare_step_s(workload, batch_size)
     cfg = TrainConfig(workload=workload, strategy=strategy, nodes=nodes, steps=steps, batch_size=batch_size,
                       eval_every=steps, eval_subset=500, compute="cpu", warmup_steps=min(30, steps // 3),
@@ -145,7 +145,7 @@ def measure(workload: str, strategy: str, nodes: int, steps: int, batch_size: in
     busy = busy_step()
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        result = run(cfg, options=RunOptions(timeout_s=1200))
+        result = run(cfg, options=RunOptions(timeout_s=1200, pin_cpus=pin_cpus))
         real = time.perf_counter() - t0
     after = bare_step_s(workload, batch_size)
     busy = min(busy, busy_step())
@@ -163,8 +163,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workload", default="mnist")
+    ap.add_argument("--pin-cpus", default="on", choices=["on", "off"],
+                    help="one CPU per worker process (RunOptions.pin_cpus; on: the default of a run)")
     a = ap.parse_args()
-    print(f"{a.workload}, batch {a.batch_size} per node, {a.steps} steps, {os.cpu_count()} cores")
+    print(f"{a.workload}, batch {a.batch_size} per node, {a.steps} steps, {os.cpu_count()} cores, "
+          f"workers pinned to CPUs: {a.pin_cpus}")
     print("| strategy | nodes | processes | real | bare step before / after | efficiency | bare step, cores busy "
           "| of busy cores | peak memory | per node | marginal per node |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -176,7 +179,7 @@ def main() -> None:
     for strategy in a.strategies.split(";"):
         previous = None
         for n in (int(v) for v in a.nodes.split(",")):
-            r = measure(a.workload, strategy.strip(), n, a.steps, a.batch_size, pool)
+            r = measure(a.workload, strategy.strip(), n, a.steps, a.batch_size, pool, a.pin_cpus == "on")
             marginal = "-" if previous is None else \
                 f"{(r['peak_gib'] - previous['peak_gib']) * 1024 / (n - previous['nodes']):.1f} MiB"
             print(f"| {strategy} | {n} | {r['processes']} | {r['real_s']:.1f} s | "

@@ -7,10 +7,14 @@ For each rate, round trip, congestion control and number of ranks: N network nam
 joined by the delay line (:class:`pysim.delayline.DelayLine`, one-way delay RTT/2, 14 bytes
 charged per packet on top of its IP length, so a full segment costs 1514 bytes as pysim's
 ``tcp`` framing says), one gloo rank in each. Each rank times ``torch.distributed.all_reduce``
-of float32 tensors of each size (after one warm-up of each): back to back (a barrier before
-each, nothing else in between), then after an idle gap of ``--idle-s`` (longer than the
-retransmission timeout, so a Linux reno/cubic sender restarts its window), sizes interleaved,
-``--rounds`` rounds each; the slower rank's time, fastest repetition per size.
+of float32 tensors of each size (after one warm-up of each): back to back, then after an idle
+gap of ``--idle-s`` (longer than the retransmission timeout, so a Linux reno/cubic sender
+restarts its window), sizes interleaved, ``--rounds`` rounds each; the slower rank's time,
+fastest repetition per size. The ranks start each all-reduce together, at a wall-clock
+instant rank 0 sends them 2 RTT + 20 ms ahead (``--start clock``, as the model's clock
+starts a collective's members), or as they leave a barrier (``--start barrier``: up to a
+one-way latency apart, and the rank that leaves first waits that long inside the
+all-reduce; the runs before 2026-12-07).
 
 The model replays the same sequence on pysim's clock (:class:`pysim.clock.Clock`): the
 warm-up, then per size the gap and a blocking ring all-reduce, on ``Network.uniform(N, rate,
@@ -60,22 +64,47 @@ def worker(a: argparse.Namespace) -> None:
     for x in tensors:
         dist.all_reduce(x)   # warm-up: connections up, buffers allocated
     out: dict[str, list[list[float]]] = {}
+    lates = 0   # starts where a rank got the start time only after it (clock)
     for mode, idle in (("back_to_back", 0.0), ("after_idle", a.idle_s)):
         times: list[list[float]] = [[] for _ in sizes]
         for _ in range(a.rounds):
             for i, x in enumerate(tensors):
                 if idle:
                     time.sleep(idle)
-                dist.barrier()
-                t0 = time.perf_counter()
+                t0, late = start(a)
                 dist.all_reduce(x)
-                t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                t = torch.tensor([time.time() - t0, late], dtype=torch.float64)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                times[i].append(float(t))
+                times[i].append(float(t[0]))
+                lates += int(t[1])
         out[mode] = times
     if a.rank == 0:
-        Path(a.out).write_text(json.dumps({"sizes": sizes, **out}))
+        Path(a.out).write_text(json.dumps({"sizes": sizes, "late_starts": lates, **out}))
     dist.destroy_process_group()
+
+
+def start(a: argparse.Namespace) -> tuple[float, int]:
+    """Where this rank's all-reduce starts (wall-clock seconds, the same clock in every
+    namespace) and whether it started late. ``barrier``: as it leaves a barrier, which lets
+    ranks go up to a one-way latency apart (the rank that leaves first waits that long in the
+    all-reduce); ``clock``: rank 0 sends every rank a start time 2 RTT + 20 ms ahead and they
+    all start at that instant, as the model's clock starts a collective's members together."""
+    import torch
+    import torch.distributed as dist
+
+    if a.start == "barrier":
+        dist.barrier()
+        return time.time(), 0
+    at = torch.tensor([time.time() + 2 * a.rtt_ms / 1e3 + 0.02], dtype=torch.float64)
+    dist.broadcast(at, 0)
+    t0 = float(at)
+    if time.time() > t0:
+        return time.time(), 1
+    while (left := t0 - time.time()) > 0.002:
+        time.sleep(left - 0.002)
+    while time.time() < t0:
+        pass
+    return t0, 0
 
 
 # ---------------------------------------------------------------- the model
@@ -114,7 +143,8 @@ def measure(rate: str, rtt_ms: float, congestion: str, ranks: int, a: argparse.N
     with DelayLine(ranks, rate, f"{rtt_ms / 2:g}ms", congestion=congestion, name="pysimtw",
                    overhead_bytes=14) as dl:
         base = [sys.executable, __file__, "worker", "--world", str(ranks), "--master", f"{dl.addr(0)}:{PORT}",
-                "--sizes", a.sizes, "--rounds", str(a.rounds), "--idle-s", str(a.idle_s), "--out", str(out)]
+                "--sizes", a.sizes, "--rounds", str(a.rounds), "--idle-s", str(a.idle_s), "--out", str(out),
+                "--start", a.start, "--rtt-ms", str(rtt_ms)]
         procs = [subprocess.Popen(dl.command(r, base + ["--rank", str(r), "--ifname", dl.dev(r)]),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
         errs = [p.communicate(timeout=1800)[1] for p in procs]
@@ -124,7 +154,8 @@ def measure(rate: str, rtt_ms: float, congestion: str, ranks: int, a: argparse.N
     real = json.loads(out.read_text())
     return {"real": {m: [min(t) for t in real[m]] for m in ("back_to_back", "after_idle")},
             "every_rep": {m: real[m] for m in ("back_to_back", "after_idle")},
-            "drops": stats["drops"], "lateness_us": stats["lateness_us"]}
+            "drops": stats["drops"], "lateness_us": stats["lateness_us"], "start": a.start,
+            "late_starts": real["late_starts"]}
 
 
 def main() -> None:
@@ -143,6 +174,10 @@ def main() -> None:
                          "two in flight: segment=1MiB), e.g. ':rendezvous=on' for the phase model")
     ap.add_argument("--json", default="bench/tcp_window.json", help="results (bench), or results to re-model")
     ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--start", default="clock", choices=["clock", "barrier"],
+                    help="how the ranks start each all-reduce: together at a time rank 0 sends (clock), or as "
+                         "they leave a barrier, up to a one-way latency apart (barrier; the runs before 2026-12-07)")
+    ap.add_argument("--rtt-ms", type=float, help=argparse.SUPPRESS)   # worker: how far ahead a start is set
     # worker only
     ap.add_argument("--rank", type=int)
     ap.add_argument("--world", type=int)
@@ -191,6 +226,8 @@ def report(cells: list[dict], settings: str) -> list[dict]:
                                  f" | {100 * (with_tcp[mode][i] / real - 1):+5.1f}%")
             print(f"{c['rate']:>8} rtt {c['rtt_ms']:>4g} ms {c['congestion']:>5} {c['ranks']} ranks "
                   f"{mode:>12}: " + "; ".join(cells_txt))
+        if c.get("late_starts"):
+            print(f"    {c['late_starts']} all-reduces started late (the start time arrived after it)")
             rows.append({"cell": {k: c[k] for k in ("rate", "rtt_ms", "congestion", "ranks")}, "mode": mode,
                          "real_s": c["real"][mode], "model_plain_s": without[mode], "model_tcp_s": with_tcp[mode]})
         if any(c["drops"].values()):

@@ -31,11 +31,14 @@ class RunOptions:
     processes: int | None = None     # worker processes (None: one per core, at most one per node)
     timeout_s: float = 300.0         # bound on any single collective and on joining the group (s)
     tensorboard: str | None = None   # a folder for TensorBoard event files (per step and evaluation)
+    pin_cpus: bool = True            # one CPU per worker when there are as many workers as CPUs (launch.pin_to_cpu)
 
     def __post_init__(self) -> None:
         p = self.processes
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
             raise ValueError(f"processes must be an integer >= 1 (or None: one per core), got {p!r}")
+        if not isinstance(self.pin_cpus, bool):
+            raise ValueError(f"pin_cpus must be True or False, got {self.pin_cpus!r}")
         if not 0 < self.timeout_s < float("inf"):
             raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
         if self.tensorboard is not None:
@@ -94,7 +97,8 @@ def run(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Fals
                          "or resume")
     t0 = time.perf_counter()
     processes = options.processes or default_processes(cfg.nodes)
-    nodes = run_nodes(train_node, cfg.nodes, (cfg, plan), timeout_s=options.timeout_s, processes=processes)
+    nodes = run_nodes(train_node, cfg.nodes, (cfg, plan), timeout_s=options.timeout_s, processes=processes,
+                      pin_cpus=options.pin_cpus)
     if nodes is None:  # under torchrun, ranks other than 0: rank 0 assembles, prints and writes
         return None
     result = assemble(cfg, nodes, time.perf_counter() - t0)

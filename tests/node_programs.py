@@ -203,6 +203,11 @@ def report_pid(rank: int, world: int) -> int:
     return os.getpid()
 
 
+def cpus_of_node(rank: int, world: int) -> list[int]:
+    """The CPUs the node's thread may run on."""
+    return sorted(os.sched_getaffinity(0))
+
+
 def rank_and_world(rank: int, world: int) -> tuple[int, int]:
     import torch.distributed as dist
 

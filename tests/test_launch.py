@@ -11,7 +11,7 @@ from pathlib import Path
 import node_programs
 import pytest
 
-from pysim.launch import NodeError, free_port, run_nodes
+from pysim.launch import NodeError, free_port, pin_to_cpu, run_nodes
 
 TESTS = Path(__file__).parent
 
@@ -117,6 +117,32 @@ def test_nothing_listens_beyond_loopback():
     loopback = [a for a in found if a.startswith("/tcp ") and a.split()[1].startswith("0100007F:")
                 or a.startswith("tcp6 ") and a.split()[1].startswith("00000000000000000000000001000000:")]
     assert loopback == found, found
+
+
+def test_pin_to_cpu_pins_only_with_one_worker_per_cpu():
+    cpus = sorted(os.sched_getaffinity(0))
+    seen = {}
+
+    def pin(process: int, processes: int) -> None:   # in a thread of its own: the test process stays free
+        seen[(process, processes)] = (pin_to_cpu(process, processes), sorted(os.sched_getaffinity(0)))
+
+    for args in ((0, len(cpus) + 1), (len(cpus) - 1, len(cpus))):
+        t = threading.Thread(target=pin, args=args)
+        t.start()
+        t.join()
+    assert seen[(0, len(cpus) + 1)] == (None, cpus)                       # more workers than CPUs: left free
+    assert seen[(len(cpus) - 1, len(cpus))] == (cpus[-1], [cpus[-1]])      # one per CPU: the worker's own
+    assert sorted(os.sched_getaffinity(0)) == cpus
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) > 8, reason="one worker per CPU: kept to small machines")
+def test_workers_are_pinned_one_per_cpu_unless_told_not_to():
+    cpus = sorted(os.sched_getaffinity(0))
+    n = len(cpus)
+    assert run_nodes(node_programs.cpus_of_node, n, processes=n) == [[c] for c in cpus]
+    assert run_nodes(node_programs.cpus_of_node, n, processes=n, pin_cpus=False) == [cpus] * n
+    if n > 1:   # fewer workers than CPUs: the scheduler stays free
+        assert run_nodes(node_programs.cpus_of_node, 2, processes=1) == [cpus] * 2
 
 
 def test_bad_arguments():

@@ -1,5 +1,6 @@
 """Placement never changes a result: the same run, nodes spread over 1, 3 or 4 worker processes."""
 
+import os
 from dataclasses import asdict
 
 import pytest
@@ -59,3 +60,12 @@ def test_too_many_nodes_for_memory_say_how_many_fit():
     with pytest.raises(ValueError, match=rf"use at most {fit} nodes") as e:
         check_fits(fit + 1, 2, node)
     assert "\n" not in str(e.value) and "MiB per node" in str(e.value)
+
+
+def test_pinning_workers_to_cpus_changes_no_result():
+    workers = min(4, len(os.sched_getaffinity(0)))
+    runs = [everything_but_real_time(run(config("DiLoCo(H=3)"), options=RunOptions(processes=workers, pin_cpus=pin)))
+            for pin in (True, False)]
+    assert runs[0] == runs[1]
+    with pytest.raises(ValueError, match="pin_cpus must be True or False"):
+        RunOptions(pin_cpus="yes")
