@@ -10,11 +10,12 @@ charged per packet on top of its IP length, so a full segment costs 1514 bytes a
 of float32 tensors of each size (after one warm-up of each): back to back, then after an idle
 gap of ``--idle-s`` (longer than the retransmission timeout, so a Linux reno/cubic sender
 restarts its window), sizes interleaved, ``--rounds`` rounds each; the slower rank's time,
-fastest repetition per size. The ranks start each all-reduce together, at a wall-clock
-instant rank 0 sends them 2 RTT + 20 ms ahead (``--start clock``, as the model's clock
-starts a collective's members), or as they leave a barrier (``--start barrier``: up to a
-one-way latency apart, and the rank that leaves first waits that long inside the
-all-reduce; the runs before 2026-12-07).
+fastest repetition per size. The ranks start each all-reduce as they leave a barrier
+(``--start barrier``, the default: up to a one-way latency apart, and the rank that leaves
+first waits that long inside the all-reduce), or together, at a wall-clock instant rank 0
+sends them 2 RTT + 20 ms ahead (``--start clock``, as the model's clock starts a
+collective's members; for 2 ranks: with more, the broadcast outlasts the lead and the
+report counts the late starts).
 
 The model replays the same sequence on pysim's clock (:class:`pysim.clock.Clock`): the
 warm-up, then per size the gap and a blocking ring all-reduce, on ``Network.uniform(N, rate,
@@ -174,9 +175,10 @@ def main() -> None:
                          "two in flight: segment=1MiB), e.g. ':rendezvous=on' for the phase model")
     ap.add_argument("--json", default="bench/tcp_window.json", help="results (bench), or results to re-model")
     ap.add_argument("--tmp", default="/tmp")
-    ap.add_argument("--start", default="clock", choices=["clock", "barrier"],
-                    help="how the ranks start each all-reduce: together at a time rank 0 sends (clock), or as "
-                         "they leave a barrier, up to a one-way latency apart (barrier; the runs before 2026-12-07)")
+    ap.add_argument("--start", default="barrier", choices=["barrier", "clock"],
+                    help="how the ranks start each all-reduce: as they leave a barrier, up to a one-way latency "
+                         "apart (barrier), or together at a time rank 0 sends 2 RTT + 20 ms ahead (clock; 2 ranks: "
+                         "with 4 or 8 the broadcast takes longer and most starts are late, which the report counts)")
     ap.add_argument("--rtt-ms", type=float, help=argparse.SUPPRESS)   # worker: how far ahead a start is set
     # worker only
     ap.add_argument("--rank", type=int)
