@@ -145,9 +145,14 @@ class ImageSet:
         return len(self.labels)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalised float32 images, labels) of the given rows."""
-        x = self.images[idx].float().div_(255.0).sub_(self.mean).div_(self.std)
-        return x, self.labels[idx]
+        """(normalised float32 images, labels) of the given rows (row numbers: a tensor, array or list)."""
+        rows = torch.as_tensor(idx)
+        if rows.dim() != 1 or rows.dtype not in (torch.int64, torch.int32):   # index_select: faster, integers only
+            return self._normalised(self.images[idx]), self.labels[idx]
+        return self._normalised(self.images.index_select(0, rows)), self.labels.index_select(0, rows)
+
+    def _normalised(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().div_(255.0).sub_(self.mean).div_(self.std)
 
     @property
     def num_classes(self) -> int:

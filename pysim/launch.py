@@ -183,13 +183,12 @@ class _Reporter:
 
 def _worker_main(process: int, placement, store_port: int, timeout_s: float, heartbeat_s: float, job: tuple,
                  conn: Connection, environ: dict[str, str], links=None, pin_cpus: bool = False) -> None:
-    """A worker process: hosts its block of nodes. The heartbeat starts first: ``fn``'s module is
-    imported only after it (``job`` holds the pickled (fn, args)), so a process stopped while it
-    starts is found too. ``environ``: the parent's environment when it started the process (a
-    process forked from the fork server would otherwise have the server's). ``links``: the
-    shared-memory rings pysim's messages take between the workers (:mod:`pysim.links`), or None
-    for gloo. torch.distributed's default group (gloo, rank = process) is initialised either way,
-    for code of the user's own that runs a node per process. ``pin_cpus``: see :func:`pin_to_cpu`."""
+    """A worker process: hosts its block of nodes. The heartbeat starts first: ``fn``'s module is imported only
+    after it (``job`` holds the pickled (fn, args)), so a process stopped while it starts is found too.
+    ``environ``: the parent's environment when it started the process (a process forked from the fork server
+    would otherwise have the server's). ``links``: the shared-memory rings pysim's messages take between the
+    workers (:mod:`pysim.links`), or None for gloo. torch.distributed's default group (gloo, rank = process) is
+    initialised either way, for code of the user's own (a node per process). ``pin_cpus``: :func:`pin_to_cpu`."""
     # Ctrl-C reaches the whole process group; only the parent acts on it (the parent also starts
     # workers with SIGINT blocked; a fork server's children inherit the server's mask instead)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

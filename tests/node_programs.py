@@ -433,3 +433,16 @@ def codec_work_segments(rank: int, world: int) -> dict:
     pending.wait()
     comm.end_step()
     return {"segments": [(c, type(e).__name__) for c, _, e in comm.segments]}
+
+
+def single_tensor_mean(rank: int, world: int, algorithm: str, spec: str) -> dict:
+    """An all-reduce reducer's mean of one tensor (no concatenation: its own memory goes in)."""
+    from pysim.strategies.reducers import make_reducer
+
+    comm = Comm(rank, world, Network.uniform(world, "1Gbps", "1ms"), algorithm=algorithm)
+    reducer = make_reducer(spec)
+    reducer.setup(comm)
+    x = torch.randn(30, 7, generator=torch.Generator().manual_seed(400 + rank))
+    before = x.clone()
+    mean = reducer.mean({"x": x}, 0)["x"]
+    return {"unchanged": torch.equal(x, before), "mean": mean, "x": before}

@@ -218,3 +218,15 @@ def test_codec_work_is_charged_where_it_happens(processes):
         assert (kind0, kind1, kind2, kind3, kind4) == ("Collective", "NoneType", "Start", "Wait", "NoneType")
         assert pack > 0 and after == 0.0         # nothing of the all-reduce leaks past its end
         assert pack_gather > 0 and waited == 0.0 and decode > 0
+
+
+@pytest.mark.parametrize("spec", ["dense", "dense:fp16", "int8"])
+@pytest.mark.parametrize("algorithm", ["ring", "star"])
+@pytest.mark.parametrize("processes", [1, 3])
+def test_an_all_reduce_of_one_tensor_only_reads_it(spec, algorithm, processes):
+    res = run_nodes(node_programs.single_tensor_mean, 3, (algorithm, spec), processes=processes)
+    assert all(r["unchanged"] for r in res)
+    if spec == "dense":
+        expected = sum(r["x"] for r in res) / 3
+        for r in res:
+            assert torch.allclose(r["mean"], expected, atol=1e-6)

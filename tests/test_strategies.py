@@ -519,3 +519,17 @@ def test_custom_strategy_example_reaches_the_comparison_table_through_import(tmp
     assert runs["Int8 codes as fp16"].final.bytes_sent_per_node == \
         steps * (scale_packet + dense_ring_bytes(n, bytes_per_value=2))
     assert runs["SimpleReduce"].final.bytes_sent_per_node == steps * dense_ring_bytes(n)
+
+
+def test_set_grads_copies_once_and_makes_each_gradient_a_view_of_the_copy():
+    s = Strategy()
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    s.params = list(model.parameters())
+    flat = torch.arange(11, dtype=torch.float32)
+    s.set_grads(flat)
+    assert torch.equal(s.flat_grads(), flat)
+    assert [tuple(p.grad.shape) for p in s.params] == [(2, 3), (2,), (1, 2), (1,)]
+    flat.zero_()                                     # the caller's vector is not the gradients' memory
+    assert torch.equal(s.flat_grads(), torch.arange(11, dtype=torch.float32))
+    base = s.params[0].grad.untyped_storage().data_ptr()
+    assert all(p.grad.untyped_storage().data_ptr() == base for p in s.params)   # one copy

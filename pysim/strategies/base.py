@@ -198,8 +198,10 @@ class Strategy:
         return torch.cat([g.reshape(-1) for g in self.grads()])
 
     def set_grads(self, flat: torch.Tensor) -> None:
-        for p, g in zip(self.params, split_like(flat, self.params), strict=True):
-            p.grad = g.clone()
+        """Every gradient from one vector (the order of ``flat_grads``): a copy of ``flat``,
+        each parameter's gradient a view of it (as DDP's ``gradient_as_bucket_view``)."""
+        for p, g in zip(self.params, split_like(flat.clone(), self.params), strict=True):
+            p.grad = g
 
 
 STRATEGIES[Strategy.name.lower()] = Strategy

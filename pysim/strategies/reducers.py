@@ -70,7 +70,8 @@ class AllReduce(Reducer):
         self.residual: torch.Tensor | None = None
 
     def mean(self, tensors, step):
-        flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+        flat = torch.cat([t.reshape(-1) for t in tensors.values()]) if len(tensors) > 1 \
+            else next(iter(tensors.values())).reshape(-1)   # read only: the collective never writes its input
         if self.codec.lossy:
             with self.comm.meter.measure():
                 flat, self.residual = local_error_feedback(self.codec, flat, self.residual)
