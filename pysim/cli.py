@@ -115,6 +115,9 @@ def add_compare_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--processes", type=int, default=None,
                     help="worker processes the nodes are spread over (default: one per core, at most one per "
                          "node); changes real time only, never a result")
+    ap.add_argument("--no-pin-cpus", dest="pin_cpus", action="store_false",
+                    help="leave the worker processes to the scheduler (default: one CPU each when there are as "
+                         "many workers as CPUs); for a machine that other jobs share")
     add_network_arguments(ap)
     ap.add_argument("--algorithm", default="ring", choices=["ring", "star"], help="all-reduce algorithm")
     ap.add_argument("--steps", type=int, default=None, help="training steps per node (default: the workload's)")
@@ -265,7 +268,7 @@ def compare_command(a: argparse.Namespace) -> int:
             setattr(a, name, workload.defaults.get(name, generic))
     out = a.out or f"runs/{workload.name.split(':')[0]}"
     configs = comparison_configs(base_config(a, workload), split_specs(a.strategies), a.seeds)
-    options = RunOptions(processes=a.processes, tensorboard=a.tensorboard)
+    options = RunOptions(processes=a.processes, tensorboard=a.tensorboard, pin_cpus=a.pin_cpus)
     results = compare(configs, out, a.resume, a.recalibrate, options, say=lambda line: print(line, flush=True))
     net = configs[0].network
     title = f"{a.title or workload.name}, {a.nodes} nodes, {net.describe()}"

@@ -161,3 +161,19 @@ def test_verdicts_where_the_baseline_misses_the_target():
                      "reaches it)"]
     assert verdicts([res("SimpleReduce", 0, None), res("A", 0, None)]) == \
         ["A and SimpleReduce: neither reaches the target (one seed)"]
+
+
+def test_no_pin_cpus_reaches_the_run_options(monkeypatch, tmp_path):
+    import pysim.compare
+
+    seen = []
+
+    def instead_of_training(configs, out, resume, recalibrate, options, say):
+        seen.append(options.pin_cpus)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pysim.compare, "compare", instead_of_training)
+    for argv in ([], ["--no-pin-cpus"]):
+        with pytest.raises(SystemExit):
+            run_cli(argv, out=str(tmp_path))
+    assert seen == [True, False]
