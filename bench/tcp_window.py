@@ -146,9 +146,19 @@ def measure(rate: str, rtt_ms: float, congestion: str, ranks: int, a: argparse.N
         base = [sys.executable, __file__, "worker", "--world", str(ranks), "--master", f"{dl.addr(0)}:{PORT}",
                 "--sizes", a.sizes, "--rounds", str(a.rounds), "--idle-s", str(a.idle_s), "--out", str(out),
                 "--start", a.start, "--rtt-ms", str(rtt_ms)]
+        capture = None
+        if a.capture:   # rank 0's packets, both directions, as its kernel sends and receives them
+            pcap = f"{a.capture}_{rate}_{rtt_ms:g}_{congestion}_{ranks}.pcap"
+            capture = subprocess.Popen(dl.command(0, ["tcpdump", "-i", dl.dev(0), "-s", "96", "-w", pcap, "tcp"]),
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)   # tcpdump listening before the first packet
         procs = [subprocess.Popen(dl.command(r, base + ["--rank", str(r), "--ifname", dl.dev(r)]),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
         errs = [p.communicate(timeout=1800)[1] for p in procs]
+        if capture is not None:
+            time.sleep(0.5)
+            capture.terminate()
+            capture.wait()
         if any(p.returncode for p in procs):
             raise RuntimeError(f"a rank failed: {[e[-800:] for e in errs if e]}")
     stats = dl.stats()
@@ -179,6 +189,7 @@ def main() -> None:
                     help="how the ranks start each all-reduce: as they leave a barrier, up to a one-way latency "
                          "apart (barrier), or together at a time rank 0 sends 2 RTT + 20 ms ahead (clock; 2 ranks: "
                          "with 4 or 8 the broadcast takes longer and most starts are late, which the report counts)")
+    ap.add_argument("--capture", help="write rank 0's packets of each cell to PREFIX_<cell>.pcap (tcpdump)")
     ap.add_argument("--rtt-ms", type=float, help=argparse.SUPPRESS)   # worker: how far ahead a start is set
     # worker only
     ap.add_argument("--rank", type=int)
