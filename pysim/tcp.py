@@ -38,7 +38,13 @@ effect on growth (Linux counts segments acknowledged, not ACKs), Nagle, pacing, 
 Where both ends of a connection send at once (every member of a ring sends a chunk while it
 receives one), a receiver's ACKs leave through its own queue, behind the burst it is sending:
 the first ACK of a round of ``sent`` segments waits max(0, sent * per - R/2) there, and the
-next round starts that much later (``reverse_burst``; ring collectives and gloo's ring). An
+next round starts that much later (``reverse_burst``; ring collectives and gloo's ring). Such
+a round costs more than its own bytes (R/2 + sent * per), so the window never fills the pipe
+while both ends burst: the rounds go on until the window holds what is left, which then
+flows at the rate. A capture on the delay line (4 MB all-reduce after idle, 2 ranks, RTT
+40 ms) showed exactly these rounds: 91, 182, 364 and 728 segments, the fourth 60 ms after
+the third and the last 16 segments 110 ms after the fourth, though 364 segments already
+outlast a round trip (bench/RESULTS.md). An
 RTT sample there holds both queues, the data's and its ACK's; the model takes the window
 after the message for both (elsewhere the segments in flight, which bound one queue), which
 reproduced every restart Linux made on the delay line (bench/RESULTS.md).
@@ -265,8 +271,9 @@ def transfer(segments: int, plain_s: float, rtt_s: float, cwnd: float, cap: floa
     """A message of ``segments`` segments whose transfer at its share of the rate takes
     ``plain_s``, on a path of round trip ``rtt_s``, sent with window ``cwnd`` capped at ``cap``
     segments (see the module docstring). Takes exactly ``plain_s`` when the window fills the
-    pipe from the start. ``reverse_burst``: the receiver sends a burst like this one at the same
-    time (every member of a ring does), and its ACKs leave behind what of it is still queued: a
+    pipe from the start (without ``reverse_burst``). ``reverse_burst``: the receiver sends a burst like
+    this one at the same time (every member of a ring does), and its ACKs leave behind what of it
+    is still queued, so rounds go on until the window holds what is left: a
     round of ``sent`` segments then lasts R + max(0, sent * per - R / 2), the wait of the
     round's first ACK."""
     if segments <= 0 or plain_s <= 0:
@@ -276,11 +283,14 @@ def transfer(segments: int, plain_s: float, rtt_s: float, cwnd: float, cap: floa
     def round_s(sent: float) -> float:
         return rtt_s + max(0.0, sent * per - rtt_s / 2) if reverse_burst else rtt_s
 
-    if cwnd * per >= rtt_s:
+    def fills(w: float) -> bool:   # a round of ``reverse_burst`` outlasts its bytes: only all that is left fills
+        return w >= left if reverse_burst else w * per >= rtt_s
+
+    if not reverse_burst and cwnd * per >= rtt_s:
         return Transfer(plain_s, _grown(cwnd, segments, segments, cap), min(cwnd, segments))
     t, left, w, prev = 0.0, segments, cwnd, 0
     while True:
-        if w * per >= rtt_s:                  # the window fills the pipe: the rest at the rate
+        if fills(w):                          # the window fills the pipe: the rest at the rate
             return Transfer(t + left * per, _grown(w, left, prev + left, cap), min(w, left))
         if w >= cap:                          # buffer-limited: cap segments per round trip
             rounds = math.ceil(left / w)

@@ -91,14 +91,14 @@ def test_first_collective_pays_slow_start_then_the_window_persists():
     lone = collective_s(plain, "allreduce", "ring", (4_000_000,) * 2)
     first = clock.advance(np.zeros(2), allreduce(4_000_000)).max()
     # two phases of a 4 MB message each way: 2763 segments of `per` (1514 B and an ACK share at
-    # 100 Mbit/s); RTT 40 ms. Phase 1: rounds of 10, 20, 40, 80, 160, 320 segments (6 RTT; 320 x
-    # 124 us < 40 ms), then 640 fills the pipe and the other 2133 flow at the rate; the other node
-    # sends its burst at the same time (a ring), so the round of 320 waits for its first ACK
-    # behind the 320 x 124 us - 20 ms still queued there (160 x 124 us < 20 ms: no wait). Phase 2:
-    # the window (2773) fills the pipe: the plain time.
+    # 100 Mbit/s); RTT 40 ms. Phase 1: rounds of 10, 20, 40, 80, 160, 320, 640, 1280 segments,
+    # then the window (2560) holds the 213 left, which flow at the rate. The other node sends its
+    # burst at the same time (a ring), so a round's first ACK waits behind what of the other's
+    # round is still queued there: 320, 640 and 1280 x 124 us less 20 ms (160 x 124 us < 20 ms: no
+    # wait). Phase 2: the window (2773) holds the whole message: the plain time.
     per = (lone / 2 - 0.02) / 2763
-    ack_wait = 320 * per - 0.02
-    assert first == pytest.approx((0.02 + 6 * 0.04 + ack_wait + 2133 * per) + (0.02 + 2763 * per), rel=1e-9)
+    ack_waits = sum(k * per - 0.02 for k in (320, 640, 1280))
+    assert first == pytest.approx((0.02 + 8 * 0.04 + ack_waits + 213 * per) + (0.02 + 2763 * per), rel=1e-9)
     second = clock.advance(np.zeros(2), allreduce(4_000_000)).max() - first
     assert second == pytest.approx(lone, rel=1e-12)   # the window grew past the pipe: the plain formula
 
@@ -194,9 +194,12 @@ def test_connections_keep_their_smoothed_round_trip():
 
 def test_a_round_waits_for_acks_behind_the_receiver_s_own_burst():
     # 100 segments of 1 ms, RTT 20 ms, window 2: rounds of 2, 4, 8, 16 (16 ms > RTT/2: its
-    # first ACK waits 6 ms behind the receiver's own 16 segments), then 32 fill the pipe
+    # first ACK waits 6 ms behind the receiver's own 16 segments), 32 (a wait of 22 ms: a window
+    # past the pipe still waits, as on the delay line), then the window (64) holds the 38 left
     took, after = transfer_s_of(100, 0.1, 0.02, 2, math.inf, reverse_burst=True)
-    assert took == pytest.approx(4 * 0.02 + 0.006 + 0.07)
+    assert took == pytest.approx(4 * 0.02 + 0.006 + (0.02 + 0.022) + 0.038)
     assert after == 102
-    wide = 100, 0.1, 0.02, 64, math.inf   # a window past the pipe: no rounds, no wait
-    assert transfer_s_of(*wide, reverse_burst=True) == transfer_s_of(*wide)
+    assert transfer_s_of(100, 0.1, 0.02, 64, math.inf, reverse_burst=True)[0] == pytest.approx(0.074 + 0.036)
+    assert transfer_s_of(100, 0.1, 0.02, 64, math.inf)[0] == pytest.approx(0.1)   # one way only: no wait
+    whole = 100, 0.1, 0.02, 100, math.inf   # a window that holds the message: no rounds, no wait
+    assert transfer_s_of(*whole, reverse_burst=True) == transfer_s_of(*whole)
