@@ -258,7 +258,10 @@ def pin_to_cpu(process: int, processes: int) -> int | None:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) != processes:
         return None
-    os.sched_setaffinity(0, {cpus[process]})
+    try:
+        os.sched_setaffinity(0, {cpus[process]})
+    except OSError:   # not permitted here (a restricted container): the scheduler stays free
+        return None
     return cpus[process]
 
 

@@ -135,6 +135,14 @@ def test_pin_to_cpu_pins_only_with_one_worker_per_cpu():
     assert sorted(os.sched_getaffinity(0)) == cpus
 
 
+def test_a_pin_the_system_refuses_leaves_the_worker_free(monkeypatch):
+    def refuse(pid, cpus):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    assert pin_to_cpu(0, len(os.sched_getaffinity(0))) is None
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) > 8, reason="one worker per CPU: kept to small machines")
 def test_workers_are_pinned_one_per_cpu_unless_told_not_to():
     cpus = sorted(os.sched_getaffinity(0))
