@@ -10,7 +10,7 @@ segment (S segments) and round trip R = 2 L, a message is sent in rounds
 
     a round with w * per < R (the window does not fill the pipe) sends min(w, left) segments
     and costs R; then w = min(w + sent, cap)
-    once w * per >= R, the rest flows at the rate: left * per
+    once w * per >= R, the rest flows at the rate: left * per (in a ring, once w >= left: below)
     once w = cap < R / per (buffer-limited), cap segments per round trip for the rest
 
 so a message sent with a window that already fills the pipe takes exactly L + X, as without
@@ -283,14 +283,13 @@ def transfer(segments: int, plain_s: float, rtt_s: float, cwnd: float, cap: floa
     def round_s(sent: float) -> float:
         return rtt_s + max(0.0, sent * per - rtt_s / 2) if reverse_burst else rtt_s
 
-    def fills(w: float) -> bool:   # a round of ``reverse_burst`` outlasts its bytes: only all that is left fills
-        return w >= left if reverse_burst else w * per >= rtt_s
-
-    if not reverse_burst and cwnd * per >= rtt_s:
+    if cwnd * per >= rtt_s and (not reverse_burst or cwnd >= segments):
         return Transfer(plain_s, _grown(cwnd, segments, segments, cap), min(cwnd, segments))
     t, left, w, prev = 0.0, segments, cwnd, 0
     while True:
-        if fills(w):                          # the window fills the pipe: the rest at the rate
+        # the window fills the pipe: the rest at the rate (in a ring a round outlasts its bytes,
+        # so only a window that holds all that is left does)
+        if (w >= left) if reverse_burst else (w * per >= rtt_s):
             return Transfer(t + left * per, _grown(w, left, prev + left, cap), min(w, left))
         if w >= cap:                          # buffer-limited: cap segments per round trip
             rounds = math.ceil(left / w)

@@ -203,3 +203,5 @@ def test_a_round_waits_for_acks_behind_the_receiver_s_own_burst():
     assert transfer_s_of(100, 0.1, 0.02, 64, math.inf)[0] == pytest.approx(0.1)   # one way only: no wait
     whole = 100, 0.1, 0.02, 100, math.inf   # a window that holds the message: no rounds, no wait
     assert transfer_s_of(*whole, reverse_burst=True) == transfer_s_of(*whole)
+    # ... and exactly the plain time, as without the model (27 x (0.1234567 / 27) is not 0.1234567)
+    assert transfer_s_of(27, 0.1234567, 0.02, 30, math.inf, reverse_burst=True)[0] == 0.1234567
