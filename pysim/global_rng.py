@@ -5,9 +5,9 @@ torch's default generator, Python's ``random`` and NumPy's legacy global
 saves them when a node passes the turn and restores them when it gets it back,
 so each node draws what it would alone in a process. That happens once per node
 per collective, so it must be cheap: torch's state is a 5 KB tensor (1 us each
-way) and Python's a 625-tuple (about 10 us), but NumPy's ``get_state`` and
-``set_state`` copy the Mersenne Twister's 624 words one by one (about 50 us
-each way, most of a turn's cost).
+way), but Python's ``getstate`` builds a 625-tuple (about 9 us) and NumPy's
+``get_state`` and ``set_state`` copy the Mersenne Twister's 624 words one by one
+(about 50 us each way).
 
 NumPy's legacy state is the Mersenne Twister's words and position (2,500 bytes
 at the bit generator's ``ctypes.state_address``) and a cached Gaussian (a flag
@@ -21,6 +21,15 @@ Where the flag is read from is found once per process by probing a scratch
 are checked once per generator against the state NumPy reports; if either
 check fails (another NumPy, another bit generator), the exact calls are used
 throughout.
+
+Python's ``random`` is a Mersenne Twister too: its 624 words and position lie in
+the C object behind the module's functions (``random._inst``) and its cached
+Gaussian in the instance (``gauss_next``). Where the 2,500 bytes are is found
+once per process on scratch instances (two states whose words and positions
+differ, both read back, one written into the other and checked with
+``getstate``); a save is then one memcpy and the attribute, and a restore writes
+the bytes back only where they differ. If the probe fails (another Python),
+``getstate`` and ``setstate`` are used.
 """
 
 from __future__ import annotations
@@ -47,11 +56,21 @@ class _NumpyState:
 
 
 @dataclass(frozen=True)
+class _PythonState:
+    """Python's ``random`` state: the raw words and position with the cached Gaussian, or (where
+    the raw bytes cannot be read) the exact ``getstate`` tuple."""
+
+    raw: bytes | None
+    gauss: float | None
+    full: tuple | None
+
+
+@dataclass(frozen=True)
 class RNGState:
     """The three generators' states at one moment."""
 
     torch_state: torch.Tensor
-    python: tuple
+    python: _PythonState
     numpy: _NumpyState
 
 
@@ -77,6 +96,44 @@ def _find_gauss_flag() -> int | None:
         return flags[0] if len(flags) == 1 else None
     except Exception:  # noqa: BLE001 (any surprise: the exact calls are used)
         return None
+
+
+def _find_python_words() -> int | None:
+    """Byte offset, in a ``random.Random``, of the 2,500 bytes holding its Mersenne Twister's
+    position (a C int) and 624 words, found and checked on scratch instances; None if the
+    layout is not that one."""
+    try:
+        size = random.Random.__basicsize__
+        a, b = random.Random(1), random.Random(2)
+        a.random()                                   # a position other than the seed's
+        words = a.getstate()[1]
+        image = ctypes.string_at(id(a), size)
+        at = image.find(struct.pack("624I", *words[:624]))
+        if at < 0:
+            return None
+        start = at - 4                               # CPython: int index; uint32_t state[624]
+        if image[start:at] != struct.pack("i", words[624]):
+            return None
+        ctypes.memmove(id(b) + start, id(a) + start, _MT_BYTES)
+        b.gauss_next = a.gauss_next
+        if b.getstate() != a.getstate() or b.random() != a.random():
+            return None
+        return start
+    except Exception:  # noqa: BLE001 (any surprise: the exact calls are used)
+        return None
+
+
+_PYTHON_WORDS: list[int | None] = []         # [offset], found on first use
+
+
+def _python_words_address() -> int | None:
+    """Address of the 2,500 state bytes of the generator behind Python's ``random`` functions."""
+    if not _PYTHON_WORDS:
+        _PYTHON_WORDS.append(_find_python_words())
+    inst = getattr(random, "_inst", None)
+    if _PYTHON_WORDS[0] is None or type(inst) is not random.Random:
+        return None
+    return id(inst) + _PYTHON_WORDS[0]
 
 
 _GAUSS_FLAG: list[int | None] = []           # [offset], found on first use
@@ -118,19 +175,46 @@ def _mt19937() -> tuple[object, int] | None:
     return (generator, address) if readable else None
 
 
+def _words(raw: bytes) -> tuple:
+    """The ``getstate`` words tuple (624 words, then the position) of raw state bytes."""
+    position, *words = struct.unpack("i624I", raw)
+    return (*words, position)
+
+
 class GlobalRNG:
     """Saves and restores the process's generators (one per process: they are its globals)."""
 
     def __init__(self) -> None:
         self._numpy_now: _NumpyState | None = None    # the NumPy state last saved or loaded
+        self._python_now: _PythonState | None = None  # the Python state last saved or loaded
 
     def save(self) -> RNGState:
-        return RNGState(torch.get_rng_state(), random.getstate(), self._save_numpy())
+        return RNGState(torch.get_rng_state(), self._save_python(), self._save_numpy())
 
     def load(self, state: RNGState) -> None:
         torch.set_rng_state(state.torch_state)
-        random.setstate(state.python)
+        self._load_python(state.python)
         self._load_numpy(state.numpy)
+
+    def _save_python(self) -> _PythonState:
+        address = _python_words_address()
+        if address is None:
+            return _PythonState(None, None, random.getstate())
+        raw, gauss, known = ctypes.string_at(address, _MT_BYTES), random._inst.gauss_next, self._python_now
+        if known is not None and known.raw == raw and known.gauss is gauss:
+            return known
+        self._python_now = _PythonState(raw, gauss, None)
+        return self._python_now
+
+    def _load_python(self, state: _PythonState) -> None:
+        address = _python_words_address()
+        if address is None or state.raw is None:
+            random.setstate(state.full if state.raw is None else (3, _words(state.raw), state.gauss))
+            return
+        if ctypes.string_at(address, _MT_BYTES) != state.raw:
+            ctypes.memmove(address, state.raw, _MT_BYTES)
+        random._inst.gauss_next = state.gauss
+        self._python_now = state
 
     def _save_numpy(self) -> _NumpyState:
         mt = _mt19937()

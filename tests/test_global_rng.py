@@ -161,3 +161,47 @@ def test_the_cached_gaussian_flag_is_found_on_this_numpy():
     assert global_rng._gauss_cached() is True
     np.random.randn()
     assert global_rng._gauss_cached() is False
+
+
+def test_python_s_random_is_saved_raw_and_restored_exactly(seeded):
+    import pysim.global_rng as global_rng
+
+    assert global_rng._python_words_address() is not None   # this Python's layout is the one assumed
+    generators = GlobalRNG()
+    random.gauss(0.0, 1.0)               # a Gaussian cached in the saved state
+    saved = generators.save()
+    expected = (random.gauss(0.0, 1.0), random.random(), random.getrandbits(70))
+    for disturb in (lambda: random.random(), lambda: random.seed(9), lambda: random.gauss(0.0, 1.0)):
+        disturb()
+        generators.save()
+        generators.load(saved)
+        assert (random.gauss(0.0, 1.0), random.random(), random.getrandbits(70)) == expected
+        generators.load(saved)
+
+
+def test_python_s_unchanged_state_is_neither_rebuilt_nor_written(seeded, monkeypatch):
+    generators = GlobalRNG()
+    saved = generators.save()
+    calls = []
+    monkeypatch.setattr(random, "getstate", lambda: calls.append("get"))
+    monkeypatch.setattr(random, "setstate", lambda s: calls.append("set"))
+    assert generators.save().python is saved.python
+    generators.load(saved)
+    assert calls == []
+
+
+def test_python_s_random_without_raw_access_uses_the_exact_calls(seeded, monkeypatch):
+    import pysim.global_rng as global_rng
+
+    fast = GlobalRNG().save()
+    monkeypatch.setattr(global_rng, "_python_words_address", lambda: None)
+    generators = GlobalRNG()
+    saved = generators.save()
+    assert saved.python.raw is None
+    expected = [random.random() for _ in range(3)]
+    random.seed(4)
+    generators.load(saved)
+    assert [random.random() for _ in range(3)] == expected
+    random.seed(4)
+    generators.load(fast)              # raw bytes: restored through setstate
+    assert [random.random() for _ in range(3)] == expected
