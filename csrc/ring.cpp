@@ -34,17 +34,17 @@ const ChunkHeader& header_for(std::map<size_t, ChunkHeader>& cache, size_t n, DT
 void check_ranges(size_t arena_len, size_t members, size_t size, DType d, const RingHop* hops, size_t nhops) {
   for (size_t i = 0; i < nhops; ++i) {
     const RingHop& h = hops[i];
-    const std::string at = "ring hop " + std::to_string(i) + ": ";
-    if (h.mode < 1 || h.mode > 3) fail(at + "unknown mode " + std::to_string(h.mode));
-    if (h.row < 0 || static_cast<size_t>(h.row) >= members) fail(at + "member row out of range");
-    if (h.a < 0 || h.b < h.a || static_cast<size_t>(h.b) > size) fail(at + "chunk out of range");
-    if (h.divisor < 1) fail(at + "ring size must be >= 1");
+    auto bad = [i](const char* what) { fail("ring hop " + std::to_string(i) + ": " + what); };  // built on failure only
+    if (h.mode < 1 || h.mode > 3) bad(("unknown mode " + std::to_string(h.mode)).c_str());
+    if (h.row < 0 || static_cast<size_t>(h.row) >= members) bad("member row out of range");
+    if (h.a < 0 || h.b < h.a || static_cast<size_t>(h.b) > size) bad("chunk out of range");
+    if (h.divisor < 1) bad("ring size must be >= 1");
     const size_t len = dense_packet_bytes(static_cast<size_t>(h.b - h.a), d);
     if (h.in_off < 0 || static_cast<size_t>(h.in_off) > arena_len || arena_len - h.in_off < len)
-      fail(at + "incoming packet outside the arena");
+      bad("incoming packet outside the arena");
     if (h.mode != static_cast<int64_t>(HopMode::Gather) &&
         (h.out_off < 0 || static_cast<size_t>(h.out_off) > arena_len || arena_len - h.out_off < len))
-      fail(at + "outgoing packet outside the arena");
+      bad("outgoing packet outside the arena");
   }
 }
 

@@ -700,8 +700,11 @@ class RingPlan:
                     sends.setdefault(batch, []).append((m, onward, holding[m][0], nb))
         order = range(-1, len(self.receives))
         self.hops = [np.array(hops.get(r, []), dtype=np.int64).reshape(-1, 7) for r in order]
-        self.sends = [sends.get(r, []) for r in order]
         self.arena = torch.empty(self._bytes, dtype=torch.uint8)
+        raw = self.arena.numpy()      # every message's slot, as a tensor and as a NumPy view (made once)
+        self.sends = [[(m, dst, self.arena[off:off + nb], raw[off:off + nb]) for m, dst, off, nb in sends.get(r, [])]
+                      for r in order]
+        self.posts = [(m, src, self.arena[off:off + nb], raw[off:off + nb]) for m, src, off, nb in self.receives]
 
     def _slot(self, nbytes: int) -> int:
         off = self._bytes
@@ -744,14 +747,14 @@ class RingPlan:
         results = {p.node: torch.empty(self.numel, dtype=torch.float32) for p in parts}
         batch = _C.RingBatch(self.arena.numpy(), [p.x.numpy() for p in parts],
                              [results[p.node].numpy() for p in parts], self.numel, self.dtype)
-        posted = [t.post_receive(m, src, self.arena[off:off + nb]) for m, src, off, nb in self.receives]
+        posted = [t.post_receive(m, src, into, raw) for m, src, into, raw in self.posts]
         for r, (hops, sends) in enumerate(zip(self.hops, self.sends, strict=True)):
             if r > 0:
                 posted[r - 1].wait()
             if len(hops):
                 batch.run(hops)
-            for m, dst, off, nb in sends:
-                t.send(m, dst, self.arena[off:off + nb])
+            for m, dst, message, raw in sends:
+                t.send(m, dst, message, raw)
         for p in parts:
             p.result = results[p.node] if p.node in self.own else p.x.clone()
             t.sent[p.node] += self.moved[p.node][0]

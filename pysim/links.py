@@ -27,6 +27,7 @@ segments when the run is over; a worker attaches with :meth:`Links.attach`.
 from __future__ import annotations
 
 import platform
+import struct
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ import numpy as np
 
 HEADER = 64          # bytes before a ring's data: its write position, its read position (cache line apart)
 FRAME = 16           # a message's frame header: tag, length
+_FRAME = struct.Struct("<QQ")
+_PADDING = np.zeros(8, dtype=np.uint8)
 
 
 def available() -> bool:
@@ -120,10 +123,10 @@ class _Outgoing:
 
     def __init__(self, tag: int, payload: np.ndarray) -> None:
         n = len(payload)
-        self.parts = [np.array([tag, n], dtype=np.uint64).view(np.uint8), payload]
+        self.parts = [np.frombuffer(_FRAME.pack(tag, n), dtype=np.uint8), payload]
         pad = -n % 8
         if pad:
-            self.parts.append(np.zeros(pad, dtype=np.uint8))
+            self.parts.append(_PADDING[:pad])
         self.total = FRAME + n + pad
         self.done = 0
 
@@ -148,7 +151,8 @@ class Receive:
         self.links, self.into, self.complete = links, into, False
 
     def wait(self) -> np.ndarray:
-        self.links.wait_for(lambda: self.complete)
+        if not self.complete:
+            self.links.wait_for(lambda: self.complete)
         return self.into
 
 
@@ -233,14 +237,17 @@ class Links:
     def wait_for(self, done) -> None:
         """Moves bytes until ``done()`` holds, sleeping on this process's doorbell when nothing moves."""
         deadline = time.monotonic() + self.timeout_s
+        bell = self.doorbells[self.me]
         while True:
             self.progress()
             if done():
                 return
-            if not self.doorbells[self.me].acquire(timeout=min(1.0, max(0.0, deadline - time.monotonic()))):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"process {self.me} waited {self.timeout_s:g} s for a message from another "
-                                       "worker process (it stopped, or the nodes run different collectives)")
+            if bell.acquire(timeout=min(1.0, max(0.0, deadline - time.monotonic()))):
+                while bell.acquire(False):   # and the rings queued up meanwhile: the next progress() reads it all
+                    pass
+            elif time.monotonic() > deadline:
+                raise TimeoutError(f"process {self.me} waited {self.timeout_s:g} s for a message from another "
+                                   "worker process (it stopped, or the nodes run different collectives)")
 
     def progress(self) -> None:
         """Writes what fits of every queued message and reads what has arrived; rings the doorbells
@@ -281,11 +288,11 @@ class Links:
             if cur is None:
                 if avail < FRAME:
                     break
-                frame = np.empty(2, dtype=np.uint64)
-                ring.get(frame.view(np.uint8), read)
+                frame = np.empty(FRAME, dtype=np.uint8)
+                ring.get(frame, read)
                 read += FRAME
                 moved = True
-                cur = self.current[src] = self._start(src, int(frame[0]), int(frame[1]))
+                cur = self.current[src] = self._start(src, *_FRAME.unpack(frame))
                 continue
             take = min(avail, cur.padded - cur.got)
             if take > 0:

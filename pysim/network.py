@@ -435,7 +435,7 @@ def collective_parts(net: Network, op: str, algo: str, sizes: Sequence[int],
     """(seconds, latency part) of one collective on ``net`` (schedule: :mod:`pysim.schedule`;
     ``sizes`` are bytes per member; ``groups``: run within each group at once, see
     :func:`pysim.schedule.phases`): the sum over phases of :meth:`Network.phase_parts`."""
-    sizes = tuple(int(s) for s in sizes)
+    sizes = tuple(map(int, sizes))
     return _collective_parts(net, op, algo, sizes, schedule.check_groups(groups, len(sizes)))
 
 

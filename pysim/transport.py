@@ -61,14 +61,17 @@ class Transport:
 
     # ------------------------------------------------------------ messages
 
-    def send(self, src: int, dst: int, message: torch.Tensor) -> None:
+    def send(self, src: int, dst: int, message: torch.Tensor, raw: np.ndarray | None = None) -> None:
         """Sends ``message`` from ``src`` (a node of this process) to ``dst`` without waiting. The
-        tensor must not change until the collective is over (:meth:`flush`)."""
+        tensor must not change until the collective is over (:meth:`flush`). ``raw``: the
+        message's bytes as a 1-D uint8 NumPy view, where the caller keeps one (a plan that sends
+        from the same buffers every time), saving the conversion."""
         self.sent[src] += message.numel() * message.element_size()
         if self.local(dst):
             self._mail[(src, dst)].append(message)
         elif self.links is not None:
-            self.links.send(self.placement.process_of(dst), self._tag(src, dst), _bytes(message))
+            payload = _bytes(message) if raw is None else raw
+            self.links.send(self.placement.process_of(dst), self._tag(src, dst), payload)
         else:
             self._sends.append((dist.isend(message, self.placement.process_of(dst), tag=self._tag(src, dst)),
                                 message))
@@ -82,12 +85,14 @@ class Transport:
         self.received[dst] += message.numel() * message.element_size()
         return message
 
-    def post_receive(self, dst: int, src: int, into: torch.Tensor) -> dist.Work:
+    def post_receive(self, dst: int, src: int, into: torch.Tensor, raw: np.ndarray | None = None) -> dist.Work:
         """Posts the receive of the next message from ``src`` (another process's node) to ``dst``
-        into ``into``; wait on the returned handle."""
+        into ``into`` (``raw``: its bytes as a NumPy view, as for :meth:`send`); wait on the
+        returned handle."""
         self.received[dst] += into.numel() * into.element_size()
         if self.links is not None:
-            return self.links.receive(self.placement.process_of(src), self._tag(src, dst), _bytes(into))
+            return self.links.receive(self.placement.process_of(src), self._tag(src, dst),
+                                      _bytes(into) if raw is None else raw)
         return dist.irecv(into, self.placement.process_of(src), tag=self._tag(src, dst))
 
     def flush(self) -> None:

@@ -230,3 +230,26 @@ def test_an_all_reduce_of_one_tensor_only_reads_it(spec, algorithm, processes):
         expected = sum(r["x"] for r in res) / 3
         for r in res:
             assert torch.allclose(r["mean"], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("column, value, message", [(0, 4, "ring hop 1: unknown mode 4"),
+                                                    (3, 2, "ring hop 1: member row out of range"),
+                                                    (5, 99, "ring hop 1: chunk out of range"),
+                                                    (6, 0, "ring hop 1: ring size must be >= 1"),
+                                                    (1, 10_000, "ring hop 1: incoming packet outside the arena"),
+                                                    (2, 10_000, "ring hop 1: outgoing packet outside the arena")])
+def test_ring_hops_outside_their_buffers_are_refused_before_any_runs(column, value, message):
+    import numpy as np
+
+    from pysim import _C
+
+    n = 8
+    nb = _C.dense_packet_bytes(n, 0)
+    arena = np.zeros(4 * nb, dtype=np.uint8)
+    xs, rs = [np.ones(n, np.float32), np.ones(n, np.float32)], [np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    batch = _C.RingBatch(arena, xs, rs, n, 0)
+    hops = np.array([[1, 0, nb, 0, 0, n, 2], [1, nb, 2 * nb, 1, 0, n, 2]], dtype=np.int64)
+    hops[1, column] = value
+    with pytest.raises(ValueError, match=message):
+        batch.run(hops)
+    assert not arena.any()     # checked before the first hop ran: nothing written
