@@ -115,7 +115,8 @@ uint32_t crc32c_sw(const uint8_t* p, size_t n, uint32_t c) {
 
 // The CRC register after n zero bytes, from register c: a linear map of c, kept as one table per
 // byte of c so that it costs four lookups. Used to join CRCs of adjacent blocks computed at once.
-constexpr size_t kBlock = 2048;  // bytes per stream of the three-way loop below
+constexpr size_t kBlock = 2048;      // bytes per stream of the three-way loop below
+constexpr size_t kSmallBlock = 256;  // the same for what is left (a many-node ring's packets are 1-6 KiB)
 
 struct ZeroShift {
   std::array<std::array<uint32_t, 256>, 4> t{};
@@ -139,24 +140,31 @@ struct ZeroShift {
   }
 };
 const ZeroShift kShiftBlock(kBlock);
+const ZeroShift kShiftSmallBlock(kSmallBlock);
 
 #if defined(__x86_64__)
 // crc32 has a latency of 3 cycles and a throughput of 1: one dependent chain runs at a third of
 // the instruction's rate. Three blocks are checksummed at once from register 0 (the second and
-// third) and joined: crc(A B C) = shift(shift(crc(A)) ^ crc(B)) ^ crc(C), the CRC being linear.
+// third) and joined: crc(A B C) = shift(shift(crc(A)) ^ crc(B)) ^ crc(C), the CRC being linear;
+// 2 KiB blocks while 6 KiB are left, then 256-byte ones, then one chain for the last 767 bytes at most.
+template <size_t Block>
+__attribute__((target("sse4.2"))) inline uint64_t crc32c_three_blocks(const uint8_t* q, uint64_t c64,
+                                                                       const ZeroShift& shift) {
+  uint64_t a = c64, b = 0, d = 0;
+  for (size_t j = 0; j < Block; j += 8) {
+    a = _mm_crc32_u64(a, get<uint64_t>(q + j));
+    b = _mm_crc32_u64(b, get<uint64_t>(q + Block + j));
+    d = _mm_crc32_u64(d, get<uint64_t>(q + 2 * Block + j));
+  }
+  return shift(shift(static_cast<uint32_t>(a)) ^ static_cast<uint32_t>(b)) ^ static_cast<uint32_t>(d);
+}
+
 __attribute__((target("sse4.2"))) uint32_t crc32c_hw(const uint8_t* p, size_t n, uint32_t c) {
   uint64_t c64 = c;
   size_t i = 0;
-  for (; i + 3 * kBlock <= n; i += 3 * kBlock) {
-    uint64_t a = c64, b = 0, d = 0;
-    const uint8_t* q = p + i;
-    for (size_t j = 0; j < kBlock; j += 8) {
-      a = _mm_crc32_u64(a, get<uint64_t>(q + j));
-      b = _mm_crc32_u64(b, get<uint64_t>(q + kBlock + j));
-      d = _mm_crc32_u64(d, get<uint64_t>(q + 2 * kBlock + j));
-    }
-    c64 = kShiftBlock(kShiftBlock(static_cast<uint32_t>(a)) ^ static_cast<uint32_t>(b)) ^ static_cast<uint32_t>(d);
-  }
+  for (; i + 3 * kBlock <= n; i += 3 * kBlock) c64 = crc32c_three_blocks<kBlock>(p + i, c64, kShiftBlock);
+  for (; i + 3 * kSmallBlock <= n; i += 3 * kSmallBlock)
+    c64 = crc32c_three_blocks<kSmallBlock>(p + i, c64, kShiftSmallBlock);
   for (; i + 8 <= n; i += 8) c64 = _mm_crc32_u64(c64, get<uint64_t>(p + i));
   uint32_t c32 = static_cast<uint32_t>(c64);
   for (; i < n; ++i) c32 = _mm_crc32_u8(c32, p[i]);

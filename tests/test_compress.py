@@ -773,8 +773,9 @@ def _crc32c_bitwise(data: bytes, crc: int = 0) -> int:
 def test_crc32c_matches_a_bitwise_reference_across_its_three_block_loop_and_chains():
     assert _C.crc32c(np.frombuffer(b"123456789", np.uint8), 0) == 0xE3069283   # the standard check value
     rng = np.random.default_rng(7)
-    # three 2 KiB blocks are checksummed at once and joined: lengths around 6 KiB and its multiples
-    for n in (0, 1, 7, 8, 9, 6143, 6144, 6145, 12288, 12288 + 13, 20000):
+    # three 2 KiB blocks, then three 256-byte blocks, are checksummed at once and joined: lengths
+    # around 6 KiB, 768 bytes and their sums
+    for n in (0, 1, 7, 8, 9, 767, 768, 769, 1543, 2920, 6143, 6144, 6145, 6144 + 768, 12288, 12288 + 13, 20000):
         data = rng.integers(0, 256, n, dtype=np.uint8)
         assert _C.crc32c(data, 0) == _crc32c_bitwise(data.tobytes()), n
         for cut in {0, n // 3, n - 1} if n else ():
