@@ -701,7 +701,8 @@ class RingPlan:
         order = range(-1, len(self.receives))
         self.hops = [np.array(hops.get(r, []), dtype=np.int64).reshape(-1, 7) for r in order]
         self.arena = torch.empty(self._bytes, dtype=torch.uint8)
-        raw = self.arena.numpy()      # every message's slot, as a tensor and as a NumPy view (made once)
+        self.raw = raw = self.arena.numpy()      # every slot as a tensor and as a NumPy view (made once)
+        self._headers: dict[int, tuple[np.ndarray, int]] = {}
         self.sends = [[(m, dst, self.arena[off:off + nb], raw[off:off + nb]) for m, dst, off, nb in sends.get(r, [])]
                       for r in order]
         self.posts = [(m, src, self.arena[off:off + nb], raw[off:off + nb]) for m, src, off, nb in self.receives]
@@ -735,11 +736,19 @@ class RingPlan:
     def encode_own(self, node: int, x: torch.Tensor) -> None:
         """Writes ``node``'s own chunk of ``x`` as its packet (header, payload, CRC)."""
         off, nb, a, b = self.own[node]
-        packet = self.arena[off:off + nb]
-        header = _C.dense_header([b - a], 0, self.dtype)
-        packet[:header.size] = torch.from_numpy(header)
-        crc = encode_piece(x[a:b], packet[header.size:], self.dtype, _C.crc32c(header))
-        _C.seal_header(packet[:header.size].numpy(), crc)
+        header, header_crc = self._own_header(b - a)
+        raw = self.raw[off:off + nb]
+        raw[:header.size] = header
+        crc = encode_piece(x[a:b], self.arena[off + header.size:off + nb], self.dtype, header_crc)
+        _C.seal_header(raw[:header.size], crc)
+
+    def _own_header(self, n: int) -> tuple[np.ndarray, int]:
+        """The header (checksum field zero) of an own chunk of ``n`` values, and its CRC: made once."""
+        made = self._headers.get(n)
+        if made is None:
+            header = _C.dense_header([n], 0, self.dtype)
+            made = self._headers[n] = (header, _C.crc32c(header))
+        return made
 
     def run(self, parts: list[_Part]) -> None:
         """The collective: sets each part's ``result`` to the mean over its group."""
