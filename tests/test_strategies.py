@@ -533,3 +533,18 @@ def test_set_grads_copies_once_and_makes_each_gradient_a_view_of_the_copy():
     assert torch.equal(s.flat_grads(), torch.arange(11, dtype=torch.float32))
     base = s.params[0].grad.untyped_storage().data_ptr()
     assert all(p.grad.untyped_storage().data_ptr() == base for p in s.params)   # one copy
+
+
+def test_split_like_gives_views_shaped_like_the_tensors_in_order():
+    from pysim.strategies import split_like
+
+    shapes = [(3, 4), (5,), (2, 1, 3), ()]
+    tensors = [torch.randn(s) for s in shapes]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    for source in (flat, torch.cat([flat, torch.zeros(7)])):    # whole, and with values beyond the last piece
+        pieces = split_like(source, tensors)
+        assert [p.shape for p in pieces] == [t.shape for t in tensors]
+        assert all(torch.equal(p, t) for p, t in zip(pieces, tensors, strict=True))
+        pieces[1][2] = 99.0                                          # views: writes reach the flat tensor
+        assert source[12 + 2] == 99.0
+        source[12 + 2] = tensors[1][2]
