@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
+import numpy as np
+
 from pysim.network import Framing, Network, framing_bytes
 from pysim.schedule import Groups, bytes_received, bytes_sent, check_collective, check_groups
 
@@ -194,12 +196,15 @@ class Trace:
 
     def bytes_per_node(self) -> tuple[list[int], list[int]]:
         """Total packet bytes (sent, received) per node over the run."""
-        sent, recv = [0] * self.nodes, [0] * self.nodes
+        sent, recv = np.zeros(self.nodes, dtype=np.int64), np.zeros(self.nodes, dtype=np.int64)
+        per: dict[Collective, tuple[np.ndarray, np.ndarray]] = {}   # a run repeats a few collectives many times
         for c in self.collectives():
-            for i, (s, r) in enumerate(zip(bytes_sent(c.op, c.algo, c.sizes, c.groups),
-                                           bytes_received(c.op, c.algo, c.sizes, c.groups), strict=True)):
-                sent[i] += s
-                recv[i] += r
+            if c not in per:
+                per[c] = (np.array(bytes_sent(c.op, c.algo, c.sizes, c.groups), dtype=np.int64),
+                          np.array(bytes_received(c.op, c.algo, c.sizes, c.groups), dtype=np.int64))
+            sent += per[c][0]
+            recv += per[c][1]
+        sent, recv = [int(b) for b in sent], [int(b) for b in recv]
         for e in self.server_rounds():
             for src, dst, b in e.messages():
                 sent[src] += b
@@ -208,10 +213,13 @@ class Trace:
 
     def framing_bytes_per_node(self, framing: Framing | Network) -> list[int]:
         """Total framing bytes each node sends over the run (on top of its packet bytes)."""
-        out = [0] * self.nodes
+        total = np.zeros(self.nodes, dtype=np.int64)
+        per: dict[Collective, np.ndarray] = {}
         for c in self.collectives():
-            for i, b in enumerate(framing_bytes(framing, c.op, c.algo, c.sizes, c.groups)):
-                out[i] += b
+            if c not in per:
+                per[c] = np.array(framing_bytes(framing, c.op, c.algo, c.sizes, c.groups), dtype=np.int64)
+            total += per[c]
+        out = [int(b) for b in total]
         f = framing.framing if isinstance(framing, Network) else framing
         for e in self.server_rounds():
             for src, dst, b in e.messages():
@@ -238,7 +246,7 @@ def _collective_to_json(c: Collective) -> list:
 def _collective_from_json(e: list) -> Collective:
     if len(e) not in (3, 4):
         raise ValueError(f"a collective is [op, algo, sizes] or [op, algo, sizes, groups], got {e!r}")
-    return Collective(e[0], e[1], tuple(int(b) for b in e[2]), None if len(e) == 3 else e[3])
+    return Collective(e[0], e[1], tuple(map(int, e[2])), None if len(e) == 3 else e[3])
 
 
 def event_to_json(e: Event):
