@@ -23,7 +23,7 @@ check fails (another NumPy, another bit generator), the exact calls are used
 throughout.
 
 Python's ``random`` is a Mersenne Twister too: its 624 words and position lie in
-the C object behind the module's functions (``random._inst``) and its cached
+the C object behind the module's functions (bound to ``random._inst`` at import) and its cached
 Gaussian in the instance (``gauss_next``). Where the 2,500 bytes are is found
 once per process on scratch instances (two states whose words and positions
 differ, both read back, one written into the other and checked with
@@ -126,12 +126,19 @@ def _find_python_words() -> int | None:
 _PYTHON_WORDS: list[int | None] = []         # [offset], found on first use
 
 
+def _python_generator() -> random.Random | None:
+    """The generator behind Python's ``random`` functions (bound to it at import: not
+    ``random._inst`` if that was replaced since), where it is a plain ``random.Random``; else None."""
+    inst = getattr(random.random, "__self__", None)
+    return inst if type(inst) is random.Random else None
+
+
 def _python_words_address() -> int | None:
     """Address of the 2,500 state bytes of the generator behind Python's ``random`` functions."""
     if not _PYTHON_WORDS:
         _PYTHON_WORDS.append(_find_python_words())
-    inst = getattr(random, "_inst", None)
-    if _PYTHON_WORDS[0] is None or type(inst) is not random.Random:
+    inst = _python_generator()
+    if _PYTHON_WORDS[0] is None or inst is None:
         return None
     return id(inst) + _PYTHON_WORDS[0]
 
@@ -200,7 +207,7 @@ class GlobalRNG:
         address = _python_words_address()
         if address is None:
             return _PythonState(None, None, random.getstate())
-        raw, gauss, known = ctypes.string_at(address, _MT_BYTES), random._inst.gauss_next, self._python_now
+        raw, gauss, known = ctypes.string_at(address, _MT_BYTES), _python_generator().gauss_next, self._python_now
         if known is not None and known.raw == raw and known.gauss is gauss:
             return known
         self._python_now = _PythonState(raw, gauss, None)
@@ -213,7 +220,7 @@ class GlobalRNG:
             return
         if ctypes.string_at(address, _MT_BYTES) != state.raw:
             ctypes.memmove(address, state.raw, _MT_BYTES)
-        random._inst.gauss_next = state.gauss
+        _python_generator().gauss_next = state.gauss
         self._python_now = state
 
     def _save_numpy(self) -> _NumpyState:

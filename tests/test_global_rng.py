@@ -205,3 +205,14 @@ def test_python_s_random_without_raw_access_uses_the_exact_calls(seeded, monkeyp
     random.seed(4)
     generators.load(fast)              # raw bytes: restored through setstate
     assert [random.random() for _ in range(3)] == expected
+
+
+def test_python_s_generator_is_the_one_behind_the_module_functions(seeded, monkeypatch):
+    """Replacing ``random._inst`` does not rebind ``random.random`` and the others: the state saved
+    and restored is that of the generator they draw from."""
+    monkeypatch.setattr(random, "_inst", random.Random(99))
+    generators = GlobalRNG()
+    saved = generators.save()
+    expected = [random.random() for _ in range(3)]
+    generators.load(saved)
+    assert [random.random() for _ in range(3)] == expected

@@ -38,14 +38,10 @@ STRATEGIES: dict[str, type[Strategy]] = {}
 
 def split_like(flat: torch.Tensor, tensors) -> list[torch.Tensor]:
     """Views of consecutive pieces of ``flat`` shaped like ``tensors`` (the inverse of cat of reshape(-1))."""
-    tensors = list(tensors)
-    sizes = [t.numel() for t in tensors]
-    if flat.dim() == 1 and sum(sizes) == len(flat):   # one call for the pieces (a slice each costs as much)
-        return [piece.view_as(t) for piece, t in zip(flat.split_with_sizes(sizes), tensors, strict=True)]
     out, offset = [], 0
-    for t, n in zip(tensors, sizes, strict=True):
-        out.append(flat[offset:offset + n].view_as(t))
-        offset += n
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
     return out
 
 
