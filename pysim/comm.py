@@ -701,11 +701,14 @@ class RingPlan:
         order = range(-1, len(self.receives))
         self.hops = [np.array(hops.get(r, []), dtype=np.int64).reshape(-1, 7) for r in order]
         self.arena = torch.empty(self._bytes, dtype=torch.uint8)
-        self.raw = raw = self.arena.numpy()      # every slot as a tensor and as a NumPy view (made once)
+        self.raw = self.arena.numpy()
         self._headers: dict[int, tuple[np.ndarray, int]] = {}
-        self.sends = [[(m, dst, self.arena[off:off + nb], raw[off:off + nb]) for m, dst, off, nb in sends.get(r, [])]
-                      for r in order]
-        self.posts = [(m, src, self.arena[off:off + nb], raw[off:off + nb]) for m, src, off, nb in self.receives]
+        self.sends = [[self._message(*send) for send in sends.get(r, [])] for r in order]
+        self.posts = [self._message(*receive) for receive in self.receives]
+
+    def _message(self, node: int, peer: int, off: int, nbytes: int) -> tuple:
+        """(node, peer, the slot as a tensor, the same as a NumPy view): made once per plan."""
+        return node, peer, self.arena[off:off + nbytes], self.raw[off:off + nbytes]
 
     def _slot(self, nbytes: int) -> int:
         off = self._bytes
