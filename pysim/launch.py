@@ -181,6 +181,18 @@ class _Reporter:
             os._exit(1)
 
 
+def _unreadable_main() -> str | None:
+    """Where the main program came from when node processes could not read it again (standard
+    input: ``python3 - < script.py``), else None. multiprocessing re-runs the main script in
+    every process it starts from the path in ``__main__.__file__``; such a path names no file,
+    so the start hides it (the nodes' code comes from importable modules anyway)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or getattr(main, "__spec__", None) is not None or os.path.isfile(path):
+        return None
+    return "standard input" if path == "<stdin>" else repr(path)
+
+
 def _worker_main(process: int, placement, store_port: int, timeout_s: float, heartbeat_s: float, job: tuple,
                  conn: Connection, environ: dict[str, str], links=None, pin_cpus: bool = False) -> None:
     """A worker process: hosts its block of nodes. The heartbeat starts first: ``fn``'s module is imported only
@@ -347,6 +359,9 @@ def run_nodes(fn: Callable[..., Any], n: int, args: tuple = (), timeout_s: float
         os._exit(UNGUARDED_MAIN_EXIT)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _run_under_torchrun(fn, n, args, timeout_s)
+    if getattr(fn, "__module__", None) == "__main__" and _unreadable_main() is not None:
+        raise ValueError(f"{getattr(fn, '__qualname__', fn)!r} is defined in a program read from "
+                         f"{_unreadable_main()}, which node processes cannot import: save it to a file and run that")
     return _LocalRun(fn, Placement(n, n if processes is None else processes), args, timeout_s, heartbeat_s,
                      pin_cpus).run()
 
@@ -407,6 +422,8 @@ class _LocalRun:
         # workers start with SIGINT blocked (the mask is inherited): Ctrl-C reaches the
         # whole process group, and only the parent should act on it
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        main = sys.modules.get("__main__")
+        hidden = main.__dict__.pop("__file__") if _unreadable_main() is not None else None
         try:
             for p in range(self.p):
                 reader, writer = self.ctx.Pipe(duplex=False)
@@ -420,6 +437,8 @@ class _LocalRun:
                 threading.Thread(target=_read_reports, args=(p, self.placement.first(p), reader, self.events),
                                  daemon=True, name=f"pysim-reports-{p}").start()
         finally:
+            if hidden is not None:
+                main.__file__ = hidden
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _describe(self, p: int) -> str:

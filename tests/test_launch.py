@@ -282,6 +282,22 @@ def test_a_script_without_a_main_guard_is_told_so_in_one_line(tmp_path):
     assert p.stderr.count("Traceback") == 1
 
 
+def test_a_program_read_from_standard_input_runs_or_is_told_why_not():
+    """``python3 - < script.py``: multiprocessing would re-run ``<stdin>`` as a file in every worker
+    and each would die without a word; the run works when its nodes' code is importable, and a
+    node function defined in the program itself is refused in one line."""
+    runs = ("import node_programs\nfrom pysim.launch import run_nodes\n"
+            "print('RESULT', run_nodes(node_programs.rank_and_world, 2))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-"], input=runs, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0 and "RESULT [(0, 2, 1.0), (1, 2, 1.0)]" in p.stdout, p.stderr
+    own = "from pysim.launch import run_nodes\ndef f(node, world):\n    return node\nrun_nodes(f, 2)\n"
+    p = subprocess.run([sys.executable, "-"], input=own, capture_output=True, text=True, timeout=120)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and last == ("ValueError: 'f' is defined in a program read from standard input, which "
+                                          "node processes cannot import: save it to a file and run that")
+
+
 def test_torchrun_across_hosts_with_a_loopback_hostname_says_which_interface_to_set(monkeypatch):
     import socket
 
