@@ -404,22 +404,32 @@ class Network:
             return []
         info = []
         sharing: dict[tuple, list[float]] = {}
+        wire: dict[int, tuple[float, float]] = {}   # bytes -> (bits on the wire, bits of ACKs): a phase repeats sizes
         for src, dst, nbytes in messages:
-            bits = 8.0 * self.framing.wire_bytes(int(nbytes))
+            n = int(nbytes)
+            if n not in wire:
+                wire[n] = (8.0 * self.framing.wire_bytes(n), 8.0 * self.framing.acks(n))
+            bits, acks = wire[n]
             lat, res = self._resources(src, dst)
             info.append((lat, bits, res))
             for key, _ in res:
                 sharing.setdefault(key, []).append(bits)
-            acks = 8.0 * self.framing.acks(int(nbytes))
             if acks:  # the receiver's ACKs load the reverse path while the message flows
                 for key, _ in self._resources(dst, src)[1]:
                     sharing.setdefault(key, []).append(acks)
-        return [(lat, max(sum(min(w, bits) for w in sharing[key]) / bps for key, bps in res))
-                for lat, bits, res in info]
+        return [(lat, max(_shared_bits(sharing[key], bits) / bps for key, bps in res)) for lat, bits, res in info]
 
     def phase_s(self, messages: Sequence[tuple[int, int, int]]) -> float:
         """Seconds for one phase of concurrent messages (src, dst, bytes)."""
         return self.phase_parts(messages)[0]
+
+
+def _shared_bits(loads: list[float], bits: float) -> float:
+    """sum(min(w, bits) for w in loads), the same float: what a message's fair share of a link
+    it crosses amounts to (one load, the common case, without a generator)."""
+    if len(loads) == 1:
+        return 0 + min(loads[0], bits)
+    return sum(min(w, bits) for w in loads)
 
 
 def _check_nodes(n: int) -> None:

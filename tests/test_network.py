@@ -270,3 +270,39 @@ def test_network_file_with_malformed_link_is_refused(tmp_path, link):
     f.write_text(json.dumps({"links": [link], "inter": None, "group_size": None}))
     with pytest.raises(ValueError, match="malformed network description: a link is"):
         load_network_file(f)
+
+
+def _reference_message_parts(net: Network, messages) -> list[tuple[float, float]]:
+    """The fair-share rule written out plainly: each link's load is every message (and ACK stream)
+    crossing it; a message's transfer is its slowest link's share."""
+    loads: dict[tuple, list[float]] = {}
+    info = []
+    for src, dst, nbytes in messages:
+        bits = 8.0 * net.framing.wire_bytes(nbytes)
+        lat, res = net._resources(src, dst)
+        info.append((lat, bits, res))
+        for key, _ in res:
+            loads.setdefault(key, []).append(bits)
+        acks = 8.0 * net.framing.acks(nbytes)
+        if acks:
+            for key, _ in net._resources(dst, src)[1]:
+                loads.setdefault(key, []).append(acks)
+    return [(lat, max(sum(min(w, bits) for w in loads[key]) / bps for key, bps in res)) for lat, bits, res in info]
+
+
+@pytest.mark.parametrize("framing", ["ideal", "tcp", "tcp-ethernet"])
+def test_message_parts_equal_the_fair_share_rule_to_the_last_bit(framing):
+    import random
+
+    rng = random.Random(5)
+    nets = [Network.uniform(12, "1Gbit", "1ms", framing=framing),
+            Network.two_tier(12, 4, "10Gbit", "0.1ms", "200Mbit", "15ms", framing=framing),
+            Network.per_node([Link.of(f"{rng.randint(10, 1000)}Mbit", f"{rng.randint(1, 30)}ms") for _ in range(12)],
+                             framing=framing)]
+    for net in nets:
+        for _ in range(40):
+            k = rng.randint(1, 30)    # some links carry one message, some several, sizes repeat
+            messages = [(rng.randrange(12), rng.randrange(12), rng.choice([0, 1, 1448, 2936, 70_000, 2936]))
+                        for _ in range(k)]
+            messages = [(s, d, b) for s, d, b in messages if s != d]
+            assert net.message_parts(messages) == _reference_message_parts(net, messages)
