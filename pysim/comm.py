@@ -757,7 +757,7 @@ class RingPlan:
         """The collective: sets each part's ``result`` to the mean over its group."""
         t = self.t
         results = {p.node: torch.empty(self.numel, dtype=torch.float32) for p in parts}
-        batch = _C.RingBatch(self.arena.numpy(), [p.x.numpy() for p in parts],
+        batch = _C.RingBatch(self.raw, [p.x.numpy() for p in parts],
                              [results[p.node].numpy() for p in parts], self.numel, self.dtype)
         posted = [t.post_receive(m, src, into, raw) for m, src, into, raw in self.posts]
         for r, (hops, sends) in enumerate(zip(self.hops, self.sends, strict=True)):

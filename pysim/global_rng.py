@@ -133,14 +133,15 @@ def _python_generator() -> random.Random | None:
     return inst if type(inst) is random.Random else None
 
 
-def _python_words_address() -> int | None:
-    """Address of the 2,500 state bytes of the generator behind Python's ``random`` functions."""
+def _python_mt() -> tuple[random.Random, int] | None:
+    """The generator behind Python's ``random`` functions and the address of its 2,500 state
+    bytes, where they can be read (else None, and the exact calls are used)."""
     if not _PYTHON_WORDS:
         _PYTHON_WORDS.append(_find_python_words())
     inst = _python_generator()
     if _PYTHON_WORDS[0] is None or inst is None:
         return None
-    return id(inst) + _PYTHON_WORDS[0]
+    return inst, id(inst) + _PYTHON_WORDS[0]
 
 
 _GAUSS_FLAG: list[int | None] = []           # [offset], found on first use
@@ -204,23 +205,24 @@ class GlobalRNG:
         self._load_numpy(state.numpy)
 
     def _save_python(self) -> _PythonState:
-        address = _python_words_address()
-        if address is None:
+        mt = _python_mt()
+        if mt is None:
             return _PythonState(None, None, random.getstate())
-        raw, gauss, known = ctypes.string_at(address, _MT_BYTES), _python_generator().gauss_next, self._python_now
+        raw, gauss, known = ctypes.string_at(mt[1], _MT_BYTES), mt[0].gauss_next, self._python_now
         if known is not None and known.raw == raw and known.gauss is gauss:
             return known
         self._python_now = _PythonState(raw, gauss, None)
         return self._python_now
 
     def _load_python(self, state: _PythonState) -> None:
-        address = _python_words_address()
-        if address is None or state.raw is None:
+        mt = _python_mt()
+        if mt is None or state.raw is None:
             random.setstate(state.full if state.raw is None else (3, _words(state.raw), state.gauss))
             return
+        inst, address = mt
         if ctypes.string_at(address, _MT_BYTES) != state.raw:
             ctypes.memmove(address, state.raw, _MT_BYTES)
-        _python_generator().gauss_next = state.gauss
+        inst.gauss_next = state.gauss
         self._python_now = state
 
     def _save_numpy(self) -> _NumpyState:

@@ -359,9 +359,10 @@ def run_nodes(fn: Callable[..., Any], n: int, args: tuple = (), timeout_s: float
         os._exit(UNGUARDED_MAIN_EXIT)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _run_under_torchrun(fn, n, args, timeout_s)
-    if getattr(fn, "__module__", None) == "__main__" and _unreadable_main() is not None:
+    source = _unreadable_main() if getattr(fn, "__module__", None) == "__main__" else None
+    if source is not None:
         raise ValueError(f"{getattr(fn, '__qualname__', fn)!r} is defined in a program read from "
-                         f"{_unreadable_main()}, which node processes cannot import: save it to a file and run that")
+                         f"{source}, which node processes cannot import: save it to a file and run that")
     return _LocalRun(fn, Placement(n, n if processes is None else processes), args, timeout_s, heartbeat_s,
                      pin_cpus).run()
 

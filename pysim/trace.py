@@ -27,7 +27,7 @@ groups) and 3 (no server rounds) still load.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -196,30 +196,28 @@ class Trace:
 
     def bytes_per_node(self) -> tuple[list[int], list[int]]:
         """Total packet bytes (sent, received) per node over the run."""
-        sent, recv = np.zeros(self.nodes, dtype=np.int64), np.zeros(self.nodes, dtype=np.int64)
-        per: dict[Collective, tuple[np.ndarray, np.ndarray]] = {}   # a run repeats a few collectives many times
-        for c in self.collectives():
-            if c not in per:
-                per[c] = (np.array(bytes_sent(c.op, c.algo, c.sizes, c.groups), dtype=np.int64),
-                          np.array(bytes_received(c.op, c.algo, c.sizes, c.groups), dtype=np.int64))
-            sent += per[c][0]
-            recv += per[c][1]
-        sent, recv = [int(b) for b in sent], [int(b) for b in recv]
+        sent = self._summed(lambda c: bytes_sent(c.op, c.algo, c.sizes, c.groups))
+        recv = self._summed(lambda c: bytes_received(c.op, c.algo, c.sizes, c.groups))
         for e in self.server_rounds():
             for src, dst, b in e.messages():
                 sent[src] += b
                 recv[dst] += b
         return sent, recv
 
+    def _summed(self, per_node: Callable[[Collective], Sequence[int]]) -> list[int]:
+        """``per_node(c)`` summed over the trace's collectives, node by node; each distinct
+        collective is computed once (a run repeats a few collectives many times)."""
+        total = np.zeros(self.nodes, dtype=np.int64)
+        made: dict[Collective, np.ndarray] = {}
+        for c in self.collectives():
+            if c not in made:
+                made[c] = np.array(per_node(c), dtype=np.int64)
+            total += made[c]
+        return [int(b) for b in total]
+
     def framing_bytes_per_node(self, framing: Framing | Network) -> list[int]:
         """Total framing bytes each node sends over the run (on top of its packet bytes)."""
-        total = np.zeros(self.nodes, dtype=np.int64)
-        per: dict[Collective, np.ndarray] = {}
-        for c in self.collectives():
-            if c not in per:
-                per[c] = np.array(framing_bytes(framing, c.op, c.algo, c.sizes, c.groups), dtype=np.int64)
-            total += per[c]
-        out = [int(b) for b in total]
+        out = self._summed(lambda c: framing_bytes(framing, c.op, c.algo, c.sizes, c.groups))
         f = framing.framing if isinstance(framing, Network) else framing
         for e in self.server_rounds():
             for src, dst, b in e.messages():

@@ -166,7 +166,7 @@ def test_the_cached_gaussian_flag_is_found_on_this_numpy():
 def test_python_s_random_is_saved_raw_and_restored_exactly(seeded):
     import pysim.global_rng as global_rng
 
-    assert global_rng._python_words_address() is not None   # this Python's layout is the one assumed
+    assert global_rng._python_mt() is not None   # this Python's layout is the one assumed
     generators = GlobalRNG()
     random.gauss(0.0, 1.0)               # a Gaussian cached in the saved state
     saved = generators.save()
@@ -194,7 +194,7 @@ def test_python_s_random_without_raw_access_uses_the_exact_calls(seeded, monkeyp
     import pysim.global_rng as global_rng
 
     fast = GlobalRNG().save()
-    monkeypatch.setattr(global_rng, "_python_words_address", lambda: None)
+    monkeypatch.setattr(global_rng, "_python_mt", lambda: None)
     generators = GlobalRNG()
     saved = generators.save()
     assert saved.python.raw is None
