@@ -45,7 +45,7 @@ from pysim.evaluation import CrossingFinder, Evaluator, Subset, eval_subset
 from pysim.host import Host
 from pysim.sharding import ShardSampler, shard_indices
 from pysim.strategies import make_strategy
-from pysim.trace import event_to_json
+from pysim.trace import Event, event_to_json
 from pysim.workload import Batches, Workload
 
 
@@ -234,6 +234,16 @@ class NodeRun:
         self.host.transport.barrier()
         return dict.fromkeys(requests)
 
+    def _event_json(self, event: Event | None) -> list | None:
+        """``event`` as JSON, one object per distinct event in a process: its nodes share it, so
+        the records pickled to the parent carry a collective's sizes once, not once per node."""
+        if event is None:
+            return None
+        made = self.host.shared("events as JSON", dict)
+        if event not in made:
+            made[event] = event_to_json(event)
+        return made[event]
+
     def finish(self) -> dict:
         """The final evaluation on the whole set (the last step's evaluation, when that already was
         of the whole set: the same model, examples and split, so the same metrics unless the
@@ -250,7 +260,7 @@ class NodeRun:
         evals = self.evals if self.rank == 0 else []
         return {"steps": [list(s) for s in self.steps], "evals": [list(e) for e in evals],
                 "final_metrics": final if self.rank == 0 else None, "diverged_at_step": self.diverged_at_step,
-                "segments": [(c, f, event_to_json(e)) for c, f, e in self.comm.segments],
+                "segments": [(c, f, self._event_json(e)) for c, f, e in self.comm.segments],
                 "step_ends": self.comm.step_ends}
 
 

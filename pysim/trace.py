@@ -30,7 +30,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -272,6 +272,23 @@ def event_from_json(e) -> Event:
     return _collective_from_json(e)
 
 
+def segments_from_json(records: Sequence[Sequence[tuple[float, float, Any]]]) -> list[list[tuple[float, float, Event]]]:
+    """Every node's segments (compute_s, flops, event as JSON) with their events read back; a
+    JSON object several nodes share (a process's nodes send one object for a collective they
+    ran together) is read once, and the nodes get the same event."""
+    made: dict[int, Event] = {}   # id of a JSON object -> its event; the objects live in ``records`` meanwhile
+
+    def event(e: Any) -> Event:
+        if e is None:
+            return None
+        key = id(e)
+        if key not in made:
+            made[key] = event_from_json(e)
+        return made[key]
+
+    return [[(c, f, event(e)) for c, f, e in segments] for segments in records]
+
+
 def trace_from_nodes(segments: Sequence[Sequence[tuple[float, float, Event]]], step_ends: Sequence[int]) -> Trace:
     """Assembles a trace from each node's own record (``Comm.segments``: per segment
     (compute_s, flops, event))."""
@@ -282,9 +299,9 @@ def trace_from_nodes(segments: Sequence[Sequence[tuple[float, float, Event]]], s
                          "the strategy did not run the same collectives on every node")
     trace = Trace(nodes, step_ends=list(step_ends))
     for parts in zip(*segments, strict=True):
-        events = {p[2] for p in parts}
-        if len(events) != 1:
-            raise ValueError(f"nodes disagree on a collective: {events}")
+        first = parts[0][2]
+        if any(p[2] is not first and p[2] != first for p in parts):   # shared objects: no compare
+            raise ValueError(f"nodes disagree on a collective: {set(p[2] for p in parts)}")
         trace.compute_s.append([p[0] for p in parts])
         trace.flops.append([p[1] for p in parts])
         trace.events.append(parts[0][2])

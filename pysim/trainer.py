@@ -21,7 +21,7 @@ from pysim.node import StepRecord, train_node
 from pysim.placement import default_processes
 from pysim.result import Evaluation, Final, Result, StepRow
 from pysim.rundir import check_out_dir, load_result, run_path, save_result
-from pysim.trace import event_from_json, trace_from_nodes
+from pysim.trace import segments_from_json, trace_from_nodes
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def assemble(cfg: TrainConfig, nodes: list[dict], runtime_s: float) -> Result:
     """The run's :class:`Result` from every node's records: the trace, replayed (its times
     must equal the live clock's), per-step rows, node 0's evaluations and the final figures (a
     run that diverged has rows up to the evaluation where it stopped)."""
-    trace = trace_from_nodes([[(c, f, event_from_json(e)) for c, f, e in r["segments"]] for r in nodes],
+    trace = trace_from_nodes(segments_from_json([r["segments"] for r in nodes]),
                              nodes[0]["step_ends"])
     timeline = replay(trace, cfg.network, cfg.scaling)
     live = [r["steps"][-1][1] for r in nodes]

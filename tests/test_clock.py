@@ -5,7 +5,7 @@ import pytest
 
 from pysim.clock import Clock, ComputeScaling, replay
 from pysim.network import Framing, Network, collective_s
-from pysim.trace import Collective, Start, Trace, Wait, trace_from_nodes
+from pysim.trace import Collective, Start, Trace, Wait, segments_from_json, trace_from_nodes
 
 
 def small_trace() -> Trace:
@@ -62,6 +62,20 @@ def test_trace_from_nodes_checks_agreement():
         trace_from_nodes([[(1.0, 0.0, c)], []], [])
     with pytest.raises(ValueError, match="disagree"):
         trace_from_nodes([[(1.0, 0.0, c)], [(1.0, 0.0, Collective("allgather", "ring", (5, 7)))]], [])
+
+
+def test_segments_from_json_reads_a_shared_object_once():
+    shared, alone = ["allreduce", "ring", [4, 4, 4]], ["allreduce", "ring", [4, 4, 4]]
+    records = [[(1.0, 0.0, shared), (0.5, 0.0, None)], [(2.0, 0.0, shared), (0.7, 0.0, None)],
+               [(3.0, 0.0, alone), (0.9, 0.0, None)]]
+    segs = segments_from_json(records)
+    assert segs[0][0][2] is segs[1][0][2]              # one event for the object two nodes share
+    assert segs[2][0][2] == segs[0][0][2] and segs[2][0][2] is not segs[0][0][2]
+    assert [s[1] for s in segs] == [(0.5, 0.0, None), (0.7, 0.0, None), (0.9, 0.0, None)]
+    assert trace_from_nodes(segs, [1]).events == [Collective("allreduce", "ring", (4, 4, 4)), None]
+    records[2][0] = (3.0, 0.0, ["allreduce", "ring", [4, 4, 5]])
+    with pytest.raises(ValueError, match="disagree"):
+        trace_from_nodes(segments_from_json(records), [1])
 
 
 # ---------------------------------------------------------------- non-blocking collectives

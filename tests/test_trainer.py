@@ -1,5 +1,6 @@
 """Short end-to-end runs: every strategy learns, bytes follow the formula, runs reproduce."""
 
+import dataclasses
 import json
 import math
 
@@ -7,8 +8,11 @@ import pytest
 
 from pysim.compress import TopKCodec
 from pysim.config import TrainConfig
+from pysim.launch import run_nodes
 from pysim.network import Network
+from pysim.node import train_node
 from pysim.rundir import load_result, run_path
+from pysim.trace import segments_from_json, trace_from_nodes
 from pysim.trainer import run
 from pysim.workload import image_workload
 
@@ -110,3 +114,19 @@ def test_a_half_speed_node_slows_simple_reduce_every_step_and_diloco_every_h_ste
         bad = cfg("SimpleReduce")
         bad.jitter = float("nan")
         bad.check()
+
+
+def test_a_process_sends_each_collective_once():
+    """Nodes of one process share one JSON object per collective in their records (the pickle to
+    the parent carries a collective's per-node sizes once, not once per node), and the parent
+    reads it once: three nodes in one process, one all-reduce per step."""
+    c = dataclasses.replace(cfg("SimpleReduce"), nodes=3, steps=2, eval_every=2, eval_subset=100,
+                            train_examples=300, network=Network.uniform(3, "100Mbit", "20ms"))
+    records = run_nodes(train_node, 3, (c, None), processes=1)
+    ends = records[0]["step_ends"]
+    for k, (_, _, e) in enumerate(records[0]["segments"]):
+        assert all(r["segments"][k][2] is e for r in records[1:]), k
+    assert any(e is not None for _, _, e in records[0]["segments"])
+    segs = segments_from_json([r["segments"] for r in records])
+    assert all(s[k][2] is segs[0][k][2] for s in segs for k in range(len(segs[0])))
+    assert len(trace_from_nodes(segs, ends).events) == len(records[0]["segments"])
