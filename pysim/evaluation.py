@@ -83,7 +83,7 @@ class Evaluator:
             return dict.fromkeys(requests, self._from(holder, metrics))
         model = self._holders_weights(requests, holder)
         world = self.host.world
-        shares = {n: Subset(data, torch.arange(n, len(data), world)) for n in requests}
+        shares = {n: Subset(data, torch.arange(n, max(n, len(data)), world)) for n in requests}   # empty past the end
         mine = {n: self.metrics(model, share) if len(share) else {} for n, share in shares.items()}
         keys = self._from(holder, sorted(mine[holder]) if holder in requests else None)  # the holder's names
         for n, m in mine.items():

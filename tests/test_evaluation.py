@@ -16,7 +16,7 @@ def test_eval_subset_is_fixed_sorted_and_independent_of_the_run_seed():
     assert torch.equal(eval_subset(50, None), torch.arange(50)) and torch.equal(eval_subset(50, 80), torch.arange(50))
 
 
-@pytest.mark.parametrize("world, n", [(2, 301), (3, 2)])   # uneven shares; a node with no examples
+@pytest.mark.parametrize("world, n", [(2, 301), (3, 2), (5, 2)])   # uneven shares; nodes with no examples
 def test_split_evaluation_is_node0s_model_on_every_example(world, n):
     out = run_nodes(node_programs.split_evaluation, world, (n,))
     ref = out[0]["alone"]                                    # node 0 alone, on every example
