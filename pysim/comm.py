@@ -650,7 +650,7 @@ class RingPlan:
         n = t.nodes
         sched = phases("allreduce", "ring", (0,) * n, groups)
         self.row = {m: i for i, m in enumerate(self.nodes)}
-        self.size = {m: len(group_of(groups, m, n)) for m in self.nodes}
+        self.position = _positions(groups, self.nodes, n)   # node -> {member: its place in the node's group}
         self._bytes = 0
         self.own: dict[int, tuple[int, int, int, int]] = {}      # node -> (offset, bytes, a, b) of its packet
         self.receives: list[tuple[int, int, int, int]] = []       # (node, src, offset, bytes), in phase order
@@ -660,10 +660,10 @@ class RingPlan:
         hops: dict[int, list[tuple]] = {}           # batch -> hops in phase order
         sends: dict[int, list[tuple[int, int, int, int]]] = {}   # batch -> (node, dst, offset, bytes) after it
         for m in self.nodes:
-            if self.size[m] == 1:
+            if len(self.position[m]) == 1:
                 continue
             dst = ring_hop(sched[0], m)[0].dst
-            a, b = self._bounds(m, m, groups)
+            a, b = self._bounds(m, m)
             nb = _C.dense_packet_bytes(b - a, dtype)
             off = parity[m][1] if t.local(dst) else self._slot(nb)
             self.own[m] = (off, nb, a, b)
@@ -673,11 +673,11 @@ class RingPlan:
         for h in range(len(sched)):
             sending = dict(holding)
             for m in self.nodes:
-                k = self.size[m]
+                k = len(self.position[m])
                 if h >= 2 * (k - 1):
                     continue
                 into = ring_hop(sched[h], m)[1]
-                a, b = self._bounds(m, into.item, groups)
+                a, b = self._bounds(m, into.item)
                 nb = _C.dense_packet_bytes(b - a, dtype)
                 if t.local(into.src):   # handed over in memory: the bytes cross all the same
                     in_off, batch = sending[into.src]
@@ -715,14 +715,14 @@ class RingPlan:
         self._bytes += nbytes
         return off
 
-    def _bounds(self, m: int, item: int, groups: Groups | None) -> tuple[int, int]:
-        members = group_of(groups, m, self.t.nodes)
-        c, k = members.index(item), len(members)
+    def _bounds(self, m: int, item: int) -> tuple[int, int]:
+        """The values of chunk ``item`` of member ``m``'s group."""
+        c, k = self.position[m][item], len(self.position[m])
         return self.numel * c // k, self.numel * (c + 1) // k
 
     def _chunk_bytes(self, m: int) -> int:
         """The largest packet member ``m``'s ring moves (chunks differ by at most one value)."""
-        return _C.dense_packet_bytes(-(-self.numel // self.size[m]), self.dtype)
+        return _C.dense_packet_bytes(-(-self.numel // len(self.position[m])), self.dtype)
 
     def own_packet(self, node: int) -> torch.Tensor | None:
         """Where ``node`` writes the packet of its own chunk (None: its group is itself alone)."""
@@ -771,6 +771,19 @@ class RingPlan:
             p.result = results[p.node] if p.node in self.own else p.x.clone()
             t.sent[p.node] += self.moved[p.node][0]
             t.received[p.node] += self.moved[p.node][1]
+
+
+def _positions(groups: Groups | None, nodes: list[int], n: int) -> dict[int, dict[int, int]]:
+    """Per node of ``nodes``: where each member of its group stands in the group's ring order
+    (one dict per group, shared by its members)."""
+    made: dict[tuple[int, ...], dict[int, int]] = {}
+    out = {}
+    for m in nodes:
+        g = group_of(groups, m, n)
+        if g not in made:
+            made[g] = {member: c for c, member in enumerate(g)}
+        out[m] = made[g]
+    return out
 
 
 # ---------------------------------------------------------------- the collectives

@@ -87,8 +87,10 @@ def check_groups(groups: Sequence[Sequence[int]] | None, n: int) -> Groups | Non
     return None if out == (tuple(range(n)),) else out
 
 
+@functools.lru_cache(maxsize=8192)
 def group_of(groups: Groups | None, member: int, n: int) -> tuple[int, ...]:
-    """The members of ``member``'s group, in ring order (all ``n`` members for None)."""
+    """The members of ``member``'s group, in ring order (all ``n`` members for None). Cached:
+    every node asks at every collective, and making or finding the group is O(n)."""
     if groups is None:
         return tuple(range(n))
     return next(g for g in groups if member in g)
