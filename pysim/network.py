@@ -61,7 +61,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from pysim import schedule
+import numpy as np
+
+from pysim import fair_share, schedule
 from pysim.gloo_ring import gloo_ring, gloo_ring_segment
 from pysim.schedule import ALGORITHMS, bytes_received, bytes_sent  # noqa: F401  (re-exported)
 from pysim.tcp import (
@@ -457,11 +459,31 @@ def _collective_parts(net: Network, op: str, algo: str, sizes: tuple[int, ...],
     if len(sizes) != net.n:
         raise ValueError(f"collective over {len(sizes)} members on a network of {net.n} nodes")
     total = latency = 0.0
+    links = None   # the network as arrays, for phases of many messages (the same floats, faster)
     for phase in schedule.phases(op, algo, sizes, groups):
-        s, lat = net.phase_parts([(m.src, m.dst, m.nbytes) for m in phase])
+        if len(phase) >= fair_share.MIN_MESSAGES:
+            links = links or _link_arrays(net)
+            s, lat = fair_share.phase_parts(links, fair_share.as_array(phase))
+        else:
+            s, lat = net.phase_parts([(m.src, m.dst, m.nbytes) for m in phase])
         total += s
         latency += lat
     return total, latency
+
+
+def _link_arrays(net: Network) -> fair_share.LinkArrays:
+    """``net`` as :class:`pysim.fair_share.LinkArrays`."""
+    n, links = net.n, net.links
+    two_tier = net.inter is not None
+    groups = n // net.group_size if two_tier else 1
+    inter = net.inter if two_tier else Link(1.0, 1.0, 0.0)   # one tier: no message crosses it
+    bps = np.array([lk.up_bps for lk in links] + [lk.down_bps for lk in links]
+                   + [inter.up_bps] * groups + [inter.down_bps] * groups, dtype=np.float64)
+    group = np.arange(n) // net.group_size if two_tier else np.zeros(n, dtype=np.int64)
+    f = net.framing
+    return fair_share.LinkArrays(np.array([lk.latency_s for lk in links], dtype=np.float64), group,
+                                 net.inter.latency_s if two_tier else None, bps,
+                                 lambda b: (8.0 * f.wire_bytes(b), 8.0 * f.acks(b)))
 
 
 class _PhaseTable(tuple):
