@@ -60,6 +60,14 @@ def as_array(phase: Sequence[Sequence[int]]) -> np.ndarray:
 def phase_parts(links: LinkArrays, messages: np.ndarray) -> tuple[float, float]:
     """(seconds, latency part) of one phase: ``messages`` an (m, 3+) integer array of
     (src, dst, bytes, ...) rows in the phase's order; see the module docstring."""
+    lat, transfer = message_parts(links, messages)
+    finish = lat + transfer
+    slowest = int(np.argmax(finish))                 # the first of equals, as the loop keeps it
+    return float(finish[slowest]), float(lat[slowest])
+
+
+def message_parts(links: LinkArrays, messages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each message's (latency, transfer) seconds, as :meth:`pysim.network.Network.message_parts`."""
     src, dst = messages[:, 0], messages[:, 1]
     bits, acks = links.wire_bits(messages[:, 2])
     lat = np.maximum(links.latency_s[src], links.latency_s[dst])
@@ -89,6 +97,4 @@ def phase_parts(links: LinkArrays, messages: np.ndarray) -> tuple[float, float]:
         share[more] += np.minimum(sorted_load[start[more] + j], mine[more])
     per_resource = share / links.bps[own]
     per_resource[~present[:, :4]] = -np.inf
-    finish = lat + per_resource.max(axis=1)
-    slowest = int(np.argmax(finish))                 # the first of equals, as the loop keeps it
-    return float(finish[slowest]), float(lat[slowest])
+    return lat, per_resource.max(axis=1)

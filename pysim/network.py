@@ -500,12 +500,17 @@ def _phase_table(net: Network, op: str, algo: str, sizes: tuple[int, ...], group
                  ) -> _PhaseTable:
     """The :class:`_PhaseTable` of a collective on ``net``."""
     mss = net.framing.mss or (net.tcp.mss if net.tcp is not None else 1448)
-    rows = []
+    rows, links = [], None
     for phase in schedule.phases(op, algo, sizes, groups):
         messages = [(m.src, m.dst, m.nbytes) for m in phase]
+        if len(phase) >= fair_share.MIN_MESSAGES:   # the same floats, in NumPy
+            links = links or _link_arrays(net)
+            lat, transfer = fair_share.message_parts(links, fair_share.as_array(phase))
+            parts = zip(lat.tolist(), transfer.tolist(), strict=True)
+        else:
+            parts = net.message_parts(messages)
         rows.append(tuple((src, dst, max(1, -(-(nbytes + net.framing.per_message) // mss)), lat, transfer)
-                          for (src, dst, nbytes), (lat, transfer) in zip(messages, net.message_parts(messages),
-                                                                          strict=True)))
+                          for (src, dst, nbytes), (lat, transfer) in zip(messages, parts, strict=True)))
     table = _PhaseTable(rows)
     table.keys = tuple(sorted({(m[0], m[1]) for phase in table for m in phase}))
     table.symmetric = all(len(phase) == len(table.keys) and len({m[2:] for m in phase}) == 1

@@ -32,6 +32,9 @@ def test_a_phase_costs_the_loops_floats_to_the_last_bit(framing):
             messages = [m for m in messages if m[0] != m[1]] or [(0, 1, 5, 0)]
             expected = net.phase_parts([m[:3] for m in messages])
             assert fair_share.phase_parts(links, fair_share.as_array(messages)) == expected
+            lat, transfer = fair_share.message_parts(links, fair_share.as_array(messages))
+            each = list(zip(lat.tolist(), transfer.tolist(), strict=True))
+            assert each == net.message_parts([m[:3] for m in messages])
 
 
 @pytest.mark.parametrize("op, algo, groups", [("allreduce", "ring", None), ("allreduce", "star", None),
