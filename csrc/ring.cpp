@@ -1,5 +1,6 @@
 #include "ring.hpp"
 
+#include <algorithm>
 #include <map>
 #include <string>
 
@@ -48,6 +49,28 @@ void check_ranges(size_t arena_len, size_t members, size_t size, DType d, const 
   }
 }
 
+// Asks the caches for the start of hop h's data (its member's values, its packets, its
+// result): the hops of a batch jump between members whose rows lie megabytes apart, so each
+// hop would otherwise begin with misses the hardware prefetcher cannot foresee. A hint: no
+// effect on what is computed.
+void prefetch_hop(const RingHop& h, const uint8_t* arena, const std::vector<const float*>& xs,
+                  const std::vector<float*>& rs, DType d) {
+  constexpr size_t kLine = 64, kMaxBytes = 512;
+  const size_t bytes = std::min(kMaxBytes, static_cast<size_t>(h.b - h.a) * sizeof(float));
+  const size_t packet = std::min(kMaxBytes, static_cast<size_t>(h.b - h.a) * dtype_bytes(d) + kBaseHeaderBytes);
+  const auto* x = reinterpret_cast<const uint8_t*>(xs[h.row] + h.a);
+  const auto* r = reinterpret_cast<const uint8_t*>(rs[h.row] + h.a);
+  for (size_t k = 0; k < packet; k += kLine) __builtin_prefetch(arena + h.in_off + k, 0);
+  if (h.mode == static_cast<int64_t>(HopMode::Gather)) {
+    for (size_t k = 0; k < bytes; k += kLine) __builtin_prefetch(r + k, 1);
+    return;
+  }
+  for (size_t k = 0; k < bytes; k += kLine) __builtin_prefetch(x + k, 0);
+  for (size_t k = 0; k < packet; k += kLine) __builtin_prefetch(arena + h.out_off + k, 1);
+  if (h.mode == static_cast<int64_t>(HopMode::ReduceOwn))
+    for (size_t k = 0; k < bytes; k += kLine) __builtin_prefetch(r + k, 1);
+}
+
 }  // namespace
 
 void ring_hops(uint8_t* arena, size_t arena_len, const std::vector<const float*>& xs, const std::vector<float*>& rs,
@@ -57,6 +80,7 @@ void ring_hops(uint8_t* arena, size_t arena_len, const std::vector<const float*>
   std::map<size_t, ChunkHeader> headers;
   for (size_t i = 0; i < nhops; ++i) {
     const RingHop& h = hops[i];
+    if (i + 1 < nhops) prefetch_hop(hops[i + 1], arena, xs, rs, d);   // ranges checked above
     const size_t n = static_cast<size_t>(h.b - h.a);
     const ChunkHeader& head = header_for(headers, n, d);
     const size_t hlen = head.bytes.size(), len = hlen + n * dtype_bytes(d);
