@@ -89,13 +89,22 @@ def check_groups(groups: Sequence[Sequence[int]] | None, n: int) -> Groups | Non
     return None if out == (tuple(range(n)),) else out
 
 
-@functools.lru_cache(maxsize=8192)
 def group_of(groups: Groups | None, member: int, n: int) -> tuple[int, ...]:
-    """The members of ``member``'s group, in ring order (all ``n`` members for None). Cached:
-    every node asks at every collective, and making or finding the group is O(n)."""
+    """The members of ``member``'s group, in ring order (all ``n`` members for None). Every node
+    asks at every collective: one tuple of all members per n, one lookup per groups."""
     if groups is None:
-        return tuple(range(n))
-    return next(g for g in groups if member in g)
+        return _everyone(n)
+    return _group_by_member(groups)[member]
+
+
+@functools.lru_cache(maxsize=64)
+def _everyone(n: int) -> tuple[int, ...]:
+    return tuple(range(n))
+
+
+@functools.lru_cache(maxsize=256)
+def _group_by_member(groups: Groups) -> dict[int, tuple[int, ...]]:
+    return {m: g for g in groups for m in g}
 
 
 def ring_reduce_scatter(sizes: tuple[int, ...]) -> list[Phase]:
@@ -165,6 +174,8 @@ def _phases(op: str, algo: str, sizes: tuple[int, ...], groups: Groups | None) -
 
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
+    """The cyclic collector off inside, as it was after. A process-wide switch: fine for a
+    process's nodes, which take turns, not for threads that run at once."""
     paused = gc.isenabled()
     gc.disable()
     try:

@@ -276,15 +276,15 @@ def segments_from_json(records: Sequence[Sequence[tuple[float, float, Any]]]) ->
     """Every node's segments (compute_s, flops, event as JSON) with their events read back; a
     JSON object several nodes share (a process's nodes send one object for a collective they
     ran together) is read once, and the nodes get the same event."""
-    made: dict[int, Event] = {}   # id of a JSON object -> its event; the objects live in ``records`` meanwhile
+    made: dict[int, tuple[Any, Event]] = {}   # id of a JSON object -> (the object, kept alive; its event)
 
     def event(e: Any) -> Event:
         if e is None:
             return None
         key = id(e)
         if key not in made:
-            made[key] = event_from_json(e)
-        return made[key]
+            made[key] = (e, event_from_json(e))
+        return made[key][1]
 
     return [[(c, f, event(e)) for c, f, e in segments] for segments in records]
 

@@ -4,7 +4,8 @@ import gc
 
 import pytest
 
-from pysim.schedule import Message, phases, ring_allgather_chunks, ring_reduce_scatter
+from pysim import schedule
+from pysim.schedule import Message, group_of, phases, ring_allgather_chunks, ring_reduce_scatter
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 64])
@@ -20,14 +21,26 @@ def test_ring_phases_are_the_definition_message_by_message(n):
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_making_phases_leaves_the_garbage_collector_as_it_was(enabled):
+def test_making_phases_leaves_the_garbage_collector_as_it_was(enabled, monkeypatch):
     was = gc.isenabled()
+    seen = []
+    real = schedule._one_group
+    monkeypatch.setattr(schedule, "_one_group", lambda *a: seen.append(gc.isenabled()) or real(*a))
+    schedule._phases.cache_clear()
     try:
         (gc.enable if enabled else gc.disable)()
         phases("allreduce", "ring", (7,) * 37)
-        assert gc.isenabled() is enabled
-        with pytest.raises(ValueError, match="negative"):
-            phases("allreduce", "ring", (-1,) * 38)
-        assert gc.isenabled() is enabled
+        assert seen == [False] and gc.isenabled() is enabled    # paused while made, then as it was
+        monkeypatch.setattr(schedule, "_one_group", lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            phases("allreduce", "ring", (7,) * 38)
+        assert gc.isenabled() is enabled                         # and after a failure inside
     finally:
         (gc.enable if was else gc.disable)()
+        schedule._phases.cache_clear()
+
+
+def test_group_of_shares_one_tuple_of_all_members():
+    assert group_of(None, 3, 8) == tuple(range(8)) and group_of(None, 3, 8) is group_of(None, 5, 8)
+    groups = ((0, 2), (1, 3))
+    assert group_of(groups, 2, 4) == (0, 2) and group_of(groups, 3, 4) == (1, 3)
