@@ -1,5 +1,7 @@
-"""The cost of a phase of many concurrent messages, in NumPy: the same floats as
-:meth:`pysim.network.Network.phase_parts`, without a Python loop over the messages.
+"""The cost of a phase of many concurrent messages, in NumPy: the same floats as the
+message-by-message rule of :mod:`pysim.network` (``Network._each_message``), without a Python
+loop over the messages. :meth:`pysim.network.Network.phase_parts` and ``message_parts`` use it
+for phases of ``MIN_MESSAGES`` or more.
 
 A ring collective among n nodes has 2(n-1) phases of n messages; its cost was
 O(n^2) Python work once per process and again in the parent (6.8 s for a
@@ -53,8 +55,10 @@ class LinkArrays:
 
 
 def as_array(phase: Sequence[Sequence[int]]) -> np.ndarray:
-    """A phase's messages (src, dst, bytes, item) as an (m, 4) int64 array."""
-    return np.fromiter(itertools.chain.from_iterable(phase), np.int64, 4 * len(phase)).reshape(-1, 4)
+    """A phase's messages, (src, dst, bytes) or :class:`pysim.schedule.Message`s (src, dst,
+    bytes, item), as an (m, 3 or 4) int64 array."""
+    width = len(phase[0])
+    return np.fromiter(itertools.chain.from_iterable(phase), np.int64, width * len(phase)).reshape(-1, width)
 
 
 def phase_parts(links: LinkArrays, messages: np.ndarray) -> tuple[float, float]:
@@ -67,7 +71,7 @@ def phase_parts(links: LinkArrays, messages: np.ndarray) -> tuple[float, float]:
 
 
 def message_parts(links: LinkArrays, messages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each message's (latency, transfer) seconds, as :meth:`pysim.network.Network.message_parts`."""
+    """Each message's (latency, transfer) seconds, as :meth:`pysim.network.Network.message_parts` says."""
     src, dst = messages[:, 0], messages[:, 1]
     bits, acks = links.wire_bits(messages[:, 2])
     lat = np.maximum(links.latency_s[src], links.latency_s[dst])

@@ -392,22 +392,30 @@ class Network:
     def phase_parts(self, messages: Sequence[tuple[int, int, int]]) -> tuple[float, float]:
         """(seconds, latency part) of one phase of concurrent messages (src, dst, bytes):
         the phase ends with its slowest message (see the module docstring); the latency
-        part is that message's latency."""
-        best, best_lat = -1.0, 0.0
-        for lat, transfer in self.message_parts(messages):
-            if lat + transfer > best:
-                best, best_lat = lat + transfer, lat
-        return (best, best_lat) if messages else (0.0, 0.0)
+        part is that message's latency. Phases of many messages are costed in NumPy
+        (:mod:`pysim.fair_share`, the same floats)."""
+        if len(messages) >= fair_share.MIN_MESSAGES:
+            return fair_share.phase_parts(_link_arrays(self), fair_share.as_array(messages))
+        return _slowest(self._each_message(messages))
 
     def message_parts(self, messages: Sequence[tuple[int, int, int]]) -> list[tuple[float, float]]:
         """(latency, transfer) seconds of each of one phase's concurrent messages (src, dst,
-        bytes): the transfer at its fair share of every link it crosses."""
+        bytes): the transfer at its fair share of every link it crosses. Phases of many
+        messages are costed in NumPy (:mod:`pysim.fair_share`, the same floats)."""
+        if len(messages) >= fair_share.MIN_MESSAGES:
+            lat, transfer = fair_share.message_parts(_link_arrays(self), fair_share.as_array(messages))
+            return list(zip(lat.tolist(), transfer.tolist(), strict=True))
+        return self._each_message(messages)
+
+    def _each_message(self, messages: Sequence[tuple[int, int, int]]) -> list[tuple[float, float]]:
+        """:meth:`message_parts` message by message: the rule as written, which
+        :mod:`pysim.fair_share` is tested against."""
         if not messages:
             return []
         info = []
         sharing: dict[tuple, list[float]] = {}
         wire: dict[int, tuple[float, float]] = {}   # bytes -> (bits on the wire, bits of ACKs): a phase repeats sizes
-        for src, dst, nbytes in messages:
+        for src, dst, nbytes, *_ in messages:   # a Message has an item field too
             n = int(nbytes)
             if n not in wire:
                 wire[n] = (8.0 * self.framing.wire_bytes(n), 8.0 * self.framing.acks(n))
@@ -424,6 +432,16 @@ class Network:
     def phase_s(self, messages: Sequence[tuple[int, int, int]]) -> float:
         """Seconds for one phase of concurrent messages (src, dst, bytes)."""
         return self.phase_parts(messages)[0]
+
+
+def _slowest(parts: list[tuple[float, float]]) -> tuple[float, float]:
+    """(seconds, latency part) of the slowest of a phase's messages (latency, transfer): the
+    first of equals; (0, 0) for none."""
+    best, best_lat = -1.0, 0.0
+    for lat, transfer in parts:
+        if lat + transfer > best:
+            best, best_lat = lat + transfer, lat
+    return (best, best_lat) if parts else (0.0, 0.0)
 
 
 def _shared_bits(loads: list[float], bits: float) -> float:
@@ -459,20 +477,16 @@ def _collective_parts(net: Network, op: str, algo: str, sizes: tuple[int, ...],
     if len(sizes) != net.n:
         raise ValueError(f"collective over {len(sizes)} members on a network of {net.n} nodes")
     total = latency = 0.0
-    links = None   # the network as arrays, for phases of many messages (the same floats, faster)
     for phase in schedule.phases(op, algo, sizes, groups):
-        if len(phase) >= fair_share.MIN_MESSAGES:
-            links = links or _link_arrays(net)
-            s, lat = fair_share.phase_parts(links, fair_share.as_array(phase))
-        else:
-            s, lat = net.phase_parts([(m.src, m.dst, m.nbytes) for m in phase])
+        s, lat = net.phase_parts(phase)   # a Message's first three fields: src, dst, bytes
         total += s
         latency += lat
     return total, latency
 
 
+@functools.lru_cache(maxsize=16)
 def _link_arrays(net: Network) -> fair_share.LinkArrays:
-    """``net`` as :class:`pysim.fair_share.LinkArrays`."""
+    """``net`` as :class:`pysim.fair_share.LinkArrays`, made once per network."""
     n, links = net.n, net.links
     two_tier = net.inter is not None
     groups = n // net.group_size if two_tier else 1
@@ -500,17 +514,12 @@ def _phase_table(net: Network, op: str, algo: str, sizes: tuple[int, ...], group
                  ) -> _PhaseTable:
     """The :class:`_PhaseTable` of a collective on ``net``."""
     mss = net.framing.mss or (net.tcp.mss if net.tcp is not None else 1448)
-    rows, links = [], None
+    rows = []
     for phase in schedule.phases(op, algo, sizes, groups):
         messages = [(m.src, m.dst, m.nbytes) for m in phase]
-        if len(phase) >= fair_share.MIN_MESSAGES:   # the same floats, in NumPy
-            links = links or _link_arrays(net)
-            lat, transfer = fair_share.message_parts(links, fair_share.as_array(phase))
-            parts = zip(lat.tolist(), transfer.tolist(), strict=True)
-        else:
-            parts = net.message_parts(messages)
         rows.append(tuple((src, dst, max(1, -(-(nbytes + net.framing.per_message) // mss)), lat, transfer)
-                          for (src, dst, nbytes), (lat, transfer) in zip(messages, parts, strict=True)))
+                          for (src, dst, nbytes), (lat, transfer) in zip(messages, net.message_parts(messages),
+                                                                          strict=True)))
     table = _PhaseTable(rows)
     table.keys = tuple(sorted({(m[0], m[1]) for phase in table for m in phase}))
     table.symmetric = all(len(phase) == len(table.keys) and len({m[2:] for m in phase}) == 1

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from pysim import fair_share
-from pysim.network import Link, Network, _collective_parts, _link_arrays, collective_parts
+from pysim.network import Link, Network, _collective_parts, _link_arrays, _slowest, collective_parts
 from pysim.schedule import phases
 
 
@@ -20,8 +20,9 @@ def _networks(framing: str, n: int, rng: random.Random) -> list[Network]:
 
 @pytest.mark.parametrize("framing", ["ideal", "tcp", "tcp-ethernet"])
 def test_a_phase_costs_the_loops_floats_to_the_last_bit(framing):
-    """Random phases where links carry one message or many (so the order of a sum matters), sizes
-    repeat, messages cross groups, and ACK streams share links with messages."""
+    """Random phases where links carry one message or many, sizes repeat, messages cross groups,
+    and ACK streams share links with messages: NumPy against the rule message by message, and
+    the network's own methods (which take NumPy for 48+ messages) against both."""
     rng = random.Random(7)
     for net in _networks(framing, 12, rng):
         links = _link_arrays(net)
@@ -30,11 +31,12 @@ def test_a_phase_costs_the_loops_floats_to_the_last_bit(framing):
             messages = [(rng.randrange(12), rng.randrange(12), rng.choice([0, 1, 700, 1448, 2936, 70_001]), 0)
                         for _ in range(k)]
             messages = [m for m in messages if m[0] != m[1]] or [(0, 1, 5, 0)]
-            expected = net.phase_parts([m[:3] for m in messages])
-            assert fair_share.phase_parts(links, fair_share.as_array(messages)) == expected
+            rule = net._each_message([m[:3] for m in messages])
+            assert fair_share.phase_parts(links, fair_share.as_array(messages)) == _slowest(rule)
             lat, transfer = fair_share.message_parts(links, fair_share.as_array(messages))
-            each = list(zip(lat.tolist(), transfer.tolist(), strict=True))
-            assert each == net.message_parts([m[:3] for m in messages])
+            assert list(zip(lat.tolist(), transfer.tolist(), strict=True)) == rule
+            assert net.message_parts([m[:3] for m in messages]) == rule
+            assert net.phase_parts([m[:3] for m in messages]) == _slowest(rule)
 
 
 @pytest.mark.parametrize("op, algo, groups", [("allreduce", "ring", None), ("allreduce", "star", None),
@@ -47,7 +49,7 @@ def test_collectives_of_many_members_cost_what_the_loop_says(op, algo, groups):
         sizes = tuple(rng.choice([2932, 2936, 5000]) for _ in range(64))
         total = latency = 0.0
         for phase in phases(op, algo, sizes, groups):
-            s, lat = net.phase_parts([(m.src, m.dst, m.nbytes) for m in phase])
+            s, lat = _slowest(net._each_message([(m.src, m.dst, m.nbytes) for m in phase]))
             total += s
             latency += lat
         _collective_parts.cache_clear()
