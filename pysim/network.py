@@ -226,6 +226,11 @@ class Framing:
         """Bytes of acknowledgements the receiver of a message of ``nbytes`` sends back."""
         return self.ack_bytes * -(-self.segments(nbytes) // self.segments_per_ack)
 
+    def bits(self, nbytes: int) -> tuple[float, float]:
+        """(bits on the link, bits of its acknowledgements) of a message of ``nbytes`` packet
+        bytes: what it loads the forward and the reverse path with."""
+        return 8.0 * self.wire_bytes(nbytes), 8.0 * self.acks(nbytes)
+
 
 FRAMINGS = {
     "ideal": Framing(),
@@ -418,7 +423,7 @@ class Network:
         for src, dst, nbytes, *_ in messages:   # a Message has an item field too
             n = int(nbytes)
             if n not in wire:
-                wire[n] = (8.0 * self.framing.wire_bytes(n), 8.0 * self.framing.acks(n))
+                wire[n] = self.framing.bits(n)
             bits, acks = wire[n]
             lat, res = self._resources(src, dst)
             info.append((lat, bits, res))
@@ -494,10 +499,8 @@ def _link_arrays(net: Network) -> fair_share.LinkArrays:
     bps = np.array([lk.up_bps for lk in links] + [lk.down_bps for lk in links]
                    + [inter.up_bps] * groups + [inter.down_bps] * groups, dtype=np.float64)
     group = np.arange(n) // net.group_size if two_tier else np.zeros(n, dtype=np.int64)
-    f = net.framing
     return fair_share.LinkArrays(np.array([lk.latency_s for lk in links], dtype=np.float64), group,
-                                 net.inter.latency_s if two_tier else None, bps,
-                                 lambda b: (8.0 * f.wire_bytes(b), 8.0 * f.acks(b)))
+                                 net.inter.latency_s if two_tier else None, bps, net.framing.bits)
 
 
 class _PhaseTable(tuple):
