@@ -795,11 +795,11 @@ def _ring_plans(n: int, parts: list[_Part], groups: Groups | None) -> dict[int, 
     sizes = tuple(0 for _ in range(n))  # the ring's hops depend on the groups only, not on the sizes
     sched = phases("allreduce", "ring", sizes, groups)
     plans = {}
+    positions = _positions(groups, [p.node for p in parts], n)
     for p in parts:
-        members = group_of(groups, p.node, n)
-        k = len(members)
+        position = positions[p.node]
+        k = len(position)
         bounds = [p.x.numel() * c // k for c in range(k + 1)]
-        position = {m: c for c, m in enumerate(members)}
         hops = [ring_hop(sched[h], p.node) for h in range(2 * (k - 1))]
         plans[p.node] = (k, bounds, position, hops)
         p.result = p.x.clone() if k == 1 else torch.empty(p.x.numel(), dtype=torch.float32)
