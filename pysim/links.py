@@ -119,11 +119,11 @@ class _Ring:
 
 
 class _Outgoing:
-    """A message on its way into a ring: its bytes (frame, payload, padding) and how many have left."""
+    """A message on its way into a ring: its bytes (frame, payload parts, padding) and how many have left."""
 
-    def __init__(self, tag: int, payload: np.ndarray) -> None:
-        n = len(payload)
-        self.parts = [np.frombuffer(_FRAME.pack(tag, n), dtype=np.uint8), payload]
+    def __init__(self, tag: int, payload: list[np.ndarray]) -> None:
+        n = sum(len(part) for part in payload)
+        self.parts = [np.frombuffer(_FRAME.pack(tag, n), dtype=np.uint8), *payload]
         pad = -n % 8
         if pad:
             self.parts.append(_PADDING[:pad])
@@ -194,9 +194,10 @@ class Links:
 
     # ------------------------------------------------------------ sending and receiving
 
-    def send(self, dst: int, tag: int, payload: np.ndarray) -> None:
-        """Queues ``payload`` (1-D uint8, unchanged until :meth:`flush`) for process ``dst``."""
-        self.queued[dst].append(_Outgoing(tag, payload))
+    def send(self, dst: int, tag: int, payload: np.ndarray | list[np.ndarray]) -> None:
+        """Queues ``payload`` (1-D uint8, unchanged until :meth:`flush`) for process ``dst``: one
+        array, or a list of arrays whose bytes leave back to back as one message."""
+        self.queued[dst].append(_Outgoing(tag, payload if isinstance(payload, list) else [payload]))
         self.progress()
 
     def receive(self, src: int, tag: int, into: np.ndarray | None = None) -> Receive:

@@ -51,6 +51,43 @@ def test_messages_larger_than_the_ring_sent_both_ways_at_once_arrive_intact():
         assert results[me] == (sent_by_other, [sizes[i] for i in order])
 
 
+def _parts(me: int, i: int, sizes: list[int]) -> list[np.ndarray]:
+    return [np.random.default_rng([me, i, j]).integers(0, 256, n, dtype=np.uint8) for j, n in enumerate(sizes)]
+
+
+def _exchange_parts(me: int, spec, messages: list[list[int]], out: mp.Queue) -> None:
+    """Sends each message of ``messages`` (the sizes of its parts, bytes) as a list of parts to
+    the other process while receiving its; reports which arrived exactly as the parts joined."""
+    ends = Links.attach(spec, me, timeout_s=60)
+    other = 1 - me
+    for i, sizes in enumerate(messages):
+        ends.send(other, i, _parts(me, i, sizes))
+    got = [ends.receive(other, i, np.empty(sum(sizes), dtype=np.uint8)) for i, sizes in enumerate(messages)]
+    exact = [bytes(r.wait()) == b"".join(p.tobytes() for p in _parts(other, i, messages[i]))
+             for i, r in enumerate(got)]
+    ends.flush()
+    ends.close()
+    out.put((me, exact))
+
+
+def test_a_message_of_several_parts_arrives_as_their_bytes_back_to_back():
+    ctx = mp.get_context("spawn")
+    spec, segments = links.create(2, ctx)
+    try:
+        messages = [[3, 0, 5], [0], [], [spec.size - 3, 11, spec.size + 7], [1] * 9, [4096, 4096]]
+        out = ctx.Queue()
+        procs = [ctx.Process(target=_exchange_parts, args=(me, spec, messages, out)) for me in range(2)]
+        for p in procs:
+            p.start()
+        results = dict(out.get(timeout=120) for _ in range(2))
+        for p in procs:
+            p.join(30)
+            assert p.exitcode == 0
+    finally:
+        links.destroy(segments)
+    assert results == {0: [True] * len(messages), 1: [True] * len(messages)}
+
+
 def test_ring_size_shrinks_with_many_processes_but_not_below_a_mebibyte():
     assert links.ring_bytes(2) == 16 << 20
     assert links.ring_bytes(64) == 1 << 20
