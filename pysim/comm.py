@@ -76,7 +76,7 @@ from pysim.compute import ComputeMeter
 from pysim.host import current_host, solo_host
 from pysim.network import Network
 from pysim.pieces import PIECE_BYTES, BufferPool, DenseLayout, add_encode_piece, decode_piece, encode_piece
-from pysim.schedule import Groups, check_groups, group_of, phases, ring_hop
+from pysim.schedule import Groups, Phase, check_groups, group_of, phases, ring_hop
 from pysim.trace import Collective, Event, ServerRound, Start, Wait
 from pysim.transport import Transport
 
@@ -310,9 +310,10 @@ class Comm:
                     packet = codec.pack(flat)
             part = _Part(self, self._row(size), flat, packet, settings)
             execute = lambda parts, table: _star(self.transport, parts, codec, norm, table)  # noqa: E731
-        elif isinstance(codec, DenseCodec) and len(self.host.nodes) > 1:   # several members here: in memory
-            plan = self.host.shared(("ring plan", flat.numel(), codec.dtype, norm),
-                                    lambda: RingPlan(self.transport, self.host.nodes, flat.numel(), codec.dtype, norm))
+        elif isinstance(codec, DenseCodec) and len(self.host.nodes) > 1:   # several members here (RingPlan._bundled)
+            plan = self.host.shared(("ring plan", flat.numel(), codec.dtype, norm, self.piece_bytes),
+                                    lambda: RingPlan(self.transport, self.host.nodes, flat.numel(), codec.dtype, norm,
+                                                     self.piece_bytes))
             own = plan.own_packet(self.rank)
             if own is not None:
                 with self.meter.measure(native=True):   # its own chunk, packed before the collective starts
@@ -635,41 +636,39 @@ class RingPlan:
     The hops are the schedule's (:mod:`pysim.schedule`), member by member and phase by phase;
     they run in C++ (``_C.RingBatch``, ``csrc/ring.hpp``): a reduce-scatter hop checks the
     packet it received, adds its member's chunk and writes the packet it sends on; an
-    all-gather hop decodes the packet and passes it on by its slot. They run in *batches*:
-    batch r holds the hops that need the r-th packet received from another process (in phase
-    order) and no later one, each after the hop that made its packet, so a process waits for
-    a packet only when nothing else it could do is left (the phases of a ring through two
-    processes run as a wavefront, not in lockstep). Packets for other processes leave whole
-    after the batch that wrote them; every receive is posted before the first send, each into
-    a slot of its own. A member's reduce-scatter packets alternate between two slots (the
+    all-gather hop decodes the packet and passes it on by its slot. They run in *rounds*: a
+    hop's round is how often the chain of packets that leads to it (from the own chunk it
+    started as, member to member) crossed between processes, so round r needs only packets
+    that other processes made in their rounds before r. Before round r a process waits for the
+    packets of round r; after it, it sends what the round made for other processes. To another
+    process that hosts several nodes (and so runs a plan too) a round's packets leave as one
+    message, their bytes back to back (:meth:`Transport.send_bundle`); a process of one node
+    runs the collective hop by hop (:func:`_ring`) and gets each packet as its own message, in
+    pieces if large (:class:`pysim.pieces.DenseLayout`), as it sends them. A ring through P
+    processes in blocks of consecutive nodes takes at most 2P + 1 rounds: a 64-node ring over
+    two processes exchanges 5 messages each way per all-reduce instead of one per phase (126).
+
+    Every receive is posted before the first send, each into a slot of its own (a bundle's
+    packets, one region). A member's reduce-scatter packets alternate between two slots (the
     next member has read one before it is written again); the packets that complete a chunk,
     and those that cross between processes, have their own slots."""
 
-    def __init__(self, t: Transport, nodes: list[int], numel: int, dtype: int, groups: Groups | None) -> None:
-        self.t, self.nodes, self.numel, self.dtype = t, list(nodes), numel, dtype
+    def __init__(self, t: Transport, nodes: list[int], numel: int, dtype: int, groups: Groups | None,
+                 piece_bytes: int = PIECE_BYTES) -> None:
+        self.t, self.nodes, self.numel, self.dtype, self.piece_bytes = t, list(nodes), numel, dtype, piece_bytes
         n = t.nodes
         sched = phases("allreduce", "ring", (0,) * n, groups)
         self.row = {m: i for i, m in enumerate(self.nodes)}
         self.position = _positions(groups, self.nodes, n)   # node -> {member: its place in the node's group}
+        rounds = _crossings(self.position, t.placement.process_of)   # node -> its hop's round, per phase
         self._bytes = 0
         self.own: dict[int, tuple[int, int, int, int]] = {}      # node -> (offset, bytes, a, b) of its packet
-        self.receives: list[tuple[int, int, int, int]] = []       # (node, src, offset, bytes), in phase order
+        self.receives: list[tuple[int, int, int, int, int, int]] = []  # (node, src, phase, bytes, values, round)
         self.moved = {m: [0, 0] for m in self.nodes}              # node -> bytes it hands over / takes in memory
         parity = {m: [self._slot(self._chunk_bytes(m)), self._slot(self._chunk_bytes(m))] for m in self.nodes}
-        holding: dict[int, tuple[int, int]] = {}    # node -> (slot, batch) of the packet it sends next
-        hops: dict[int, list[tuple]] = {}           # batch -> hops in phase order
-        sends: dict[int, list[tuple[int, int, int, int]]] = {}   # batch -> (node, dst, offset, bytes) after it
-        for m in self.nodes:
-            if len(self.position[m]) == 1:
-                continue
-            dst = ring_hop(sched[0], m)[0].dst
-            a, b = self._bounds(m, m)
-            nb = _C.dense_packet_bytes(b - a, dtype)
-            off = parity[m][1] if t.local(dst) else self._slot(nb)
-            self.own[m] = (off, nb, a, b)
-            holding[m] = (off, -1)
-            if not t.local(dst):
-                sends.setdefault(-1, []).append((m, dst, off, nb))
+        holding: dict[int, tuple[int, int]] = {}    # node -> (slot, round) of the packet it sends next
+        hops: dict[int, list[tuple]] = {}           # round -> hops in phase order
+        sends: dict[int, list[tuple]] = {0: self._own_packets(sched[0], parity, holding)}   # round -> _Send
         for h in range(len(sched)):
             sending = dict(holding)
             for m in self.nodes:
@@ -679,36 +678,111 @@ class RingPlan:
                 into = ring_hop(sched[h], m)[1]
                 a, b = self._bounds(m, into.item)
                 nb = _C.dense_packet_bytes(b - a, dtype)
+                r = int(rounds[m][h])
                 if t.local(into.src):   # handed over in memory: the bytes cross all the same
-                    in_off, batch = sending[into.src]
+                    in_off, made = sending[into.src]
+                    if made != r:
+                        raise RuntimeError(f"ring plan: node {m}'s hop {h} is in round {r}, its packet in {made}")
                     self.moved[into.src][0] += nb
                     self.moved[m][1] += nb
-                else:
-                    in_off, batch = self._slot(nb), len(self.receives)
-                    self.receives.append((m, into.src, in_off, nb))
+                else:                   # its slot is laid out with the round's other packets (_lay_out)
+                    in_off = _PENDING + len(self.receives)
+                    self.receives.append((m, into.src, h, nb, b - a, r))
                 onward = ring_hop(sched[h + 1], m)[0].dst if h + 1 < 2 * (k - 1) else None
                 if h < k - 1:    # reduce-scatter
                     owned = h == k - 2
                     out_off = self._slot(nb) if owned or (onward is not None and not t.local(onward)) \
                         else parity[m][h % 2]
-                    hops.setdefault(batch, []).append((2 if owned else 1, in_off, out_off, self.row[m], a, b, k))
-                    holding[m] = (out_off, batch)
+                    hops.setdefault(r, []).append((2 if owned else 1, in_off, out_off, self.row[m], a, b, k))
+                    holding[m] = (out_off, r)
                 else:            # all-gather: decoded, and passed on by its slot
-                    hops.setdefault(batch, []).append((3, in_off, -1, self.row[m], a, b, k))
-                    holding[m] = (in_off, batch)
+                    hops.setdefault(r, []).append((3, in_off, -1, self.row[m], a, b, k))
+                    holding[m] = (in_off, r)
                 if onward is not None and not t.local(onward):
-                    sends.setdefault(batch, []).append((m, onward, holding[m][0], nb))
-        order = range(-1, len(self.receives))
-        self.hops = [np.array(hops.get(r, []), dtype=np.int64).reshape(-1, 7) for r in order]
+                    sends.setdefault(r, []).append((m, onward, holding[m][0], nb, b - a, h + 1))
+        self._lay_out(hops, sends)
+
+    def _own_packets(self, first: Phase, parity: dict[int, list[int]], holding: dict[int, tuple[int, int]]
+                     ) -> list[tuple]:
+        """Gives every member its own chunk's packet slot (its ``holding``, round 0); returns the
+        sends of those bound for another process."""
+        sends = []
+        for m in self.nodes:
+            if len(self.position[m]) == 1:
+                continue
+            dst = ring_hop(first, m)[0].dst
+            a, b = self._bounds(m, m)
+            nb = _C.dense_packet_bytes(b - a, self.dtype)
+            off = parity[m][1] if self.t.local(dst) else self._slot(nb)
+            self.own[m] = (off, nb, a, b)
+            holding[m] = (off, 0)
+            if not self.t.local(dst):
+                sends.append((m, dst, off, nb, b - a, 0))
+        return sends
+
+    def _bundled(self, process: int) -> bool:
+        """Whether packets to and from ``process`` travel as one message per round: it hosts
+        several nodes, so it runs a plan too (see :meth:`Comm._allreduce`)."""
+        return len(self.t.placement.hosted(process)) > 1
+
+    def _lay_out(self, hops: dict[int, list[tuple]], sends: dict[int, list[tuple]]) -> None:
+        """Slots for the packets from other processes (a region per round and process for a
+        bundle, in (phase, receiving node) order: the order its sender writes them in); makes
+        the arena, then the hops, receives and sends of every round."""
+        process_of = self.t.placement.process_of
+        arrivals: dict[tuple[int, int], list[int]] = {}   # (round, source process) -> its receives
+        for i, (_, src, _, _, _, r) in enumerate(self.receives):
+            arrivals.setdefault((r, process_of(src)), []).append(i)
+        slot = np.zeros(len(self.receives), dtype=np.int64)
+        for key in sorted(arrivals):   # a bundle's receives in its order; the others (one each) in phase order
+            arrivals[key].sort(key=lambda i: (self.receives[i][2], self.receives[i][0]))
+            for i in arrivals[key]:
+                slot[i] = self._slot(self.receives[i][3])
         self.arena = torch.empty(self._bytes, dtype=torch.uint8)
         self.raw = self.arena.numpy()
         self._headers: dict[int, tuple[np.ndarray, int]] = {}
-        self.sends = [[self._message(*send) for send in sends.get(r, [])] for r in order]
-        self.posts = [self._message(*receive) for receive in self.receives]
+        rounds = range(max([*hops, *sends, *(r for r, _ in arrivals)], default=0) + 1)
+        self.hops = []
+        for r in rounds:
+            table = np.array(hops.get(r, []), dtype=np.int64).reshape(-1, 7)
+            pending = table[:, 1] >= _PENDING
+            table[pending, 1] = slot[table[pending, 1] - _PENDING]
+            self.hops.append(table)
+        self.posts: list[tuple] = []              # in posting order: ("bundle", process, ...) or ("pieces", ...)
+        self.waits: dict[int, list[int]] = {}     # round -> the posts it waits for
+        for r, p in sorted(arrivals):
+            got = [(self.receives[i], int(slot[i])) for i in arrivals[(r, p)]]
+            if self._bundled(p):
+                off, nb = got[0][1], sum(rec[3] for rec, _ in got)
+                self.waits.setdefault(r, []).append(len(self.posts))
+                self.posts.append(("bundle", p, self.arena[off:off + nb], self.raw[off:off + nb],
+                                   [(rec[0], rec[3]) for rec, _ in got]))
+            else:
+                for (m, src, _, nb, values, _), off in got:
+                    self.waits.setdefault(r, []).append(len(self.posts))
+                    self.posts.append(("pieces", m, src, self._pieces(off, nb, values)))
+        self.sends = [self._sends(sends.get(r, []), slot) for r in rounds]
 
-    def _message(self, node: int, peer: int, off: int, nbytes: int) -> tuple:
-        """(node, peer, the slot as a tensor, the same as a NumPy view): made once per plan."""
-        return node, peer, self.arena[off:off + nbytes], self.raw[off:off + nbytes]
+    def _pieces(self, off: int, nbytes: int, values: int) -> list[tuple[torch.Tensor, np.ndarray]]:
+        """The messages that carry the packet in slot ``off`` to or from a process of one node,
+        as :func:`_ring` sends them (:meth:`pysim.pieces.DenseLayout.messages`)."""
+        packet = self.arena[off:off + nbytes]
+        return [(m, m.numpy()) for m in DenseLayout(values, self.dtype, self.piece_bytes).messages(packet)]
+
+    def _sends(self, sends: list[tuple], slot: np.ndarray) -> list[tuple]:
+        """One round's sends (node, destination, slot, bytes, values, phase received): a bundle
+        per process that runs a plan, ("bundle", process, [(node, packet, bytes)...]) in
+        (phase, receiving node) order; ("pieces", node, destination, messages) for the others."""
+        process_of = self.t.placement.process_of
+        out: list[tuple] = []
+        bundles: dict[int, list] = {}
+        for m, dst, off, nb, values, _ in sorted(sends, key=lambda s: (s[5], s[1])):
+            at = int(slot[off - _PENDING]) if off >= _PENDING else off
+            if self._bundled(process_of(dst)):
+                bundles.setdefault(process_of(dst), []).append((m, self.arena[at:at + nb], self.raw[at:at + nb]))
+            else:
+                out.append(("pieces", m, dst, self._pieces(at, nb, values)))
+        return out + [("bundle", p, packets) for p, packets in sorted(bundles.items())]
 
     def _slot(self, nbytes: int) -> int:
         off = self._bytes
@@ -759,18 +833,54 @@ class RingPlan:
         results = {p.node: torch.empty(self.numel, dtype=torch.float32) for p in parts}
         batch = _C.RingBatch(self.raw, [p.x.numpy() for p in parts],
                              [results[p.node].numpy() for p in parts], self.numel, self.dtype)
-        posted = [t.post_receive(m, src, into, raw) for m, src, into, raw in self.posts]
+        posted = [self._post(post) for post in self.posts]
         for r, (hops, sends) in enumerate(zip(self.hops, self.sends, strict=True)):
-            if r > 0:
-                posted[r - 1].wait()
+            for i in self.waits.get(r, ()):
+                for handle in posted[i]:
+                    handle.wait()
             if len(hops):
                 batch.run(hops)
-            for m, dst, message, raw in sends:
-                t.send(m, dst, message, raw)
+            for send in sends:
+                if send[0] == "bundle":
+                    t.send_bundle(send[1], send[2])
+                else:
+                    _, m, dst, messages = send
+                    for message, raw in messages:
+                        t.send(m, dst, message, raw)
         for p in parts:
             p.result = results[p.node] if p.node in self.own else p.x.clone()
             t.sent[p.node] += self.moved[p.node][0]
             t.received[p.node] += self.moved[p.node][1]
+
+    def _post(self, post: tuple) -> list:
+        """Posts the receive(s) of one entry of ``posts``; returns their handles, to wait on once each."""
+        if post[0] == "bundle":
+            _, process, into, raw, shares = post
+            return [self.t.post_bundle(process, into, raw, shares)]
+        _, m, src, messages = post
+        return [self.t.post_receive(m, src, into, raw) for into, raw in messages]
+
+
+_PENDING = 1 << 62   # a hop's incoming slot before RingPlan lays out the messages: _PENDING + its receive
+
+
+def _crossings(positions: dict[int, dict[int, int]], process_of: Callable[[int], int]) -> dict[int, np.ndarray]:
+    """Per node of ``positions`` (:func:`_positions`): for each phase h of its group's ring
+    all-reduce, how often the chain of packets its hop continues crossed between processes:
+    the chain starts as the own chunk of the member h + 1 places before it and passes every
+    member up to it, so it is the count of consecutive members in other processes along those
+    h + 1 hops (its round in :class:`RingPlan`)."""
+    sums: dict[int, np.ndarray] = {}   # id of a group's positions -> prefix sums of crossings, three laps
+    out = {}
+    for m, position in positions.items():
+        k = len(position)
+        if id(position) not in sums:
+            procs = np.array([process_of(member) for member in position], dtype=np.int64)  # in ring order
+            crosses = (procs != np.roll(procs, 1)).astype(np.int64)   # [i]: the hop from member i-1 to i
+            sums[id(position)] = np.concatenate([[0], np.cumsum(np.tile(crosses, 3))])
+        s, i = sums[id(position)], position[m]
+        out[m] = s[i + 2 * k + 1] - s[i + 2 * k - np.arange(max(0, 2 * (k - 1)))]
+    return out
 
 
 def _positions(groups: Groups | None, nodes: list[int], n: int) -> dict[int, dict[int, int]]:

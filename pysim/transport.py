@@ -30,6 +30,8 @@ from pysim.links import Links
 from pysim.pieces import BufferPool
 from pysim.placement import Placement
 
+_BUNDLES = 5   # the tag kind (above the node pairs') of send_bundle's messages
+
 
 class Transport:
     """Messages between the nodes of ``placement`` as seen from worker process ``process``:
@@ -94,6 +96,31 @@ class Transport:
             return self.links.receive(self.placement.process_of(src), self._tag(src, dst),
                                       _bytes(into) if raw is None else raw)
         return dist.irecv(into, self.placement.process_of(src), tag=self._tag(src, dst))
+
+    def send_bundle(self, process: int, packets: list[tuple[int, torch.Tensor, np.ndarray]]) -> None:
+        """Sends packets from nodes of this process to nodes of process ``process`` as one message:
+        their bytes back to back, in the order given. ``packets``: (sending node, the packet, its
+        bytes as a 1-D uint8 NumPy view); each is charged to its node as :meth:`send` charges it.
+        The other process receives them with one :meth:`post_bundle` of the same packets, in the
+        same order. Messages of one pair of processes arrive in the order sent."""
+        for src, message, _ in packets:
+            self.sent[src] += message.numel() * message.element_size()
+        if self.links is not None:
+            self.links.send(process, self._control + _BUNDLES, [raw for _, _, raw in packets])
+        else:
+            whole = torch.cat([message for _, message, _ in packets])
+            self._sends.append((dist.isend(whole, process, tag=self._control + _BUNDLES), whole))
+
+    def post_bundle(self, process: int, into: torch.Tensor, raw: np.ndarray,
+                    shares: list[tuple[int, int]]) -> dist.Work:
+        """Posts the receive of the next :meth:`send_bundle` from process ``process`` into ``into``
+        (``raw``: its bytes as a NumPy view); ``shares``: (receiving node, bytes) of each packet in
+        it, in order, counted as each node's received bytes. Wait on the returned handle."""
+        for dst, nbytes in shares:
+            self.received[dst] += nbytes
+        if self.links is not None:
+            return self.links.receive(process, self._control + _BUNDLES, raw)
+        return dist.irecv(into, process, tag=self._control + _BUNDLES)
 
     def flush(self) -> None:
         """Waits until every message sent to another process has left."""

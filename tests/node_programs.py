@@ -46,15 +46,16 @@ def allreduce_with_codec(rank: int, world: int, net: Network, spec: str, n: int)
 
 def ring_dense(rank: int, world: int, n: int, piece_bytes: int, groups=None) -> dict:
     """Dense ring all-reduces of the same seeded vector, per wire dtype: the means, and the bytes
-    the transport counted leaving this node."""
+    the transport counted leaving and reaching this node."""
     comm = Comm(rank, world, Network.uniform(world, "1Gbps", "1ms"))
     comm.piece_bytes = piece_bytes
     x = torch.randn(n, generator=torch.Generator().manual_seed(300 + rank)) * 3
     out: dict = {"x": x}
     for dtype in ("fp32", "fp16", "bf16"):
-        sent = comm.transport.sent[rank]
+        sent, received = comm.transport.sent[rank], comm.transport.received[rank]
         out[dtype] = comm.allreduce_mean(x, get_codec(f"dense:{dtype}"), groups=groups)
         out[f"{dtype}_sent"] = comm.transport.sent[rank] - sent
+        out[f"{dtype}_received"] = comm.transport.received[rank] - received
     out["x_after"] = x
     return out
 

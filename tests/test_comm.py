@@ -174,14 +174,20 @@ def ring_reference(xs: list[torch.Tensor], dtype: str) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("world,n,piece_bytes,groups", [(2, 1001, 512, None), (3, 5000, 1000, None),
-                                                        (3, 10, 1 << 19, None), (4, 3001, 700, [[0, 2], [1, 3]])])
-@pytest.mark.parametrize("processes", ["one per node", "one"])
+_RINGS = [(2, 1001, 512, None), (3, 5000, 1000, None), (3, 10, 1 << 19, None), (4, 3001, 700, [[0, 2], [1, 3]]),
+          (5, 3001, 700, None)]
+
+
+@pytest.mark.parametrize("world,n,piece_bytes,groups,processes",
+                         [(*ring, world) for ring in _RINGS for world in [ring[0]]]          # one per node
+                         + [(*ring, 1) for ring in _RINGS]                                    # all in one
+                         + [(*ring, p) for ring in _RINGS for p in (2, 3) if p < ring[0]])    # blocks of unequal size
 def test_dense_ring_is_the_schedules_arithmetic_bit_for_bit(world, n, piece_bytes, groups, processes):
-    """Between processes the packets travel in pieces; within one, whole and in memory: the same
-    float32 arithmetic as a hand-written ring, and exactly the packets' bytes leave each node."""
-    res = run_nodes(node_programs.ring_dense, world, (n, piece_bytes, groups),
-                    processes=world if processes == "one per node" else 1)
+    """Between processes the packets travel in pieces (to a process of one node) or a round's
+    packets as one message (between processes of several); within one, whole and in memory: the
+    same float32 arithmetic as a hand-written ring, and exactly the packets' bytes leave and
+    reach each node."""
+    res = run_nodes(node_programs.ring_dense, world, (n, piece_bytes, groups), processes=processes)
     members = [list(range(world))] if groups is None else groups
     for group in members:
         for dtype in ("fp32", "fp16", "bf16"):
@@ -192,6 +198,7 @@ def test_dense_ring_is_the_schedules_arithmetic_bit_for_bit(world, n, piece_byte
                 assert torch.equal(res[m][dtype], want), (dtype, m)
                 j = group.index(m)   # sends every chunk but j+1 in the reduce-scatter, every one but j+2 after
                 assert res[m][f"{dtype}_sent"] == 2 * sum(chunk) - chunk[(j + 1) % k] - chunk[(j + 2) % k]
+                assert res[m][f"{dtype}_received"] == 2 * sum(chunk) - chunk[j] - chunk[(j + 1) % k]  # j-1's
         for m in group:
             torch.testing.assert_close(res[m]["fp32"], sum(res[i]["x"] for i in group) / len(group), atol=1e-5,
                                        rtol=0)
@@ -253,3 +260,56 @@ def test_ring_hops_outside_their_buffers_are_refused_before_any_runs(column, val
     with pytest.raises(ValueError, match=message):
         batch.run(hops)
     assert not arena.any()     # checked before the first hop ran: nothing written
+
+
+@pytest.mark.parametrize("groups", [None, [[0, 2], [1, 3, 4]], [[4, 1, 0], [2, 3]], [[0, 1, 2, 3, 4]]])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_hops_round_counts_the_process_crossings_of_its_packets_chain(groups, seed):
+    """At phase h the member at place i continues the packet that started as the own chunk of the
+    member h + 1 places before it: its round is the count of hops along that chain that cross
+    from one process to another (counted member by member here)."""
+    import random
+
+    from pysim.comm import _crossings, _positions
+    from pysim.schedule import check_groups
+
+    rng = random.Random(seed)
+    process = [rng.randrange(3) for _ in range(5)]
+    positions = _positions(check_groups(groups, 5), list(range(5)), 5)
+    rounds = _crossings(positions, process.__getitem__)
+    for m, position in positions.items():
+        ring = sorted(position, key=position.get)
+        k, i = len(ring), position[m]
+        want = [sum(process[ring[(i - t) % k]] != process[ring[(i - t - 1) % k]] for t in range(h + 1))
+                for h in range(2 * (k - 1))]
+        assert list(rounds[m]) == want, (m, ring, process)
+
+
+@pytest.mark.parametrize("nodes,processes", [(16, 2), (64, 2), (12, 3), (64, 4), (5, 3)])
+def test_a_ring_plan_sends_each_process_one_message_per_round(nodes, processes):
+    """Between processes that host several nodes a round's packets leave as one message, and a
+    ring through P processes in blocks takes at most 2P + 1 rounds; a process of one node gets
+    its packets as _ring sends them, one by one."""
+    from types import SimpleNamespace
+
+    from pysim.comm import RingPlan
+    from pysim.placement import Placement
+
+    placement = Placement(nodes, processes)
+    for p in range(processes):
+        hosted = list(placement.hosted(p))
+        if len(hosted) == 1:
+            continue
+        here = SimpleNamespace(nodes=nodes, placement=placement, local=lambda m, p=p: placement.process_of(m) == p)
+        plan = RingPlan(here, hosted, 10_000, 0, None)   # made, not run: no transport needed
+        assert len(plan.sends) <= 2 * processes + 1
+        onward = placement.process_of((hosted[-1] + 1) % nodes)
+        sends = [s for r in plan.sends for s in r]
+        if len(placement.hosted(onward)) > 1:
+            assert [s[:2] for s in sends] == [("bundle", onward)] * len(sends)   # one per round at most
+            assert sum(len(s[2]) for s in sends) == 2 * (nodes - 1)  # the last node's packet of every phase
+            assert [node for s in sends for node, _, _ in s[2]] == [hosted[-1]] * 2 * (nodes - 1)
+        else:
+            assert [s[:3] for s in sends] == [("pieces", hosted[-1], onward)] * 2 * (nodes - 1)
+        posts = {post[0] for post in plan.posts}
+        assert posts == {"bundle" if len(placement.hosted(placement.process_of(hosted[0] - 1))) > 1 else "pieces"}
