@@ -188,6 +188,19 @@ def test_dense_ring_is_the_schedules_arithmetic_bit_for_bit(world, n, piece_byte
     same float32 arithmetic as a hand-written ring, and exactly the packets' bytes leave and
     reach each node."""
     res = run_nodes(node_programs.ring_dense, world, (n, piece_bytes, groups), processes=processes)
+    _check_ring_dense(res, world, n, groups)
+
+
+@pytest.mark.parametrize("world,processes,groups", [(3, 2, None), (4, 2, [[0, 2], [1, 3]])])
+def test_dense_ring_over_gloo_between_processes_is_the_same(world, processes, groups, monkeypatch):
+    """Where the workers cannot share memory (or under torchrun) the same messages take gloo:
+    a round's packets joined into one tensor, single-node peers' in pieces."""
+    monkeypatch.setenv("PYSIM_TRANSPORT", "gloo")
+    res = run_nodes(node_programs.ring_dense, world, (3001, 700, groups), processes=processes)
+    _check_ring_dense(res, world, 3001, groups)
+
+
+def _check_ring_dense(res: list[dict], world: int, n: int, groups) -> None:
     members = [list(range(world))] if groups is None else groups
     for group in members:
         for dtype in ("fp32", "fp16", "bf16"):
