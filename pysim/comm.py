@@ -645,8 +645,9 @@ class RingPlan:
     message, their bytes back to back (:meth:`Transport.send_bundle`); a process of one node
     runs the collective hop by hop (:func:`_ring`) and gets each packet as its own message, in
     pieces if large (:class:`pysim.pieces.DenseLayout`), as it sends them. A ring through P
-    processes in blocks of consecutive nodes takes at most 2P + 1 rounds: a 64-node ring over
-    two processes exchanges 5 messages each way per all-reduce instead of one per phase (126).
+    processes in blocks of consecutive nodes takes at most 2P + 1 rounds, the last one sending
+    nothing: a ring of 64 (or 256) nodes over two processes sends 4 messages each way per
+    all-reduce instead of one per phase (126, or 510).
 
     Every receive is posted before the first send, each into a slot of its own (a bundle's
     packets, one region). A member's reduce-scatter packets alternate between two slots (the
