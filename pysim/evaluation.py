@@ -22,7 +22,8 @@ the simulated network) are not charged.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -60,7 +61,8 @@ class Evaluator:
     """``metrics(model, data)`` of one node's model, computed by the worker processes of a run (see
     the module docstring). Every node calls it at once: the holder with the model to evaluate, the
     others with their own model as a template of the architecture (or None: the template of the
-    last call).
+    last call). ``metrics`` gets the model in evaluation mode (``Module.eval``: no dropout,
+    batch norm's running statistics); the model is back in its mode after.
 
     Split, the examples are cut into one share per *node* (node i takes examples i, i+N, ...,
     as before nodes shared processes) and each process evaluates its own nodes' shares; the
@@ -79,12 +81,16 @@ class Evaluator:
     def _evaluate(self, requests: dict[int, tuple]) -> dict[int, dict]:
         _, data, holder = next(iter(requests.values()))
         if not self.split:
-            metrics = self.metrics(requests[holder][0], data) if holder in requests else None
+            metrics = None
+            if holder in requests:
+                with _evaluation_mode(requests[holder][0]):
+                    metrics = self.metrics(requests[holder][0], data)
             return dict.fromkeys(requests, self._from(holder, metrics))
         model = self._holders_weights(requests, holder)
         world = self.host.world
         shares = {n: Subset(data, torch.arange(n, max(n, len(data)), world)) for n in requests}   # empty past the end
-        mine = {n: self.metrics(model, share) if len(share) else {} for n, share in shares.items()}
+        with _evaluation_mode(model):   # once for all the shares, not once per share
+            mine = {n: self.metrics(model, share) if len(share) else {} for n, share in shares.items()}
         keys = self._from(holder, sorted(mine[holder]) if holder in requests else None)  # the holder's names
         for n, m in mine.items():
             if len(shares[n]) and sorted(m) != keys:
@@ -130,6 +136,19 @@ class Evaluator:
                 if buf.data_ptr() != v.data_ptr():
                     v.copy_(buf)
         return copy_
+
+
+@contextmanager
+def _evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in evaluation mode inside; after, every submodule back in the mode it had (a
+    training model may hold submodules its owner keeps in evaluation mode, frozen batch norm)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class CrossingFinder:

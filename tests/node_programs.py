@@ -447,3 +447,19 @@ def single_tensor_mean(rank: int, world: int, algorithm: str, spec: str) -> dict
     before = x.clone()
     mean = reducer.mean({"x": x}, 0)["x"]
     return {"unchanged": torch.equal(x, before), "mean": mean, "x": before}
+
+
+def evaluation_modes(rank: int, world: int) -> dict:
+    """A split evaluation of node 0's training model: the modes its metrics saw, and after."""
+    from pysim.evaluation import Evaluator
+    from pysim.host import current_host
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Dropout(0.5))
+    seen = []
+
+    def metrics(m, data):
+        seen.append(m.training or any(sub.training for sub in m.modules()))
+        return {"accuracy": 1.0}
+
+    Evaluator(current_host(), metrics)(model, _Rows(torch.zeros(8, 6), torch.zeros(8, dtype=torch.long)))
+    return {"seen training": any(seen), "shares": len(seen), "after": model.training}

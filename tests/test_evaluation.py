@@ -164,3 +164,43 @@ def test_a_restored_crossing_finder_evaluates_the_kept_models():
     resumed.restore(state, torch.nn.Linear(2, 2))         # a template of the architecture, other weights
     assert resumed.evaluated(4, {"accuracy": 0.99}) == [(3, {"accuracy": 0.99})]
     assert torch.equal(seen[0], model.weight)              # the kept weights, not the template's
+
+
+def test_metrics_see_the_model_in_evaluation_mode_and_every_submodule_gets_its_mode_back():
+    """Dropout would make a training-mode evaluation random; a frozen batch norm inside a
+    training model stays frozen after."""
+    from pysim.evaluation import _evaluation_mode
+    from pysim.host import solo_host
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5))
+    model[1].eval()
+    seen = []
+
+    def metrics(m, data):
+        seen.append([sub.training for sub in m.modules()])
+        return {"accuracy": 1.0}
+
+    assert Evaluator(solo_host(0, 1), metrics)(model, [0]) == {"accuracy": 1.0}
+    assert seen == [[False] * 4]
+    assert [sub.training for sub in model.modules()] == [True, True, False, True]
+    with pytest.raises(RuntimeError), _evaluation_mode(model):
+        raise RuntimeError("a metric failed")
+    assert [sub.training for sub in model.modules()] == [True, True, False, True]
+
+
+def test_classification_metrics_leave_the_mode_as_it_was():
+    from pysim.workload import classification_metrics
+
+    g = torch.Generator().manual_seed(0)
+    data = node_programs._Rows(torch.randn(20, 6, generator=g), torch.randint(0, 3, (20,), generator=g))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Dropout(0.9))
+    ref = classification_metrics(model, data)
+    assert model.training and classification_metrics(model, data) == ref   # evaluated without dropout
+    model.eval()
+    assert classification_metrics(model, data) == ref and not model.training
+
+
+def test_a_split_evaluation_runs_every_share_in_evaluation_mode():
+    out = run_nodes(node_programs.evaluation_modes, 3, processes=2)
+    assert [r["seen training"] for r in out] == [False] * 3 and sum(r["shares"] for r in out) >= 3
+    assert all(r["after"] for r in out)
