@@ -354,7 +354,7 @@ def mismatched_metrics(rank: int, world: int) -> dict:
         return {"accuracy": 1.0} if rank == 0 else {"accuracy": 1.0, "f1": 0.5}
 
     g = torch.Generator().manual_seed(5)
-    data = _Rows(torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g))
+    data = _Rows(torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g))  # two shares of 32
     return Evaluator(current_host(), metrics)(torch.nn.Linear(6, 3), data)
 
 
@@ -461,5 +461,5 @@ def evaluation_modes(rank: int, world: int) -> dict:
         seen.append(m.training or any(sub.training for sub in m.modules()))
         return {"accuracy": 1.0}
 
-    Evaluator(current_host(), metrics)(model, _Rows(torch.zeros(8, 6), torch.zeros(8, dtype=torch.long)))
+    Evaluator(current_host(), metrics)(model, _Rows(torch.zeros(96, 6), torch.zeros(96, dtype=torch.long)))
     return {"seen training": any(seen), "shares": len(seen), "after": model.training}

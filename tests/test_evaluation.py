@@ -16,7 +16,7 @@ def test_eval_subset_is_fixed_sorted_and_independent_of_the_run_seed():
     assert torch.equal(eval_subset(50, None), torch.arange(50)) and torch.equal(eval_subset(50, 80), torch.arange(50))
 
 
-@pytest.mark.parametrize("world, n", [(2, 301), (3, 2), (5, 2)])   # uneven shares; nodes with no examples
+@pytest.mark.parametrize("world, n", [(2, 301), (3, 2), (5, 2), (5, 100)])   # uneven shares; nodes with none
 def test_split_evaluation_is_node0s_model_on_every_example(world, n):
     out = run_nodes(node_programs.split_evaluation, world, (n,))
     ref = out[0]["alone"]                                    # node 0 alone, on every example
@@ -41,12 +41,32 @@ def test_split_metrics_that_differ_between_shares_are_one_clear_error():
         run_nodes(node_programs.mismatched_metrics, 2)
 
 
-@pytest.mark.parametrize("processes", [1, 3])
-def test_split_evaluation_does_not_depend_on_the_placement(processes):
-    """Shares are cut per node and combined in node order, whatever process evaluates them."""
-    out = run_nodes(node_programs.split_evaluation, 3, (301,), processes=processes)
-    alone = run_nodes(node_programs.split_evaluation, 3, (301,))
+@pytest.mark.parametrize("world, n, processes", [(3, 301, 1), (3, 301, 3), (5, 100, 2)])
+def test_split_evaluation_does_not_depend_on_the_placement(world, n, processes):
+    """Shares are held by nodes and combined in node order, whatever process evaluates them."""
+    out = run_nodes(node_programs.split_evaluation, world, (n,), processes=processes)
+    alone = run_nodes(node_programs.split_evaluation, world, (n,))
     assert [r["split"] for r in out] == [r["split"] for r in alone]
+
+
+@pytest.mark.parametrize("examples, nodes", [(500, 256), (500, 2), (10_000, 256), (2, 3), (0, 3), (301, 3),
+                                             (500, 1024), (31, 5), (64, 64), (95, 2)])
+def test_split_shares_cover_every_example_once_one_per_node_while_each_gets_enough(examples, nodes):
+    from pysim.evaluation import SHARE_EXAMPLES, split_shares
+    from pysim.placement import Placement
+
+    held = split_shares(examples, nodes)
+    rows = torch.cat(list(held.values()))
+    assert sorted(rows.tolist()) == list(range(examples))
+    assert all(0 <= n < nodes for n in held) and list(held) == sorted(held)
+    if examples >= nodes * SHARE_EXAMPLES:
+        assert list(held) == list(range(nodes))            # node i: examples i, i + N, ... as always
+        assert all(torch.equal(r, torch.arange(i, examples, nodes)) for i, r in held.items())
+    elif len(held) > 1:
+        assert min(len(r) for r in held.values()) >= SHARE_EXAMPLES
+        assert len(held) == examples // SHARE_EXAMPLES
+    per_process = [sum(Placement(nodes, 2).process_of(n) == p for n in held) for p in range(2)] if nodes > 1 else [1]
+    assert max(per_process) - min(per_process) <= 1       # spread over the workers
 
 
 def test_not_split_or_one_node_evaluates_in_one_process():
@@ -202,5 +222,5 @@ def test_classification_metrics_leave_the_mode_as_it_was():
 
 def test_a_split_evaluation_runs_every_share_in_evaluation_mode():
     out = run_nodes(node_programs.evaluation_modes, 3, processes=2)
-    assert [r["seen training"] for r in out] == [False] * 3 and sum(r["shares"] for r in out) >= 3
+    assert [r["seen training"] for r in out] == [False] * 3 and sum(r["shares"] for r in out) == 3   # of 32
     assert all(r["after"] for r in out)
