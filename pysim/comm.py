@@ -669,7 +669,7 @@ class RingPlan:
         parity = {m: [self._slot(self._chunk_bytes(m)), self._slot(self._chunk_bytes(m))] for m in self.nodes}
         holding: dict[int, tuple[int, int]] = {}    # node -> (slot, round) of the packet it sends next
         hops: dict[int, list[tuple]] = {}           # round -> hops in phase order
-        sends: dict[int, list[tuple]] = {0: self._own_packets(sched[0], parity, holding)}   # round -> _Send
+        sends: dict[int, list[tuple]] = {0: self._own_packets(sched[0], parity, holding)}   # round -> see _sends
         for h in range(len(sched)):
             sending = dict(holding)
             for m in self.nodes:

@@ -91,7 +91,7 @@ class Evaluator:
         model = self._holders_weights(requests, holder)
         world = self.host.world
         held = split_shares(len(data), world)
-        shares = {n: Subset(data, held.get(n, torch.arange(0))) for n in requests}   # most nodes' empty at many nodes
+        shares = {n: Subset(data, held.get(n, torch.arange(0))) for n in requests}   # empty: a node that holds none
         with _evaluation_mode(model):   # once for all the shares, not once per share
             mine = {n: self.metrics(model, share) if len(share) else {} for n, share in shares.items()}
         keys = self._from(0, sorted(mine[0]) if 0 in requests else None)  # the names on node 0's share

@@ -218,6 +218,8 @@ def test_classification_metrics_leave_the_mode_as_it_was():
     assert model.training and classification_metrics(model, data) == ref   # evaluated without dropout
     model.eval()
     assert classification_metrics(model, data) == ref and not model.training
+    model[1].train()   # only a submodule training: still evaluated without dropout
+    assert classification_metrics(model, data) == ref
 
 
 def test_a_split_evaluation_runs_every_share_in_evaluation_mode():
