@@ -535,6 +535,41 @@ def test_set_grads_copies_once_and_makes_each_gradient_a_view_of_the_copy():
     assert all(p.grad.untyped_storage().data_ptr() == base for p in s.params)   # one copy
 
 
+def test_set_grads_without_copy_makes_each_gradient_a_view_of_the_vector_itself():
+    s = Strategy()
+    s.params = list(nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1)).parameters())
+    flat = torch.arange(11, dtype=torch.float32)
+    s.set_grads(flat, copy=False)
+    flat[0] = -1.0
+    assert s.params[0].grad[0, 0] == -1.0 and torch.equal(s.flat_grads(), flat)
+
+
+def grads_after_simple_reduce(rank: int, world: int, codec: str) -> dict:
+    """One SimpleReduce step; where each gradient lives, and the averaged gradient it holds."""
+    model = tiny_model()
+    comm = Comm(rank, world, Network.uniform(world, "1Gbps", "1ms"), ComputeMeter())
+    strategy = make_strategy("SimpleReduce", codec=codec)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.0), comm)
+    local_grad(model, rank, 0)
+    strategy.step(0, last=True)
+    avg = strategy.flat_grads().clone()
+    residual = strategy.comm_steps[0].reducer.residual
+    return {"pointers": {p.grad.untyped_storage().data_ptr() for p in model.parameters()}, "avg": avg,
+            "residual": None if residual is None else residual.untyped_storage().data_ptr()}
+
+
+@pytest.mark.parametrize("codec", ["dense", "dense:fp16"])
+def test_simple_reduce_gradients_are_each_nodes_own_memory_without_a_copy(codec):
+    # the all-reduce's result is new for every node and becomes its gradients as it is: no node's
+    # gradient shares memory with another node's or with the reducer's error-feedback residual
+    res = run_nodes(grads_after_simple_reduce, 3, (codec,), processes=1)
+    pointers = [r["pointers"] for r in res]
+    assert all(len(p) == 1 for p in pointers)              # all of a node's gradients: views of one tensor
+    assert len(set.union(*pointers)) == 3
+    assert all(r["residual"] not in r["pointers"] for r in res)
+    assert all(torch.equal(r["avg"], res[0]["avg"]) for r in res)
+
+
 def test_split_like_gives_views_shaped_like_the_tensors_in_order():
     from pysim.strategies import split_like
 

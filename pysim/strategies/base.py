@@ -197,10 +197,12 @@ class Strategy:
         """All gradients as one vector (the order of ``set_grads``)."""
         return torch.cat([g.reshape(-1) for g in self.grads()])
 
-    def set_grads(self, flat: torch.Tensor) -> None:
-        """Every gradient from one vector (the order of ``flat_grads``): a copy of ``flat``,
-        each parameter's gradient a view of it (as DDP's ``gradient_as_bucket_view``)."""
-        for p, g in zip(self.params, split_like(flat.clone(), self.params), strict=True):
+    def set_grads(self, flat: torch.Tensor, copy: bool = True) -> None:
+        """Every gradient from one vector (the order of ``flat_grads``): each parameter's gradient
+        a view of a copy of ``flat`` (as DDP's ``gradient_as_bucket_view``), or of ``flat`` itself
+        with ``copy=False``, for a ``flat`` the caller owns and no longer uses (a collective's new
+        result): an optimizer or clipping that writes a gradient then writes ``flat``."""
+        for p, g in zip(self.params, split_like(flat.clone() if copy else flat, self.params), strict=True):
             p.grad = g
 
 

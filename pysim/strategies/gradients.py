@@ -31,12 +31,13 @@ class AverageGradients(CommStep):
 
     def before_local_step(self, step: int, last: bool) -> None:
         s = self.strategy
+        copy = not self.reducer.owned_result   # a result the reducer keeps must not become a gradient
         if self.flat:
-            s.set_grads(self.reducer.mean({"grads": s.flat_grads()}, step)["grads"])
+            s.set_grads(self.reducer.mean({"grads": s.flat_grads()}, step)["grads"], copy=copy)
             return
         avg = self.reducer.mean(dict(zip(s.names, s.grads(), strict=True)), step)
         for p, g in zip(s.params, avg.values(), strict=True):
-            p.grad = g.clone()
+            p.grad = g.clone() if copy else g
 
 
 def buckets_by_size(params: list[torch.Tensor], cap_bytes: float) -> list[list[int]]:

@@ -43,6 +43,9 @@ class Reducer:
     and shapes). Bound to a node's comm by ``setup``. ``label`` names it, e.g. "topk:0.01+EF"."""
 
     label = ""
+    #: True where ``mean`` returns new tensors that nothing else holds or writes (views of one
+    #: new tensor count): the caller may keep them as they are, without a copy
+    owned_result: bool = False
 
     def setup(self, comm: Comm, seed: int = 0) -> None:
         """Binds the reducer to a node's comm; ``seed``: the run's (for a reducer's own randomness)."""
@@ -63,7 +66,10 @@ def local_error_feedback(codec: Codec, x: torch.Tensor, residual: torch.Tensor |
 
 
 class AllReduce(Reducer):
-    """All tensors flattened into one all-reduce of a summable codec; local error feedback if lossy."""
+    """All tensors flattened into one all-reduce of a summable codec; local error feedback if lossy.
+    Its outputs are views of the collective's result, a new tensor per node (``owned_result``)."""
+
+    owned_result = True
 
     def __init__(self, codec: Codec, label: str = "dense") -> None:
         self.codec, self.label = codec, label
