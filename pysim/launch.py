@@ -241,10 +241,8 @@ def _worker_main(process: int, placement, store_port: int, timeout_s: float, hea
                                     timeout=timedelta(seconds=timeout_s))
         try:
             out = Host(placement.hosted(process), placement.nodes, Transport(placement, process, ends)).run(fn, args)
-            # plain pickle over a pipe to our own parent: tensors travel by value, not as
-            # shared-memory handles that die with this process. Sent before the group is taken
-            # down (15-20 ms), which the parent need not wait for: it stops every worker once
-            # each has reported
+            # plain pickle to our parent (tensors by value, not handles that die with this process), before
+            # the group is taken down (15-20 ms): the parent stops every worker once all have reported
             reporter.send(("ok", out))
         finally:
             if dist.is_initialized():
