@@ -1,7 +1,7 @@
 """What passing the turn costs: K nodes of one process meeting R times with no work in between.
 
     python bench/host_turns.py [--nodes 4,32] [--meetings 300] [--repeats 5]
-    python bench/host_turns.py --step --nodes 32 --meetings 20    # a training step between meetings
+    python bench/host_turns.py --step --nodes 32 --meetings 100   # a training step between meetings
 
 A worker process runs its nodes as threads taking turns (:mod:`pysim.host`): at
 every collective each node saves the process's random generators, hands the
