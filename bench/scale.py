@@ -3,6 +3,7 @@
     python bench/scale.py                                   # SimpleReduce and DiLoCo(H=30), N = 2..256
     python bench/scale.py --nodes 16,64 --strategies SimpleReduce --steps 100
     python bench/scale.py --workload shakespeare --nodes 64 --steps 100 --batch-size 16
+    python bench/scale.py --nodes 16,64 --repeats 3                   # each point 3 times: median and range
 
 Each point trains the workload (MNIST CNN by default, batch 32 per node, a
 compute profile so the clock never depends on this machine's noise; 1 Gbit/s,
@@ -24,6 +25,10 @@ process's first run pays its ~2 s of imports once).
   counts). No simulator: what the node-steps cost when every core steps its
   nodes at once, their models, optimizer states and activations competing
   for the caches. The gap to it is pysim's own cost;
+- repeats: with ``--repeats R`` each point runs R times in a row (the bare steps
+  timed around each run), and the row shows the median real time and efficiency
+  with their range over the R runs, the largest peak memory: one run on this
+  shared host moves by 10-20%;
 - memory: the machine's memory in use (MemTotal - MemAvailable, sampled every
   0.1 s) at its peak during the run, less what was in use before it; per node:
   that over N; marginal: the difference to the previous N, per added node.
@@ -156,6 +161,30 @@ def measure(workload: str, strategy: str, nodes: int, steps: int, batch_size: in
             "per_node_mib": mem.extra / nodes / 2**20, "metric": result.final.metrics}
 
 
+def repeated(runs: list[dict]) -> dict:
+    """One row for repeated runs of a point: real time, efficiency and of-busy as (median, lowest,
+    highest); the bare steps of the median run; the largest peak memory."""
+    if len(runs) == 1:
+        one = runs[0]
+        return one | {k: (one[k],) for k in ("real_s", "efficiency", "of_busy")}
+    middle = sorted(runs, key=lambda r: r["efficiency"])[len(runs) // 2]
+    row = dict(middle)
+    for k in ("real_s", "efficiency", "of_busy"):
+        values = [r[k] for r in runs]
+        row[k] = (statistics.median(values), min(values), max(values))
+    peak = max(runs, key=lambda r: r["peak_gib"])
+    row["peak_gib"], row["per_node_mib"] = peak["peak_gib"], peak["per_node_mib"]
+    return row
+
+
+def spread(values: tuple, fmt: str) -> str:
+    """A value, or a median with its range: ``70% (65-74%)``."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    median, low, high = values
+    return f"{fmt.format(median)} ({fmt.format(low).rstrip('%s ')}-{fmt.format(high)})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", default="2,4,8,16,32,64,128,256")
@@ -163,6 +192,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workload", default="mnist")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per point: the row shows the median and range")
     ap.add_argument("--pin-cpus", default="on", choices=["on", "off"],
                     help="one CPU per worker process (RunOptions.pin_cpus; on: the default of a run)")
     a = ap.parse_args()
@@ -179,16 +209,17 @@ def main() -> None:
     for strategy in a.strategies.split(";"):
         previous = None
         for n in (int(v) for v in a.nodes.split(",")):
-            r = measure(a.workload, strategy.strip(), n, a.steps, a.batch_size, pool, a.pin_cpus == "on")
+            r = repeated([measure(a.workload, strategy.strip(), n, a.steps, a.batch_size, pool, a.pin_cpus == "on")
+                          for _ in range(a.repeats)])
             marginal = "-" if previous is None else \
                 f"{(r['peak_gib'] - previous['peak_gib']) * 1024 / (n - previous['nodes']):.1f} MiB"
-            print(f"| {strategy} | {n} | {r['processes']} | {r['real_s']:.1f} s | "
+            print(f"| {strategy} | {n} | {r['processes']} | {spread(r['real_s'], '{:.1f}')} s | "
                   f"{r['bare_step_ms'][0]:.2f} / {r['bare_step_ms'][1]:.2f} ms | "
-                  f"{100 * r['efficiency']:.0f}% | {r['busy_step_ms']:.2f} ms | {100 * r['of_busy']:.0f}% | "
+                  f"{spread(r['efficiency'], '{:.0%}')} | {r['busy_step_ms']:.2f} ms | "
+                  f"{spread(r['of_busy'], '{:.0%}')} | "
                   f"{r['peak_gib']:.2f} GiB | {r['per_node_mib']:.0f} MiB "
                   f"| {marginal} |", flush=True)
             previous = r
-
 
 if __name__ == "__main__":
     main()
