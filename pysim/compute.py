@@ -185,22 +185,75 @@ def _tensor_bytes(x) -> int:
     return 0
 
 
+class _WorkCounter(TorchDispatchMode):
+    """Counts what :class:`_KernelCounter` counts and the FLOPs torch's ``FlopCounterMode``
+    would count, in one mode: the same numbers (tested against the two modes together) for a
+    fraction of the Python per kernel (no module tracking; an operator's decomposition looked
+    up once). Each kernel's FLOPs come from torch's formulas (matmuls, convolutions,
+    attention); an operator without a formula but with a composite decomposition runs that
+    decomposition, whose parts add their FLOPs but not kernels or bytes, as the two modes
+    did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        self.registry = flop_registry
+        self.kernels = 0
+        self.bytes = 0
+        self.native_flops = 0.0   # FLOPs of pysim's C++ kernels (record_native_kernel)
+        self.flops = 0            # torch's kernels' (an int, as FlopCounterMode sums them)
+        self._decomposing = 0     # > 0 inside a decomposition: FLOPs only
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = NotImplemented
+        if func not in self.registry and func is not torch.ops.prim.device.default and _decomposes(func):
+            self._decomposing += 1
+            try:
+                with self:
+                    out = func.decompose(*args, **kwargs)
+            finally:
+                self._decomposing -= 1
+        if out is NotImplemented:
+            out = func(*args, **kwargs)
+            formula = self.registry.get(func._overloadpacket)
+            if formula is not None:
+                self.flops += formula(*args, **kwargs, out_val=out)
+        if not self._decomposing and func.__name__.split(".")[0] not in _VIEWS:
+            self.kernels += 1
+            self.bytes += _tensor_bytes(args) + _tensor_bytes(kwargs) + _tensor_bytes(out)
+        return out
+
+
+_DECOMPOSES: dict = {}   # operator -> whether OpOverload.decompose has a composite kernel for it
+
+
+def _decomposes(func) -> bool:
+    """Whether ``func.decompose`` would run a decomposition (its own test, made once per operator
+    unless the operator has Python kernels, which may change)."""
+    known = _DECOMPOSES.get(func)
+    if known is None:
+        key = torch._C.DispatchKey.CompositeImplicitAutograd
+        if key in func.py_kernels:
+            return True
+        known = _DECOMPOSES[func] = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)
+    return known
+
+
 @contextmanager
 def counting():
     """Counts the work of the body (torch's kernels and pysim's C++ ones); yields a list that
     holds its :class:`Work` afterwards."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     box: list[Work] = []
-    flop_mode, kernel_mode = FlopCounterMode(display=False), _KernelCounter()
-    open_counters().append(kernel_mode)
+    counter = _WorkCounter()
+    open_counters().append(counter)
     try:
-        with flop_mode, kernel_mode:
+        with counter:
             yield box
     finally:
         open_counters().pop()
-    box.append(Work(float(flop_mode.get_total_flops()) + kernel_mode.native_flops, float(kernel_mode.bytes),
-                    kernel_mode.kernels))
+    box.append(Work(float(counter.flops) + counter.native_flops, float(counter.bytes), counter.kernels))
 
 
 def count_work(fn: Callable[[], object]) -> Work:

@@ -15,6 +15,95 @@ def test_counted_work_of_a_matmul_is_its_flops_and_bytes():
     assert w.kernels == 1 and w.bytes == 4 * (64 * 32 + 32 * 16 + 64 * 16)  # inputs and output, fp32
 
 
+def _two_mode_count(fn) -> Work:
+    """The work of ``fn()`` as pysim counted it before one mode did both: torch's
+    ``FlopCounterMode`` for FLOPs with a kernel counter inside it for kernels and bytes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pysim.compute import _KernelCounter
+    from pysim.kernel_count import open_counters
+
+    flop_mode, kernel_mode = FlopCounterMode(display=False), _KernelCounter()
+    open_counters().append(kernel_mode)
+    try:
+        with flop_mode, kernel_mode:
+            fn()
+    finally:
+        open_counters().pop()
+    return Work(float(flop_mode.get_total_flops()) + kernel_mode.native_flops, float(kernel_mode.bytes),
+                kernel_mode.kernels)
+
+
+def _blocks():
+    """Work pysim counts: training steps of both built-in models, inference (where torch hands
+    composite operators such as ``linear`` to the mode, and counting runs their decomposition),
+    optimizer steps, DeMo's DCT and top-k, codecs (C++ kernels with torch ops around them)."""
+    from pysim.compress import TopKCodec, get_codec
+    from pysim.strategies.demo import ChunkedDCT, keep_topk_per_chunk
+    from pysim.workload import Batches, get_workload
+
+    for name, batch in (("mnist", 8), ("shakespeare", 2)):
+        wl = get_workload(name)
+        x, y = Batches(wl.data()[0]).batch(torch.arange(batch))
+
+        def step(wl=wl, x=x, y=y):
+            torch.manual_seed(0)
+            model = wl.model()
+            opt = wl.optimizer(model.parameters())
+            return lambda: (wl.loss(model(x), y).backward(), opt.step(), opt.step())
+
+        def inference(wl=wl, x=x, y=y):
+            torch.manual_seed(0)
+            model = wl.model()
+
+            def run():
+                with torch.inference_mode():
+                    wl.loss(model(x), y)
+            return run
+
+        yield f"{name} step", step
+        yield f"{name} inference", inference
+
+    def demo():
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.randn(32, 16, 5, 5, generator=g), torch.randn(64, 512, generator=g), torch.randn(64, generator=g)]
+        dcts = [ChunkedDCT(p.shape, 64) for p in ps]
+
+        def run():
+            kept = [keep_topk_per_chunk(d.encode(p), 32) for p, d in zip(ps, dcts, strict=True)]
+            for p, d, k in zip(ps, dcts, kept, strict=True):
+                p.sub_(d.decode(k))
+            TopKCodec(500).pack(torch.cat([k.reshape(-1) for k in kept]), key="demo", step=0)
+        return run
+
+    def nesterov():
+        ps = [torch.nn.Parameter(torch.randn(40, 30)) for _ in range(3)]
+        opt = torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True)
+
+        def run():
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        return run
+
+    yield "DeMo's compression", demo
+    yield "outer Nesterov step", nesterov
+    for spec in ("lowrank:4", "int8", "topk:0.01", "randomk:0.01", "dense:bf16"):
+        def codec(spec=spec):
+            c, x = get_codec(spec), torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
+            return lambda: c.unpack(c.pack(x, key="k", step=0), expect_shape=x.shape)
+        yield f"codec {spec}", codec
+
+
+@pytest.mark.parametrize("name,make", list(_blocks()), ids=[n for n, _ in _blocks()])
+def test_one_mode_counts_what_flop_counter_and_kernel_counter_counted_together(name, make):
+    from pysim import compute
+
+    assert count_work(make()) == _two_mode_count(make())
+    if name.endswith("inference"):   # the decomposition path ran
+        assert any(compute._DECOMPOSES.values())
+
+
 def test_profile_cost_formula():
     p = ComputeProfile("x", flops_per_s=1e9, bytes_per_s=1e8, kernel_s=1e-5, steps={"k": 0.25})
     assert p.seconds(Work(2e9, 1e8, 10)) == pytest.approx(2.0 + 1.0 + 1e-4)
