@@ -103,12 +103,16 @@ class DecoupledMomentum(CommStep):
         self.dcts = [ChunkedDCT(p.shape, self.chunk) for p in strategy.params]
         self.count = sum(min(self.topk, d.chunk_numel) * (p.numel() // d.chunk_numel)
                          for p, d in zip(strategy.params, self.dcts, strict=True))
+        # every block below does the same work at every step (fixed shapes, k and number of
+        # nodes): counted twice, then reused (counting costs more real time than the work)
+        self._work = f"{[tuple(p.shape) for p in strategy.params]}, chunk {self.chunk}, top {self.topk}"
 
     def before_local_step(self, step: int, last: bool) -> None:
         s = self.strategy
         lr = s.lr()
         wd = s.optimizer.param_groups[0].get("weight_decay", 0.0) if self.weight_decay is None else self.weight_decay
-        with s.compute():
+        every_grad = all(p.grad is not None for p in s.params)   # else zeros stand in (other work)
+        with s.compute(reuse=f"demo compress {self._work}" if every_grad else None):
             sent = []
             for p, g, m, dct in zip(s.params, s.grads(), self.momentum, self.dcts, strict=True):
                 with torch.no_grad():
@@ -119,7 +123,7 @@ class DecoupledMomentum(CommStep):
                 sent.append(kept.reshape(-1))
             flat = torch.cat(sent)
         avg = self.mean_over_senders(flat, step)
-        with s.compute():
+        with s.compute(reuse=f"demo decompress {self._work}"):
             offset = 0
             for p, dct in zip(s.params, self.dcts, strict=True):
                 n = p.numel()
@@ -132,10 +136,10 @@ class DecoupledMomentum(CommStep):
         ``count`` kept positions, all-gathered; each coefficient's mean over the nodes whose packet
         holds it (zero where none does)."""
         s = self.strategy
-        with s.compute():
+        with s.compute(reuse=f"demo pack {self._work}"):
             packet = TopKCodec(max(1, min(self.count, kept.numel()))).pack(kept, key="demo", step=step)
         packets = s.comm.allgather(packet)
-        with s.compute():
+        with s.compute(reuse=f"demo mean {self._work}, {len(packets)} packets"):
             sums = torch.zeros(kept.numel())
             senders = torch.zeros(kept.numel())
             for p in packets:
@@ -156,7 +160,7 @@ class DeMo(Strategy):
     def local_step(self) -> None:
         """Sign-SGD with the inner optimizer's learning rate; its scheduler steps."""
         lr = self.lr()
-        with self.compute(), torch.no_grad():
+        with self.compute(reuse="demo sign step"), torch.no_grad():
             for p in self.params:
                 p.sub_(p.grad.sign(), alpha=lr)
             if self.scheduler is not None:

@@ -35,16 +35,18 @@ class OuterStep(CommStep):
         self.global_params = list(self.global_model.parameters())
         self.outer = torch.optim.SGD(self.global_params, lr=self.outer_lr, momentum=self.outer_momentum,
                                      nesterov=self.outer_momentum > 0)
+        # the outer step's blocks do the same work at every sync: counted twice, then reused
+        self._work = f"{[tuple(p.shape) for p in self.global_params]}, momentum {self.outer_momentum > 0}"
 
     def after_local_step(self, step: int, last: bool) -> None:
         if (step + 1) % self.H and not last:
             return
         s = self.strategy
-        with s.compute():
+        with s.compute(reuse=f"diloco deltas {self._work}"):
             deltas = {name: (g.detach() - p.detach()) for name, g, p in zip(s.names, self.global_params, s.params,
                                                                              strict=True)}
         avg = self.reducer.mean(deltas, step)
-        with s.compute():
+        with s.compute(reuse=f"diloco outer step {self._work}"):
             self.outer.zero_grad()
             for g, d in zip(self.global_params, avg.values(), strict=True):
                 g.grad = d.clone()

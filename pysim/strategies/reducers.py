@@ -78,8 +78,8 @@ class AllReduce(Reducer):
     def mean(self, tensors, step):
         flat = torch.cat([t.reshape(-1) for t in tensors.values()]) if len(tensors) > 1 \
             else next(iter(tensors.values())).reshape(-1)   # read only: the collective never writes its input
-        if self.codec.lossy:
-            with self.comm.meter.measure():
+        if self.codec.lossy:   # the same work at every call (a summable codec's packets have a fixed size)
+            with self.comm.meter.measure(reuse=f"error feedback {self.codec.name}, {flat.numel()} values"):
                 flat, self.residual = local_error_feedback(self.codec, flat, self.residual)
         avg = self.comm.allreduce_mean(flat, self.codec)
         return dict(zip(tensors, split_like(avg, tensors.values()), strict=True))
@@ -124,19 +124,20 @@ class PowerSGDReduce(Reducer):
         gen = torch.Generator().manual_seed(self.run_seed if self.seed is None else self.seed)
         self.q = [torch.randn(x[0].numel(), self.rank, generator=gen) if self.shapes.compresses(x.shape) else None
                   for x in xs]
+        self._work = f"rank {self.rank}, {[tuple(x.shape) for x in xs]}"
 
     def mean(self, tensors, step):
         xs = list(tensors.values())
         if self.residual is None:
             self._init_state(xs)
-        meter = self.comm.meter
-        with meter.measure():
+        meter, work = self.comm.meter, self._work   # each block the same work at every call: reused
+        with meter.measure(reuse=f"powersgd P {work}"):
             ms, ps = self.compute_ps(xs)
         reduced = self.comm.allreduce_mean(torch.cat([p.reshape(-1) for p in ps]))
-        with meter.measure():
+        with meter.measure(reuse=f"powersgd Q {work}"):
             qs = self.compute_qs(ms, ps, reduced)
         q_avg = self.comm.allreduce_mean(torch.cat([q.reshape(-1) for q in qs])) if qs else None
-        with meter.measure():
+        with meter.measure(reuse=f"powersgd decompress {work}"):
             out = self.decompress(ms, ps, q_avg)
         return {name: o.view_as(x) for (name, x), o in zip(tensors.items(), out, strict=True)}
 
