@@ -434,12 +434,12 @@ class Comm:
         return Pending(self, handle, finish=lambda: self._mean_of_bundles(bundles, tensors, codec))
 
     def _bundle(self, tensors: dict[str, torch.Tensor], codec: Codec, step: int) -> torch.Tensor:
-        with self.meter.measure():
+        with self.meter.measure(reuse=_codec_work("bundle", tensors, codec)):
             return torch.cat([codec.pack(t, key=name, step=step) for name, t in tensors.items()])
 
     def _mean_of_bundles(self, bundles: list[torch.Tensor], tensors: dict[str, torch.Tensor], codec: Codec
                          ) -> dict[str, torch.Tensor]:
-        with self.meter.measure():
+        with self.meter.measure(reuse=_codec_work(f"mean of {len(bundles)} bundles", tensors, codec)):
             totals = {name: torch.zeros(t.shape, dtype=torch.float32) for name, t in tensors.items()}
             for b in bundles:
                 packets = split_packets(b)
@@ -448,6 +448,15 @@ class Comm:
                 for name, p in zip(totals, packets, strict=True):
                     totals[name] += codec.unpack(p, expect_shape=tensors[name].shape).float()
             return {name: (tot / self.world).to(tensors[name].dtype) for name, tot in totals.items()}
+
+
+def _codec_work(block: str, tensors: dict[str, torch.Tensor], codec: Codec) -> str | None:
+    """A name for a block that packs or unpacks ``tensors`` with ``codec``, under which its
+    counted work is reused (see :meth:`pysim.compute.ComputeMeter.measure`), where the codec's
+    work depends on shapes alone (``Codec.fixed_work``); else None: counted every time."""
+    if not codec.fixed_work:
+        return None
+    return f"{block} {codec.name} {[(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]}"
 
 
 def _check_stream(stream: int) -> None:

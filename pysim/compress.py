@@ -182,12 +182,17 @@ class Codec:
     warm start, error feedback); ``step`` varies the random choices (random-k
     indices, stochastic rounding). ``summable``: packets can be decoded, added
     and re-packed hop by hop (a ring all-reduce), as dense and quantised values
-    can; sparse and low-rank packets are all-gathered instead.
+    can; sparse and low-rank packets are all-gathered instead. ``fixed_work``:
+    packing and unpacking a tensor of one shape run the same kernels on the same
+    bytes every time (a packet's size depends on the shape alone), so a block
+    that packs or unpacks with it is counted once and reused (every built-in
+    codec; False, the default, for a codec whose packets depend on the values).
     """
 
     name = "codec"
     lossy = True
     summable: bool = False
+    fixed_work: bool = False
 
     def pack(self, x: torch.Tensor, *, key: str = "", step: int = 0) -> torch.Tensor:
         raise NotImplementedError
@@ -207,6 +212,8 @@ class Codec:
 
 class DenseCodec(Codec):
     """All values, as fp32, fp16 or bf16 on the wire."""
+
+    fixed_work = True
 
     summable = True
 
@@ -235,6 +242,8 @@ class TopKCodec(Codec):
     with s the bf16 absmax of its block of ``block`` values (SparseLoCo's 2-bit
     values; the ``topk2`` wire codec: ``2*ceil(k/block) + ceil(k/4)`` value bytes).
     """
+
+    fixed_work = True
 
     def __init__(self, k: int | float, value_dtype: str = "fp32", index_code: str = "ef",
                  block: int = INT2_BLOCK) -> None:
@@ -289,6 +298,8 @@ class RandomKCodec(Codec):
     with the same seed and step keeps the same entries.
     """
 
+    fixed_work = True
+
     def __init__(self, p: float, seed: int = 0, value_dtype: str = "fp32") -> None:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 < p <= 1.0):
             raise ValueError(f"random-k fraction p must be in (0, 1], got {p!r}")
@@ -330,6 +341,8 @@ class LowRankCodec(Codec):
     matrices for which the factors would not be smaller than the matrix, are
     sent dense (fp32).
     """
+
+    fixed_work = True
 
     def __init__(self, rank: int, seed: int = 0, value_dtype: str = "fp32") -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -394,6 +407,8 @@ class QuantCodec(Codec):
     same bytes: a diverging run sends what a real one would, and notices its loss).
     """
 
+    fixed_work = True
+
     summable = True
 
     def __init__(self, bits: int = 8, block: int | None = None, rounding: str = "nearest", seed: int = 0) -> None:
@@ -436,6 +451,7 @@ class ErrorFeedback(Codec):
         self.inner = codec
         self.name = f"ef({codec.name})"
         self.residual: dict[str, torch.Tensor] = {}
+        self.fixed_work = codec.fixed_work   # a key's first call (no residual yet) differs: counted apart
 
     def pack(self, x: torch.Tensor, *, key: str = "", step: int = 0) -> torch.Tensor:
         r = self.residual.get(key)

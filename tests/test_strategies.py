@@ -620,8 +620,24 @@ def test_blocks_that_repeat_their_work_are_counted_twice_then_reused():
     step made its steps 3x slower): blocks whose work is the same at every call are counted at
     their first and second call and charged the same after. Their records are unchanged by it
     (bench/RESULTS.md: fifteen strategy variants compared with the code that counted every call)."""
-    specs = ["DeMo", "DiLoCo(H=2)", "PowerSGD", "SimpleReduce(codec='int8')", "DiLoCo(H=2, codec='powersgd:2')"]
+    specs = ["DeMo", "DiLoCo(H=2)", "PowerSGD", "SimpleReduce(codec='int8')", "DiLoCo(H=2, codec='powersgd:2')",
+             "TopK", "DiLoCo(H=2, codec='lowrank:2')"]
     counted = run_nodes(counted_blocks_per_step, 2, (specs, 8))
     for node in counted:
         for spec, per_step in node.items():
             assert sum(per_step[:4]) > 0 and sum(per_step[4:]) == 0, (spec, per_step)
+
+
+def test_a_codec_whose_work_depends_on_the_values_is_counted_every_time():
+    from pysim.comm import _codec_work
+    from pysim.compress import Codec, ErrorFeedback, get_codec
+
+    class Entropy(Codec):   # a user's codec: its packets' sizes depend on the values
+        name = "entropy"
+
+    x = {"w": torch.zeros(4, 3)}
+    assert _codec_work("bundle", x, Entropy()) is None and _codec_work("bundle", x, ErrorFeedback(Entropy())) is None
+    for spec in ("dense", "int8", "topk:0.1", "randomk:0.1", "lowrank:2"):
+        codec = get_codec(spec)
+        assert codec.fixed_work and ErrorFeedback(codec).fixed_work
+        assert _codec_work("bundle", x, codec) != _codec_work("bundle", {"w": torch.zeros(3, 4)}, codec)
