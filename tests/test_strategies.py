@@ -621,7 +621,7 @@ def test_blocks_that_repeat_their_work_are_counted_twice_then_reused():
     their first and second call and charged the same after. Their records are unchanged by it
     (bench/RESULTS.md: fifteen strategy variants compared with the code that counted every call)."""
     specs = ["DeMo", "DiLoCo(H=2)", "PowerSGD", "SimpleReduce(codec='int8')", "DiLoCo(H=2, codec='powersgd:2')",
-             "TopK", "DiLoCo(H=2, codec='lowrank:2')", "FedAvg(H=2)"]
+             "TopK", "DiLoCo(H=2, codec='lowrank:2')", "FedAvg(H=2)", "StreamingDiLoCo(H=2, tau=0)"]
     counted = run_nodes(counted_blocks_per_step, 2, (specs, 8))
     for node in counted:
         for spec, per_step in node.items():

@@ -80,6 +80,7 @@ class StreamingOuterStep(CommStep):
         self.outer = torch.optim.SGD(self.global_params, lr=self.outer_lr, momentum=self.outer_momentum,
                                      nesterov=self.outer_momentum > 0)
         self.fragments = strided_fragments(strategy.model, self.M)
+        self._work = str([tuple(p.shape) for p in self.global_params])   # each fragment's blocks: the same work
         self.in_flight: dict[int, tuple[int, Pending[torch.Tensor]]] = {}   # fragment -> (step started, mean)
 
     def due(self, p: int, step: int) -> bool:
@@ -103,7 +104,7 @@ class StreamingOuterStep(CommStep):
         """global_p - local_p as one vector (the fragment's parameters in model order). Charged
         like DiLoCo's: the differences as compute, the flattening as packing (uncharged)."""
         s = self.strategy
-        with s.compute():
+        with s.compute(reuse=f"streaming outer gradient {p} of {self.M} {self._work}"):
             deltas = [self.global_params[i].detach() - s.params[i].detach() for i in self.fragments[p]]
         return torch.cat([d.reshape(-1) for d in deltas])
 
@@ -111,7 +112,7 @@ class StreamingOuterStep(CommStep):
         """Outer Nesterov step on global_p with the mean outer gradient, then the merge into local_p."""
         s = self.strategy
         frag = self.fragments[p]
-        with s.compute():
+        with s.compute(reuse=f"streaming outer step {p} of {self.M} {self._work}"):
             self.outer.zero_grad(set_to_none=True)   # only this fragment's parameters step
             for i, d in zip(frag, split_like(mean_delta, [self.global_params[i] for i in frag]), strict=True):
                 self.global_params[i].grad = d.clone()
