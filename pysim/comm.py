@@ -453,10 +453,13 @@ class Comm:
 def _codec_work(block: str, tensors: dict[str, torch.Tensor], codec: Codec) -> str | None:
     """A name for a block that packs or unpacks ``tensors`` with ``codec``, under which its
     counted work is reused (see :meth:`pysim.compute.ComputeMeter.measure`), where the codec's
-    work depends on shapes alone (``Codec.fixed_work``); else None: counted every time."""
+    work depends on shapes alone (``Codec.fixed_work``); else None: counted every time. The
+    name holds everything the work depends on (shapes, layout, the codec's state per tensor),
+    so two blocks of one name do the same work whoever runs them."""
     if not codec.fixed_work:
         return None
-    return f"{block} {codec.name} {[(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]}"
+    return f"{block} {codec.name} " + str([(name, tuple(t.shape), t.dtype, t.is_contiguous(), codec.state_of(name))
+                                          for name, t in tensors.items()])
 
 
 def _check_stream(stream: int) -> None:

@@ -194,6 +194,16 @@ class Codec:
     summable: bool = False
     fixed_work: bool = False
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "fixed_work" not in cls.__dict__:   # a subclass says so itself: its packets may depend on values
+            cls.fixed_work = False
+
+    def state_of(self, key: str) -> object:
+        """What this codec keeps for ``key`` that changes its work (for :attr:`fixed_work`:
+        whether a warm start or residual exists yet); None: nothing."""
+        return None
+
     def pack(self, x: torch.Tensor, *, key: str = "", step: int = 0) -> torch.Tensor:
         raise NotImplementedError
 
@@ -354,6 +364,9 @@ class LowRankCodec(Codec):
         self.warm_start: dict[str, torch.Tensor] = {}
         self._dense = DenseCodec("fp32")
 
+    def state_of(self, key: str) -> object:
+        return key in self.warm_start   # the first pack of a key draws its Q
+
     def compresses(self, shape) -> bool:
         """Whether a tensor of this shape is sent as factors (else dense)."""
         shape = list(shape)
@@ -451,7 +464,10 @@ class ErrorFeedback(Codec):
         self.inner = codec
         self.name = f"ef({codec.name})"
         self.residual: dict[str, torch.Tensor] = {}
-        self.fixed_work = codec.fixed_work   # a key's first call (no residual yet) differs: counted apart
+        self.fixed_work = codec.fixed_work
+
+    def state_of(self, key: str) -> object:
+        return key in self.residual, self.inner.state_of(key)   # a key's first call has no residual yet
 
     def pack(self, x: torch.Tensor, *, key: str = "", step: int = 0) -> torch.Tensor:
         r = self.residual.get(key)

@@ -208,7 +208,7 @@ class _WorkCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = NotImplemented
-        if func not in self.registry and func is not torch.ops.prim.device.default and _decomposes(func):
+        if func not in self.registry and func not in _NOT_DECOMPOSED and _decomposes(func):
             self._decomposing += 1
             try:
                 with self:
@@ -226,18 +226,36 @@ class _WorkCounter(TorchDispatchMode):
         return out
 
 
-_DECOMPOSES: dict = {}   # operator -> whether OpOverload.decompose has a composite kernel for it
+_DECOMPOSES: dict = {}   # operator -> whether it has a C++ composite kernel (OpOverload.decompose's test)
+
+# what FlopCounterMode runs as they are (it leaves them to other modes): metadata queries, which
+# nested and other non-standard tensors dispatch, and prim.device
+_NOT_DECOMPOSED = frozenset(
+    getattr(op, overload) for op, overload in (
+        (torch.ops.aten.sym_is_contiguous, "default"), (torch.ops.aten.is_contiguous, "default"),
+        (torch.ops.aten.is_contiguous, "memory_format"), (torch.ops.aten.is_strides_like_format, "default"),
+        (torch.ops.aten.is_non_overlapping_and_dense, "default"), (torch.ops.aten.size, "default"),
+        (torch.ops.aten.sym_size, "default"), (torch.ops.aten.stride, "default"),
+        (torch.ops.aten.sym_stride, "default"), (torch.ops.aten.storage_offset, "default"),
+        (torch.ops.aten.sym_storage_offset, "default"), (torch.ops.aten.numel, "default"),
+        (torch.ops.aten.sym_numel, "default"), (torch.ops.aten.dim, "default"), (torch.ops.prim.layout, "default"),
+        (torch.ops.prim.device, "default"))
+    if hasattr(op, overload))
 
 
 def _decomposes(func) -> bool:
-    """Whether ``func.decompose`` would run a decomposition (its own test, made once per operator
-    unless the operator has Python kernels, which may change)."""
+    """Whether ``func.decompose`` would run a decomposition: a Python composite kernel (looked up
+    every time: they may be registered later) or a C++ one (looked up once per operator)."""
+    key = torch._C.DispatchKey.CompositeImplicitAutograd
+    if key in func.py_kernels:
+        return True
     known = _DECOMPOSES.get(func)
     if known is None:
-        key = torch._C.DispatchKey.CompositeImplicitAutograd
-        if key in func.py_kernels:
-            return True
-        known = _DECOMPOSES[func] = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)
+        try:
+            known = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)
+        except RuntimeError:   # an operator the dispatcher does not know by name: nothing to decompose
+            known = False
+        _DECOMPOSES[func] = known
     return known
 
 

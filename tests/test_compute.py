@@ -86,7 +86,12 @@ def _blocks():
             opt.step()
         return run
 
+    def nested():   # FlopCounterMode left metadata queries of non-standard tensors as they are
+        nt = torch.nested.nested_tensor([torch.ones(2, 3), torch.ones(4, 3)], layout=torch.jagged)
+        return lambda: (nt.is_contiguous(), nt.numel(), nt.storage_offset(), nt * 2.0)
+
     yield "DeMo's compression", demo
+    yield "nested tensor", nested
     yield "outer Nesterov step", nesterov
     for spec in ("lowrank:4", "int8", "topk:0.01", "randomk:0.01", "dense:bf16"):
         def codec(spec=spec):

@@ -46,7 +46,7 @@ class OuterStep(CommStep):
             deltas = {name: (g.detach() - p.detach()) for name, g, p in zip(s.names, self.global_params, s.params,
                                                                              strict=True)}
         avg = self.reducer.mean(deltas, step)
-        with s.compute(reuse=f"diloco outer step {self._work}"):
+        with s.compute(reuse=f"diloco outer step {self._work}, buffers {bool(self.outer.state)}"):
             self.outer.zero_grad()
             for g, d in zip(self.global_params, avg.values(), strict=True):
                 g.grad = d.clone()

@@ -78,8 +78,9 @@ class AllReduce(Reducer):
     def mean(self, tensors, step):
         flat = torch.cat([t.reshape(-1) for t in tensors.values()]) if len(tensors) > 1 \
             else next(iter(tensors.values())).reshape(-1)   # read only: the collective never writes its input
-        if self.codec.lossy:   # the same work at every call (a summable codec's packets have a fixed size)
-            with self.comm.meter.measure(reuse=f"error feedback {self.codec.name}, {flat.numel()} values"):
+        if self.codec.lossy:   # the same work at every call after the first (no residual yet)
+            work = f"error feedback {self.codec.name}, {flat.numel()} values, residual {self.residual is not None}"
+            with self.comm.meter.measure(reuse=work if self.codec.fixed_work else None):
                 flat, self.residual = local_error_feedback(self.codec, flat, self.residual)
         avg = self.comm.allreduce_mean(flat, self.codec)
         return dict(zip(tensors, split_like(avg, tensors.values()), strict=True))

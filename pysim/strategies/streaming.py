@@ -112,7 +112,8 @@ class StreamingOuterStep(CommStep):
         """Outer Nesterov step on global_p with the mean outer gradient, then the merge into local_p."""
         s = self.strategy
         frag = self.fragments[p]
-        with s.compute(reuse=f"streaming outer step {p} of {self.M} {self._work}"):
+        buffers = self.global_params[frag[0]] in self.outer.state   # the fragment's first step makes them
+        with s.compute(reuse=f"streaming outer step {p} of {self.M} {self._work}, buffers {buffers}"):
             self.outer.zero_grad(set_to_none=True)   # only this fragment's parameters step
             for i, d in zip(frag, split_like(mean_delta, [self.global_params[i] for i in frag]), strict=True):
                 self.global_params[i].grad = d.clone()
