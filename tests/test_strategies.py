@@ -661,3 +661,36 @@ def test_a_codecs_first_call_for_a_tensor_is_counted_apart_from_later_ones():
         before = _codec_work("bundle", x, codec)
         codec.pack(x["w"], key="w")
         assert _codec_work("bundle", x, codec) != before
+
+
+def charged_per_step(rank: int, world: int, specs: list[str], steps: int, reuse: bool) -> dict:
+    """For each spec: every step's simulated clock and compute total on this node, with reused
+    blocks as the strategies declare them or (``reuse`` False) every block counted every time."""
+    from pysim.compute import ComputeMeter as Meter
+
+    real = Meter.measure
+    if not reuse:
+        Meter.measure = lambda self, *a, **k: real(self, *a, **{**k, "reuse": None})
+    try:
+        out = {}
+        for spec in specs:
+            model = tiny_model()
+            comm = Comm(rank, world, NET, Meter("cpu"))
+            strategy = make_strategy(spec)
+            strategy.setup(model, torch.optim.AdamW(model.parameters(), lr=0.01), comm)
+            out[spec] = []
+            for step in range(steps):
+                local_grad(model, rank, step)
+                strategy.step(step, last=step == steps - 1)
+                out[spec].append((comm.end_step(), comm.compute_total_s))
+        return out
+    finally:
+        Meter.measure = real
+
+
+def test_reused_blocks_charge_what_counting_every_call_charges():
+    specs = ["DeMo", "DiLoCo(H=2)", "PowerSGD", "SimpleReduce(codec='int8')", "TopK", "FedAvg(H=3)",
+             "DiLoCo(H=2, codec='lowrank:2')", "StreamingDiLoCo(H=4, tau=1)", "MuLoCo(H=3)"]
+    reused = run_nodes(charged_per_step, 2, (specs, 9, True))
+    counted = run_nodes(charged_per_step, 2, (specs, 9, False))
+    assert reused == counted
