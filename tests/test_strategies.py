@@ -621,7 +621,8 @@ def test_blocks_that_repeat_their_work_are_counted_twice_then_reused():
     their first and second call and charged the same after. Their records are unchanged by it
     (bench/RESULTS.md: fifteen strategy variants compared with the code that counted every call)."""
     specs = ["DeMo", "DiLoCo(H=2)", "PowerSGD", "SimpleReduce(codec='int8')", "DiLoCo(H=2, codec='powersgd:2')",
-             "TopK", "DiLoCo(H=2, codec='lowrank:2')", "FedAvg(H=2)", "StreamingDiLoCo(H=2, tau=0)"]
+             "TopK", "DiLoCo(H=2, codec='lowrank:2')", "FedAvg(H=2)", "StreamingDiLoCo(H=2, tau=0)",
+             "DGC(warmup_steps=4)"]
     counted = run_nodes(counted_blocks_per_step, 2, (specs, 12))
     for node in counted:
         for spec, per_step in node.items():
@@ -690,7 +691,7 @@ def charged_per_step(rank: int, world: int, specs: list[str], steps: int, reuse:
 
 def test_reused_blocks_charge_what_counting_every_call_charges():
     specs = ["DeMo", "DiLoCo(H=2)", "PowerSGD", "SimpleReduce(codec='int8')", "TopK", "FedAvg(H=3)",
-             "DiLoCo(H=2, codec='lowrank:2')", "StreamingDiLoCo(H=4, tau=1)", "MuLoCo(H=3)"]
+             "DiLoCo(H=2, codec='lowrank:2')", "StreamingDiLoCo(H=4, tau=1)", "MuLoCo(H=3)", "DGC(warmup_steps=4)"]
     reused = run_nodes(charged_per_step, 2, (specs, 9, True))
     counted = run_nodes(charged_per_step, 2, (specs, 9, False))
     assert reused == counted

@@ -70,7 +70,9 @@ class MomentumCorrectedTopK(CommStep):
     def before_local_step(self, step: int, last: bool) -> None:
         s = self.strategy
         density = dgc_density(step, self.k, self.warmup_steps)
-        with s.compute():
+        # the same work at every step of one density (each tensor's count n follows from it)
+        work = f"dgc density {density!r} {[tuple(p.shape) for p in s.params]}"
+        with s.compute(reuse=work if all(p.grad is not None for p in s.params) else None):
             grads = s.grads()
             if self.clip_norm is not None:
                 norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
