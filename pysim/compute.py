@@ -164,10 +164,13 @@ class _KernelCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._count_kernel(func, args, kwargs, out)
+        return out
+
+    def _count_kernel(self, func, args, kwargs, out) -> None:
         if func.__name__.split(".")[0] not in _VIEWS:
             self.kernels += 1
             self.bytes += _tensor_bytes(args) + _tensor_bytes(kwargs) + _tensor_bytes(out)
-        return out
 
 
 _VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "as_strided", "detach",
@@ -185,7 +188,7 @@ def _tensor_bytes(x) -> int:
     return 0
 
 
-class _WorkCounter(TorchDispatchMode):
+class _WorkCounter(_KernelCounter):
     """Counts what :class:`_KernelCounter` counts and the FLOPs torch's ``FlopCounterMode``
     would count, in one mode: the same numbers (tested against the two modes together) for a
     fraction of the Python per kernel (no module tracking; an operator's decomposition looked
@@ -199,9 +202,6 @@ class _WorkCounter(TorchDispatchMode):
         from torch.utils.flop_counter import flop_registry
 
         self.registry = flop_registry
-        self.kernels = 0
-        self.bytes = 0
-        self.native_flops = 0.0   # FLOPs of pysim's C++ kernels (record_native_kernel)
         self.flops = 0            # torch's kernels' (an int, as FlopCounterMode sums them)
         self._decomposing = 0     # > 0 inside a decomposition: FLOPs only
 
@@ -220,9 +220,8 @@ class _WorkCounter(TorchDispatchMode):
             formula = self.registry.get(func._overloadpacket)
             if formula is not None:
                 self.flops += formula(*args, **kwargs, out_val=out)
-        if not self._decomposing and func.__name__.split(".")[0] not in _VIEWS:
-            self.kernels += 1
-            self.bytes += _tensor_bytes(args) + _tensor_bytes(kwargs) + _tensor_bytes(out)
+        if not self._decomposing:
+            self._count_kernel(func, args, kwargs, out)
         return out
 
 
