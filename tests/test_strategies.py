@@ -585,6 +585,19 @@ def test_split_like_gives_views_shaped_like_the_tensors_in_order():
         source[12 + 2] = tensors[1][2]
 
 
+def profiled_steps(rank: int, world: int, spec: str, steps: int):
+    """Runs ``spec`` on this node with compute profile "cpu"; yields every step's simulated clock
+    and compute total, after the step."""
+    model = tiny_model()
+    comm = Comm(rank, world, NET, ComputeMeter("cpu"))
+    strategy = make_strategy(spec)
+    strategy.setup(model, torch.optim.AdamW(model.parameters(), lr=0.01), comm)
+    for step in range(steps):
+        local_grad(model, rank, step)
+        strategy.step(step, last=step == steps - 1)
+        yield comm.end_step(), comm.compute_total_s
+
+
 def counted_blocks_per_step(rank: int, world: int, specs: list[str], steps: int) -> dict:
     """For each spec: how many blocks each step counted (compute profile "cpu"), on this node."""
     import pysim.compute as compute
@@ -599,17 +612,10 @@ def counted_blocks_per_step(rank: int, world: int, specs: list[str], steps: int)
     out = {}
     try:
         for spec in specs:
-            model = tiny_model()
-            comm = Comm(rank, world, NET, ComputeMeter("cpu"))
-            strategy = make_strategy(spec)
-            strategy.setup(model, torch.optim.AdamW(model.parameters(), lr=0.01), comm)
-            out[spec] = []
-            for step in range(steps):
-                before = len(calls)
-                local_grad(model, rank, step)
-                strategy.step(step, last=step == steps - 1)
-                comm.end_step()
+            out[spec], before = [], 0
+            for _ in profiled_steps(rank, world, spec, steps):
                 out[spec].append(len(calls) - before)
+                before = len(calls)
     finally:
         compute.counting = real
     return out
@@ -619,7 +625,7 @@ def test_blocks_that_repeat_their_work_are_counted_twice_then_reused():
     """Counting a block's kernels costs more real time than running them (DeMo's five blocks a
     step made its steps 3x slower): blocks whose work is the same at every call are counted at
     their first and second call and charged the same after. Their records are unchanged by it
-    (bench/RESULTS.md: fifteen strategy variants compared with the code that counted every call)."""
+    (bench/RESULTS.md: 38 strategy variants compared with the code that counted every call)."""
     specs = ["DeMo", "DiLoCo(H=2)", "PowerSGD", "SimpleReduce(codec='int8')", "DiLoCo(H=2, codec='powersgd:2')",
              "TopK", "DiLoCo(H=2, codec='lowrank:2')", "FedAvg(H=2)", "StreamingDiLoCo(H=2, tau=0)",
              "DGC(warmup_steps=4)"]
@@ -667,26 +673,13 @@ def test_a_codecs_first_call_for_a_tensor_is_counted_apart_from_later_ones():
 def charged_per_step(rank: int, world: int, specs: list[str], steps: int, reuse: bool) -> dict:
     """For each spec: every step's simulated clock and compute total on this node, with reused
     blocks as the strategies declare them or (``reuse`` False) every block counted every time."""
-    from pysim.compute import ComputeMeter as Meter
-
-    real = Meter.measure
+    real = ComputeMeter.measure
     if not reuse:
-        Meter.measure = lambda self, *a, **k: real(self, *a, **{**k, "reuse": None})
+        ComputeMeter.measure = lambda self, *a, **k: real(self, *a, **{**k, "reuse": None})
     try:
-        out = {}
-        for spec in specs:
-            model = tiny_model()
-            comm = Comm(rank, world, NET, Meter("cpu"))
-            strategy = make_strategy(spec)
-            strategy.setup(model, torch.optim.AdamW(model.parameters(), lr=0.01), comm)
-            out[spec] = []
-            for step in range(steps):
-                local_grad(model, rank, step)
-                strategy.step(step, last=step == steps - 1)
-                out[spec].append((comm.end_step(), comm.compute_total_s))
-        return out
+        return {spec: list(profiled_steps(rank, world, spec, steps)) for spec in specs}
     finally:
-        Meter.measure = real
+        ComputeMeter.measure = real
 
 
 def test_reused_blocks_charge_what_counting_every_call_charges():
