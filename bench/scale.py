@@ -196,6 +196,8 @@ def main() -> None:
     ap.add_argument("--pin-cpus", default="on", choices=["on", "off"],
                     help="one CPU per worker process (RunOptions.pin_cpus; on: the default of a run)")
     a = ap.parse_args()
+    if a.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {a.repeats}")
     print(f"{a.workload}, batch {a.batch_size} per node, {a.steps} steps, {os.cpu_count()} cores, "
           f"workers pinned to CPUs: {a.pin_cpus}")
     print("| strategy | nodes | processes | real | bare step before / after | efficiency | bare step, cores busy "
