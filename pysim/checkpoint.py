@@ -8,7 +8,8 @@ its records so far and the random number generators. They live beside the
 run's results::
 
     OUT/<run>/checkpoint/
-        config.json          the run's configuration (a resume must match it)
+        config.json          the run's configuration and the code's fingerprint (a resume
+                             must match both)
         step-000200/         one folder per checkpointed step
             node0.pt ...     each node's state (torch.save), written atomically
 
@@ -18,7 +19,10 @@ to the step before. Older steps are deleted once a newer one is complete, and
 the whole folder once the run's results are saved. A resumed run performs the
 same arithmetic as an uninterrupted one: the same seed gives the same
 accuracy and bytes and, with a compute profile (calibrated, saved or a
-device), the same simulated time.
+device), the same simulated time. That holds for the code that wrote the
+checkpoint: the pickled state is that code's objects (a strategy of another
+version may lack an attribute the new code reads mid-run), so a resume by
+other code (another fingerprint of pysim's sources) is refused up front.
 
 The files are pickles (``torch.load(weights_only=False)``): load checkpoints
 only from runs you made.
@@ -26,6 +30,7 @@ only from runs you made.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -54,6 +59,18 @@ class CheckpointPlan:
     def due(self, steps_done: int, total: int) -> bool:
         """Whether a checkpoint is written after ``steps_done`` steps (not after the last)."""
         return bool(self.every) and steps_done % self.every == 0 and steps_done < total
+
+
+def code_fingerprint() -> str:
+    """A hash of pysim's own code (every ``.py`` file and the compiled extension), 16 hex digits."""
+    from pysim import _C
+
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    h.update(b"_C\0" + Path(_C.__file__).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def step_dir(folder: str | Path, step: int) -> Path:
@@ -103,14 +120,22 @@ def prune(folder: str | Path, keep_step: int) -> None:
 def prepare(folder: str | Path, config: dict, nodes: int, every: int | None, resume: bool) -> CheckpointPlan:
     """The plan of a run about to start. With ``resume``, the latest complete checkpoint of a run
     of the same configuration is taken (none: start at step 0); a checkpoint of another
-    configuration is a one-line ValueError. Without ``resume``, old checkpoints are cleared."""
+    configuration, or written by other code, is a one-line ValueError. Without ``resume``, old
+    checkpoints are cleared."""
     p = Path(folder)
     saved = p / CONFIG_FILE
+    code = code_fingerprint()
     if resume and saved.is_file():
         try:
-            old = json.loads(saved.read_text())
+            written = json.loads(saved.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{saved} is unreadable ({e}); delete {p} and train without --resume") from None
+        written_by = written.get("code") if isinstance(written, dict) else None
+        if written_by != code:
+            raise ValueError(f"the checkpoint in {p} was written by other pysim code (fingerprint {written_by}, "
+                             f"this code {code}) whose saved state this code may not read; delete it and train "
+                             "again without --resume")
+        old = written.get("config")
         if old != config:
             diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
             raise ValueError(f"the checkpoint in {p} is of another configuration (differs in {', '.join(diff)}); "
@@ -120,7 +145,7 @@ def prepare(folder: str | Path, config: dict, nodes: int, every: int | None, res
     shutil.rmtree(p, ignore_errors=True)  # another run's (under torchrun every rank prepares)
     if every:
         p.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(saved, json.dumps(config))
+        atomic_write_text(saved, json.dumps({"code": code, "config": config}))
     return CheckpointPlan(str(p), every, 0)
 
 

@@ -111,6 +111,22 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
         run(make_cfg("SimpleReduce"), None, resume=True)
 
 
+def test_resume_refuses_a_checkpoint_written_by_other_code(tmp_path):
+    """Nodes pickle their strategy, comm and clock as objects of the code that wrote them; other
+    code may read an attribute they lack mid-run, so it is refused before the run starts."""
+    cfg = make_cfg("SimpleReduce")
+    cfg.check()
+    folder = tmp_path / "ck"
+    checkpoint.prepare(folder, cfg.to_json(), 2, 10, resume=False)
+    saved = folder / checkpoint.CONFIG_FILE
+    written = json.loads(saved.read_text())
+    assert written == {"code": checkpoint.code_fingerprint(), "config": cfg.to_json()}
+    for other in ({**written, "code": "0123456789abcdef"}, cfg.to_json()):   # other code; before fingerprints
+        saved.write_text(json.dumps(other))
+        with pytest.raises(ValueError, match="written by other pysim code .* train again without --resume"):
+            checkpoint.prepare(folder, cfg.to_json(), 2, 10, resume=True)
+
+
 def test_a_resume_whose_next_evaluation_reaches_the_target_checks_the_kept_models(tmp_path):
     """The checkpoint after step 3 holds node 0's copies of the models after steps 1-3; the
     evaluation after step 4 reaches the target, so those are evaluated, in the resumed run too."""
