@@ -625,13 +625,16 @@ def test_blocks_that_repeat_their_work_are_counted_twice_then_reused():
     """Counting a block's kernels costs more real time than running them (DeMo's five blocks a
     step made its steps 3x slower): blocks whose work is the same at every call are counted at
     their first and second call and charged the same after. Their records are unchanged by it
-    (bench/RESULTS.md: 38 strategy variants compared with the code that counted every call)."""
+    (bench/RESULTS.md: 48 strategy variants compared with the code that counted every call)."""
     specs = ["DeMo", "DiLoCo(H=2)", "PowerSGD", "SimpleReduce(codec='int8')", "DiLoCo(H=2, codec='powersgd:2')",
              "TopK", "DiLoCo(H=2, codec='lowrank:2')", "FedAvg(H=2)", "StreamingDiLoCo(H=2, tau=0)",
-             "DGC(warmup_steps=4)"]
-    counted = run_nodes(counted_blocks_per_step, 2, (specs, 12))
+             "DGC(warmup_steps=4)", "SparseLoCo(H=2, chunk=16, topk=2)", "NoLoCo(H=2)"]
+    counted = run_nodes(counted_blocks_per_step, 2, (specs + ["DESLOC(Kx=1, Ku=1, Kv=1)"], 12))
     for node in counted:
         for spec, per_step in node.items():
+            if spec.startswith("DESLOC"):   # parameters alone at step 0 (no moments yet) and after the last
+                assert sum(per_step[:3]) > 0 and sum(per_step[3:11]) == 0 and per_step[11] > 0, (spec, per_step)
+                continue
             assert sum(per_step[:8]) > 0 and sum(per_step[8:]) == 0, (spec, per_step)
 
 
@@ -684,7 +687,9 @@ def charged_per_step(rank: int, world: int, specs: list[str], steps: int, reuse:
 
 def test_reused_blocks_charge_what_counting_every_call_charges():
     specs = ["DeMo", "DiLoCo(H=2)", "PowerSGD", "SimpleReduce(codec='int8')", "TopK", "FedAvg(H=3)",
-             "DiLoCo(H=2, codec='lowrank:2')", "StreamingDiLoCo(H=4, tau=1)", "MuLoCo(H=3)", "DGC(warmup_steps=4)"]
+             "DiLoCo(H=2, codec='lowrank:2')", "StreamingDiLoCo(H=4, tau=1)", "MuLoCo(H=3)", "DGC(warmup_steps=4)",
+             "SparseLoCo(H=2, chunk=16, topk=2)", "NoLoCo(H=2)", "DESLOC(Kx=1, Ku=1, Kv=2, clip=1.0)",
+             "AsyncDiLoCo(H=2, codec='int8')"]
     reused = run_nodes(charged_per_step, 2, (specs, 9, True))
     counted = run_nodes(charged_per_step, 2, (specs, 9, False))
     assert reused == counted

@@ -108,6 +108,7 @@ class AsyncOuterStep(CommStep):
                                             self.delay or comm.world, self.codec) \
             if comm.rank == SERVER_NODE else None
         self.done_steps, self.awaiting, self.trains_next = 0, False, True
+        self._work = str([tuple(p.shape) for p in strategy.params])
 
     def trains(self, step: int) -> bool:
         return self.trains_next
@@ -118,7 +119,9 @@ class AsyncOuterStep(CommStep):
             self.done_steps += 1
         update = None
         if not self.awaiting and (last or self.done_steps >= self.rounds_of):
-            with s.compute():
+            fixed = self.codec.fixed_work   # else its packets, and so its work, depend on the values
+            with s.compute(reuse=f"async delta {self._work} {self.codec.name} {self.codec.state_of('async')}"
+                           if fixed else None):
                 delta = torch.cat([(a - p.detach()).reshape(-1) for a, p in zip(self.start, s.params, strict=True)])
                 update = self.codec.pack(delta, key="async", step=step)
             self.awaiting = True
@@ -126,7 +129,7 @@ class AsyncOuterStep(CommStep):
                                     server=self.server)
         self.trains_next = reply.trains_next
         if reply.packet is not None:
-            with s.compute():
+            with s.compute(reuse=f"async take {self._work}"):
                 model = DenseCodec().unpack(reply.packet, expect_shape=(self.numel,))
                 with torch.no_grad():
                     for p, a, v in zip(s.params, self.start, split_like(model, s.params), strict=True):

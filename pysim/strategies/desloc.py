@@ -59,11 +59,12 @@ class DesyncedAverage(CommStep):
         if not isinstance(strategy.optimizer, torch.optim.Adam | torch.optim.AdamW):
             raise ValueError(f"DESLOC averages Adam's moments: the inner optimizer must be Adam or AdamW, got "
                              f"{type(strategy.optimizer).__name__}")
+        self._work = str([tuple(p.shape) for p in strategy.params])   # Adam's moments have the parameters' shapes
 
     def before_local_step(self, step: int, last: bool) -> None:
         s = self.strategy
         if self.clip is not None and s._training:
-            with s.compute():
+            with s.compute(reuse=f"desloc clip {self._work}, grads {[p.grad is not None for p in s.params]}"):
                 torch.nn.utils.clip_grad_norm_(s.params, self.clip)
         t = step + 1
         due = self._due_states(t)
@@ -94,10 +95,11 @@ class DesyncedAverage(CommStep):
 
     def _average(self, groups: list[list[torch.Tensor]]) -> None:
         tensors = [x for group in groups for x in group]
-        with self.strategy.compute():
+        work = f"{len(groups)} x {self._work}"   # parameters, moments or both: the same shapes each
+        with self.strategy.compute(reuse=f"desloc gather {work}"):
             flat = torch.cat([x.detach().reshape(-1) for x in tensors])
         mean = self.strategy.comm.allreduce_mean(flat)
-        with self.strategy.compute(), torch.no_grad():
+        with self.strategy.compute(reuse=f"desloc scatter {work}"), torch.no_grad():
             for x, v in zip(tensors, split_like(mean, tensors), strict=True):
                 x.copy_(v)
 

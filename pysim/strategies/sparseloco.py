@@ -74,12 +74,14 @@ class SparseOuterStep(CommStep):
         self.error = [torch.zeros_like(p) for p in strategy.params]
         self.numel = sum(p.numel() for p in strategy.params)
         self.codec = TopKCodec(sum(kept_count(p.numel(), self.chunk, self.topk) for p in strategy.params), "int2")
+        # each block below: the same work at every sync (shapes, chunks and the codec's fixed packet)
+        self._work = f"{[tuple(p.shape) for p in strategy.params]}, chunk {self.chunk}, top {self.topk}"
 
     def after_local_step(self, step: int, last: bool) -> None:
         if (step + 1) % self.H and not last:
             return
         s = self.strategy
-        with s.compute():
+        with s.compute(reuse=f"sparseloco compress {self._work}"):
             kept = []
             for e, g, p in zip(self.error, self.global_params, s.params, strict=True):
                 e.mul_(self.beta).add_(g.detach() - p.detach())
@@ -89,7 +91,7 @@ class SparseOuterStep(CommStep):
             for e, d in zip(self.error, split_like(sent, self.error), strict=True):
                 e.sub_(d)
         packets = s.comm.allgather(packet)
-        with s.compute():
+        with s.compute(reuse=f"sparseloco outer step {self._work}, {len(packets)} packets"):
             total = torch.zeros(self.numel)
             for q in packets:
                 total += self.codec.unpack(q, expect_shape=(self.numel,))
