@@ -24,15 +24,14 @@ the simulated network) are not charged.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from pysim.host import Host
-from pysim.workload import Batches, Target
+from pysim.workload import Batches, Target, evaluation_mode
 
 EVAL_SUBSET_SEED = 7919
 
@@ -85,14 +84,14 @@ class Evaluator:
         if not self.split:
             metrics = None
             if holder in requests:
-                with _evaluation_mode(requests[holder][0]):
+                with evaluation_mode(requests[holder][0]):
                     metrics = self.metrics(requests[holder][0], data)
             return dict.fromkeys(requests, self._from(holder, metrics))
         model = self._holders_weights(requests, holder)
         world = self.host.world
         held = split_shares(len(data), world)
         shares = {n: Subset(data, held.get(n, torch.arange(0))) for n in requests}   # empty: a node that holds none
-        with _evaluation_mode(model):   # once for all the shares, not once per share
+        with evaluation_mode(model):   # once for all the shares, not once per share
             mine = {n: self.metrics(model, share) if len(share) else {} for n, share in shares.items()}
         keys = self._from(0, sorted(mine[0]) if 0 in requests else None)  # the names on node 0's share
         for n, m in mine.items():
@@ -152,19 +151,6 @@ def split_shares(examples: int, nodes: int) -> dict[int, torch.Tensor]:
     not 256 of 1-2: a forward pass of the CNN costs 0.32 ms for 2 examples and 1.4 ms for 33."""
     count = max(1, min(nodes, examples // SHARE_EXAMPLES))
     return {j * nodes // count: torch.arange(j, examples, count) for j in range(count)}
-
-
-@contextmanager
-def _evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in evaluation mode inside; after, every submodule back in the mode it had (a
-    training model may hold submodules its owner keeps in evaluation mode, frozen batch norm)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 class CrossingFinder:

@@ -189,8 +189,8 @@ def test_a_restored_crossing_finder_evaluates_the_kept_models():
 def test_metrics_see_the_model_in_evaluation_mode_and_every_submodule_gets_its_mode_back():
     """Dropout would make a training-mode evaluation random; a frozen batch norm inside a
     training model stays frozen after."""
-    from pysim.evaluation import _evaluation_mode
     from pysim.host import solo_host
+    from pysim.workload import evaluation_mode
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5))
     model[1].eval()
@@ -203,7 +203,7 @@ def test_metrics_see_the_model_in_evaluation_mode_and_every_submodule_gets_its_m
     assert Evaluator(solo_host(0, 1), metrics)(model, [0]) == {"accuracy": 1.0}
     assert seen == [[False] * 4]
     assert [sub.training for sub in model.modules()] == [True, True, False, True]
-    with pytest.raises(RuntimeError), _evaluation_mode(model):
+    with pytest.raises(RuntimeError), evaluation_mode(model):
         raise RuntimeError("a metric failed")
     assert [sub.training for sub in model.modules()] == [True, True, False, True]
 
@@ -220,6 +220,11 @@ def test_classification_metrics_leave_the_mode_as_it_was():
     assert classification_metrics(model, data) == ref and not model.training
     model[1].train()   # only a submodule training: still evaluated without dropout
     assert classification_metrics(model, data) == ref
+    assert [m.training for m in model.modules()] == [False, False, True]   # and it trains again after
+    model.train()
+    model[0].eval()    # a submodule its owner keeps in evaluation mode stays there
+    assert classification_metrics(model, data) == ref
+    assert [m.training for m in model.modules()] == [True, False, True]
 
 
 def test_a_split_evaluation_runs_every_share_in_evaluation_mode():
