@@ -20,13 +20,28 @@ from pysim.strategies import make_strategy
 from pysim.workload import Target, Workload, get_workload
 
 
-def model_parameters(workload: Workload) -> int:
-    """Parameters of ``workload``'s model, counted on torch's meta device (no memory, no data)."""
+def meta_model(workload: Workload):
+    """``workload``'s model on torch's meta device (shapes and types, no memory, no data)."""
     import torch
 
     with torch.device("meta"):
-        model = workload.model()
-    return sum(p.numel() for p in model.parameters())
+        return workload.model()
+
+
+def model_parameters(workload: Workload) -> int:
+    """Parameters of ``workload``'s model, counted on torch's meta device."""
+    return sum(p.numel() for p in meta_model(workload).parameters())
+
+
+def check_strategy_fits(strategy, nodes: int, workload: Workload) -> None:
+    """The strategy's own check (:meth:`pysim.strategies.Strategy.check`) of ``nodes`` nodes and
+    the workload's model and optimizer, on torch's meta device, before any node process starts."""
+    model = meta_model(workload)
+    try:
+        optimizer = workload.optimizer(model.parameters())
+    except Exception:   # a user's optimizer that needs real values: the nodes' setup checks it
+        optimizer = None
+    strategy.check(nodes, model, optimizer)
 
 
 def _check_int(name: str, v: object, low: int, none_ok: bool = False) -> None:
@@ -114,6 +129,7 @@ class TrainConfig:
                              "would make every run different: give a compute profile (compute='calibrated', "
                              "'cpu', 'a100', ... or 'profile:FILE')")
         self.workload.validate()  # picklable, data present and not corrupt: reported here, not by every node
+        check_strategy_fits(strategy, self.nodes, self.workload)
         check_target(self.workload, self.goal.metric, str(self.goal))  # a user's workload is tried once here
         placement = Placement(self.nodes, processes or default_processes(self.nodes))
         check_fits(self.nodes, placement.processes, node_state_bytes(model_parameters(self.workload)))

@@ -74,6 +74,32 @@ def test_bad_configs_fail_before_spawning():
             c.check()
 
 
+def test_a_strategy_that_cannot_run_on_the_nodes_or_the_model_fails_before_spawning():
+    """Strategy.check sees the node count, and the model and optimizer on the meta device, in
+    TrainConfig.check: one line up front, not a node's traceback after every process started."""
+    import functools
+
+    import torch
+
+    sgd = dataclasses.replace(image_workload(), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    linear = dataclasses.replace(image_workload(), model=functools.partial(
+        torch.nn.Sequential, torch.nn.Flatten(), torch.nn.Linear(784, 10)))
+    for strategy, args, workload, message in (
+            ("FedAvg", {"clients_per_round": 3}, None, "3 clients per round but the run has 2 nodes"),
+            ("NoLoCo", {"group_size": 3}, None, "groups of 3 need a number of nodes divisible by 3, got 2"),
+            ("DESLOC", {}, sgd, "must be Adam or AdamW, got SGD"),
+            ("MuLoCo", {}, linear, "this model has none")):
+        c = cfg(strategy, **args)
+        if workload is not None:
+            c.workload = workload
+        with pytest.raises(ValueError, match=message) as e:
+            c.check()
+        assert "\n" not in str(e.value)
+    for strategy, args in (("FedAvg", {"clients_per_round": 2}), ("NoLoCo", {"group_size": 2}), ("DESLOC", {}),
+                           ("MuLoCo", {})):
+        cfg(strategy, **args).check()   # the same strategies where they fit
+
+
 def test_incompatible_results_file(tmp_path):
     p = tmp_path / "old.json"
     p.write_text(json.dumps({"version": 0}))

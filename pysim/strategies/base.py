@@ -58,6 +58,10 @@ class CommStep:
     def setup(self, strategy: Strategy) -> None:
         self.strategy = strategy
 
+    def check(self, nodes: int, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """Raises a one-line ValueError where this step cannot run on ``nodes`` nodes with ``model``
+        and its ``optimizer`` (see :meth:`Strategy.check`). Nothing by default."""
+
     def before_local_step(self, step: int, last: bool) -> None:
         pass
 
@@ -126,6 +130,7 @@ class Strategy:
         """Binds the strategy to a node. ``seed``: the run's seed (see the module docstring);
         ``examples``: every node's number of training examples (None: equal); ``steps``: the
         run's number of steps, if known."""
+        self.check(comm.world, model, optimizer)
         self.model, self.optimizer, self.comm, self.scheduler = model, optimizer, comm, scheduler
         self.run_seed, self.total_steps = seed, steps
         self.examples = list(examples) if examples is not None else [1] * comm.world
@@ -134,6 +139,14 @@ class Strategy:
         self._training = True
         for s in self.comm_steps:
             s.setup(self)
+
+    def check(self, nodes: int, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """Raises a one-line ValueError where this strategy cannot run on ``nodes`` nodes with
+        ``model`` trained by ``optimizer`` (None: not known yet). ``TrainConfig.check`` calls it
+        before any node process starts, with the model on torch's meta device (shapes and types,
+        no values); ``setup`` calls it on every node. Default: every comm step's check."""
+        for s in self.comm_steps:
+            s.check(nodes, model, optimizer)
 
     def seeded(self, seed: int | None) -> int:
         """``seed`` if given, else the run's seed."""

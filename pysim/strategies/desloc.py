@@ -54,11 +54,13 @@ class DesyncedAverage(CommStep):
             ("" if v_first else " (paper's first sync)")
         self.v_averaged = False
 
+    def check(self, nodes: int, model, optimizer) -> None:
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+            raise ValueError(f"DESLOC averages Adam's moments: the inner optimizer must be Adam or AdamW, got "
+                             f"{type(optimizer).__name__}")
+
     def setup(self, strategy) -> None:
         super().setup(strategy)
-        if not isinstance(strategy.optimizer, torch.optim.Adam | torch.optim.AdamW):
-            raise ValueError(f"DESLOC averages Adam's moments: the inner optimizer must be Adam or AdamW, got "
-                             f"{type(strategy.optimizer).__name__}")
         self._work = str([tuple(p.shape) for p in strategy.params])   # Adam's moments have the parameters' shapes
 
     def before_local_step(self, step: int, last: bool) -> None:

@@ -82,15 +82,20 @@ class AverageModels(CommStep):
             parts.append("unweighted")
         self.label = " ".join(parts)
 
+    def clients(self, nodes: int) -> int:
+        """How many clients train in each round of a run on ``nodes`` nodes."""
+        c = self.clients_per_round
+        return nodes if c is None else max(1, math.floor(c * nodes)) if isinstance(c, float) else c
+
+    def check(self, nodes: int, model, optimizer) -> None:
+        if self.clients(nodes) > nodes:
+            raise ValueError(f"FedAvg: {self.clients(nodes)} clients per round but the run has {nodes} nodes; give "
+                             f"clients_per_round={nodes} or fewer, or a fraction such as 0.5")
+
     def setup(self, strategy) -> None:
         super().setup(strategy)
         n = strategy.comm.world
-        self.n = n
-        self.k = n if self.clients_per_round is None else \
-            max(1, math.floor(self.clients_per_round * n)) if isinstance(self.clients_per_round, float) \
-            else self.clients_per_round
-        if self.k > n:
-            raise ValueError(f"FedAvg: {self.k} clients per round but the run has {n} nodes")
+        self.n, self.k = n, self.clients(n)
         self.rng_seed = strategy.seeded(self.seed)
         self.averaged = copy.deepcopy(strategy.model)
         self.holders: tuple[int, ...] = tuple(range(n))   # the nodes holding the latest global model

@@ -47,12 +47,15 @@ class MuLoCo(Strategy):
     def label(self) -> str:
         return f"{super().label} Muon {self.muon_momentum:g}" + (f" x{self.lr_scale:g}" if self.lr_scale != 1 else "")
 
+    def check(self, nodes: int, model, optimizer) -> None:
+        super().check(nodes, model, optimizer)
+        if not hidden_matrices(model):
+            raise ValueError("MuLoCo steps hidden linear layers with Muon, and this model has none (it needs two "
+                             "nn.Linear layers or more)")
+
     def setup(self, model, optimizer, comm, scheduler=None, **kwargs) -> None:
         super().setup(model, optimizer, comm, scheduler, **kwargs)
         matrices = hidden_matrices(model)
-        if not matrices:
-            raise ValueError("MuLoCo steps hidden linear layers with Muon, and this model has none (it needs two "
-                             "nn.Linear layers or more)")
         ids = {id(p) for p in matrices}
         for group in optimizer.param_groups:   # the workload's optimizer keeps the rest
             group["params"] = [p for p in group["params"] if id(p) not in ids]

@@ -57,11 +57,13 @@ class GossipOuterStep(CommStep):
         self.label = f"H={H} groups of {group_size} outer {outer_lr}/{outer_momentum}" + \
             (f" gamma {gamma:g}" if gamma is not None else "")
 
+    def check(self, nodes: int, model, optimizer) -> None:
+        if nodes % self.size:
+            raise ValueError(f"NoLoCo groups of {self.size} need a number of nodes divisible by {self.size}, "
+                             f"got {nodes}")
+
     def setup(self, strategy) -> None:
         super().setup(strategy)
-        if strategy.comm.world % self.size:
-            raise ValueError(f"NoLoCo groups of {self.size} need a number of nodes divisible by {self.size}, "
-                             f"got {strategy.comm.world}")
         self.outer = [p.detach().clone() for p in strategy.params]     # phi_i
         self.momentum = [torch.zeros_like(p) for p in strategy.params]
         self.group_seed = strategy.seeded(self.seed)
