@@ -129,8 +129,8 @@ class TrainConfig:
                              "would make every run different: give a compute profile (compute='calibrated', "
                              "'cpu', 'a100', ... or 'profile:FILE')")
         self.workload.validate()  # picklable, data present and not corrupt: reported here, not by every node
+        check_target(self.workload, self.goal)  # a user's workload is tried once here
         check_strategy_fits(strategy, self.nodes, self.workload)
-        check_target(self.workload, self.goal.metric, str(self.goal))  # a user's workload is tried once here
         placement = Placement(self.nodes, processes or default_processes(self.nodes))
         check_fits(self.nodes, placement.processes, node_state_bytes(model_parameters(self.workload)))
         size = self.workload.train_size

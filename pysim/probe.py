@@ -14,6 +14,7 @@ Built-in workloads are not probed (they are tested); they state their metrics
 from __future__ import annotations
 
 import ast
+import math
 import sys
 from functools import partial
 from numbers import Real
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pysim.workload import Batches, Workload
+from pysim.workload import CLASSIFICATION_RANGES, Batches, Target, Workload, classification_metrics
 
 _PROBED: dict[int, tuple[Workload, tuple[str, ...]]] = {}   # id -> (the workload, kept alive; its metric names)
 PROBE_TRAIN_EXAMPLES = 2
@@ -213,10 +214,19 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def check_target(wl: Workload, metric: str, target: str) -> None:
-    """A one-line ValueError if ``metric`` (of ``target``) is not one ``wl`` reports."""
-    names = metric_names(wl)
+def check_target(wl: Workload, goal: Target) -> None:
+    """A one-line ValueError if ``goal``'s metric is not one ``wl`` reports, or if it lies where
+    the metric never does (accuracy>=98 for 0.98: the run would say "never" and nothing else)."""
+    metric, names = goal.metric, metric_names(wl)
     if metric not in names:
-        raise ValueError(f"target {target!r} names metric {metric!r}, which workload {wl.name!r} does not report; "
-                         f"it reports {', '.join(names)}")
+        raise ValueError(f"target {str(goal)!r} names metric {metric!r}, which workload {wl.name!r} does not "
+                         f"report; it reports {', '.join(names)}")
+    if wl.metrics is not classification_metrics or metric not in CLASSIFICATION_RANGES:
+        return   # a user's metric: its range is theirs to know
+    lo, hi = CLASSIFICATION_RANGES[metric]
+    if (goal.op == ">=" and goal.value > hi) or (goal.op == "<=" and goal.value < lo):
+        percent = metric == "accuracy" and 2 <= goal.value <= 100   # a percentage, most likely
+        hint = f" (write {goal.value / 100:g} for {goal.value:g}%)" if percent else ""
+        span = f"[{lo:g}, {hi:g}]" if hi < math.inf else f"[{lo:g}, inf)"
+        raise ValueError(f"target {goal} can never be reached: {metric} lies in {span}{hint}")
 

@@ -186,6 +186,7 @@ def classification_metrics(model: nn.Module, data: Batches, loss: Callable = cro
 
 
 CLASSIFICATION_METRICS = ("loss", "accuracy", "bits_per_token")   # what classification_metrics returns
+CLASSIFICATION_RANGES = {"loss": (0.0, math.inf), "accuracy": (0.0, 1.0), "bits_per_token": (0.0, math.inf)}
 
 
 def adamw(params: Iterable[nn.Parameter], lr: float = 2e-3, weight_decay: float = 0.01) -> torch.optim.Optimizer:

@@ -56,6 +56,26 @@ def test_a_target_on_a_metric_a_built_in_does_not_report():
         cfg.check()
 
 
+def accuracy_in_percent(model, data) -> dict[str, float]:
+    return {"loss": -1.0, "accuracy": 97.0}
+
+
+def test_a_target_no_run_can_reach_is_refused():
+    # accuracy>=98 (meant 98%) trained to the end and reported "never"
+    for target, message in (("accuracy>=98", r"accuracy lies in \[0, 1\] \(write 0.98 for 98%\)"),
+                            ("accuracy>=1.5", r"accuracy lies in \[0, 1\]$"),
+                            ("loss<=-0.1", r"loss lies in \[0, inf\)$"),
+                            ("bits_per_token<=-1", "bits_per_token lies in")):
+        cfg = TrainConfig(workload=image_workload(), target=target, compute="cpu")
+        with pytest.raises(ValueError, match=f"target {target} can never be reached: .*{message}"):
+            cfg.check()
+    for target in ("accuracy>=1", "accuracy<=2", "loss<=0", "loss>=-1"):   # reachable, or reached at once
+        TrainConfig(workload=image_workload(), target=target, compute="cpu").check()
+    wl = blobs()   # a user's metrics function: its metrics' ranges are not pysim's to know
+    wl.metrics = accuracy_in_percent
+    TrainConfig(workload=wl, target="accuracy>=98", compute="cpu").check()
+
+
 def test_top_level_names_skip_the_main_guard():
     src = textwrap.dedent("""
         import torch
