@@ -62,14 +62,15 @@ class CheckpointPlan:
 
 
 def code_fingerprint() -> str:
-    """A hash of pysim's own code (every ``.py`` file and the compiled extension), 16 hex digits."""
-    from pysim import _C
-
+    """A hash of pysim's Python code (every ``.py`` file of the package), 16 hex digits: what a
+    checkpoint pickles is Python objects, so the compiled extension is left out (built for each
+    host's CPU, its bytes differ between the hosts of one torchrun run). Files that are not
+    regular files (an editor's lock link) are skipped."""
     root = Path(__file__).parent
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-    h.update(b"_C\0" + Path(_C.__file__).read_bytes())
+        if f.is_file():
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -124,8 +125,8 @@ def prepare(folder: str | Path, config: dict, nodes: int, every: int | None, res
     checkpoints are cleared."""
     p = Path(folder)
     saved = p / CONFIG_FILE
-    code = code_fingerprint()
     if resume and saved.is_file():
+        code = code_fingerprint()
         try:
             written = json.loads(saved.read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -145,7 +146,7 @@ def prepare(folder: str | Path, config: dict, nodes: int, every: int | None, res
     shutil.rmtree(p, ignore_errors=True)  # another run's (under torchrun every rank prepares)
     if every:
         p.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(saved, json.dumps({"code": code, "config": config}))
+        atomic_write_text(saved, json.dumps({"code": code_fingerprint(), "config": config}))
     return CheckpointPlan(str(p), every, 0)
 
 

@@ -28,20 +28,21 @@ def meta_model(workload: Workload):
         return workload.model()
 
 
-def model_parameters(workload: Workload) -> int:
-    """Parameters of ``workload``'s model, counted on torch's meta device."""
-    return sum(p.numel() for p in meta_model(workload).parameters())
-
-
-def check_strategy_fits(strategy, nodes: int, workload: Workload) -> None:
+def check_strategy_fits(strategy, nodes: int, workload: Workload, model) -> None:
     """The strategy's own check (:meth:`pysim.strategies.Strategy.check`) of ``nodes`` nodes and
-    the workload's model and optimizer, on torch's meta device, before any node process starts."""
-    model = meta_model(workload)
+    the workload's ``model`` and optimizer, on torch's meta device, before any node process
+    starts. Its ValueError is the run's; a check (or an optimizer) that needs real values and
+    fails on the meta device is left to the nodes' setup, which runs it again on theirs."""
     try:
         optimizer = workload.optimizer(model.parameters())
-    except Exception:   # a user's optimizer that needs real values: the nodes' setup checks it
+    except Exception:
         optimizer = None
-    strategy.check(nodes, model, optimizer)
+    try:
+        strategy.check(nodes, model, optimizer)
+    except ValueError:
+        raise
+    except Exception:
+        pass
 
 
 def _check_int(name: str, v: object, low: int, none_ok: bool = False) -> None:
@@ -130,9 +131,10 @@ class TrainConfig:
                              "'cpu', 'a100', ... or 'profile:FILE')")
         self.workload.validate()  # picklable, data present and not corrupt: reported here, not by every node
         check_target(self.workload, self.goal)  # a user's workload is tried once here
-        check_strategy_fits(strategy, self.nodes, self.workload)
+        model = meta_model(self.workload)
         placement = Placement(self.nodes, processes or default_processes(self.nodes))
-        check_fits(self.nodes, placement.processes, node_state_bytes(model_parameters(self.workload)))
+        check_fits(self.nodes, placement.processes, node_state_bytes(sum(p.numel() for p in model.parameters())))
+        check_strategy_fits(strategy, self.nodes, self.workload, model)
         size = self.workload.train_size
         if size is not None:
             size = min(size, self.train_examples or size)

@@ -152,7 +152,8 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     it had: a training model may hold submodules its owner keeps in evaluation mode (frozen batch
     norm), which ``model.train()`` would switch back to training. A model all in evaluation mode
     is left as it is (reading the flags is cheaper than setting them: Module.eval walks every
-    submodule, 0.05 ms of a 2-example evaluation's 0.5)."""
+    submodule, 0.05 ms of a 2-example evaluation's 0.5). The flags are set back directly: a module's
+    own ``train()`` override does not run on the way back."""
     modes = [(m, m.training) for m in model.modules()]
     if not any(training for _, training in modes):
         yield

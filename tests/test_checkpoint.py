@@ -127,6 +127,21 @@ def test_resume_refuses_a_checkpoint_written_by_other_code(tmp_path):
             checkpoint.prepare(folder, cfg.to_json(), 2, 10, resume=True)
 
 
+def test_the_code_fingerprint_is_of_the_package_sources(tmp_path, monkeypatch):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "sub" / "b.py").write_text("y = 2\n")
+    (package / ".#a.py").symlink_to(tmp_path / "gone")   # an editor's lock link: skipped, not a crash
+    (package / "_C.so").write_bytes(b"built for this CPU")    # the extension differs per host: left out
+    monkeypatch.setattr(checkpoint, "__file__", str(package / "checkpoint.py"))
+    first = checkpoint.code_fingerprint()
+    (package / "_C.so").write_bytes(b"built for another CPU")
+    assert checkpoint.code_fingerprint() == first
+    (package / "sub" / "b.py").write_text("y = 3\n")
+    assert checkpoint.code_fingerprint() != first
+
+
 def test_a_resume_whose_next_evaluation_reaches_the_target_checks_the_kept_models(tmp_path):
     """The checkpoint after step 3 holds node 0's copies of the models after steps 1-3; the
     evaluation after step 4 reaches the target, so those are evaluated, in the resumed run too."""

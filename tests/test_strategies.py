@@ -612,7 +612,7 @@ def counted_blocks_per_step(rank: int, world: int, specs: list[str], steps: int)
     out = {}
     try:
         for spec in specs:
-            out[spec], before = [], 0
+            out[spec], before = [], len(calls)
             for _ in profiled_steps(rank, world, spec, steps):
                 out[spec].append(len(calls) - before)
                 before = len(calls)
@@ -629,13 +629,16 @@ def test_blocks_that_repeat_their_work_are_counted_twice_then_reused():
     specs = ["DeMo", "DiLoCo(H=2)", "PowerSGD", "SimpleReduce(codec='int8')", "DiLoCo(H=2, codec='powersgd:2')",
              "TopK", "DiLoCo(H=2, codec='lowrank:2')", "FedAvg(H=2)", "StreamingDiLoCo(H=2, tau=0)",
              "DGC(warmup_steps=4)", "SparseLoCo(H=2, chunk=16, topk=2)", "NoLoCo(H=2)"]
-    counted = run_nodes(counted_blocks_per_step, 2, (specs + ["DESLOC(Kx=1, Ku=1, Kv=1)"], 12))
+    late = ["DESLOC(Kx=1, Ku=1, Kv=1)", "AsyncDiLoCo(H=2, codec='topk:0.1+ef')"]
+    counted = run_nodes(counted_blocks_per_step, 2, (specs + late, 12))
     for node in counted:
         for spec, per_step in node.items():
             if spec.startswith("DESLOC"):   # parameters alone at step 0 (no moments yet) and after the last
                 assert sum(per_step[:3]) > 0 and sum(per_step[3:11]) == 0 and per_step[11] > 0, (spec, per_step)
-                continue
-            assert sum(per_step[:8]) > 0 and sum(per_step[8:]) == 0, (spec, per_step)
+            elif spec.startswith("AsyncDiLoCo"):   # node 1 waits for the server from step 2 to the last
+                assert sum(per_step[:6]) > 0 and sum(per_step[6:11]) == 0, (spec, per_step)
+            else:
+                assert sum(per_step[:8]) > 0 and sum(per_step[8:]) == 0, (spec, per_step)
 
 
 def test_a_codec_whose_work_depends_on_the_values_is_counted_every_time():
@@ -689,7 +692,7 @@ def test_reused_blocks_charge_what_counting_every_call_charges():
     specs = ["DeMo", "DiLoCo(H=2)", "PowerSGD", "SimpleReduce(codec='int8')", "TopK", "FedAvg(H=3)",
              "DiLoCo(H=2, codec='lowrank:2')", "StreamingDiLoCo(H=4, tau=1)", "MuLoCo(H=3)", "DGC(warmup_steps=4)",
              "SparseLoCo(H=2, chunk=16, topk=2)", "NoLoCo(H=2)", "DESLOC(Kx=1, Ku=1, Kv=2, clip=1.0)",
-             "AsyncDiLoCo(H=2, codec='int8')"]
+             "DESLOC(Kx=2, Ku=3, Kv=6)", "AsyncDiLoCo(H=2, codec='int8')", "AsyncDiLoCo(H=2, codec='topk:0.1+ef')"]
     reused = run_nodes(charged_per_step, 2, (specs, 9, True))
     counted = run_nodes(charged_per_step, 2, (specs, 9, False))
     assert reused == counted

@@ -12,6 +12,7 @@ from pysim.launch import run_nodes
 from pysim.network import Network
 from pysim.node import train_node
 from pysim.rundir import load_result, run_path
+from pysim.strategies import Strategy
 from pysim.trace import segments_from_json, trace_from_nodes
 from pysim.trainer import run
 from pysim.workload import image_workload
@@ -98,6 +99,27 @@ def test_a_strategy_that_cannot_run_on_the_nodes_or_the_model_fails_before_spawn
     for strategy, args in (("FedAvg", {"clients_per_round": 2}), ("NoLoCo", {"group_size": 2}), ("DESLOC", {}),
                            ("MuLoCo", {})):
         cfg(strategy, **args).check()   # the same strategies where they fit
+
+
+class NeedsValues(Strategy):
+    """A user's strategy whose check reads a parameter's values: it cannot on the meta device."""
+
+    name = "NeedsValuesTest"
+
+    def check(self, nodes, model, optimizer) -> None:
+        if float(next(model.parameters()).detach().abs().sum()) == 0:
+            raise ValueError("an all-zero first layer")
+
+
+def test_a_check_that_needs_real_values_is_left_to_the_nodes():
+    import torch
+
+    cfg("NeedsValuesTest").check()   # the meta device has no values: the nodes' setup runs the check on theirs
+    zero = torch.nn.Linear(3, 2)
+    torch.nn.init.zeros_(zero.weight)
+    torch.nn.init.zeros_(zero.bias)
+    with pytest.raises(ValueError, match="all-zero"):   # what a node's setup meets with real values
+        NeedsValues().check(2, zero, None)
 
 
 def test_incompatible_results_file(tmp_path):
