@@ -6,6 +6,8 @@ shared by all nodes (the largest node's max|g| / 127), rounds it to integers in
 [-127, 127] and all-reduces the codes. The codes travel as fp16, which holds them
 (and their sums over up to 16 nodes) exactly, so 2 bytes per value cross the wire.
 Subclassing Strategy registers it: ``make_strategy("Int8")`` and ``--strategies Int8`` work.
+A step's ``check`` refuses, in one line before any node starts, what it cannot run: here, more
+than 16 nodes.
 
     python example/custom_strategy.py            # SimpleReduce vs Int8 on MNIST: 2 nodes, 1 seed, 200 steps
     python -m pysim compare --import example/custom_strategy.py --strategies "SimpleReduce; Int8"
@@ -25,6 +27,12 @@ FP32, FP16 = DenseCodec("fp32"), DenseCodec("fp16")
 
 class AverageInt8Gradients(CommStep):
     label = "codes as fp16"
+
+    def check(self, nodes: int, model, optimizer) -> None:
+        """Refuses, before any node starts, a run whose sums fp16 could not hold exactly."""
+        if nodes > 16:   # |a sum of codes| <= 127 * nodes; fp16 holds every integer up to 2048
+            raise ValueError(f"Int8's codes travel as fp16, whose integers are exact up to 2048: at most 16 nodes "
+                             f"(127 x 16 = 2032), got {nodes}")
 
     def before_local_step(self, step: int, last: bool) -> None:
         s = self.strategy

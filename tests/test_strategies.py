@@ -508,11 +508,16 @@ def test_custom_strategy_example_reaches_the_comparison_table_through_import(tmp
         code = main(["compare", "--import", str(example), "--workload", "mnist", "--strategies", "SimpleReduce; Int8",
                      "--steps", str(steps), "--batch-size", "8", "--eval-every", "3", "--eval-subset", "50",
                      "--seeds", "1", "--compute", "cpu", "--out", str(tmp_path)])
+        too_many = main(["compare", "--import", str(example), "--strategies", "Int8", "--nodes", "17", "--steps", "1",
+                         "--out", str(tmp_path / "17")])   # the step's own check, before any node starts
     finally:
         STRATEGIES.pop("int8", None)
         sys.modules.pop("custom_strategy", None)
-    assert code == 0
-    assert "| Int8 codes as fp16" in capsys.readouterr().out
+    assert code == 0 and too_many == 2
+    out, err = capsys.readouterr()
+    assert "| Int8 codes as fp16" in out
+    assert err.strip().splitlines()[-1] == "error: Int8's codes travel as fp16, whose integers are exact up to 2048: " \
+        "at most 16 nodes (127 x 16 = 2032), got 17"
     runs = {r.label: r for r in map(load_result, run_dirs(tmp_path))}
     n = 46730
     scale_packet = 24 + 4 + 4  # one fp32 value
