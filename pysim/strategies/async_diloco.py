@@ -108,7 +108,6 @@ class AsyncOuterStep(CommStep):
                                             self.delay or comm.world, self.codec) \
             if comm.rank == SERVER_NODE else None
         self.done_steps, self.awaiting, self.trains_next = 0, False, True
-        self._work = str([tuple(p.shape) for p in strategy.params])
 
     def trains(self, step: int) -> bool:
         return self.trains_next
@@ -120,7 +119,7 @@ class AsyncOuterStep(CommStep):
         update = None
         if not self.awaiting and (last or self.done_steps >= self.rounds_of):
             fixed = self.codec.fixed_work   # else its packets, and so its work, depend on the values
-            with s.compute(reuse=f"async delta {self._work} {self.codec.name} {self.codec.state_of('async')}"
+            with s.compute(reuse=f"async delta {s.param_shapes} {self.codec.name} {self.codec.state_of('async')}"
                            if fixed else None):
                 delta = torch.cat([(a - p.detach()).reshape(-1) for a, p in zip(self.start, s.params, strict=True)])
                 update = self.codec.pack(delta, key="async", step=step)
@@ -129,7 +128,7 @@ class AsyncOuterStep(CommStep):
                                     server=self.server)
         self.trains_next = reply.trains_next
         if reply.packet is not None:
-            with s.compute(reuse=f"async take {self._work}"):
+            with s.compute(reuse=f"async take {s.param_shapes}"):
                 model = DenseCodec().unpack(reply.packet, expect_shape=(self.numel,))
                 with torch.no_grad():
                     for p, a, v in zip(s.params, self.start, split_like(model, s.params), strict=True):

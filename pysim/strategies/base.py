@@ -136,6 +136,9 @@ class Strategy:
         self.examples = list(examples) if examples is not None else [1] * comm.world
         named = list(model.named_parameters())  # cached: walking the module tree every step costs ~0.4 ms
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        # the parameters' shapes as text: what a block over them (or over buffers shaped like them)
+        # names in ``compute(reuse=...)``, its counted work depending on them
+        self.param_shapes = str([tuple(p.shape) for p in self.params])
         self._training = True
         for s in self.comm_steps:
             s.setup(self)

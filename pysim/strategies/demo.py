@@ -105,7 +105,7 @@ class DecoupledMomentum(CommStep):
                          for p, d in zip(strategy.params, self.dcts, strict=True))
         # every block below does the same work at every step (fixed shapes, k and number of
         # nodes): counted twice, then reused (counting costs more real time than the work)
-        self._work = f"{[tuple(p.shape) for p in strategy.params]}, chunk {self.chunk}, top {self.topk}"
+        self._work = f"{strategy.param_shapes}, chunk {self.chunk}, top {self.topk}"
 
     def before_local_step(self, step: int, last: bool) -> None:
         s = self.strategy

@@ -61,12 +61,11 @@ class DesyncedAverage(CommStep):
 
     def setup(self, strategy) -> None:
         super().setup(strategy)
-        self._work = str([tuple(p.shape) for p in strategy.params])   # Adam's moments have the parameters' shapes
 
     def before_local_step(self, step: int, last: bool) -> None:
         s = self.strategy
         if self.clip is not None and s._training:
-            with s.compute(reuse=f"desloc clip {self._work}, grads {[p.grad is not None for p in s.params]}"):
+            with s.compute(reuse=f"desloc clip {s.param_shapes}, grads {[p.grad is not None for p in s.params]}"):
                 torch.nn.utils.clip_grad_norm_(s.params, self.clip)
         t = step + 1
         due = self._due_states(t)
@@ -97,7 +96,8 @@ class DesyncedAverage(CommStep):
 
     def _average(self, groups: list[list[torch.Tensor]]) -> None:
         tensors = [x for group in groups for x in group]
-        work = f"{len(groups)} x {self._work}"   # parameters, moments or both: the same shapes each
+        # parameters, moments or both: Adam's moments have the parameters' shapes
+        work = f"{len(groups)} x {self.strategy.param_shapes}"
         with self.strategy.compute(reuse=f"desloc gather {work}"):
             flat = torch.cat([x.detach().reshape(-1) for x in tensors])
         mean = self.strategy.comm.allreduce_mean(flat)

@@ -66,13 +66,12 @@ class MomentumCorrectedTopK(CommStep):
         super().setup(strategy)
         self.u = [torch.zeros_like(p) for p in strategy.params]
         self.v = [torch.zeros_like(p) for p in strategy.params]
-        self._shapes = str([tuple(p.shape) for p in strategy.params])
 
     def before_local_step(self, step: int, last: bool) -> None:
         s = self.strategy
         density = dgc_density(step, self.k, self.warmup_steps)
         # the same work at every step of one density (each tensor's count n follows from it)
-        work = f"dgc density {density!r} {self._shapes}"
+        work = f"dgc density {density!r} {s.param_shapes}"
         with s.compute(reuse=work if all(p.grad is not None for p in s.params) else None):
             grads = s.grads()
             if self.clip_norm is not None:

@@ -36,7 +36,7 @@ class OuterStep(CommStep):
         self.outer = torch.optim.SGD(self.global_params, lr=self.outer_lr, momentum=self.outer_momentum,
                                      nesterov=self.outer_momentum > 0)
         # the outer step's blocks do the same work at every sync: counted twice, then reused
-        self._work = f"{[tuple(p.shape) for p in self.global_params]}, momentum {self.outer_momentum > 0}"
+        self._work = f"{strategy.param_shapes}, momentum {self.outer_momentum > 0}"
 
     def after_local_step(self, step: int, last: bool) -> None:
         if (step + 1) % self.H and not last:

@@ -99,7 +99,6 @@ class AverageModels(CommStep):
         self.rng_seed = strategy.seeded(self.seed)
         self.averaged = copy.deepcopy(strategy.model)
         self.holders: tuple[int, ...] = tuple(range(n))   # the nodes holding the latest global model
-        self._work = str([tuple(p.shape) for p in strategy.params])   # each block below: the same work every round
 
     def round_of(self, step: int) -> int:
         return step // self.H
@@ -134,11 +133,11 @@ class AverageModels(CommStep):
         root = min(self.holders)
         groups = ((root, *missing), *((m,) for m in range(self.n) if m != root and m not in missing))
         s = self.strategy
-        with s.compute(reuse=f"fedavg handover send {self._work}"):
+        with s.compute(reuse=f"fedavg handover send {s.param_shapes}"):
             flat = parameters_to_vector(self.averaged.parameters()).detach()
         got = s.comm.broadcast(flat, groups)
         if s.comm.rank in missing:
-            with s.compute(reuse=f"fedavg handover take {self._work}"):
+            with s.compute(reuse=f"fedavg handover take {s.param_shapes}"):
                 vector_to_parameters(got.clone(), s.params)
                 vector_to_parameters(got, self.averaged.parameters())
         self.holders = tuple(sorted(set(self.holders) | set(missing)))
@@ -152,7 +151,7 @@ class AverageModels(CommStep):
         mine = next((g for g in groups if s.comm.rank in g), None) if groups is not None else tuple(range(self.n))
         weights = [s.examples[m] if self.weighted else 1 for m in mine]
         scale = len(mine) * weights[mine.index(s.comm.rank)] / sum(weights)
-        with s.compute(reuse=f"fedavg send {self._work}, scaled {scale != 1.0}"):
+        with s.compute(reuse=f"fedavg send {s.param_shapes}, scaled {scale != 1.0}"):
             flat = parameters_to_vector(s.params).detach()
             if scale != 1.0:
                 flat = flat * scale
@@ -161,7 +160,7 @@ class AverageModels(CommStep):
         if self.island_size is None:
             self.holders = self.members(round_)
         if took_part:
-            with s.compute(reuse=f"fedavg take {self._work}"):
+            with s.compute(reuse=f"fedavg take {s.param_shapes}"):
                 vector_to_parameters(avg, s.params)
                 # a copy: vector_to_parameters makes the parameters views of avg, which local steps change
                 vector_to_parameters(avg.clone(), self.averaged.parameters())

@@ -67,19 +67,18 @@ class GossipOuterStep(CommStep):
         self.outer = [p.detach().clone() for p in strategy.params]     # phi_i
         self.momentum = [torch.zeros_like(p) for p in strategy.params]
         self.group_seed = strategy.seeded(self.seed)
-        self._work = str([tuple(p.shape) for p in strategy.params])   # each block below: the same work every sync
 
     def after_local_step(self, step: int, last: bool) -> None:
         if (step + 1) % self.H and not last:
             return
         s = self.strategy
-        with s.compute(reuse=f"noloco gather {self._work}"):
+        with s.compute(reuse=f"noloco gather {s.param_shapes}"):
             phi = torch.cat([f.reshape(-1) for f in self.outer])
             progress = torch.cat([(p.detach() - f).reshape(-1) for p, f in zip(s.params, self.outer, strict=True)])
         groups = random_groups(s.comm.world, self.size, self.group_seed, step)
         mean = s.comm.allreduce_mean(torch.cat([phi, progress]), groups=groups)
         n = phi.numel()
-        with s.compute(reuse=f"noloco outer step {self._work}"), torch.no_grad():
+        with s.compute(reuse=f"noloco outer step {s.param_shapes}"), torch.no_grad():
             g_mean, phi_mean = mean[n:], mean[:n]
             for f, m, p, g, c in zip(self.outer, self.momentum, s.params, split_like(g_mean, self.outer),
                                      split_like(phi_mean, self.outer), strict=True):

@@ -75,7 +75,7 @@ class SparseOuterStep(CommStep):
         self.numel = sum(p.numel() for p in strategy.params)
         self.codec = TopKCodec(sum(kept_count(p.numel(), self.chunk, self.topk) for p in strategy.params), "int2")
         # each block below: the same work at every sync (shapes, chunks and the codec's fixed packet)
-        self._work = f"{[tuple(p.shape) for p in strategy.params]}, chunk {self.chunk}, top {self.topk}"
+        self._work = f"{strategy.param_shapes}, chunk {self.chunk}, top {self.topk}"
 
     def after_local_step(self, step: int, last: bool) -> None:
         if (step + 1) % self.H and not last:

@@ -80,7 +80,6 @@ class StreamingOuterStep(CommStep):
         self.outer = torch.optim.SGD(self.global_params, lr=self.outer_lr, momentum=self.outer_momentum,
                                      nesterov=self.outer_momentum > 0)
         self.fragments = strided_fragments(strategy.model, self.M)
-        self._work = str([tuple(p.shape) for p in self.global_params])   # each fragment's blocks: the same work
         self.in_flight: dict[int, tuple[int, Pending[torch.Tensor]]] = {}   # fragment -> (step started, mean)
 
     def due(self, p: int, step: int) -> bool:
@@ -104,7 +103,7 @@ class StreamingOuterStep(CommStep):
         """global_p - local_p as one vector (the fragment's parameters in model order). Charged
         like DiLoCo's: the differences as compute, the flattening as packing (uncharged)."""
         s = self.strategy
-        with s.compute(reuse=f"streaming outer gradient {p} of {self.M} {self._work}"):
+        with s.compute(reuse=f"streaming outer gradient {p} of {self.M} {s.param_shapes}"):
             deltas = [self.global_params[i].detach() - s.params[i].detach() for i in self.fragments[p]]
         return torch.cat([d.reshape(-1) for d in deltas])
 
@@ -113,7 +112,7 @@ class StreamingOuterStep(CommStep):
         s = self.strategy
         frag = self.fragments[p]
         buffers = self.global_params[frag[0]] in self.outer.state   # the fragment's first step makes them
-        with s.compute(reuse=f"streaming outer step {p} of {self.M} {self._work}, buffers {buffers}"):
+        with s.compute(reuse=f"streaming outer step {p} of {self.M} {s.param_shapes}, buffers {buffers}"):
             self.outer.zero_grad(set_to_none=True)   # only this fragment's parameters step
             for i, d in zip(frag, split_like(mean_delta, [self.global_params[i] for i in frag]), strict=True):
                 self.global_params[i].grad = d.clone()
