@@ -128,16 +128,13 @@ if _FOLDER and __name__ == "__mp_main__":
 
 def measure(strategy: str, nodes: int, steps: int) -> dict[str, float]:
     """One run: milliseconds of CPU per node-step for each part, and wall / process CPU."""
-    from pysim.config import TrainConfig
-    from pysim.network import Network
+    from scale import point_config
+
     from pysim.trainer import RunOptions, run
 
     for f in glob.glob(os.path.join(_FOLDER, "worker*.json")):
         os.remove(f)
-    cfg = TrainConfig(workload="mnist", strategy=strategy, nodes=nodes, steps=steps, batch_size=32,
-                      eval_every=steps, eval_subset=500, compute="cpu", warmup_steps=min(30, steps // 3),
-                      network=Network.uniform(nodes, "1Gbps", "1ms"))
-    run(cfg, options=RunOptions(timeout_s=1200))
+    run(point_config("mnist", strategy, nodes, steps, 32), options=RunOptions(timeout_s=1200))
     records = [json.loads(Path(f).read_text()) for f in glob.glob(os.path.join(_FOLDER, "worker*.json"))]
     node_steps = sum(r["sums"]["train_step"][0] for r in records)
     out = {label: 1e3 * sum(r["sums"].get(label, [0, 0.0])[1] for r in records) / node_steps for label, _ in PARTS}
@@ -156,11 +153,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.nodes < 2 or a.steps < 1 or a.repeats < 1:
         ap.error("--nodes must be >= 2 (the workers host the nodes), --steps and --repeats >= 1")
-    from pysim.config import TrainConfig
-    from pysim.trainer import RunOptions, run
+    from scale import start_fork_server
 
-    run(TrainConfig(workload="mnist", nodes=2, steps=1, batch_size=32, eval_every=1, eval_subset=100),
-        options=RunOptions(timeout_s=600))   # starts the fork server (its imports) outside the measurement
+    start_fork_server("mnist", 32)
     runs = [measure(a.strategy, a.nodes, a.steps) for _ in range(a.repeats)]
     print(f"{a.strategy}, {a.nodes} nodes, {a.steps} steps, mnist batch 32; CPU ms per node-step"
           + (f", median (range) of {a.repeats} runs" if a.repeats > 1 else ""))

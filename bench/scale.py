@@ -137,11 +137,23 @@ def busy_bare_step_s(pool, pool_size: int, cores: int, workload_name: str, batch
     return statistics.median(t for t in pool.starmap(_busy_bare_step_s, tasks, chunksize=1) if t is not None)
 
 
+def point_config(workload: str, strategy: str, nodes: int, steps: int, batch_size: int) -> TrainConfig:
+    """The run of one point (also ``bench/node_step_cpu.py``'s)."""
+    return TrainConfig(workload=workload, strategy=strategy, nodes=nodes, steps=steps, batch_size=batch_size,
+                       eval_every=steps, eval_subset=500, compute="cpu", warmup_steps=min(30, steps // 3),
+                       network=Network.uniform(nodes, "1Gbps", "1ms"))
+
+
+def start_fork_server(workload: str, batch_size: int) -> None:
+    """A 1-step run: the fork server that starts workers pays its ~2 s of imports once per
+    process, here rather than in the first measured run."""
+    run(TrainConfig(workload=workload, nodes=2, steps=1, batch_size=batch_size, eval_every=1, eval_subset=100),
+        options=RunOptions(timeout_s=600))
+
+
 def measure(workload: str, strategy: str, nodes: int, steps: int, batch_size: int, pool, pin_cpus: bool = True) -> dict:
     bare = bare_step_s(workload, batch_size)
-    cfg = TrainConfig(workload=workload, strategy=strategy, nodes=nodes, steps=steps, batch_size=batch_size,
-                      eval_every=steps, eval_subset=500, compute="cpu", warmup_steps=min(30, steps // 3),
-                      network=Network.uniform(nodes, "1Gbps", "1ms"))
+    cfg = point_config(workload, strategy, nodes, steps, batch_size)
     cores = min(os.cpu_count() or 1, default_processes(nodes))
 
     def busy_step() -> float:
@@ -205,9 +217,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     cores = os.cpu_count() or 1
     pool = mp.get_context("spawn").Pool(cores, _pool_init, (mp.get_context("spawn").Barrier(cores),))
-    # the fork server that starts workers is started once per process (~2 s of imports): before the first row
-    run(TrainConfig(workload=a.workload, nodes=2, steps=1, batch_size=a.batch_size, eval_every=1, eval_subset=100),
-        options=RunOptions(timeout_s=600))
+    start_fork_server(a.workload, a.batch_size)   # before the first row
     for strategy in a.strategies.split(";"):
         previous = None
         for n in (int(v) for v in a.nodes.split(",")):
