@@ -47,6 +47,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pysim.atomic import atomic_write_text
+from pysim.global_rng import seed_torch
 from pysim.kernel_count import open_counters
 from pysim.sharding import ShardSampler
 from pysim.workload import Batches, Workload
@@ -489,7 +490,7 @@ def calibrate_workload(workload: Workload, batch_size: int, seed: int = 0,
     profile = profile or calibrate_machine()
     train_set, _ = workload.data()
     data = Batches(train_set)
-    torch.manual_seed(seed)
+    seed_torch(seed)
     model = workload.model()
     sampler = ShardSampler(data, torch.arange(len(data)), batch_size, seed)
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pysim.global_rng import GlobalRNG, RNGState
+from pysim.global_rng import GlobalRNG, RNGState, seed_torch
 from pysim.transport import Transport
 
 _local = threading.local()   # .host, .node: the Host and node of the current node thread
@@ -82,7 +82,7 @@ def _fresh_rng() -> RNGState:
     if _FRESH_RNG is None:
         generators = GlobalRNG()
         saved = generators.save()
-        torch.manual_seed(torch.initial_seed())
+        seed_torch(torch.initial_seed())
         random.seed(0)
         np.random.seed(0)
         _FRESH_RNG = generators.save()

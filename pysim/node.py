@@ -42,6 +42,7 @@ from pysim.comm import Comm
 from pysim.compute import ComputeMeter, Work, count_work, step_key
 from pysim.config import TrainConfig
 from pysim.evaluation import CrossingFinder, Evaluator, Subset, eval_subset
+from pysim.global_rng import seed_torch
 from pysim.host import Host
 from pysim.sharding import ShardSampler, shard_indices
 from pysim.strategies import make_strategy
@@ -111,7 +112,7 @@ class NodeRun:
         self.evaluation = evaluation
         self.last_metrics: tuple[int, dict[str, float]] | None = None   # (steps done, metrics) of the last evaluation
         # model, optimizer, strategy: identical initial model on every node
-        torch.manual_seed(cfg.seed)
+        seed_torch(cfg.seed)
         self.model = wl.model()
         self.params = list(self.model.parameters())   # walking the module tree each step costs ~15 us
         self.optimizer = wl.optimizer(self.model.parameters())

@@ -2,12 +2,13 @@
 NumPy's legacy state with and without a cached Gaussian, a reseed, another bit generator."""
 
 import random
+import traceback
 
 import numpy as np
 import pytest
 import torch
 
-from pysim.global_rng import GlobalRNG
+from pysim.global_rng import GlobalRNG, seed_torch
 from pysim.host import Host, current_host
 from pysim.placement import Placement
 from pysim.transport import Transport
@@ -216,3 +217,24 @@ def test_python_s_generator_is_the_one_behind_the_module_functions(seeded, monke
     expected = [random.random() for _ in range(3)]
     generators.load(saved)
     assert [random.random() for _ in range(3)] == expected
+
+
+def test_seed_torch_draws_as_torch_manual_seed_and_queues_no_device_seeds(monkeypatch):
+    for seed in (0, 7, 2**40 + 3):
+        torch.manual_seed(seed)
+        expected = (torch.rand(3).tolist(), torch.randn(2).tolist(), torch.randint(1 << 30, (2,)).tolist())
+        torch.manual_seed(seed + 1)
+        seed_torch(seed)
+        assert (torch.rand(3).tolist(), torch.randn(2).tolist(), torch.randint(1 << 30, (2,)).tolist()) == expected
+        assert torch.initial_seed() == seed
+    if torch.accelerator.is_available():
+        return
+    # without an accelerator torch.manual_seed formats the stack once per device type it knows (~1 ms
+    # from a node's thread, for devices that can never start); seed_torch formats none
+    calls = []
+    monkeypatch.setattr(traceback, "format_stack", lambda *a, **k: calls.append(1) or [])
+    torch.manual_seed(3)
+    assert calls, "torch.manual_seed no longer queues lazy device seeds: seed_torch may be dropped"
+    calls.clear()
+    seed_torch(3)
+    assert not calls
