@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 import time
 from pathlib import Path
@@ -62,7 +63,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, ``error: ...`` with where to look, like pysim's own."""
+    """argparse whose errors are one line, ``error: ...`` with where to look, like pysim's own.
+    A value that starts with a minus and a digit (``--bandwidth -5Mbit``, ``--lr -1e-3``) is a
+    value, so it gets the option's own message rather than "expected one argument" (argparse
+    takes only plain negative numbers as values; no pysim option looks like ``-5``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_INPUT_ERROR, f"error: {message} (see {self.prog} --help)\n")

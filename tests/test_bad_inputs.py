@@ -23,6 +23,10 @@ CASES = [  # (class, argv after `python -m pysim`, the one line (regex))
     ("units", C + ["--bandwidth", "100"], "bad bandwidth '100': give a unit, e.g. '100Mbit'"),
     ("units", C + ["--bandwidth", "fast"], "bad bandwidth 'fast'"),
     ("units", C + ["--bandwidth=-1Gbit"], "bad bandwidth '-1Gbit'"),
+    # a value after a space that starts with a minus and a digit is the option's value, not "expected one argument"
+    ("units", C + ["--bandwidth", "-5Mbit"], "bad bandwidth '-5Mbit'"),
+    ("units", C + ["--latency", "-3ms"], "bad latency '-3ms'"),
+    ("stragglers", C + ["--jitter", "-.5"], "must lie in"),
     ("units", C + ["--topology", "two-tier:2:10:50ms"], "bad bandwidth '10': give a unit"),
     ("units", C + ["--topology", "ring"], "bad topology 'ring'"),
     ("units", C + ["--framing", "pigeon"], "bad framing 'pigeon'"),
@@ -53,6 +57,7 @@ CASES = [  # (class, argv after `python -m pysim`, the one line (regex))
     ("sizes", C + ["--checkpoint-every", "0"], "checkpoint_every must be an integer >= 1"),
     ("sizes", C + ["--seed=-1"], "--seed must be >= 0"),
     ("sizes", C + ["--lr=-1"], "--lr must be a positive finite learning rate"),
+    ("sizes", C + ["--lr", "-1e-3"], "--lr must be a positive finite learning rate"),
     ("sizes", C + ["--lr", "nan"], "--lr must be a positive finite learning rate"),
     ("strategies", C + ["--strategies", "Nope"], "unknown strategy 'Nope'; known:"),
     ("strategies", C + ["--strategies", "DiLoCo(H=0)"], "H .* must be an integer >= 1, got 0"),
