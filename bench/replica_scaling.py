@@ -1,7 +1,7 @@
 """Replica scaling: time to target and final metric vs the number of nodes M (issue 18).
 
     python bench/replica_scaling.py [--nodes 2,4,8,16,32,64] [--strategies "SimpleReduce; DiLoCo(H=10)"]
-                                    [--seeds 2] [--steps 300] [--target "accuracy>=0.97"]
+                                    [--seeds 3] [--steps 300] [--target "accuracy>=0.97"]
                                     [--out runs/replica_scaling] [--replot]
 
 Each (strategy, M, seed) trains the MNIST CNN on M nodes (batch 32 per node, so the global
@@ -33,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", default="2,4,8,16,32,64")
     ap.add_argument("--strategies", default="SimpleReduce; DiLoCo(H=10)")
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--target", default="accuracy>=0.97")
     ap.add_argument("--out", default="runs/replica_scaling")
