@@ -758,8 +758,7 @@ class RingPlan:
         self.hops = []
         for r in rounds:
             table = np.array(hops.get(r, []), dtype=np.int64).reshape(-1, 7)
-            pending = table[:, 1] >= _PENDING
-            table[pending, 1] = slot[table[pending, 1] - _PENDING]
+            table[:, 1] = _laid_out(table[:, 1], slot)
             self.hops.append(table)
         self.posts: list[tuple] = []              # in posting order: ("bundle", process, ...) or ("pieces", ...)
         self.waits: dict[int, list[int]] = {}     # round -> the posts it waits for
@@ -789,8 +788,9 @@ class RingPlan:
         process_of = self.t.placement.process_of
         out: list[tuple] = []
         bundles: dict[int, list] = {}
-        for m, dst, off, nb, values, _ in sorted(sends, key=lambda s: (s[5], s[1])):
-            at = int(slot[off - _PENDING]) if off >= _PENDING else off
+        ordered = sorted(sends, key=lambda s: (s[5], s[1]))
+        offsets = _laid_out(np.array([s[2] for s in ordered], dtype=np.int64), slot).tolist()
+        for (m, dst, _, nb, values, _), at in zip(ordered, offsets, strict=True):
             if self._bundled(process_of(dst)):
                 bundles.setdefault(process_of(dst), []).append((m, self.arena[at:at + nb], self.raw[at:at + nb]))
             else:
@@ -875,6 +875,15 @@ class RingPlan:
 
 
 _PENDING = 1 << 62   # a hop's incoming slot before RingPlan lays out the messages: _PENDING + its receive
+
+
+def _laid_out(offsets: np.ndarray, slot: np.ndarray) -> np.ndarray:
+    """Arena offsets (bytes) with each pending one (``_PENDING`` + receive ``i``) replaced by
+    receive ``i``'s laid-out slot ``slot[i]``."""
+    out = offsets.copy()
+    pending = out >= _PENDING
+    out[pending] = slot[out[pending] - _PENDING]
+    return out
 
 
 def _crossings(positions: dict[int, dict[int, int]], process_of: Callable[[int], int]) -> dict[int, np.ndarray]:
