@@ -59,9 +59,6 @@ class DesyncedAverage(CommStep):
             raise ValueError(f"DESLOC averages Adam's moments: the inner optimizer must be Adam or AdamW, got "
                              f"{type(optimizer).__name__}")
 
-    def setup(self, strategy) -> None:
-        super().setup(strategy)
-
     def before_local_step(self, step: int, last: bool) -> None:
         s = self.strategy
         if self.clip is not None and s._training:
