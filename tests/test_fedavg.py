@@ -40,9 +40,11 @@ def test_the_average_is_weighted_by_each_clients_examples():
     for r in res:
         for got, want in zip(r["deployed"], glob, strict=True):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-    # an equal average would be another model: the weights matter here
-    plain = [sum(m[i] for m in [local_sgd(glob, k, range(4, 6)) for k in range(3)]) / 3 for i in range(len(glob))]
-    assert not torch.allclose(plain[0], glob[0], atol=1e-3)
+    # the equal average of the same rounds is another model, farther from the run's than the tolerance
+    plain = [p.detach().clone() for p in tiny_model().parameters()]
+    for r in range(2):
+        plain = weighted([local_sgd(plain, k, range(2 * r, 2 * r + 2)) for k in range(3)], [1, 1, 1])
+    assert max(float((a - b).abs().max()) for a, b in zip(plain, res[0]["deployed"], strict=True)) > 1e-3
 
 
 @pytest.mark.parametrize("processes", [4, 1])
@@ -51,7 +53,6 @@ def test_a_cohort_per_round_trains_downloads_the_global_model_and_averages(proce
     res = run_nodes(node_programs.train_tiny_cohorts, n, ("FedAvg(H=2, clients_per_round=2)", H * rounds, examples,
                                                           seed), processes=processes)
     glob = [p.detach().clone() for p in tiny_model().parameters()]
-    holders = set(range(n))
     for r in range(rounds):
         members = cohort(n, 2, seed, r)
         for m in members:   # only the cohort trains, on the steps of its round
@@ -60,10 +61,9 @@ def test_a_cohort_per_round_trains_downloads_the_global_model_and_averages(proce
             assert not [s for s in res[m]["trained"] if H * r <= s < H * (r + 1)]
         glob = weighted([local_sgd(glob, m, range(H * r, H * (r + 1))) for m in members],
                         [examples[m] for m in members])
-        holders = set(members)
     assert len({cohort(n, 2, seed, r) for r in range(rounds)}) > 1   # the cohorts really change
     deployer = res[0]["deployer"]
-    assert deployer == min(cohort(n, 2, seed, rounds - 1)) and deployer in holders
+    assert deployer == min(cohort(n, 2, seed, rounds - 1)) and {r["deployer"] for r in res} == {deployer}
     for got, want in zip(res[deployer]["deployed"], glob, strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     # the downloads and averages are on the trace: a broadcast to newcomers, an all-reduce of the cohort
@@ -87,6 +87,26 @@ def test_two_seeds_draw_different_cohorts_and_sparta_indices():
     explicit = make_strategy("SPARTA(p=0.1, seed=5)")     # an explicit seed wins over the run's
     explicit.setup(tiny_model(), None, Comm(0, 1, Network.uniform(1, "1Gbps")), seed=1)
     assert explicit.comm_steps[0].sampler.seed == 5
+
+
+def test_a_fraction_of_the_clients_is_floored_as_written_and_at_least_one():
+    from pysim.strategies.fedavg import AverageModels
+
+    for c, nodes, k in ((0.5, 4, 2), (0.5, 5, 2), (0.1, 4, 1), (0.29, 100, 29), (0.57, 100, 57), (0.3, 10, 3),
+                        (1.0, 7, 7), (0.999, 1000, 999)):
+        assert AverageModels(2, clients_per_round=c).clients(nodes) == k, (c, nodes)
+    assert AverageModels(2, clients_per_round=3).clients(100) == 3      # an int is a count
+    assert AverageModels(2).clients(6) == 6
+
+
+def test_a_fraction_of_the_clients_trains_each_round():
+    n, H, rounds, seed = 4, 2, 3, 5
+    res = run_nodes(node_programs.train_tiny_cohorts, n, ("FedAvg(H=2, clients_per_round=0.5)", H * rounds,
+                                                          [100] * n, seed), processes=1)
+    for r in range(rounds):
+        members = cohort(n, 2, seed, r)
+        trained = [k for k in range(n) if H * r in res[k]["trained"]]
+        assert trained == sorted(members)
 
 
 def test_bad_cohorts_are_one_line_errors():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from fractions import Fraction
 
 import numpy as np
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -83,9 +84,14 @@ class AverageModels(CommStep):
         self.label = " ".join(parts)
 
     def clients(self, nodes: int) -> int:
-        """How many clients train in each round of a run on ``nodes`` nodes."""
+        """How many clients train in each round of a run on ``nodes`` nodes: a count as given, a
+        fraction C of the nodes as McMahan et al.'s max(floor(C x nodes), 1), with C read as the
+        decimal it was written as (0.29 of 100 nodes is 29, though the float 0.29 x 100 is
+        28.999999999999996)."""
         c = self.clients_per_round
-        return nodes if c is None else max(1, math.floor(c * nodes)) if isinstance(c, float) else c
+        if c is None:
+            return nodes
+        return max(1, math.floor(Fraction(repr(c)) * nodes)) if isinstance(c, float) else c
 
     def check(self, nodes: int, model, optimizer) -> None:
         if self.clients(nodes) > nodes:
