@@ -204,6 +204,11 @@ def report_pid(rank: int, world: int) -> int:
     return os.getpid()
 
 
+def gloo_interface(rank: int, world: int) -> str | None:
+    """The interface gloo's sockets bind to in this node's process (``GLOO_SOCKET_IFNAME``)."""
+    return os.environ.get("GLOO_SOCKET_IFNAME")
+
+
 def cpus_of_node(rank: int, world: int) -> list[int]:
     """The CPUs the node's thread may run on."""
     return sorted(os.sched_getaffinity(0))

@@ -119,6 +119,14 @@ def test_nothing_listens_beyond_loopback():
     assert loopback == found, found
 
 
+def test_local_workers_bind_gloo_to_loopback_whatever_the_parent_names(monkeypatch):
+    # the listening test above cannot tell on a host whose name resolves to loopback: ask the workers
+    from pysim.launch import loopback_interface
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth-of-the-cluster")   # a user's setting for torchrun runs
+    assert run_nodes(node_programs.gloo_interface, 2) == [loopback_interface()] * 2
+
+
 def test_pin_to_cpu_pins_only_with_one_worker_per_cpu():
     cpus = sorted(os.sched_getaffinity(0))
     seen = {}
@@ -315,6 +323,16 @@ def test_torchrun_across_hosts_with_a_loopback_hostname_says_which_interface_to_
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")      # named: gloo binds there, nothing to say
     launch.check_gloo_interface()
     monkeypatch.delenv("GLOO_SOCKET_IFNAME")
+    # a run under torchrun says it before joining the group (where each rank would die in gloo)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def joined(*args, **kwargs):
+        raise AssertionError("init_process_group reached")
+
+    monkeypatch.setattr("torch.distributed.init_process_group", joined)
+    with pytest.raises(ValueError, match=r"set GLOO_SOCKET_IFNAME=eth7 \(the master is 10\.1\.2\.3\)"):
+        run_nodes(node_programs.rank_and_world, 2)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")        # one host: loopback is right
     launch.check_gloo_interface()
 

@@ -62,6 +62,35 @@ def test_too_many_nodes_for_memory_say_how_many_fit():
     assert "\n" not in str(e.value) and "MiB per node" in str(e.value)
 
 
+def test_check_derives_the_node_limit_from_memory_the_model_and_the_processes(monkeypatch):
+    import re
+
+    import pysim.placement as placement
+    from pysim.workload import get_workload
+
+    cnn = placement.node_state_bytes(sum(p.numel() for p in get_workload("mnist").model().parameters()))
+    free = 3 * placement.PROCESS_BYTES + 50 * cnn + 1000
+    monkeypatch.setattr(placement, "available_memory", lambda: free)
+    fit = (free - 2 * placement.PROCESS_BYTES) // cnn          # over two workers
+    TrainConfig(workload="mnist", nodes=fit).check(processes=2)
+    with pytest.raises(ValueError, match=rf"^{fit + 1} nodes need .*: use at most {fit} nodes$"):
+        TrainConfig(workload="mnist", nodes=fit + 1).check(processes=2)
+    with pytest.raises(ValueError, match=r"use at most 50 nodes$"):
+        TrainConfig(workload="mnist", nodes=fit).check(processes=3)    # one more worker's fixed cost
+    with pytest.raises(ValueError, match=r"use at most \d+ nodes") as e:  # a larger model: fewer nodes
+        TrainConfig(workload="shakespeare", nodes=fit).check(processes=2)
+    assert int(re.search(r"at most (\d+) nodes", str(e.value)).group(1)) < fit // 5
+
+
+def test_available_memory_is_the_machine_s_now():
+    from pathlib import Path
+
+    from pysim.placement import available_memory
+
+    line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+    assert abs(available_memory() - int(line.split()[1]) * 1024) < 256 << 20
+
+
 def test_pinning_workers_to_cpus_changes_no_result():
     workers = min(4, len(os.sched_getaffinity(0)))
     runs = [everything_but_real_time(run(config("DiLoCo(H=3)"), options=RunOptions(processes=workers, pin_cpus=pin)))
