@@ -45,8 +45,8 @@ def allreduce_with_codec(rank: int, world: int, net: Network, spec: str, n: int)
 
 
 def ring_dense(rank: int, world: int, n: int, piece_bytes: int, groups=None) -> dict:
-    """Dense ring all-reduces of the same seeded vector, per wire dtype: the means, and the bytes
-    the transport counted leaving and reaching this node."""
+    """Dense ring all-reduces of the same seeded vector, per wire dtype: the means, the bytes the
+    transport counted leaving and reaching this node, and what carries messages between processes."""
     comm = Comm(rank, world, Network.uniform(world, "1Gbps", "1ms"))
     comm.piece_bytes = piece_bytes
     x = torch.randn(n, generator=torch.Generator().manual_seed(300 + rank)) * 3
@@ -57,13 +57,15 @@ def ring_dense(rank: int, world: int, n: int, piece_bytes: int, groups=None) -> 
         out[f"{dtype}_sent"] = comm.transport.sent[rank] - sent
         out[f"{dtype}_received"] = comm.transport.received[rank] - received
     out["x_after"] = x
+    out["between processes"] = "shared memory" if comm.transport.links is not None else "gloo"
     return out
 
 
 def corrupt_a_piece(rank: int, world: int, what: str) -> None:
     """Rank 0 sends a dense all-reduce whose second piece it changes after the CRC was chained
-    over it (``what`` = "piece"), or a valid packet of another tensor ("header": source dtype
-    fp16, resealed); the receiver must refuse the packet."""
+    over it (``what`` = "piece": a reduce-scatter packet; "gathered": the reduced chunk it sends
+    into the all-gather), or a valid packet of another tensor ("header": source dtype fp16,
+    resealed); the receiver must refuse the packet."""
     import pysim.comm
     import pysim.pieces
 
@@ -81,6 +83,18 @@ def corrupt_a_piece(rank: int, world: int, what: str) -> None:
             return crc
 
         pysim.comm.encode_piece = flip
+    if rank == 0 and what == "gathered":
+        real_add = pysim.comm.add_encode_piece
+        added = []
+
+        def flip_sum(got, x, out, dtype, crc_in, crc_out):
+            crcs = real_add(got, x, out, dtype, crc_in, crc_out)
+            added.append(1)
+            if len(added) == 2:
+                out[5] ^= 0x10   # the reduced chunk, after its CRC was chained over it
+            return crcs
+
+        pysim.comm.add_encode_piece = flip_sum
     if rank == 0 and what == "header":
         real_seal = pysim.pieces.DenseLayout.seal
 

@@ -4,6 +4,7 @@ import node_programs
 import pytest
 import torch
 
+from pysim import links
 from pysim.clock import ComputeScaling, _replay_without_sharing, replay, scaled_compute
 from pysim.compress import DenseCodec, get_codec, packet_header
 from pysim.launch import run_nodes
@@ -175,7 +176,7 @@ def ring_reference(xs: list[torch.Tensor], dtype: str) -> torch.Tensor:
 
 
 _RINGS = [(2, 1001, 512, None), (3, 5000, 1000, None), (3, 10, 1 << 19, None), (4, 3001, 700, [[0, 2], [1, 3]]),
-          (5, 3001, 700, None)]
+          (5, 3001, 700, None), (6, 3001, 700, [[0, 4], [1, 2, 3, 5]])]   # groups of unequal size, across blocks
 
 
 @pytest.mark.parametrize("world,n,piece_bytes,groups,processes",
@@ -189,6 +190,8 @@ def test_dense_ring_is_the_schedules_arithmetic_bit_for_bit(world, n, piece_byte
     reach each node."""
     res = run_nodes(node_programs.ring_dense, world, (n, piece_bytes, groups), processes=processes)
     _check_ring_dense(res, world, n, groups)
+    if processes > 1 and links.available():
+        assert {r["between processes"] for r in res} == {"shared memory"}
 
 
 @pytest.mark.parametrize("world,processes,groups", [(3, 2, None), (4, 2, [[0, 2], [1, 3]])])
@@ -198,6 +201,7 @@ def test_dense_ring_over_gloo_between_processes_is_the_same(world, processes, gr
     monkeypatch.setenv("PYSIM_TRANSPORT", "gloo")
     res = run_nodes(node_programs.ring_dense, world, (3001, 700, groups), processes=processes)
     _check_ring_dense(res, world, 3001, groups)
+    assert {r["between processes"] for r in res} == {"gloo"}
 
 
 def _check_ring_dense(res: list[dict], world: int, n: int, groups) -> None:
@@ -218,7 +222,7 @@ def _check_ring_dense(res: list[dict], world: int, n: int, groups) -> None:
             assert torch.equal(res[m]["x_after"], res[m]["x"])   # the input is only read
 
 
-@pytest.mark.parametrize("what,message", [("piece", "checksum mismatch"),
+@pytest.mark.parametrize("what,message", [("piece", "checksum mismatch"), ("gathered", "checksum mismatch"),
                                           ("header", "another tensor than this ring hop expects")])
 def test_a_corrupted_piece_or_header_is_refused(what, message):
     from pysim.launch import NodeError

@@ -18,6 +18,27 @@ def host(n: int) -> Host:
     return Host(placement.hosted(0), n, Transport(placement, 0))
 
 
+def finished_within(seconds: float, fn, *args):
+    """``fn(*args)``'s result or exception, or a test failure if it has not returned in
+    ``seconds`` (a host that hangs fails the test instead of the suite)."""
+    outcome = []
+
+    def call() -> None:
+        try:
+            outcome.append(("returned", fn(*args)))
+        except BaseException as e:  # noqa: BLE001 (handed to the test)
+            outcome.append(("raised", e))
+
+    runner = threading.Thread(target=call, daemon=True)
+    runner.start()
+    runner.join(timeout=seconds)
+    assert not runner.is_alive(), f"still running after {seconds} s: the host hung"
+    kind, value = outcome[0]
+    if kind == "raised":
+        raise value
+    return value
+
+
 def _sum_of_all(node: int, world: int) -> float:
     return current_host().meet("sum", node * 10, lambda req: dict.fromkeys(req, sum(req.values())))
 
@@ -54,7 +75,7 @@ def _fails_on_two(node: int, world: int) -> int:
 
 def test_a_node_that_raises_stops_the_process_with_its_name():
     with pytest.raises(NodeFailed, match="node 2: ValueError: bad batch"):
-        host(4).run(_fails_on_two)
+        finished_within(20, host(4).run, _fails_on_two)
 
 
 def _skips(node: int, world: int) -> None:
@@ -64,7 +85,17 @@ def _skips(node: int, world: int) -> None:
 
 def test_nodes_that_wait_for_each_other_forever_are_named():
     with pytest.raises(NodeFailed, match="wait for each other forever"):
-        host(3).run(_skips)
+        finished_within(20, host(3).run, _skips)
+
+
+def _meets_another_kind(node: int, world: int) -> None:
+    current_host().meet("allreduce" if node != 1 else "broadcast", None, lambda req: dict.fromkeys(req))
+
+
+def test_nodes_that_run_different_collectives_are_told_to_run_the_same_in_the_same_order():
+    with pytest.raises(NodeFailed, match="node 1: RuntimeError: node 1 runs a broadcast where another node runs a "
+                                         "allreduce: every node must run the same collectives in the same order"):
+        finished_within(20, host(3).run, _meets_another_kind)
 
 
 def _whoami(node: int, world: int) -> int:
@@ -76,16 +107,5 @@ def test_a_failure_before_a_node_s_first_line_is_reported_not_hung(monkeypatch):
         raise RuntimeError("cannot restore the random state")
 
     monkeypatch.setattr(Host, "_load_rng", staticmethod(broken))
-    outcome = []
-
-    def run() -> None:
-        try:
-            host(2).run(_whoami)
-        except NodeFailed as e:
-            outcome.append(e)
-
-    runner = threading.Thread(target=run, daemon=True)
-    runner.start()
-    runner.join(timeout=20)
-    assert not runner.is_alive(), "the host hung instead of reporting the node"
-    assert outcome and "cannot restore" in str(outcome[0])
+    with pytest.raises(NodeFailed, match="cannot restore"):
+        finished_within(20, host(2).run, _whoami)
