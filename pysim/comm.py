@@ -310,7 +310,8 @@ class Comm:
                     packet = codec.pack(flat)
             part = _Part(self, self._row(size), flat, packet, settings)
             execute = lambda parts, table: _star(self.transport, parts, codec, norm, table)  # noqa: E731
-        elif isinstance(codec, DenseCodec) and len(self.host.nodes) > 1:   # several members here (RingPlan._bundled)
+        elif isinstance(codec, DenseCodec) and len(self.host.nodes) > 1 \
+                and (norm is None or any(len(g) > 1 for g in norm)):   # several nodes here, a ring somewhere
             plan = self.host.shared(("ring plan", flat.numel(), codec.dtype, norm, self.piece_bytes),
                                     lambda: RingPlan(self.transport, self.host.nodes, flat.numel(), codec.dtype, norm,
                                                      self.piece_bytes))

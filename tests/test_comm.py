@@ -157,7 +157,9 @@ def test_grouped_allreduce_refuses_groups_that_miss_a_node():
 def ring_reference(xs: list[torch.Tensor], dtype: str) -> torch.Tensor:
     """A ring all-reduce's arithmetic, from the schedule: chunk c starts at member c, each member
     adds its own values to the decoded packet and re-encodes, the owner's packet is everyone's
-    mean. ``xs``: the members' vectors in ring order."""
+    mean. ``xs``: the members' vectors in ring order; a group of one keeps its own (nothing is sent)."""
+    if len(xs) == 1:
+        return xs[0].clone()
     codec = DenseCodec(dtype)
 
     def wire(v: torch.Tensor) -> torch.Tensor:
@@ -176,7 +178,8 @@ def ring_reference(xs: list[torch.Tensor], dtype: str) -> torch.Tensor:
 
 
 _RINGS = [(2, 1001, 512, None), (3, 5000, 1000, None), (3, 10, 1 << 19, None), (4, 3001, 700, [[0, 2], [1, 3]]),
-          (5, 3001, 700, None), (6, 3001, 700, [[0, 4], [1, 2, 3, 5]])]   # groups of unequal size, across blocks
+          (5, 3001, 700, None), (6, 3001, 700, [[0, 4], [1, 2, 3, 5]]),   # groups of unequal size, across blocks
+          (3, 100, 700, [[0], [1], [2]])]                                  # no ring at all: each keeps its own
 
 
 @pytest.mark.parametrize("world,n,piece_bytes,groups,processes",

@@ -109,6 +109,25 @@ def test_a_fraction_of_the_clients_trains_each_round():
         assert trained == sorted(members)
 
 
+@pytest.mark.parametrize("processes", [1, 3])
+def test_a_cohort_of_one_client_trains_alone_and_hands_its_model_on(processes):
+    # every group a single node: no ring anywhere (three nodes in one process ended in an IndexError)
+    n, H, rounds, seed = 3, 2, 6, 0
+    members = [cohort(n, 1, seed, r)[0] for r in range(rounds)]
+    assert len(set(members)) > 1
+    res = run_nodes(node_programs.train_tiny_cohorts, n, ("FedAvg(H=2, clients_per_round=1)", H * rounds, [10] * n,
+                                                          seed), processes=processes)
+    glob = [p.detach().clone() for p in tiny_model().parameters()]
+    for r, m in enumerate(members):
+        glob = local_sgd(glob, m, range(H * r, H * (r + 1)))
+    deployer = res[0]["deployer"]
+    assert deployer == members[-1]
+    for got, want in zip(res[deployer]["deployed"], glob, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    handovers = sum(a != b for a, b in zip(members, members[1:], strict=False))
+    assert sum(r["sent"] for r in res) == handovers * (24 + 4 + 4 * sum(p.numel() for p in glob))
+
+
 def test_bad_cohorts_are_one_line_errors():
     from pysim.strategies import make_strategy
 
