@@ -128,7 +128,9 @@ def test_noloco_groups_need_a_divisible_number_of_nodes():
     from pysim.strategies.noloco import random_groups
 
     assert sorted(sum(random_groups(6, 3, 1, 5), [])) == list(range(6))
-    assert random_groups(4, 2, 0, 1) != random_groups(4, 2, 0, 3) or random_groups(4, 2, 1, 1)
+    rounds = [sorted(map(tuple, random_groups(4, 2, 0, r))) for r in range(8)]
+    assert len(set(map(tuple, rounds))) == 3   # every pairing of 4 nodes shows up: redrawn each round
+    assert rounds != [sorted(map(tuple, random_groups(4, 2, 1, r))) for r in range(8)]   # and per seed
     with pytest.raises(ValueError, match="divisible by 2"):
         random_groups(3, 2, 0, 0)
 

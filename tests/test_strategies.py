@@ -32,22 +32,30 @@ def local_sgd(start: nn.Module, rank: int, steps: range, lr: float = 0.1) -> nn.
     return m
 
 
-def run_strategy(rank: int, world: int, name: str, kwargs: dict, steps: int, opt: str, lr: float) -> dict:
+def run_strategy(rank: int, world: int, name: str, kwargs: dict, steps: int, opt: str, lr: float,
+                 lr_factor: float | None = None) -> dict:
+    """``steps`` steps of ``name`` on the tiny model; ``lr_factor``: a schedule that holds the
+    learning rate at that factor of ``lr``. Returns the deployed and local parameters, the bytes
+    sent and the first comm step's ``momentum`` (DeMo's), if it has one."""
     model = tiny_model()
     optimizer = (torch.optim.SGD if opt == "sgd" else torch.optim.AdamW)(model.parameters(), lr=lr)
+    scheduler = None if lr_factor is None else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor)
     comm = Comm(rank, world, NET, ComputeMeter())
     strategy = make_strategy(name, **kwargs)
-    strategy.setup(model, optimizer, comm)
+    strategy.setup(model, optimizer, comm, scheduler)
     for step in range(steps):
         local_grad(model, rank, step)
         strategy.step(step, last=step == steps - 1)
         comm.end_step()
+    momentum = getattr(strategy.comm_steps[0], "momentum", None) if strategy.comm_steps else None
+    momentum = momentum if isinstance(momentum, list) else None
     return {"params": [p.detach().clone() for p in strategy.eval_model().parameters()],
-            "local": [p.detach().clone() for p in model.parameters()], "sent": comm.bytes_sent}
+            "local": [p.detach().clone() for p in model.parameters()], "sent": comm.bytes_sent,
+            "momentum": None if momentum is None else [m.clone() for m in momentum]}
 
 
-def both(name, kwargs, steps, opt="sgd", lr=0.1):
-    return run_nodes(run_strategy, 2, (name, kwargs, steps, opt, lr))
+def both(name, kwargs, steps, opt="sgd", lr=0.1, lr_factor=None):
+    return run_nodes(run_strategy, 2, (name, kwargs, steps, opt, lr, lr_factor))
 
 
 def test_simple_reduce_equals_sgd_on_the_averaged_gradient():
@@ -120,13 +128,14 @@ def test_diloco_compressed_sends_fewer_bytes_and_stays_identical_across_nodes():
         assert torch.equal(a, b)
 
 
-def test_sparta_averages_exactly_the_seeded_subset():
-    res = both("SPARTA", {"p": 0.2, "seed": 5}, 1)
+@pytest.mark.parametrize("seed", [5, None])   # None: the run's seed (0 here), the same on every node
+def test_sparta_averages_exactly_the_seeded_subset(seed):
+    res = both("SPARTA", {"p": 0.2} | ({} if seed is None else {"seed": seed}), 1)
     ref = [torch.cat([p.reshape(-1) for p in local_sgd(tiny_model(), rank, range(1)).parameters()])
            for rank in range(2)]
     from pysim.compress import RandomKCodec
 
-    idx = RandomKCodec(0.2, 5).indices(ref[0].numel(), 0)
+    idx = RandomKCodec(0.2, 0 if seed is None else seed).indices(ref[0].numel(), 0)
     for rank, r in enumerate(res):
         flat = torch.cat([p.reshape(-1) for p in r["local"]])
         expected = ref[rank].clone()
@@ -137,41 +146,73 @@ def test_sparta_averages_exactly_the_seeded_subset():
     assert res[0]["sent"] == sum(24 + 4 + 4 * c for c in (k // 2, k - k // 2))  # ring, two chunk packets
 
 
-def test_topk_and_powersgd_keep_nodes_in_sync_and_learn():
-    for name, kwargs in (("TopK", {"k": 0.2}), ("PowerSGD", {"rank": 1})):
-        res = both(name, kwargs, 5)
-        for a, b in zip(res[0]["params"], res[1]["params"], strict=True):
-            assert torch.equal(a, b), name
-        assert not torch.equal(res[0]["params"][0], tiny_model()[0].weight), name
-
-
-def test_powersgd_first_step_matches_a_hand_written_power_iteration():
-    # Reference (Vogels et al. 2019, one step, residuals still zero), written out in plain torch:
-    # for each matrix M_i (node i's gradient): P = mean_i(M_i Q), P <- P / |P| (rank 1), Q' =
-    # mean_i(M_i^T P), update = P Q'^T; vectors (biases) are averaged exactly. Q starts from
-    # randn(cols, 1) drawn in parameter order from a generator seeded with PowerSGD's seed (0).
-    res = both("PowerSGD", {"rank": 1}, 1)
-    start = tiny_model()
-    grads = []
+def grads_at(params: list[torch.Tensor], step: int) -> list[list[torch.Tensor]]:
+    """Each of the two nodes' gradients at ``params`` on its batch of ``step``."""
+    out = []
     for rank in (0, 1):
         m = tiny_model()
-        local_grad(m, rank, 0)
-        grads.append([p.grad.clone() for p in m.parameters()])
+        with torch.no_grad():
+            for p, v in zip(m.parameters(), params, strict=True):
+                p.copy_(v)
+        local_grad(m, rank, step)
+        out.append([p.grad.clone() for p in m.parameters()])
+    return out
+
+
+def test_topk_matches_a_hand_written_error_feedback_over_steps():
+    # Each node sends the 11 (0.2 of 53) largest entries of gradient + residual over all parameters
+    # as one vector and keeps the rest as its residual; the nodes average what they sent; SGD.
+    steps, k = 4, round(0.2 * N_TINY)
+    res = both("TopK", {"k": 0.2}, steps)
+    params = [p.detach().clone() for p in tiny_model().parameters()]
+    residual = [torch.zeros(N_TINY), torch.zeros(N_TINY)]
+    for step in range(steps):
+        sent = []
+        for rank, g in enumerate(grads_at(params, step)):
+            c = flat(g) + residual[rank]
+            keep = c.abs().topk(k).indices
+            s = torch.zeros(N_TINY)
+            s[keep] = c[keep]
+            residual[rank] = c - s
+            sent.append(s)
+        update = (sent[0] + sent[1]) / 2
+        params = [p - 0.1 * u.view_as(p) for p, u in zip(params, update.split([p.numel() for p in params]),
+                                                          strict=True)]
+    assert all(r.abs().sum() > 0 for r in residual)   # something was held back and sent later
+    for r in res:
+        torch.testing.assert_close(flat(r["params"]), flat(params), atol=1e-6, rtol=0)
+
+
+def test_powersgd_matches_a_hand_written_power_iteration_with_error_feedback_and_warm_start():
+    # Reference (Vogels et al. 2019), written out in plain torch: for each matrix, node i's
+    # M_i = gradient + residual_i; P = mean_i(M_i Q), P <- P / |P| (rank 1), Q' = mean_i(M_i^T P),
+    # update = P Q'^T, residual_i = M_i - update, and Q' is the next step's Q (warm start); vectors
+    # (biases) are averaged exactly. Q starts from randn(cols, 1) drawn in parameter order from a
+    # generator seeded with PowerSGD's seed (0).
+    steps = 3
+    res = both("PowerSGD", {"rank": 1}, steps)
+    params = [p.detach().clone() for p in tiny_model().parameters()]
     gen = torch.Generator().manual_seed(0)
-    expected = []
-    for k, p in enumerate(start.parameters()):
-        g = [grads[0][k], grads[1][k]]
-        if p.dim() == 2:
-            q = torch.randn(p.shape[1], 1, generator=gen)
-            pm = (g[0] @ q + g[1] @ q) / 2
-            pm = pm / pm.norm()
-            qm = (g[0].T @ pm + g[1].T @ pm) / 2
-            update = pm @ qm.T
-            assert torch.linalg.matrix_rank(update) == 1
-        else:
-            update = (g[0] + g[1]) / 2
-        expected.append(p.detach() - 0.1 * update)
-    for got, want in zip(res[0]["params"], expected, strict=True):
+    q = {k: torch.randn(p.shape[1], 1, generator=gen) for k, p in enumerate(params) if p.dim() == 2}
+    residual = {(rank, k): torch.zeros_like(params[k]) for rank in (0, 1) for k in q}
+    for step in range(steps):
+        grads = grads_at(params, step)
+        new = []
+        for k, p in enumerate(params):
+            if k in q:
+                m = [grads[rank][k] + residual[(rank, k)] for rank in (0, 1)]
+                pm = (m[0] @ q[k] + m[1] @ q[k]) / 2
+                pm = pm / pm.norm()
+                q[k] = (m[0].T @ pm + m[1].T @ pm) / 2
+                update = pm @ q[k].T
+                assert torch.linalg.matrix_rank(update) == 1
+                for rank in (0, 1):
+                    residual[(rank, k)] = m[rank] - update
+            else:
+                update = (grads[0][k] + grads[1][k]) / 2
+            new.append(p - 0.1 * update)
+        params = new
+    for got, want in zip(res[0]["params"], params, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(res[0]["params"], res[1]["params"], strict=True):
         assert torch.equal(a, b)
@@ -403,8 +444,10 @@ def test_demo_matches_the_reference_rule_mean_over_the_nodes_that_sent_each_coef
                         q[r0:r0 + a, c0:c0 + b] = da.T @ avg[r0:r0 + a, c0:c0 + b] @ db
                 p -= lr * torch.sign(q).view_as(p)
     count = 2 * 4 + 4 + 4 + 3  # kept coefficients: two 5x3 blocks, bias 5, one 3x5 block, bias 3 (all 3)
-    for r in res:
+    for rank, r in enumerate(res):
         torch.testing.assert_close(flat(r["params"]), flat(model.parameters()), atol=1e-6, rtol=0)
+        # the momentum left after the sent coefficients were removed (the sign step hides its size)
+        torch.testing.assert_close(flat(r["momentum"]), flat(moms[rank]), atol=1e-6, rtol=0)
         assert r["sent"] == steps * TopKCodec(count).nbytes((N_TINY,))
 
 
@@ -422,9 +465,9 @@ def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_
     the update is w -= lr * average with DGC's lr."""
     from pysim.compress import TopKCodec
 
-    lr, mom, clip = 0.1, 0.9, 0.5
+    lr, mom, clip, factor = 0.1, 0.9, 0.5, 0.5     # factor: the run's schedule, which scales DGC's lr too
     res = both("DGC", {"k": 0.05, "momentum": mom, "clip_norm": clip, "warmup_steps": 4, "lr": lr}, 3, opt="adamw",
-               lr=0.003)
+               lr=0.003, lr_factor=factor)
     counts = [[8, 1, 4, 1], [2, 1, 1, 1], [2, 1, 1, 1]]  # densities 0.25, 0.0625, 0.05 of 30, 5, 15, 3 entries
     model = tiny_model()
     u = [[torch.zeros_like(p) for p in model.parameters()] for _ in range(2)]
@@ -451,7 +494,7 @@ def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_
                 v[rank][i].view(-1)[idx] = 0
         with torch.no_grad():
             for i, p in enumerate(model.parameters()):
-                p -= lr * (sent[0][i] + sent[1][i]) / 2
+                p -= factor * lr * (sent[0][i] + sent[1][i]) / 2
     assert clipped
     for r in res:
         torch.testing.assert_close(flat(r["params"]), flat(model.parameters()), atol=1e-6, rtol=0)
