@@ -218,6 +218,26 @@ def test_powersgd_matches_a_hand_written_power_iteration_with_error_feedback_and
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("spec", ["DeMo(chunk=5, topk=4)", "DGC(k=0.05)", "SimpleReduce"])
+def test_a_schedule_moved_on_without_the_inner_optimizer_raises_no_warning(spec):
+    # DeMo and DGC step the parameters themselves: torch's "lr_scheduler.step() before
+    # optimizer.step()" warning (on a scheduler's first step) was printed by every node of every run
+    import warnings
+
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (s + 1))
+    strategy = make_strategy(spec)
+    strategy.setup(model, optimizer, Comm(0, 1, Network.uniform(1, "1Gbps"), ComputeMeter()), scheduler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            local_grad(model, 0, step)
+            strategy.step(step)
+    assert [str(w.message) for w in caught] == []
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / 4)   # the schedule moved on all the same
+
+
 def test_unknown_or_misspelled_arguments_are_errors():
     with pytest.raises(ValueError, match="DiLoCo got unknown argument 'h' \\(did you mean 'H'\\?\\)"):
         make_strategy("DiLoCo", h=10)

@@ -24,6 +24,7 @@ shows a new algorithm in ~20 lines.
 from __future__ import annotations
 
 import inspect
+import warnings
 from contextlib import AbstractContextManager
 from typing import ClassVar
 
@@ -183,8 +184,22 @@ class Strategy:
         with self.compute(reuse="local_step" if self._training else "idle_step"):
             if self._training:
                 self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
+            self.step_schedule()
+
+    def step_schedule(self) -> None:
+        """The scheduler's step, if there is one. A strategy that steps the parameters itself
+        (DeMo's sign step, DGC's SGD) or a node that sits its first steps out moves the schedule
+        on with no ``optimizer.step()``, on purpose: step s uses the schedule's value at s either
+        way. torch warns of that order on a scheduler's first step; that warning is silenced."""
+        if self.scheduler is None:
+            return
+        if getattr(self, "_schedule_started", False):
+            self.scheduler.step()
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
+        self._schedule_started = True
 
     def eval_model(self) -> nn.Module:
         """The model this node would deploy (it holds it; nothing is exchanged to make it). The

@@ -163,5 +163,4 @@ class DeMo(Strategy):
         with self.compute(reuse="demo sign step"), torch.no_grad():
             for p in self.params:
                 p.sub_(p.grad.sign(), alpha=lr)
-            if self.scheduler is not None:
-                self.scheduler.step()
+            self.step_schedule()

@@ -129,5 +129,4 @@ class DGC(Strategy):
         with self.compute(reuse="dgc_sgd"), torch.no_grad():
             for p in self.params:
                 p.sub_(p.grad, alpha=self.dgc_lr * factor)
-            if self.scheduler is not None:
-                self.scheduler.step()
+            self.step_schedule()

@@ -72,5 +72,4 @@ class MuLoCo(Strategy):
                 self.muon.param_groups[0]["lr"] = self.lr() * self.lr_scale
                 self.muon.step()
                 self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
+            self.step_schedule()
