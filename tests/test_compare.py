@@ -44,6 +44,7 @@ BAD_INPUTS = [
     (["--lr", "-1"], "--lr must be"),
     (["--checkpoint-every", "0"], "checkpoint_every must be"),
     (["--network", "/nonexistent/net.json"], "network"),
+    (["--strategies", "DiLoCo(H=5); SimpleReduce; DiLoCo(H=5)"], "names 'DiLoCo(H=5)' twice"),
 ]
 
 
@@ -177,3 +178,19 @@ def test_no_pin_cpus_reaches_the_run_options(monkeypatch, tmp_path):
         with pytest.raises(SystemExit):
             run_cli(argv, out=str(tmp_path))
     assert seen == [True, False]
+
+
+def test_strategies_whose_labels_coincide_are_named_by_their_specs():
+    # the report takes runs of one name for seeds of one strategy: two SPARTA seeds were one row of "2 seeds"
+    from pysim.cli import base_config, build_parser
+    from pysim.compare import comparison_configs
+    from pysim.workload import image_workload
+
+    _, parsers = build_parser()
+    base = base_config(parsers["compare"].parse_args([*SMALL, "--nodes", "3"]), image_workload())
+    specs = ["FedAvg(H=2, clients_per_round=1)", "FedAvg(H=2, clients_per_round=1.0)", "SPARTA(p=1)",
+             "SPARTA(p=1.0)", "SPARTA(p=0.01, seed=1)", "SPARTA(p=0.01, seed=2)", "SimpleReduce"]
+    names = [c.name for c in comparison_configs(base, specs, 1)]
+    assert names == ["FedAvg H=2 1 clients/round", "FedAvg H=2 100% of clients/round", "SPARTA(p=1)",
+                     "SPARTA(p=1.0)", "SPARTA p=0.01 seed=1", "SPARTA p=0.01 seed=2", "SimpleReduce"]
+

@@ -76,7 +76,8 @@ class AverageModels(CommStep):
         self.seed, self.weighted = seed, weighted
         parts = [f"H={H}"]
         if clients_per_round is not None:
-            parts.append(f"{clients_per_round:g} clients/round")
+            c = clients_per_round   # a count, or a fraction of the nodes (1 client is not 1.0 of them)
+            parts.append(f"{100 * c:g}% of clients/round" if isinstance(c, float) else f"{c} clients/round")
         if island_size is not None:
             parts.append(f"islands of {island_size}")
         if not weighted:

@@ -20,7 +20,7 @@ class AverageRandomSubset(CommStep):
     def __init__(self, p: float, seed: int | None = None) -> None:
         RandomKCodec(p)   # checks p now
         self.p, self.seed = p, seed
-        self.label = f"p={p:g}"
+        self.label = f"p={p:g}" + ("" if seed is None else f" seed={seed}")   # None: the run's seed
 
     def setup(self, strategy) -> None:
         super().setup(strategy)
