@@ -275,12 +275,11 @@ class TopKCodec(Codec):
         self.name = f"topk:{k}:{index_code}:{value_dtype}" + (f"/{block}" if self.int2 and block != INT2_BLOCK else "")
 
     def count(self, numel: int) -> int:
-        """Number of entries kept for a tensor of ``numel`` elements."""
+        """Number of entries kept for a tensor of ``numel`` elements: a fraction of them (at least
+        one), or the count, all of a tensor that has fewer (``topk:12`` keeps a 10-value bias whole)."""
         if isinstance(self.k, float):
             return max(1, min(numel, round(self.k * numel)))
-        if self.k > numel:
-            raise ValueError(f"top-k count {self.k} exceeds the tensor's {numel} elements")
-        return self.k
+        return min(self.k, numel)
 
     def pack(self, x: torch.Tensor, *, key: str = "", step: int = 0) -> torch.Tensor:
         flat, shape, src = _flat_f32(x)

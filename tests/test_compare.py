@@ -44,6 +44,8 @@ BAD_INPUTS = [
     (["--lr", "-1"], "--lr must be"),
     (["--checkpoint-every", "0"], "checkpoint_every must be"),
     (["--network", "/nonexistent/net.json"], "network"),
+    (["--strategies", "StreamingDiLoCo(H=10, fragments=9, tau=1)"], "9 fragments for a model of 4 layers; use at"),
+    (["--strategies", "EagerDiLoCo(H=10, fragments=5)"], "5 fragments for a model of 4 layers"),
     (["--strategies", "DiLoCo(H=5); SimpleReduce; DiLoCo(H=5)"], "names 'DiLoCo(H=5)' twice"),
 ]
 

@@ -73,6 +73,9 @@ class StreamingOuterStep(CommStep):
         codec_label = "" if self.codec.name == "dense:fp32" else f" {codec}"
         self.label = f"H={H} M={fragments} tau={tau} alpha={alpha:g}{codec_label} outer {outer_lr}/{outer_momentum}"
 
+    def check(self, nodes: int, model, optimizer) -> None:
+        strided_fragments(model, self.M)   # more fragments than layers: said before any node starts
+
     def setup(self, strategy) -> None:
         super().setup(strategy)
         self.global_model = copy.deepcopy(strategy.model)
