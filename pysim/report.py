@@ -137,7 +137,7 @@ def results_table(results: list[Result]) -> str:
         idle = [f.idle_s / f.sim_time_s for f in finals if f.sim_time_s]
         rows.append([label, final_metric(runs, metric, fmt),
                      mean_ci([f.sim_time_s for f in finals], human_seconds), ttt, human_bytes(sent), ratio,
-                     f"{100 * float(np.mean(idle)):.0f}%" if idle else "-",
+                     f"{100 * max(0.0, float(np.mean(idle))):.0f}%" if idle else "-",   # -1e-18: rounding, not time
                      f"{sum(f.real_runtime_s for f in finals):.0f} s"])
     note = (f"mean ± 95% confidence interval of the mean over {seeds} seeds (Student's t)" if seeds > 1
             else "one seed: no spread shown; use --seeds") + \

@@ -47,14 +47,20 @@ class RunOptions:
 
 
 def finished_run(cfg: TrainConfig, out_dir: str | Path) -> Result | None:
-    """The saved result (with its trace) of a complete run of exactly ``cfg`` in ``out_dir``, or
-    None: not there, incomplete or stale (see :func:`pysim.rundir.load_result`), or of
-    another configuration."""
+    """The saved result (with its trace) of a complete run of ``cfg`` in ``out_dir`` (its
+    checkpoints may have been written at another interval: the same results), or None: not
+    there, incomplete or stale (see :func:`pysim.rundir.load_result`), or of another
+    configuration."""
     try:
         result = load_result(run_path(out_dir, cfg.run_name))
     except ValueError:
         return None
-    return result if result.config == cfg.to_json() else None
+    return result if _identity(result.config) == cfg.identity() else None
+
+
+def _identity(config: dict) -> dict:
+    """A saved run's configuration without ``checkpoint_every`` (:meth:`TrainConfig.identity`)."""
+    return {k: v for k, v in config.items() if k != "checkpoint_every"}
 
 
 def check_resume(cfg: TrainConfig, out_dir: str | Path) -> None:
@@ -64,9 +70,9 @@ def check_resume(cfg: TrainConfig, out_dir: str | Path) -> None:
         saved = load_result(run_path(out_dir, cfg.run_name))
     except ValueError:
         return   # nothing finished there (or unreadable: nothing to lose)
-    new = cfg.to_json()
-    if saved.config != new:
-        diff = sorted(k for k in set(saved.config) | set(new) if saved.config.get(k) != new.get(k))
+    new, old = cfg.identity(), _identity(saved.config)
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise ValueError(f"{run_path(out_dir, cfg.run_name)} holds a finished run of another configuration "
                          f"(differs in {', '.join(diff)}); resume with the same flags, or use another --out")
 

@@ -196,3 +196,11 @@ def test_strategies_whose_labels_coincide_are_named_by_their_specs():
     assert names == ["FedAvg H=2 1 clients/round", "FedAvg H=2 100% of clients/round", "SPARTA(p=1)",
                      "SPARTA(p=1.0)", "SPARTA p=0.01 seed=1", "SPARTA p=0.01 seed=2", "SimpleReduce"]
 
+
+def test_resume_keeps_a_finished_run_written_with_another_checkpoint_interval(tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    assert run_cli(["--checkpoint-every", "5"], out) == 0
+    capsys.readouterr()
+    assert run_cli(["--checkpoint-every", "3", "--resume"], out) == 0   # the same results: kept, not refused
+    printed = capsys.readouterr().out
+    assert "finished earlier, kept" in printed and "training" not in printed
