@@ -275,7 +275,7 @@ def compare_command(a: argparse.Namespace) -> int:
         if getattr(a, name) is None:
             setattr(a, name, workload.defaults.get(name, generic))
     out = a.out or f"runs/{workload.name.split(':')[0]}"
-    configs = comparison_configs(base_config(a, workload), split_specs(a.strategies), a.seeds)
+    configs = comparison_configs(base_config(a, workload), split_specs(a.strategies), a.seeds, a.processes)
     options = RunOptions(processes=a.processes, tensorboard=a.tensorboard, pin_cpus=a.pin_cpus)
     results = compare(configs, out, a.resume, a.recalibrate, options, say=lambda line: print(line, flush=True))
     net = configs[0].network

@@ -37,9 +37,11 @@ def split_specs(text: str) -> list[str]:
     return [s.strip() for s in out if s.strip()]
 
 
-def comparison_configs(base: TrainConfig, strategies: Sequence[str], seeds: int) -> list[TrainConfig]:
+def comparison_configs(base: TrainConfig, strategies: Sequence[str], seeds: int,
+                       processes: int | None = None) -> list[TrainConfig]:
     """One checked config per (strategy, seed): ``base`` with each strategy spec and the seeds
-    ``base.seed`` .. ``base.seed + seeds - 1``, saved under "<label> seed<N>"."""
+    ``base.seed`` .. ``base.seed + seeds - 1``, saved under "<label> seed<N>"; checked for
+    ``processes`` worker processes (None: the default)."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"--seeds must be an integer >= 1, got {seeds!r}")
     if not strategies:
@@ -56,7 +58,7 @@ def comparison_configs(base: TrainConfig, strategies: Sequence[str], seeds: int)
         for seed in range(base.seed, base.seed + seeds):
             cfg = replace(base, strategy=spec, strategy_args={}, seed=seed, seed_in_name=True,
                           label=spec.strip() if shared else base.label)
-            cfg.check()
+            cfg.check(processes)
             configs.append(cfg)
     return configs
 

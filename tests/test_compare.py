@@ -47,6 +47,7 @@ BAD_INPUTS = [
     (["--strategies", "StreamingDiLoCo(H=10, fragments=9, tau=1)"], "9 fragments for a model of 4 layers; use at"),
     (["--strategies", "EagerDiLoCo(H=10, fragments=5)"], "5 fragments for a model of 4 layers"),
     (["--strategies", "DiLoCo(H=5); SimpleReduce; DiLoCo(H=5)"], "names 'DiLoCo(H=5)' twice"),
+    (["--nodes", "2", "--processes", "5"], "5 processes for 2 nodes"),
 ]
 
 
