@@ -9,15 +9,19 @@ processes, output folder, checkpoints) is not: it never changes a result.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
 from pysim.clock import ComputeScaling
 from pysim.compute import ComputeProfile, resolve_compute
 from pysim.network import Network, network_from_json, network_to_json
 from pysim.placement import Placement, check_fits, default_processes, node_state_bytes
 from pysim.probe import check_target
-from pysim.sharding import Sharding
+from pysim.sharding import Sharding, node_shards
 from pysim.strategies import make_strategy
 from pysim.workload import Target, Workload, get_workload
+
+if TYPE_CHECKING:
+    import torch
 
 
 def meta_model(workload: Workload):
@@ -26,6 +30,23 @@ def meta_model(workload: Workload):
 
     with torch.device("meta"):
         return workload.model()
+
+
+_LABELS: dict[tuple, torch.Tensor] = {}   # a workload's training labels, read once per process
+
+
+def _train_labels(workload: Workload) -> torch.Tensor:
+    """The class labels of ``workload``'s training set, for Dirichlet sharding (a one-line
+    ValueError where it has none)."""
+    from pysim.workload import Batches
+
+    key = (workload.name, workload.spec, repr(workload.args))
+    if key not in _LABELS:
+        labels = Batches(workload.data()[0]).labels()
+        if labels is None:
+            raise ValueError("dirichlet sharding needs labels; this dataset has none (use iid or contiguous)")
+        _LABELS[key] = labels
+    return _LABELS[key]
 
 
 def check_strategy_fits(strategy, nodes: int, workload: Workload, model) -> None:
@@ -136,9 +157,13 @@ class TrainConfig:
         check_fits(self.nodes, placement.processes, node_state_bytes(sum(p.numel() for p in model.parameters())))
         check_strategy_fits(strategy, self.nodes, self.workload, model)
         size = self.workload.train_size
-        if size is not None:
+        if self.sharding.kind == "dirichlet":   # the draw itself says whether every node gets a batch
+            labels = _train_labels(self.workload)
+            n = min(len(labels), self.train_examples or len(labels))
+            node_shards(n, self.nodes, self.sharding, self.seed, self.batch_size, labels[:n])
+        elif size is not None:
             size = min(size, self.train_examples or size)
-            if self.sharding.kind != "dirichlet" and self.batch_size > size // self.nodes:
+            if self.batch_size > size // self.nodes:
                 raise ValueError(f"batch size {self.batch_size} exceeds each node's shard of {size // self.nodes} "
                                  f"training examples ({size} over {self.nodes} nodes); use --batch-size "
                                  f"{max(1, size // self.nodes)} or less")

@@ -44,7 +44,7 @@ from pysim.config import TrainConfig
 from pysim.evaluation import CrossingFinder, Evaluator, Subset, eval_subset
 from pysim.global_rng import seed_torch
 from pysim.host import Host
-from pysim.sharding import ShardSampler, shard_indices
+from pysim.sharding import ShardSampler, node_shards
 from pysim.strategies import make_strategy
 from pysim.trace import Event, event_to_json
 from pysim.workload import Batches, Workload
@@ -275,11 +275,8 @@ def _process_data(cfg: TrainConfig, world: int) -> tuple[Batches, Batches, list[
         train = Batches(train_set)
         n_train = min(len(train), cfg.train_examples or len(train))
         labels = train.labels() if cfg.sharding.kind == "dirichlet" else None
-        shards = shard_indices(n_train, world, cfg.sharding, cfg.seed, None if labels is None else labels[:n_train])
-        small = [r for r, s in enumerate(shards) if len(s) < cfg.batch_size]
-        if small:
-            raise ValueError(f"node {small[0]}'s shard has {len(shards[small[0]])} examples, fewer than the batch "
-                             f"size {cfg.batch_size}; use a smaller --batch-size or fewer nodes")
+        shards = node_shards(n_train, world, cfg.sharding, cfg.seed, cfg.batch_size,
+                             None if labels is None else labels[:n_train])
         return train, Batches(eval_set), shards
 
     host = current_host()

@@ -80,6 +80,18 @@ def shard_indices(n: int, nodes: int, sharding: Sharding, seed: int,
     raise ValueError(f"unknown sharding {sharding.kind!r}")
 
 
+def node_shards(n: int, nodes: int, sharding: Sharding, seed: int, batch_size: int,
+                labels: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """:func:`shard_indices`, with a one-line ValueError where a node's shard is smaller than a
+    batch (``batch_size`` examples)."""
+    shards = shard_indices(n, nodes, sharding, seed, labels)
+    small = [r for r, s in enumerate(shards) if len(s) < batch_size]
+    if small:
+        raise ValueError(f"node {small[0]}'s shard has {len(shards[small[0]])} examples, fewer than the batch "
+                         f"size {batch_size}; use a smaller --batch-size or fewer nodes")
+    return shards
+
+
 def _dirichlet(labels: torch.Tensor, nodes: int, alpha: float, seed: int) -> list[torch.Tensor]:
     rng = np.random.default_rng(seed)
     y = labels.numpy()

@@ -48,6 +48,7 @@ BAD_INPUTS = [
     (["--strategies", "EagerDiLoCo(H=10, fragments=5)"], "5 fragments for a model of 4 layers"),
     (["--strategies", "DiLoCo(H=5); SimpleReduce; DiLoCo(H=5)"], "names 'DiLoCo(H=5)' twice"),
     (["--nodes", "2", "--processes", "5"], "5 processes for 2 nodes"),
+    (["--nodes", "50", "--sharding", "dirichlet:0.001"], "without data; use a larger alpha or fewer nodes"),
 ]
 
 
