@@ -67,6 +67,13 @@ def test_targets_parse_and_fail_clearly():
 EXAMPLE = Path(__file__).resolve().parents[1] / "example" / "custom_model.py"
 
 
+def test_the_readme_shows_the_example_as_it_is():
+    # the README's copy had drifted to result["final"], which the typed Result refuses
+    code = EXAMPLE.read_text()
+    readme = (EXAMPLE.parents[1] / "README.md").read_text()
+    assert code[code.index("import torch\n"):] in readme
+
+
 @pytest.mark.parametrize("launcher", ["spawned", "torchrun"])
 def test_readme_custom_model_example_runs_spawned_and_under_torchrun(launcher, tmp_path):
     import subprocess
