@@ -403,10 +403,9 @@ def train_missing(config_path: str, runs_dir: str) -> list[Path]:
 
 def show_command(a: argparse.Namespace) -> int:
     from pysim.report import plot_runs, results_table, verdicts
-    from pysim.rundir import load_result, run_dirs
+    from pysim.rundir import load_result, unique_run_dirs
 
-    dirs = [d for p in a.results for d in run_dirs(p)]
-    results = [load_result(d) for d in dirs]
+    results = [load_result(d) for d in unique_run_dirs(a.results)]   # a run named twice counts once
     print(results_table(results))
     for line in verdicts(results):
         print("- " + line)

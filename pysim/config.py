@@ -16,6 +16,7 @@ from pysim.compute import ComputeProfile, resolve_compute
 from pysim.network import Network, network_from_json, network_to_json
 from pysim.placement import Placement, check_fits, default_processes, node_state_bytes
 from pysim.probe import check_target
+from pysim.rundir import run_dir_name
 from pysim.sharding import Sharding, node_shards
 from pysim.strategies import make_strategy
 from pysim.workload import Target, Workload, get_workload
@@ -118,6 +119,9 @@ class TrainConfig:
     jitter: float = 0.0                # sigma of the per-node, per-step lognormal compute-time factor
 
     def __post_init__(self) -> None:
+        if isinstance(self.compute_speed, str) or not isinstance(self.compute_speed, tuple | list):
+            raise ValueError(f"compute_speed must be a tuple of per-node speed factors such as (1.0, 0.5), got "
+                             f"{self.compute_speed!r}")
         self.compute_speed = tuple(self.compute_speed)
         if isinstance(self.workload, str):
             self.workload = get_workload(self.workload)
@@ -125,10 +129,24 @@ class TrainConfig:
         if self.target is not None:
             self.target = Target.parse(self.target)
 
+    def _check_types(self) -> None:
+        """One-line errors for fields of the wrong type (which would fail deep inside otherwise)."""
+        expected = (("workload", Workload, "a Workload or a built-in name such as 'mnist'"),
+                    ("strategy", str, "a strategy spec such as 'DiLoCo(H=10)'"),
+                    ("strategy_args", dict, "a dict of the strategy's arguments"),
+                    ("network", Network, "a Network, e.g. Network.uniform(nodes, '1Gbps', '1ms')"),
+                    ("label", str | None, "a string or None"), ("resolve_target", bool, "True or False"),
+                    ("seed_in_name", bool, "True or False"), ("jitter", int | float, "a number >= 0"))
+        for name, kind, what in expected:
+            v = getattr(self, name)
+            if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
+                raise ValueError(f"{name} must be {what}, got {v!r}")
+
     def check(self, processes: int | None = None) -> None:
         """Validates everything before any node process starts; one-line errors. ``processes``:
         the worker processes the run will use (default: :func:`pysim.placement.default_processes`),
         for the memory check."""
+        self._check_types()
         for name in ("nodes", "steps", "batch_size", "eval_every"):
             _check_int(name, getattr(self, name), 1)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
@@ -146,6 +164,7 @@ class TrainConfig:
             raise ValueError(f"algorithm must be 'ring' or 'star', got {self.algorithm!r}")
         self.network = self.network.with_nodes(self.nodes)
         strategy = make_strategy(self.strategy, **self.strategy_args)  # fails early on bad arguments
+        run_dir_name(self.run_name)   # a name no folder can have: said now, not after training
         if strategy.asynchronous and self.compute == "measured":
             raise ValueError(f"{strategy.name} orders its updates by simulated time, so measured compute times "
                              "would make every run different: give a compute profile (compute='calibrated', "

@@ -60,11 +60,25 @@ def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
     return p
 
 
+MAX_NAME = 200   # characters of a run's folder name (file systems take 255 bytes, and a seed suffix)
+
+
+def unique_run_dirs(paths) -> list[Path]:
+    """The run directories at every path of ``paths`` (see :func:`run_dirs`), each once."""
+    dirs: list[Path] = []
+    for p in paths:
+        dirs += [d for d in run_dirs(p) if d.resolve() not in {x.resolve() for x in dirs}]
+    return dirs
+
+
 def run_dir_name(name: str) -> str:
     """The folder name of a run called ``name`` (a strategy or a label): unsafe characters become '_'."""
     safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", str(name)).strip()
     if safe in ("", ".", ".."):
         raise ValueError(f"run name {name!r} cannot name a folder; give the run a label")
+    if len(safe) > MAX_NAME:
+        raise ValueError(f"run name {safe[:40]}... is {len(safe)} characters; a folder's name takes at most "
+                         f"{MAX_NAME}: give the run a shorter label")
     return safe
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from pysim.clock import replay
 from pysim.network import Link, Network, format_bandwidth
 from pysim.result import BASELINE, Result, crossing_step, time_at_step
-from pysim.rundir import load_result, run_dirs
+from pysim.rundir import load_result, unique_run_dirs
 from pysim.tcp import TcpModel
 from pysim.workload import Target
 
@@ -197,10 +197,7 @@ def load_runs(paths: list[str | Path]) -> list[Result]:
     """The runs at ``paths`` (run directories, or folders of them: see :mod:`pysim.rundir`), each checked
     against its manifest. Other files in a folder, such as a sweep's own outputs, are not runs and are
     ignored. Runs of different node counts are refused: their times are not comparable."""
-    dirs: list[Path] = []
-    for p in paths:
-        dirs += [d for d in run_dirs(p) if d.resolve() not in {x.resolve() for x in dirs}]
-    runs = [load_result(d) for d in dirs]
+    runs = [load_result(d) for d in unique_run_dirs(paths)]
     by_nodes: dict[int, list[str]] = {}
     for result in runs:
         by_nodes.setdefault(result.trace.nodes, []).append(result.name)

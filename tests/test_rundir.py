@@ -61,6 +61,24 @@ def test_files_from_another_run_are_refused(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_a_run_named_twice_or_through_its_folder_counts_once(tmp_path):
+    from pysim.rundir import unique_run_dirs
+
+    save_result(fake_run(1.0, name="A"), tmp_path)
+    save_result(fake_run(2.0, name="B"), tmp_path)
+    # `show runs runs/A` counted A twice: a one-seed run became "2 seeds" with its runtime doubled
+    assert unique_run_dirs([tmp_path, tmp_path / "A", tmp_path]) == [tmp_path / "A", tmp_path / "B"]
+
+
+def test_a_name_too_long_for_a_folder_is_one_line():
+    from pysim.rundir import MAX_NAME, run_dir_name
+
+    assert run_dir_name("x" * MAX_NAME) == "x" * MAX_NAME
+    with pytest.raises(ValueError, match=rf"is 300 characters; a folder's name takes at most {MAX_NAME}: give the "
+                                         "run a shorter label"):
+        run_dir_name("x" * 300)
+
+
 def test_missing_pieces_are_named(tmp_path):
     save_result(fake_run(1.0), tmp_path)
     folder = tmp_path / "Run"

@@ -75,6 +75,26 @@ def test_bad_configs_fail_before_spawning():
             c.check()
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("workload", 5, "workload must be a Workload or a built-in name"),
+    ("strategy_args", "H=10", "strategy_args must be a dict"),
+    ("network", "100Mbit", "network must be a Network"),
+    ("label", 5, "label must be a string or None"),
+    ("label", "x" * 300, "give the run a shorter label"),     # it trained, then could not be saved
+    ("resolve_target", "no", "resolve_target must be True or False"),
+    ("jitter", "0.1", "jitter must be a number"),
+], ids=["workload", "strategy_args", "network", "label type", "label length", "resolve_target", "jitter"])
+def test_a_field_of_the_wrong_type_is_one_line_before_training(field, value, message):
+    c = cfg("SimpleReduce")
+    setattr(c, field, value)
+    with pytest.raises(ValueError, match=message) as e:
+        c.check()
+    assert "\n" not in str(e.value)
+    for speeds in (5, "1,1"):   # a string was split into characters
+        with pytest.raises(ValueError, match="compute_speed must be a tuple of per-node speed factors"):
+            TrainConfig(compute_speed=speeds)
+
+
 def test_a_strategy_that_cannot_run_on_the_nodes_or_the_model_fails_before_spawning():
     """Strategy.check sees the node count, and the model and optimizer on the meta device, in
     TrainConfig.check: one line up front, not a node's traceback after every process started."""
