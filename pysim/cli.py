@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import re
 import sys
 import time
@@ -198,7 +199,8 @@ def add_sweep_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tcp", default="off",
                     help=TCP_HELP)
     ap.add_argument("--target", default=None, help="e.g. accuracy>=0.98 or loss<=1.7 (default: the runs' own)")
-    ap.add_argument("--table-latency", default="20ms", help="latency of the printed table and line plot")
+    ap.add_argument("--table-latency", default=None,
+                    help="latency of the printed table and line plot, one of --latencies (default: nearest 20ms)")
     ap.add_argument("--out", default="runs/sweep_out")
 
 
@@ -352,7 +354,7 @@ def sweep_command(a: argparse.Namespace) -> int:
 
 
 def run_sweep(paths: list, bandwidths: str, latencies: str, target: str | None = None, topology: str = "uniform",
-              out_dir: str | Path | None = None, table_latency: str = "20ms", tcp: str = "off"):
+              out_dir: str | Path | None = None, table_latency: str | None = None, tcp: str = "off"):
     """Loads runs, re-times them over the grid (``"LO:HI:N"`` or lists; ``tcp``: the window model,
     :func:`pysim.tcp.parse_tcp`), writes the data and plots to ``out_dir`` if given; returns the
     :class:`pysim.sweep.Sweep` and its printed table."""
@@ -363,7 +365,13 @@ def run_sweep(paths: list, bandwidths: str, latencies: str, target: str | None =
 
     s = sweep(load_runs(paths), parse_grid(bandwidths, parse_bandwidth, "bandwidth"),
               parse_grid(latencies, parse_latency, "latency"), target, topology, parse_tcp(tcp))
-    j = nearest(s.latencies_s, parse_latency(table_latency))
+    if table_latency is None:
+        j = nearest(s.latencies_s, 0.020)
+    else:
+        j = nearest(s.latencies_s, parse_latency(table_latency))
+        if not math.isclose(s.latencies_s[j], parse_latency(table_latency), rel_tol=1e-6):
+            grid = ", ".join(f"{1e3 * v:g}ms" for v in s.latencies_s)
+            raise ValueError(f"--table-latency {table_latency} is not on the latency grid ({grid}); give one of them")
     if out_dir is not None:
         write_data(s, out_dir)
         plot_sweep(s, Path(out_dir), j)

@@ -30,6 +30,7 @@ import numpy as np
 
 from pysim.clock import replay
 from pysim.network import Link, Network, format_bandwidth
+from pysim.probe import check_reachable
 from pysim.result import BASELINE, Result, crossing_step, time_at_step
 from pysim.rundir import load_result, unique_run_dirs
 from pysim.tcp import TcpModel
@@ -159,6 +160,8 @@ def sweep(runs: list[Result], bandwidths_bps: list[float], latencies_s: list[flo
     if target.metric not in recorded:
         raise ValueError(f"target {target} names metric {target.metric!r}, which the runs do not record; they "
                          f"record {', '.join(sorted(recorded)) or 'no metrics'}")
+    if all(r.config.get("workload", {}).get("spec") for r in runs):   # built-in workloads: known ranges
+        check_reachable(target)
     names = list(dict.fromkeys(r.label for r in runs))
     seeds = sorted({r.seed for r in runs})
     seen = set()

@@ -131,3 +131,15 @@ def test_sweep_trains_missing_runs_from_a_config(tmp_path, capsys):
     assert "using recorded run" in capsys.readouterr().out
     path.write_text(json.dumps({"strategy": "SPARTA"}))
     assert cli(["sweep", "--train", str(path)]) == 2
+
+
+def test_a_target_no_run_could_reach_and_a_table_latency_off_the_grid_are_one_line(recorded):
+    # both printed a table before: "never reaches the target", and the 20 ms table for 999ms
+    with pytest.raises(ValueError, match=r"target accuracy>=5 can never be reached: accuracy lies in \[0, 1\] "
+                                         r"\(write 0.05 for 5%\)"):
+        run_sweep([recorded], "1Gbps", "1ms,20ms", target="accuracy>=5")
+    with pytest.raises(ValueError, match=r"--table-latency 999ms is not on the latency grid \(1ms, 20ms\); give one"):
+        run_sweep([recorded], "1Gbps", "1ms,20ms", table_latency="999ms")
+    run_sweep([recorded], "1Gbps", "1ms,20ms", table_latency="1ms")
+    s, _ = run_sweep([recorded], "1Gbps", "5ms,40ms")   # no 20 ms on the grid: the nearest by default
+    assert len(s.latencies_s) == 2
