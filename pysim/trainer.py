@@ -8,6 +8,7 @@ other networks) are written to ``out_dir``.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,11 @@ class RunOptions:
             raise ValueError(f"processes must be an integer >= 1 (or None: one per core), got {p!r}")
         if not isinstance(self.pin_cpus, bool):
             raise ValueError(f"pin_cpus must be True or False, got {self.pin_cpus!r}")
-        if not 0 < self.timeout_s < float("inf"):
-            raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+        t = self.timeout_s
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < float("inf"):
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {t!r}")
+        if self.tensorboard is not None and not isinstance(self.tensorboard, str | os.PathLike):
+            raise ValueError(f"tensorboard must be a folder (a str or Path) or None, got {self.tensorboard!r}")
         if self.tensorboard is not None:
             tensorboard_log.check_available()
             check_out_dir(self.tensorboard, "--tensorboard")

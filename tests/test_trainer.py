@@ -95,6 +95,16 @@ def test_a_field_of_the_wrong_type_is_one_line_before_training(field, value, mes
             TrainConfig(compute_speed=speeds)
 
 
+def test_run_options_of_the_wrong_type_are_one_line():
+    from pysim.trainer import RunOptions
+
+    for bad in ("5", None, True, 0, float("inf")):
+        with pytest.raises(ValueError, match="timeout_s must be a positive number of seconds"):
+            RunOptions(timeout_s=bad)
+    with pytest.raises(ValueError, match="tensorboard must be a folder"):
+        RunOptions(tensorboard=5)
+
+
 def test_a_strategy_that_cannot_run_on_the_nodes_or_the_model_fails_before_spawning():
     """Strategy.check sees the node count, and the model and optimizer on the meta device, in
     TrainConfig.check: one line up front, not a node's traceback after every process started."""
