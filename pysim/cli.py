@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as e:
         print(f"{e}; finished runs are saved, run again with --resume to continue", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:   # between runs, or while the report is made
+        print("interrupted; finished runs are saved, run again with --resume to continue", file=sys.stderr)
+        return 130
 
 
 # ---------------------------------------------------------------- the parser

@@ -206,3 +206,16 @@ def test_resume_keeps_a_finished_run_written_with_another_checkpoint_interval(tm
     assert run_cli(["--checkpoint-every", "3", "--resume"], out) == 0   # the same results: kept, not refused
     printed = capsys.readouterr().out
     assert "finished earlier, kept" in printed and "training" not in printed
+
+
+def test_ctrl_c_while_the_report_is_made_is_one_line(monkeypatch, capsys, tmp_path):
+    # after the runs were saved, an interrupt in plotting printed a bare KeyboardInterrupt traceback
+    import pysim.compare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pysim.compare, "report", interrupted)
+    assert run_cli([], str(tmp_path / "cmp")) == 130
+    err = capsys.readouterr().err
+    assert err == "interrupted; finished runs are saved, run again with --resume to continue\n"
