@@ -160,7 +160,7 @@ def sweep(runs: list[Result], bandwidths_bps: list[float], latencies_s: list[flo
     if target.metric not in recorded:
         raise ValueError(f"target {target} names metric {target.metric!r}, which the runs do not record; they "
                          f"record {', '.join(sorted(recorded)) or 'no metrics'}")
-    if all(r.config.get("workload", {}).get("spec") for r in runs):   # built-in workloads: known ranges
+    if all((getattr(r, "config", None) or {}).get("workload", {}).get("spec") for r in runs):   # built-in: ranges known
         check_reachable(target)
     names = list(dict.fromkeys(r.label for r in runs))
     seeds = sorted({r.seed for r in runs})
