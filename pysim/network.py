@@ -318,7 +318,10 @@ class Network:
             object.__setattr__(self, "tcp", parse_tcp(self.tcp))
         if (self.inter is None) != (self.group_size is None):
             raise ValueError("a two-tier network needs both an inter-group link and a group size")
-        if self.group_size is not None and (self.group_size < 1 or len(self.links) % self.group_size):
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"a two-tier network's groups need at least one node each, got group size "
+                             f"{self.group_size}")
+        if self.group_size is not None and len(self.links) % self.group_size:
             raise ValueError(f"group size {self.group_size} must divide the {len(self.links)} nodes")
 
     @property

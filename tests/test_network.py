@@ -238,6 +238,8 @@ def test_parse_network_topologies_and_errors():
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="nodes"):
         Network.uniform(0, "1Gbps")
+    with pytest.raises(ValueError, match="groups need at least one node each, got group size 0"):
+        parse_network(3, "1Gbps", "1ms", "two-tier:0:1Gbps:1ms")     # it said "group size 0 must divide the 3 nodes"
     with pytest.raises(ValueError, match="members"):
         collective_s(U4, "allreduce", "ring", (1, 2))
     with pytest.raises(ValueError, match="unknown collective"):
