@@ -284,7 +284,7 @@ def compare_command(a: argparse.Namespace) -> int:
     options = RunOptions(processes=a.processes, tensorboard=a.tensorboard, pin_cpus=a.pin_cpus)
     results = compare(configs, out, a.resume, a.recalibrate, options, say=lambda line: print(line, flush=True))
     net = configs[0].network
-    title = f"{a.title or workload.name}, {a.nodes} nodes, {net.describe()}"
+    title = f"{a.title or workload.name}, {a.nodes} node{'s' if a.nodes != 1 else ''}, {net.describe()}"
     for line in report(results, Path(out) / f"{workload.name.split(':')[0]}.png", title):
         print(line)
     print(f"results, traces and CSV in {out}/")
@@ -422,7 +422,8 @@ def show_command(a: argparse.Namespace) -> int:
         print("- " + line)
     first, r = Path(a.results[0]), results[0]
     plot = Path(a.plot) if a.plot else (first if first.is_dir() else first.parent) / f"{r.workload.split(':')[0]}.png"
-    print(f"plot: {plot_runs(results, plot, f'{r.workload}, {r.nodes} nodes, {r.network}')}")
+    nodes = f"{r.nodes} node{'s' if r.nodes != 1 else ''}"
+    print(f"plot: {plot_runs(results, plot, f'{r.workload}, {nodes}, {r.network}')}")
     return 0
 
 
