@@ -284,11 +284,16 @@ def compare_command(a: argparse.Namespace) -> int:
     options = RunOptions(processes=a.processes, tensorboard=a.tensorboard, pin_cpus=a.pin_cpus)
     results = compare(configs, out, a.resume, a.recalibrate, options, say=lambda line: print(line, flush=True))
     net = configs[0].network
-    title = f"{a.title or workload.name}, {a.nodes} node{'s' if a.nodes != 1 else ''}, {net.describe()}"
+    title = f"{a.title or workload.name}, {nodes_text(a.nodes)}, {net.describe()}"
     for line in report(results, Path(out) / f"{workload.name.split(':')[0]}.png", title):
         print(line)
     print(f"results, traces and CSV in {out}/")
     return diverged_exit(results)
+
+
+def nodes_text(n: int) -> str:
+    """``"1 node"``, ``"4 nodes"``: for plot titles."""
+    return f"{n} node{'s' if n != 1 else ''}"
 
 
 def diverged_exit(results) -> int:
@@ -371,8 +376,9 @@ def run_sweep(paths: list, bandwidths: str, latencies: str, target: str | None =
     if table_latency is None:
         j = nearest(s.latencies_s, 0.020)
     else:
-        j = nearest(s.latencies_s, parse_latency(table_latency))
-        if not math.isclose(s.latencies_s[j], parse_latency(table_latency), rel_tol=1e-6):
+        wanted = parse_latency(table_latency)
+        j = nearest(s.latencies_s, wanted)
+        if not math.isclose(s.latencies_s[j], wanted, rel_tol=1e-6):
             grid = ", ".join(f"{1e3 * v:g}ms" for v in s.latencies_s)
             raise ValueError(f"--table-latency {table_latency} is not on the latency grid ({grid}); give one of them")
     if out_dir is not None:
@@ -422,8 +428,7 @@ def show_command(a: argparse.Namespace) -> int:
         print("- " + line)
     first, r = Path(a.results[0]), results[0]
     plot = Path(a.plot) if a.plot else (first if first.is_dir() else first.parent) / f"{r.workload.split(':')[0]}.png"
-    nodes = f"{r.nodes} node{'s' if r.nodes != 1 else ''}"
-    print(f"plot: {plot_runs(results, plot, f'{r.workload}, {nodes}, {r.network}')}")
+    print(f"plot: {plot_runs(results, plot, f'{r.workload}, {nodes_text(r.nodes)}, {r.network}')}")
     return 0
 
 

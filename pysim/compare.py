@@ -10,6 +10,7 @@ is the command; :func:`compare` the same from Python.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -46,15 +47,16 @@ def comparison_configs(base: TrainConfig, strategies: Sequence[str], seeds: int,
         raise ValueError(f"--seeds must be an integer >= 1, got {seeds!r}")
     if not strategies:
         raise ValueError("--strategies is empty; name at least one strategy")
-    twice = sorted({s.strip() for s in strategies if [t.strip() for t in strategies].count(s.strip()) > 1})
+    twice = sorted(s for s, n in Counter(s.strip() for s in strategies).items() if n > 1)
     if twice:
         raise ValueError(f"--strategies names {twice[0]!r} twice; name each strategy once (--seeds repeats it)")
     labels = {spec: replace(base, strategy=spec, strategy_args={}).name for spec in strategies}
+    uses = Counter(labels.values())
     configs = []
     for spec in strategies:
         # strategies whose labels coincide (SPARTA's seed, say, is not in its label) are named by their
         # specs: the report takes runs of one name for seeds of one strategy
-        shared = list(labels.values()).count(labels[spec]) > 1
+        shared = uses[labels[spec]] > 1
         for seed in range(base.seed, base.seed + seeds):
             cfg = replace(base, strategy=spec, strategy_args={}, seed=seed, seed_in_name=True,
                           label=spec.strip() if shared else base.label)

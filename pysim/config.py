@@ -25,6 +25,12 @@ if TYPE_CHECKING:
     import torch
 
 
+def run_identity(config: dict) -> dict:
+    """A run's JSON configuration (:meth:`TrainConfig.to_json`) without ``checkpoint_every``: how
+    often checkpoints are written changes no result."""
+    return {k: v for k, v in config.items() if k != "checkpoint_every"}
+
+
 def meta_model(workload: Workload):
     """``workload``'s model on torch's meta device (shapes and types, no memory, no data)."""
     import torch
@@ -33,21 +39,25 @@ def meta_model(workload: Workload):
         return workload.model()
 
 
-_LABELS: dict[tuple, torch.Tensor] = {}   # a workload's training labels, read once per process
+_LABELS: dict[tuple, tuple[int, torch.Tensor | None]] = {}   # per workload, read once per process
 
 
-def _train_labels(workload: Workload) -> torch.Tensor:
-    """The class labels of ``workload``'s training set, for Dirichlet sharding (a one-line
-    ValueError where it has none)."""
+def _training_labels(workload: Workload) -> tuple[int, torch.Tensor | None]:
+    """The size of ``workload``'s training set and its class labels (None: it has none)."""
     from pysim.workload import Batches
 
     key = (workload.name, workload.spec, repr(workload.args))
     if key not in _LABELS:
-        labels = Batches(workload.data()[0]).labels()
-        if labels is None:
-            raise ValueError("dirichlet sharding needs labels; this dataset has none (use iid or contiguous)")
-        _LABELS[key] = labels
+        train = Batches(workload.data()[0])
+        _LABELS[key] = len(train), train.labels()
     return _LABELS[key]
+
+
+def training_shards(cfg: TrainConfig, nodes: int, examples: int, labels: torch.Tensor | None) -> list[torch.Tensor]:
+    """Every node's shard of the run's training examples (the first ``cfg.train_examples`` of the
+    set's ``examples``; ``labels``: the set's, for Dirichlet sharding), each at least a batch."""
+    n = min(examples, cfg.train_examples or examples)
+    return node_shards(n, nodes, cfg.sharding, cfg.seed, cfg.batch_size, None if labels is None else labels[:n])
 
 
 def check_strategy_fits(strategy, nodes: int, workload: Workload, model) -> None:
@@ -177,9 +187,7 @@ class TrainConfig:
         check_strategy_fits(strategy, self.nodes, self.workload, model)
         size = self.workload.train_size
         if self.sharding.kind == "dirichlet":   # the draw itself says whether every node gets a batch
-            labels = _train_labels(self.workload)
-            n = min(len(labels), self.train_examples or len(labels))
-            node_shards(n, self.nodes, self.sharding, self.seed, self.batch_size, labels[:n])
+            training_shards(self, self.nodes, *_training_labels(self.workload))
         elif size is not None:
             size = min(size, self.train_examples or size)
             if self.batch_size > size // self.nodes:
@@ -209,9 +217,8 @@ class TrainConfig:
         return self.target or self.workload.target
 
     def identity(self) -> dict:
-        """What a resumed run must share with the one it continues: the JSON form without
-        ``checkpoint_every`` (how often checkpoints are written changes no result)."""
-        return {k: v for k, v in self.to_json().items() if k != "checkpoint_every"}
+        """What a resumed run must share with the one it continues (:func:`run_identity`)."""
+        return run_identity(self.to_json())
 
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -40,11 +40,11 @@ from tqdm import tqdm
 from pysim.checkpoint import CheckpointPlan, load_node_state, prune, save_node_state
 from pysim.comm import Comm
 from pysim.compute import ComputeMeter, Work, count_work, step_key
-from pysim.config import TrainConfig
+from pysim.config import TrainConfig, training_shards
 from pysim.evaluation import CrossingFinder, Evaluator, Subset, eval_subset
 from pysim.global_rng import seed_torch
 from pysim.host import Host
-from pysim.sharding import ShardSampler, node_shards
+from pysim.sharding import ShardSampler
 from pysim.strategies import make_strategy
 from pysim.trace import Event, event_to_json
 from pysim.workload import Batches, Workload
@@ -273,11 +273,8 @@ def _process_data(cfg: TrainConfig, world: int) -> tuple[Batches, Batches, list[
     def make() -> tuple[Batches, Batches, list[torch.Tensor]]:
         train_set, eval_set = cfg.workload.data()
         train = Batches(train_set)
-        n_train = min(len(train), cfg.train_examples or len(train))
         labels = train.labels() if cfg.sharding.kind == "dirichlet" else None
-        shards = node_shards(n_train, world, cfg.sharding, cfg.seed, cfg.batch_size,
-                             None if labels is None else labels[:n_train])
-        return train, Batches(eval_set), shards
+        return train, Batches(eval_set), training_shards(cfg, world, len(train), labels)
 
     host = current_host()
     return make() if host is None else host.shared(("data", id(cfg)), make)

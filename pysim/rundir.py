@@ -65,10 +65,11 @@ MAX_NAME = 200   # characters of a run's folder name (file systems take 255 byte
 
 def unique_run_dirs(paths) -> list[Path]:
     """The run directories at every path of ``paths`` (see :func:`run_dirs`), each once."""
-    dirs: list[Path] = []
+    dirs: dict[Path, Path] = {}   # resolved -> as found
     for p in paths:
-        dirs += [d for d in run_dirs(p) if d.resolve() not in {x.resolve() for x in dirs}]
-    return dirs
+        for d in run_dirs(p):
+            dirs.setdefault(d.resolve(), d)
+    return list(dirs.values())
 
 
 def run_dir_name(name: str) -> str:

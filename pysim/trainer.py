@@ -16,7 +16,7 @@ from pathlib import Path
 from pysim import checkpoint, tensorboard_log
 from pysim.clock import replay
 from pysim.compute import calibrate_workload
-from pysim.config import TrainConfig
+from pysim.config import TrainConfig, run_identity
 from pysim.launch import run_nodes
 from pysim.node import StepRecord, train_node
 from pysim.placement import default_processes
@@ -43,9 +43,9 @@ class RunOptions:
         t = self.timeout_s
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < float("inf"):
             raise ValueError(f"timeout_s must be a positive number of seconds, got {t!r}")
-        if self.tensorboard is not None and not isinstance(self.tensorboard, str | os.PathLike):
-            raise ValueError(f"tensorboard must be a folder (a str or Path) or None, got {self.tensorboard!r}")
         if self.tensorboard is not None:
+            if not isinstance(self.tensorboard, str | os.PathLike):
+                raise ValueError(f"tensorboard must be a folder (a str or Path) or None, got {self.tensorboard!r}")
             tensorboard_log.check_available()
             check_out_dir(self.tensorboard, "--tensorboard")
 
@@ -59,12 +59,7 @@ def finished_run(cfg: TrainConfig, out_dir: str | Path) -> Result | None:
         result = load_result(run_path(out_dir, cfg.run_name))
     except ValueError:
         return None
-    return result if _identity(result.config) == cfg.identity() else None
-
-
-def _identity(config: dict) -> dict:
-    """A saved run's configuration without ``checkpoint_every`` (:meth:`TrainConfig.identity`)."""
-    return {k: v for k, v in config.items() if k != "checkpoint_every"}
+    return result if run_identity(result.config) == cfg.identity() else None
 
 
 def check_resume(cfg: TrainConfig, out_dir: str | Path) -> None:
@@ -74,7 +69,7 @@ def check_resume(cfg: TrainConfig, out_dir: str | Path) -> None:
         saved = load_result(run_path(out_dir, cfg.run_name))
     except ValueError:
         return   # nothing finished there (or unreadable: nothing to lose)
-    new, old = cfg.identity(), _identity(saved.config)
+    new, old = cfg.identity(), run_identity(saved.config)
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise ValueError(f"{run_path(out_dir, cfg.run_name)} holds a finished run of another configuration "
