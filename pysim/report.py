@@ -105,6 +105,19 @@ def final_metric(runs: list[Result], metric: str, fmt) -> str:
     return mean_ci(values, fmt) + (f" ({len(steps)}/{len(runs)} diverged {where})" if steps else "")
 
 
+def bytes_ratio(sent: float, base_bytes: float) -> str:
+    """``sent`` bytes against the baseline's ``base_bytes`` (both > 0): "32x fewer", "1.5x more";
+    within 0.5% of it, the difference in percent ("0.2% more"), "same" where equal."""
+    if sent == base_bytes:
+        return "same"
+    fewer = sent < base_bytes
+    ratio = base_bytes / sent if fewer else sent / base_bytes
+    way = "fewer" if fewer else "more"
+    if f"{ratio:.3g}" == "1":
+        return f"{100 * (ratio - 1):.2g}% {way}"
+    return f"{ratio:.3g}x {way}"
+
+
 def results_table(results: list[Result]) -> str:
     """One row per configuration: final metric, simulated time, time to target, bytes, real runtime;
     mean ± 95% interval over its seeds. The target and metric are the runs' own."""
@@ -133,7 +146,7 @@ def results_table(results: list[Result]) -> str:
         elif runs is base:
             ratio = "baseline"
         else:
-            ratio = f"{base_bytes / sent:.3g}x fewer" if sent < base_bytes else f"{sent / base_bytes:.3g}x more"
+            ratio = bytes_ratio(sent, base_bytes)
         idle = [f.idle_s / f.sim_time_s for f in finals if f.sim_time_s]
         rows.append([label, final_metric(runs, metric, fmt),
                      mean_ci([f.sim_time_s for f in finals], human_seconds), ttt, human_bytes(sent), ratio,

@@ -113,6 +113,16 @@ def test_the_table_spread_is_a_95_percent_interval_of_the_mean():
     assert mean_ci([1.0, 2.0, 3.0], lambda v: f"{v:.2f}") == "2.00 ± 2.48"
 
 
+def test_bytes_against_the_baseline_never_read_1x():
+    from pysim.report import bytes_ratio
+
+    assert bytes_ratio(1e6, 32e6) == "32x fewer"
+    assert bytes_ratio(1.5e6, 1e6) == "1.5x more"
+    assert bytes_ratio(1e6, 1e6) == "same"
+    assert bytes_ratio(1.002e6, 1e6) == "0.2% more"     # .3g of 1.002 is "1": the table said "1x more"
+    assert bytes_ratio(1e6, 1.004e6) == "0.4% fewer"
+    assert bytes_ratio(1.006e6, 1e6) == "1.01x more"
+
 def test_verdicts_only_where_every_seed_agrees():
     from dataclasses import replace
 
@@ -195,7 +205,7 @@ def test_strategies_whose_labels_coincide_are_named_by_their_specs():
     specs = ["FedAvg(H=2, clients_per_round=1)", "FedAvg(H=2, clients_per_round=1.0)", "SPARTA(p=1)",
              "SPARTA(p=1.0)", "SPARTA(p=0.01, seed=1)", "SPARTA(p=0.01, seed=2)", "SimpleReduce"]
     names = [c.name for c in comparison_configs(base, specs, 1)]
-    assert names == ["FedAvg H=2 1 clients/round", "FedAvg H=2 100% of clients/round", "SPARTA(p=1)",
+    assert names == ["FedAvg H=2 1 client/round", "FedAvg H=2 100% of clients/round", "SPARTA(p=1)",
                      "SPARTA(p=1.0)", "SPARTA p=0.01 seed=1", "SPARTA p=0.01 seed=2", "SimpleReduce"]
 
 

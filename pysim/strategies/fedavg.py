@@ -77,7 +77,8 @@ class AverageModels(CommStep):
         parts = [f"H={H}"]
         if clients_per_round is not None:
             c = clients_per_round   # a count, or a fraction of the nodes (1 client is not 1.0 of them)
-            parts.append(f"{100 * c:g}% of clients/round" if isinstance(c, float) else f"{c} clients/round")
+            per_round = f"{c} client/round" if c == 1 else f"{c} clients/round"
+            parts.append(f"{100 * c:g}% of clients/round" if isinstance(c, float) else per_round)
         if island_size is not None:
             parts.append(f"islands of {island_size}")
         if not weighted:
