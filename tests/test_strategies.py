@@ -485,7 +485,7 @@ def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_
     the update is w -= lr * average with DGC's lr."""
     from pysim.compress import TopKCodec
 
-    lr, mom, clip, factor = 0.1, 0.9, 0.5, 0.5     # factor: the run's schedule, which scales DGC's lr too
+    lr, mom, clip, factor = 0.1, 0.9, 0.2, 0.5     # factor: the run's schedule, which scales DGC's lr too
     res = both("DGC", {"k": 0.05, "momentum": mom, "clip_norm": clip, "warmup_steps": 4, "lr": lr}, 3, opt="adamw",
                lr=0.003, lr_factor=factor)
     counts = [[8, 1, 4, 1], [2, 1, 1, 1], [2, 1, 1, 1]]  # densities 0.25, 0.0625, 0.05 of 30, 5, 15, 3 entries
@@ -499,7 +499,7 @@ def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_
             local_grad(model, rank, step)
             grads = [p.grad.clone() for p in model.parameters()]
             norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
-            limit = clip / 2 ** 0.5
+            limit = clip * 2 ** 0.5   # G^k = g / N clipped at clip / sqrt(N) (section 3.2): g at clip * sqrt(N)
             if norm > limit:
                 grads = [g * limit / norm for g in grads]
                 clipped = True

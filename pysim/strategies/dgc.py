@@ -2,8 +2,12 @@
 
 Per step, on every node, with N nodes:
 
-1. ``clip``: local gradient clipping: g *= min(1, (clip_norm / sqrt(N)) / ||g||) (the
-   paper scales the global threshold by N^-1/2); weight decay, if any, is added to g;
+1. ``clip``: local gradient clipping: g *= min(1, clip_norm * sqrt(N) / ||g||). The paper
+   clips each node's share of the global gradient, its G^k = (1/(N b)) sum of the batch's
+   gradients, at the global threshold times N^-1/2 (section 3.2: the share of N nodes with
+   identical gradient distributions); g, the node's mean gradient, is N G^k, so its
+   threshold is clip_norm * N^-1/2 * N. ``clip_norm`` is the threshold on the global (mean)
+   gradient, as in one-node training. Weight decay, if any, is added to g;
 2. momentum correction: u = momentum*u + g; v = v + u;
 3. per tensor, select the ``density(step)`` fraction of entries of v with the largest |v|
    (at least one per tensor); all-gather every node's selection as one top-k packet and
@@ -76,7 +80,7 @@ class MomentumCorrectedTopK(CommStep):
             grads = s.grads()
             if self.clip_norm is not None:
                 norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
-                scale = min(1.0, self.clip_norm / math.sqrt(s.comm.world) / (float(norm) + 1e-12))
+                scale = min(1.0, self.clip_norm * math.sqrt(s.comm.world) / (float(norm) + 1e-12))
                 grads = [g * scale for g in grads]
             if self.weight_decay:
                 grads = [g + self.weight_decay * p.detach() for g, p in zip(grads, s.params, strict=True)]
