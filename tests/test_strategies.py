@@ -183,14 +183,13 @@ def test_topk_matches_a_hand_written_error_feedback_over_steps():
         torch.testing.assert_close(flat(r["params"]), flat(params), atol=1e-6, rtol=0)
 
 
-def test_powersgd_matches_a_hand_written_power_iteration_with_error_feedback_and_warm_start():
-    # Reference (Vogels et al. 2019), written out in plain torch: for each matrix, node i's
-    # M_i = gradient + residual_i; P = mean_i(M_i Q), P <- P / |P| (rank 1), Q' = mean_i(M_i^T P),
-    # update = P Q'^T, residual_i = M_i - update, and Q' is the next step's Q (warm start); vectors
-    # (biases) are averaged exactly. Q starts from randn(cols, 1) drawn in parameter order from a
-    # generator seeded with PowerSGD's seed (0).
-    steps = 3
-    res = both("PowerSGD", {"rank": 1}, steps)
+def powersgd_reference(steps: int, update_rule) -> list[torch.Tensor]:
+    """Vogels et al. 2019's rank-1 PowerSGD on the tiny model, written out in plain torch: for each
+    matrix, node i's M_i = gradient + residual_i; P = mean_i(M_i Q), P <- P / |P|, Q' =
+    mean_i(M_i^T P), D = P Q'^T, residual_i = M_i - D, and Q' is the next step's Q (warm start);
+    vectors (biases) are averaged exactly (D their mean). Q starts from randn(cols, 1) drawn in
+    parameter order from a generator seeded with PowerSGD's seed (0). ``update_rule(k, p, D)``
+    gives parameter k's next value."""
     params = [p.detach().clone() for p in tiny_model().parameters()]
     gen = torch.Generator().manual_seed(0)
     q = {k: torch.randn(p.shape[1], 1, generator=gen) for k, p in enumerate(params) if p.dim() == 2}
@@ -210,12 +209,38 @@ def test_powersgd_matches_a_hand_written_power_iteration_with_error_feedback_and
                     residual[(rank, k)] = m[rank] - update
             else:
                 update = (grads[0][k] + grads[1][k]) / 2
-            new.append(p - 0.1 * update)
+            new.append(update_rule(k, p, update))
         params = new
+    return params
+
+
+def test_powersgd_matches_a_hand_written_power_iteration_with_error_feedback_and_warm_start():
+    res = both("PowerSGD", {"rank": 1, "optimizer": "inner"}, 3)   # the nodes' SGD, lr 0.1, on D
+    params = powersgd_reference(3, lambda k, p, d: p - 0.1 * d)
     for got, want in zip(res[0]["params"], params, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(res[0]["params"], res[1]["params"], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_powersgd_steps_with_algorithm_2s_nesterov_momentum_not_the_nodes_optimizer(weight_decay):
+    # The paper's code after the reduce: d = D + wd w; m = 0.9 m + d; w -= lr_t (d + m), lr_t
+    # PowerSGD's lr times the run's schedule (held at 0.5 here); the nodes' AdamW is not used.
+    lr, beta, factor = 0.2, 0.9, 0.5
+    res = both("PowerSGD", {"rank": 1, "lr": lr, "momentum": beta, "weight_decay": weight_decay}, 3,
+               opt="adamw", lr=0.003, lr_factor=factor)
+    momenta: dict[int, torch.Tensor] = {}
+
+    def nesterov(k, p, update):
+        d = update + weight_decay * p
+        momenta[k] = beta * momenta.get(k, torch.zeros_like(p)) + d
+        return p - factor * lr * (d + momenta[k])
+
+    params = powersgd_reference(3, nesterov)
+    for r in res:
+        for got, want in zip(r["params"], params, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("spec", ["DeMo(chunk=5, topk=4)", "DGC(k=0.05)", "SimpleReduce"])

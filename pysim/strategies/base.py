@@ -221,6 +221,12 @@ class Strategy:
         """The inner optimizer's current learning rate (its first parameter group's)."""
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def schedule_factor(self) -> float:
+        """The run's warm-up/cosine schedule now, as a factor of the inner optimizer's base rate:
+        what a strategy that steps the parameters with a learning rate of its own scales it by."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("initial_lr", group["lr"])
+
     def grads(self) -> list[torch.Tensor]:
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
 

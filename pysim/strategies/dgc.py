@@ -128,8 +128,7 @@ class DGC(Strategy):
         if self.optimizer_kind == "inner" or not self._training:
             super().local_step()
             return
-        group = self.optimizer.param_groups[0]
-        factor = group["lr"] / group.get("initial_lr", group["lr"])   # the run's warm-up/cosine schedule
+        factor = self.schedule_factor()
         with self.compute(reuse="dgc_sgd"), torch.no_grad():
             for p in self.params:
                 p.sub_(p.grad, alpha=self.dgc_lr * factor)
