@@ -5,9 +5,11 @@ feedback. The inner step: the weight matrices of the hidden linear layers (every
 ``nn.Linear`` but the last, the output layer) step with Muon (``torch.optim.Muon``:
 Nesterov momentum 0.95, orthogonalised by 5 Newton-Schulz iterations, its learning
 rate scaled to match AdamW's update RMS, ``adjust_lr_fn="match_rms_adamw"``, so it
-takes the inner optimizer's learning rate and schedule); everything else
-(embeddings, convolutions, the output layer, biases and gains) keeps the workload's
-optimizer (AdamW), as Muon's authors prescribe. The outer step is DiLoCo's
+takes the inner optimizer's learning rate and schedule); embeddings, the output layer,
+biases and gains keep the workload's optimizer (AdamW), as Muon's authors prescribe, and
+so do convolution filters here (``torch.optim.Muon`` takes 2-D matrices only; Muon's
+authors flatten a filter into one): on the MNIST CNN only the first linear layer steps
+with Muon. The outer step is DiLoCo's
 (:class:`pysim.strategies.diloco.OuterStep`) on a pseudo-gradient sent with
 ``codec`` (default ``int4``: 4-bit block quantisation, with local error feedback).
 """
