@@ -390,7 +390,7 @@ def train_tiny_cohorts(rank: int, world: int, spec: str, steps: int, examples: l
     strategy = make_strategy(spec)
     strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1), comm, seed=seed, examples=examples,
                    steps=steps)
-    trained = []
+    trained, deployers = [], []
     for step in range(steps):
         if strategy.trains(step):
             x, y = batch(rank, step)
@@ -399,8 +399,10 @@ def train_tiny_cohorts(rank: int, world: int, spec: str, steps: int, examples: l
             trained.append(step)
         strategy.step(step, last=step == steps - 1)
         comm.end_step()
+        deployers.append(strategy.deployer(step))
     return {"deployed": [p.detach().clone() for p in strategy.eval_model().parameters()],
-            "deployer": strategy.deployer(steps - 1), "trained": trained, "sent": comm.bytes_sent,
+            "deployer": strategy.deployer(steps - 1), "deployers": deployers, "trained": trained,
+            "sent": comm.bytes_sent,
             "events": [e for _, _, e in comm.segments], "compute": [c for c, _, _ in comm.segments]}
 
 

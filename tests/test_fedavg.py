@@ -49,7 +49,7 @@ def test_the_average_is_weighted_by_each_clients_examples():
 
 @pytest.mark.parametrize("processes", [4, 1])
 def test_a_cohort_per_round_trains_downloads_the_global_model_and_averages(processes):
-    n, H, rounds, seed, examples = 4, 2, 3, 11, [50, 150, 100, 200]
+    n, H, rounds, seed, examples = 4, 2, 3, 10, [50, 150, 100, 200]   # cohorts (2, 3), (1, 3), (2, 3)
     res = run_nodes(node_programs.train_tiny_cohorts, n, ("FedAvg(H=2, clients_per_round=2)", H * rounds, examples,
                                                           seed), processes=processes)
     glob = [p.detach().clone() for p in tiny_model().parameters()]
@@ -64,6 +64,10 @@ def test_a_cohort_per_round_trains_downloads_the_global_model_and_averages(proce
     assert len({cohort(n, 2, seed, r) for r in range(rounds)}) > 1   # the cohorts really change
     deployer = res[0]["deployer"]
     assert deployer == min(cohort(n, 2, seed, rounds - 1)) and {r["deployer"] for r in res} == {deployer}
+    # mid-round, the last finished round's cohort holds the global model (node 0 before the first)
+    finished = [(s + 1) // H - 1 for s in range(H * rounds)]
+    assert res[0]["deployers"] == [0 if r < 0 else min(cohort(n, 2, seed, r)) for r in finished]
+    assert len({min(cohort(n, 2, seed, r)) for r in range(rounds)}) > 1   # a wrong round would show
     for got, want in zip(res[deployer]["deployed"], glob, strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     # the downloads and averages are on the trace: a broadcast to newcomers, an all-reduce of the cohort

@@ -157,13 +157,19 @@ class HandAdamW:
             p.sub_(self.lr * mhat / (vhat.sqrt() + self.eps))
 
 
-@pytest.mark.parametrize("v_first", [True, False])
-def test_desloc_averages_parameters_and_each_moment_on_its_own_period(v_first):
-    Kx, Ku, Kv, steps = 2, 3, 6, 7
-    res = run("DESLOC", {"Kx": Kx, "Ku": Ku, "Kv": Kv, "v_first": v_first}, steps, opt="adamw", lr=0.05)
+@pytest.mark.parametrize(("Ku", "v_first", "clip"), [
+    (3, True, None), (3, False, None),
+    (2, True, None),    # v joins m's first average only (t=2), then keeps its own period (t=6, not t=4)
+    (3, True, 0.5),     # the tiny model's gradient norms are 0.33-0.63: some steps are clipped, some not
+])
+def test_desloc_averages_parameters_and_each_moment_on_its_own_period(Ku, v_first, clip):
+    Kx, Kv, steps = 2, 6, 7
+    res = run("DESLOC", {"Kx": Kx, "Ku": Ku, "Kv": Kv, "v_first": v_first, "clip": clip}, steps, opt="adamw",
+              lr=0.05)
     models = [tiny_model() for _ in range(2)]
     opts = [HandAdamW([p.data for p in m.parameters()]) for m in models]
     v_done = False
+    clipped = []
 
     def average(lists):
         for a, b in zip(*lists, strict=True):
@@ -176,7 +182,12 @@ def test_desloc_averages_parameters_and_each_moment_on_its_own_period(v_first):
         grads = []
         for rank, m in enumerate(models):
             local_grad(m, rank, step)
-            grads.append([p.grad.clone() for p in m.parameters()])
+            g = [p.grad.clone() for p in m.parameters()]
+            if clip is not None:   # torch's clip_grad_norm_: scale by clip / (norm + 1e-6) where that is < 1
+                norm = float(torch.sqrt(sum((x ** 2).sum() for x in g)))
+                clipped.append(norm > clip)
+                g = [x * min(1.0, clip / (norm + 1e-6)) for x in g]
+            grads.append(g)
         if t % Kx == 0:
             average([[p.data for p in m.parameters()] for m in models])
         if t > 1 and t % Ku == 0:
@@ -187,6 +198,7 @@ def test_desloc_averages_parameters_and_each_moment_on_its_own_period(v_first):
         for o, g in zip(opts, grads, strict=True):
             o.step(g)
     average([[p.data for p in m.parameters()] for m in models])   # after the last step
+    assert clip is None or (any(clipped) and not all(clipped))
     for r in res:
         torch.testing.assert_close(flat(r["params"]), flat(models[0].parameters()), atol=1e-6, rtol=0)
 
@@ -249,6 +261,28 @@ def test_muloco_steps_hidden_matrices_with_muon_the_rest_with_adamw_then_diloco(
         moved = (want[0] - start[0]).abs().max().item()
         torch.testing.assert_close(got[0], want[0].detach(), atol=0.03 * moved, rtol=0)
         torch.testing.assert_close(flat(got[1:]), flat(want[1:]), atol=3e-5, rtol=0)
+
+
+def test_muloco_muon_takes_the_scheduled_rate_at_every_step():
+    # Muon's rate is the inner optimizer's scheduled rate x lr_scale at each step, not the rate the
+    # schedule had when Muon was made (the run's warm-up/cosine moves it every step)
+    from pysim.comm import Comm
+    from pysim.compute import ComputeMeter
+    from pysim.network import Network
+    from pysim.strategies import make_strategy
+
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / 4)
+    strategy = make_strategy("MuLoCo(H=10, codec=None, lr_scale=0.5)")
+    strategy.setup(model, optimizer, Comm(0, 1, Network.uniform(1, "1Gbps"), ComputeMeter()), scheduler)
+    used = []
+    muon_step = strategy.muon.step
+    strategy.muon.step = lambda: (used.append(strategy.muon.param_groups[0]["lr"]), muon_step())[1]
+    for step in range(4):
+        local_grad(model, 0, step)
+        strategy.step(step)
+    assert used == pytest.approx([0.01 * (s + 1) / 4 * 0.5 for s in range(4)], rel=1e-12)
 
 
 # ---------------------------------------------------------------- eager updates

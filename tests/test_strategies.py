@@ -33,16 +33,16 @@ def local_sgd(start: nn.Module, rank: int, steps: range, lr: float = 0.1) -> nn.
 
 
 def run_strategy(rank: int, world: int, name: str, kwargs: dict, steps: int, opt: str, lr: float,
-                 lr_factor: float | None = None) -> dict:
+                 lr_factor: float | None = None, seed: int = 0) -> dict:
     """``steps`` steps of ``name`` on the tiny model; ``lr_factor``: a schedule that holds the
-    learning rate at that factor of ``lr``. Returns the deployed and local parameters, the bytes
-    sent and the first comm step's ``momentum`` (DeMo's), if it has one."""
+    learning rate at that factor of ``lr``; ``seed``: the run's. Returns the deployed and local
+    parameters, the bytes sent and the first comm step's ``momentum`` (DeMo's), if it has one."""
     model = tiny_model()
     optimizer = (torch.optim.SGD if opt == "sgd" else torch.optim.AdamW)(model.parameters(), lr=lr)
     scheduler = None if lr_factor is None else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor)
     comm = Comm(rank, world, NET, ComputeMeter())
     strategy = make_strategy(name, **kwargs)
-    strategy.setup(model, optimizer, comm, scheduler)
+    strategy.setup(model, optimizer, comm, scheduler, seed=seed)
     for step in range(steps):
         local_grad(model, rank, step)
         strategy.step(step, last=step == steps - 1)
@@ -54,8 +54,8 @@ def run_strategy(rank: int, world: int, name: str, kwargs: dict, steps: int, opt
             "momentum": None if momentum is None else [m.clone() for m in momentum]}
 
 
-def both(name, kwargs, steps, opt="sgd", lr=0.1, lr_factor=None):
-    return run_nodes(run_strategy, 2, (name, kwargs, steps, opt, lr, lr_factor))
+def both(name, kwargs, steps, opt="sgd", lr=0.1, lr_factor=None, seed=0):
+    return run_nodes(run_strategy, 2, (name, kwargs, steps, opt, lr, lr_factor, seed))
 
 
 def test_simple_reduce_equals_sgd_on_the_averaged_gradient():
@@ -183,15 +183,15 @@ def test_topk_matches_a_hand_written_error_feedback_over_steps():
         torch.testing.assert_close(flat(r["params"]), flat(params), atol=1e-6, rtol=0)
 
 
-def powersgd_reference(steps: int, update_rule) -> list[torch.Tensor]:
+def powersgd_reference(steps: int, update_rule, seed: int = 0) -> list[torch.Tensor]:
     """Vogels et al. 2019's rank-1 PowerSGD on the tiny model, written out in plain torch: for each
     matrix, node i's M_i = gradient + residual_i; P = mean_i(M_i Q), P <- P / |P|, Q' =
     mean_i(M_i^T P), D = P Q'^T, residual_i = M_i - D, and Q' is the next step's Q (warm start);
     vectors (biases) are averaged exactly (D their mean). Q starts from randn(cols, 1) drawn in
-    parameter order from a generator seeded with PowerSGD's seed (0). ``update_rule(k, p, D)``
-    gives parameter k's next value."""
+    parameter order from a generator seeded with ``seed`` (PowerSGD's, by default the run's).
+    ``update_rule(k, p, D)`` gives parameter k's next value."""
     params = [p.detach().clone() for p in tiny_model().parameters()]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     q = {k: torch.randn(p.shape[1], 1, generator=gen) for k, p in enumerate(params) if p.dim() == 2}
     residual = {(rank, k): torch.zeros_like(params[k]) for rank in (0, 1) for k in q}
     for step in range(steps):
@@ -214,9 +214,10 @@ def powersgd_reference(steps: int, update_rule) -> list[torch.Tensor]:
     return params
 
 
-def test_powersgd_matches_a_hand_written_power_iteration_with_error_feedback_and_warm_start():
-    res = both("PowerSGD", {"rank": 1, "optimizer": "inner"}, 3)   # the nodes' SGD, lr 0.1, on D
-    params = powersgd_reference(3, lambda k, p, d: p - 0.1 * d)
+@pytest.mark.parametrize(("run_seed", "args"), [(0, {}), (3, {}), (3, {"seed": 5})])
+def test_powersgd_matches_a_hand_written_power_iteration_with_error_feedback_and_warm_start(run_seed, args):
+    res = both("PowerSGD", {"rank": 1, "optimizer": "inner", **args}, 3, seed=run_seed)   # the nodes' SGD on D
+    params = powersgd_reference(3, lambda k, p, d: p - 0.1 * d, seed=args.get("seed", run_seed))
     for got, want in zip(res[0]["params"], params, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(res[0]["params"], res[1]["params"], strict=True):
@@ -409,11 +410,12 @@ def test_diloco_dense_fp16_all_reduces_with_local_error_feedback():
         assert r["sent"] == 2 * dense_ring_bytes(N_TINY, bytes_per_value=2)
 
 
-def test_diloco_powersgd_codec_shares_q_and_all_reduces_p_then_q():
-    res = both("DiLoCo", {"H": 2, "outer_lr": 1.0, "outer_momentum": 0.0, "codec": "powersgd:1"}, 2)
+@pytest.mark.parametrize("seed", [0, 7])   # the first Q is drawn from the run's seed
+def test_diloco_powersgd_codec_shares_q_and_all_reduces_p_then_q(seed):
+    res = both("DiLoCo", {"H": 2, "outer_lr": 1.0, "outer_momentum": 0.0, "codec": "powersgd:1"}, 2, seed=seed)
     glob = tiny_model()
     finals = [list(local_sgd(glob, rank, range(2)).parameters()) for rank in range(2)]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for i, g in enumerate(glob.parameters()):
             deltas = [(g - f[i]).reshape(g.shape[0], -1) for f in finals]

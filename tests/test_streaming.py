@@ -79,18 +79,19 @@ def reference(steps: int, tau: int, alpha: float) -> tuple[list, list]:
     return glob, [p.detach() for p in nodes[0].parameters()]
 
 
-def test_update_rule_matches_hand_written_reference_over_three_rounds():
+@pytest.mark.parametrize("alpha", [0.5, 0.25])   # 0.25: local and global weights differ (0.5 hides a swap)
+def test_update_rule_matches_hand_written_reference_over_three_rounds(alpha):
     # H=4, M=2: fragment 0 syncs after steps 3, 7 and 10 (the last); fragment 1 (offset 2) after 1, 5, 9, 10
-    spec = "StreamingDiLoCo(H=4, fragments=2, tau=1, alpha=0.5, outer_lr=0.7, outer_momentum=0.9)"
+    spec = f"StreamingDiLoCo(H=4, fragments=2, tau=1, alpha={alpha}, outer_lr=0.7, outer_momentum=0.9)"
     out = run_nodes(tiny.train, 2, (spec, 11, NET, HAND, "sgd", LR))
-    glob, local = reference(11, tau=1, alpha=0.5)
+    glob, local = reference(11, tau=1, alpha=alpha)
     for a, b in zip(out[0]["global"], glob, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     for a, b in zip(out[0]["local"], local, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     for a, b in zip(out[0]["global"], out[1]["global"], strict=True):
         assert torch.equal(a, b)
-    assert out[0]["label"] == "StreamingDiLoCo H=4 M=2 tau=1 alpha=0.5 outer 0.7/0.9"
+    assert out[0]["label"] == f"StreamingDiLoCo H=4 M=2 tau=1 alpha={alpha} outer 0.7/0.9"
 
 
 def chunk_bytes(numel: int, bytes_per_value: int = 4) -> int:
