@@ -10,7 +10,10 @@ a training step calls, in the node threads and only inside ``NodeRun.train_step`
 node spends on each part, not the time it waits for its turn or for the other worker, and not
 the evaluations. Parts nest (the indented rows are inside the row above them); "rest" is what
 the step's own code adds. Per node-step, over both workers: the workers' wall time from their
-first step to their last, the process CPU time in that window, and the node threads' CPU.
+first step to their last, the process CPU time in that window, the node threads' CPU, and the
+wall time a worker waits at a collective's start for the other workers' rows (the
+``Transport.gather_rows`` of ``Comm``'s collectives: where the worker that arrives first
+idles until the other has stepped its nodes).
 
 The script is imported in every worker as ``__mp_main__``; the environment variable
 ``PYSIM_NODE_STEP_CPU`` (a folder) makes that import install the timers and write each
@@ -37,6 +40,7 @@ PARTS = (("train_step", 0), ("batch", 1), ("forward", 1), ("backward", 1), ("str
          ("local step (optimizer)", 2), ("collectives, node's share", 2), ("passing the turn", 3),
          ("ring run (C++ hops, sends)", 3), ("clock and trace", 3), ("gradients flattened", 2),
          ("gradients set", 2))
+WAIT = "waiting for the other workers at collectives (wall)"
 
 
 def _install(folder: str) -> None:
@@ -49,6 +53,7 @@ def _install(folder: str) -> None:
     import pysim.node
     import pysim.sharding
     import pysim.strategies.base as base
+    import pysim.transport
 
     sums: dict[str, list[float]] = {}
     local = threading.local()
@@ -71,6 +76,20 @@ def _install(folder: str) -> None:
                 return f(*args, **kwargs)
             finally:
                 add(label, clock() - t)
+        setattr(owner, name, g)
+
+    def timed_wall(owner, name: str, label: str) -> None:   # wall time, inside a node's step
+        f = getattr(owner, name)
+
+        @functools.wraps(f)
+        def g(*args, **kwargs):
+            if not getattr(local, "in_step", False):
+                return f(*args, **kwargs)
+            t = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                add(label, time.perf_counter() - t)
         setattr(owner, name, g)
 
     call = nn.Module.__call__
@@ -111,6 +130,7 @@ def _install(folder: str) -> None:
                                (base.Strategy, "flat_grads", "gradients flattened"),
                                (base.Strategy, "set_grads", "gradients set")):
         timed(owner, name, label)
+    timed_wall(pysim.transport.Transport, "gather_rows", WAIT)
     run = pysim.host.Host.run
 
     def host_run(self, fn, args=()):
@@ -139,6 +159,7 @@ def measure(strategy: str, nodes: int, steps: int) -> dict[str, float]:
     node_steps = sum(r["sums"]["train_step"][0] for r in records)
     out = {label: 1e3 * sum(r["sums"].get(label, [0, 0.0])[1] for r in records) / node_steps for label, _ in PARTS}
     out["rest"] = out["train_step"] - sum(out[k] for k in ("batch", "forward", "backward", "strategy.step"))
+    out[WAIT] = 1e3 * sum(r["sums"].get(WAIT, [0, 0.0])[1] for r in records) / node_steps
     out["wall"] = 1e3 * sum(r["wall_s"] for r in records) / node_steps
     out["process CPU"] = 1e3 * sum(r["cpu_s"] for r in records) / node_steps
     return out
@@ -160,7 +181,8 @@ def main() -> None:
     print(f"{a.strategy}, {a.nodes} nodes, {a.steps} steps, mnist batch 32; CPU ms per node-step"
           + (f", median (range) of {a.repeats} runs" if a.repeats > 1 else ""))
     print("| part | ms |\n|---|---|")
-    rows = [("wall (workers, first to last step)", 0), ("process CPU in that window", 0)] + list(PARTS) + [("rest", 1)]
+    rows = [("wall (workers, first to last step)", 0), (WAIT, 1), ("process CPU in that window", 0)] + \
+        list(PARTS) + [("rest", 1)]
     keys = {"wall (workers, first to last step)": "wall", "process CPU in that window": "process CPU"}
     for label, depth in rows:
         v = [r[keys.get(label, label)] for r in runs]
