@@ -263,7 +263,7 @@ class TopKCodec(Codec):
             raise ValueError(f"top-k fraction must be in (0, 1], got {k}")
         if isinstance(k, int) and k < 1:
             raise ValueError(f"top-k count must be >= 1, got {k}")
-        if index_code not in INDEX_CODES:
+        if not isinstance(index_code, str) or index_code not in INDEX_CODES:
             raise ValueError(f"unknown index code {index_code!r}; use 'ef' (Elias-Fano) or 'raw'")
         self.k = k
         self.int2 = value_dtype == "int2"

@@ -228,11 +228,15 @@ class TrainConfig:
         d["target"] = None if self.target is None else str(self.target)
         d["profile"] = None if self.profile is None else asdict(self.profile)
         d["compute_speed"] = list(self.compute_speed)
+        revision = type(make_strategy(self.strategy, **self.strategy_args)).revision
+        if revision:   # absent at 0: the identity of runs made before revisions existed is unchanged
+            d["strategy_revision"] = revision
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> TrainConfig:
         d = dict(d)
+        d.pop("strategy_revision", None)   # the strategy's, not a setting (see ``to_json``)
         w = d["workload"]
         if not w.get("spec"):
             raise ValueError(f"workload {w.get('name')!r} is user-defined; only built-in workloads can be "

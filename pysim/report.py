@@ -114,7 +114,8 @@ def bytes_ratio(sent: float, base_bytes: float) -> str:
     ratio = base_bytes / sent if fewer else sent / base_bytes
     way = "fewer" if fewer else "more"
     if f"{ratio:.3g}" == "1":
-        return f"{100 * (ratio - 1):.2g}% {way}"
+        percent = 100 * (ratio - 1)
+        return f"{percent:.2g}% {way}" if percent >= 0.01 else f"under 0.01% {way}"
     return f"{ratio:.3g}x {way}"
 
 

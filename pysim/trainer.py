@@ -72,6 +72,11 @@ def check_resume(cfg: TrainConfig, out_dir: str | Path) -> None:
     new, old = cfg.identity(), run_identity(saved.config)
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff == ["strategy_revision"]:
+            raise ValueError(f"{run_path(out_dir, cfg.run_name)} holds a finished run of {cfg.strategy} made by an "
+                             f"older pysim, whose {cfg.strategy} computed something else (revision "
+                             f"{old.get('strategy_revision', 0)}, now {new.get('strategy_revision', 0)}); use another "
+                             "--out, or delete that run to train it again")
         raise ValueError(f"{run_path(out_dir, cfg.run_name)} holds a finished run of another configuration "
                          f"(differs in {', '.join(diff)}); resume with the same flags, or use another --out")
 

@@ -38,7 +38,7 @@ BAD_INPUTS = [
     (["--jitter", "-1"], "jitter"),
     (["--jitter", "inf"], "jitter"),
     (["--framing", "udp"], "framing"),
-    (["--strategies", "DiLoCo(outer_lr=1e999)"], "finite outer_lr"),
+    (["--strategies", "DiLoCo(outer_lr=1e999)"], "outer_lr must be a number in (0, 3.40282e+38], got inf"),
     (["--bandwidth", "1e-320"], "bad bandwidth"),
     (["--lr", "inf"], "--lr must be"),
     (["--lr", "-1"], "--lr must be"),
@@ -122,6 +122,8 @@ def test_bytes_against_the_baseline_never_read_1x():
     assert bytes_ratio(1.002e6, 1e6) == "0.2% more"     # .3g of 1.002 is "1": the table said "1x more"
     assert bytes_ratio(1e6, 1.004e6) == "0.4% fewer"
     assert bytes_ratio(1.006e6, 1e6) == "1.01x more"
+    assert bytes_ratio(100.0000001, 100) == "under 0.01% more"   # not "1e-07% more"
+
 
 def test_verdicts_only_where_every_seed_agrees():
     from dataclasses import replace
@@ -216,6 +218,28 @@ def test_resume_keeps_a_finished_run_written_with_another_checkpoint_interval(tm
     assert run_cli(["--checkpoint-every", "3", "--resume"], out) == 0   # the same results: kept, not refused
     printed = capsys.readouterr().out
     assert "finished earlier, kept" in printed and "training" not in printed
+
+
+def test_resume_refuses_a_finished_run_of_a_strategy_whose_computation_changed_since(monkeypatch, capsys, tmp_path):
+    # PowerSGD's revision 1 steps with the paper's momentum SGD: a run an older pysim finished under the
+    # same spec and label computed something else, and --resume kept it as if it were this one's
+    from pysim.rundir import load_result
+    from pysim.strategies.gradients import PowerSGD
+
+    out, argv = str(tmp_path / "cmp"), ["--strategies", "PowerSGD(rank=1)", *SMALL[2:]]
+    monkeypatch.setattr(PowerSGD, "revision", 0)   # as before revisions: nothing in the identity
+    assert run_cli(argv, out) == 0
+    saved = load_result(next((tmp_path / "cmp").rglob("manifest.json")).parent)
+    assert "strategy_revision" not in saved.config
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run_cli([*argv, "--resume"], out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "made by an older pysim" in err and "revision 0, now 1" in err, err
+    assert load_result(next((tmp_path / "cmp").rglob("manifest.json")).parent).run_id == saved.run_id   # kept
+    out2 = str(tmp_path / "cmp2")
+    assert run_cli(argv, out2) == 0 and run_cli([*argv, "--resume"], out2) == 0   # the same revision: kept
+    assert "finished earlier, kept" in capsys.readouterr().out
 
 
 def test_ctrl_c_while_the_report_is_made_is_one_line(monkeypatch, capsys, tmp_path):

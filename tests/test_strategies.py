@@ -550,7 +550,7 @@ def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_
 
 def test_dgc_inner_optimizer_variant_steps_the_nodes_optimizer_on_the_average():
     sgd = both("DGC", {"k": 0.05, "warmup_steps": 0, "lr": 0.1}, 3, opt="adamw", lr=0.003)
-    inner = both("DGC", {"k": 0.05, "warmup_steps": 0, "lr": 0.1, "optimizer": "inner"}, 3, opt="adamw", lr=0.003)
+    inner = both("DGC", {"k": 0.05, "warmup_steps": 0, "optimizer": "inner"}, 3, opt="adamw", lr=0.003)
     assert not torch.allclose(flat(sgd[0]["params"]), flat(inner[0]["params"]))
     from pysim.strategies import make_strategy
 

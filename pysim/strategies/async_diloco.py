@@ -35,13 +35,12 @@ order that network would not produce, so sweeps refuse it.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
 from pysim.comm import ParameterServer
 from pysim.compress import DenseCodec, get_codec
-from pysim.strategies.base import CommStep, Strategy, split_like
+from pysim.strategies.base import CommStep, Strategy, check_outer_step, split_like
 
 SERVER_NODE = 0
 
@@ -85,11 +84,11 @@ class AsyncOuterStep(CommStep):
                  codec: str | None) -> None:
         if isinstance(H, bool) or not isinstance(H, int) or H < 1:
             raise ValueError(f"H (local steps per round) must be an integer >= 1, got {H!r}")
-        if not 0 < outer_lr < math.inf or not 0 <= outer_momentum < 1:
-            raise ValueError(f"outer step needs a finite outer_lr > 0 and 0 <= outer_momentum < 1, "
-                             f"got {outer_lr}, {outer_momentum}")
+        check_outer_step(outer_lr, outer_momentum)
         if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int) or delay < 1):
             raise ValueError(f"delay (arrivals per momentum step) must be an integer >= 1, got {delay!r}")
+        if not isinstance(dylu, bool):
+            raise ValueError(f"dylu must be True or False, got {dylu!r:.40}")
         self.H, self.outer_lr, self.outer_momentum, self.delay, self.dylu = H, outer_lr, outer_momentum, delay, dylu
         self.codec = get_codec(codec)
         codec_label = "" if self.codec.name == "dense:fp32" else f" {self.codec.name}"

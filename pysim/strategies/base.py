@@ -24,6 +24,7 @@ shows a new algorithm in ~20 lines.
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from contextlib import AbstractContextManager
 from typing import ClassVar
@@ -35,6 +36,37 @@ from pysim.comm import Comm
 
 #: Every registered strategy class by lower-case name (subclasses of Strategy add themselves).
 STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)   # the largest factor a float32 step can take
+
+
+def real_in(value, what: str, low: float, high: float, low_closed: bool = False, high_closed: bool = False) -> float:
+    """``value`` as a float where it is a number (not a bool) in the interval from ``low`` to
+    ``high`` (closed where said); else a one-line ValueError naming ``what``."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float)
+    try:
+        x = float(value) if ok else math.nan
+    except OverflowError:   # an int beyond any float
+        x = math.inf
+    above = x >= low if low_closed else x > low
+    below = x <= high if high_closed else x < high
+    if not (above and below):
+        interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
+        raise ValueError(f"{what} must be a number in {interval}, got {value!r:.40}")
+    return x
+
+
+def check_outer_step(outer_lr, outer_momentum) -> None:
+    """One-line ValueErrors for an outer SGD step's learning rate (> 0) and momentum (in [0, 1))."""
+    real_in(outer_lr, "outer_lr", 0, FLOAT32_MAX, high_closed=True)
+    real_in(outer_momentum, "outer_momentum", 0, 1, low_closed=True)
+
+
+def check_seed(seed, what: str) -> None:
+    """A one-line ValueError unless ``seed`` is None (the run's seed) or an integer in [0, 2^63)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise ValueError(f"{what} seed must be an integer in [0, 2^63) or None (the run's seed), got {seed!r:.40}")
 
 
 def split_like(flat: torch.Tensor, tensors) -> list[torch.Tensor]:
@@ -86,8 +118,14 @@ class Strategy:
     in ``__init__`` and/or override ``local_step`` or ``step``."""
 
     name: ClassVar[str] = "Local"      # the registry key (case-insensitive); defaults to the class name
+    # bumped when a change makes the same spec compute something else: a finished run made before
+    # is not kept by ``--resume`` (it is part of the run's identity where it is not 0)
+    revision: ClassVar[int] = 0
     asynchronous: ClassVar[bool] = False   # orders its numerics by simulated time (needs a compute profile)
     comm_steps: tuple[CommStep, ...] = ()
+
+    def __init__(self) -> None:
+        """Plain local training takes no arguments (a subclass's ``__init__`` takes its own)."""
 
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls)

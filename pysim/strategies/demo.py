@@ -27,7 +27,7 @@ import math
 import torch
 
 from pysim.compress import TopKCodec, sparse_entries
-from pysim.strategies.base import CommStep, Strategy
+from pysim.strategies.base import FLOAT32_MAX, CommStep, Strategy, real_in
 
 
 def dct_matrix(n: int) -> torch.Tensor:
@@ -87,13 +87,13 @@ class DecoupledMomentum(CommStep):
     """Steps 1-5 of the module docstring; leaves q in every ``p.grad`` for the sign step."""
 
     def __init__(self, beta: float, chunk: int, topk: int, weight_decay: float | None) -> None:
-        if not 0 <= beta < 1:
-            raise ValueError(f"DeMo beta (momentum decay) must be in [0, 1), got {beta!r}")
+        real_in(beta, "DeMo beta (momentum decay)", 0, 1, low_closed=True)
         for arg, v in (("chunk", chunk), ("topk", topk)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"DeMo {arg} must be an integer >= 1, got {v!r}")
-        if weight_decay is not None and not weight_decay >= 0:
-            raise ValueError(f"DeMo weight_decay must be >= 0 (or None: the optimizer's), got {weight_decay!r}")
+        if weight_decay is not None:
+            real_in(weight_decay, "DeMo weight_decay (None: the optimizer's)", 0, FLOAT32_MAX, low_closed=True,
+                    high_closed=True)
         self.beta, self.chunk, self.topk, self.weight_decay = beta, chunk, topk, weight_decay
         self.label = f"top{topk}/chunk{chunk} beta={beta:g}"
 

@@ -31,11 +31,9 @@ first-moment averages are safe. ``v_first=False``: the paper's rule as written.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from pysim.strategies.base import CommStep, Strategy, split_like
+from pysim.strategies.base import FLOAT32_MAX, CommStep, Strategy, real_in, split_like
 
 
 class DesyncedAverage(CommStep):
@@ -47,8 +45,10 @@ class DesyncedAverage(CommStep):
         for name, v in (("Kx (steps between parameter averages)", Kx), ("Ku", Ku), ("Kv", Kv)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if clip is not None and not 0 < clip < math.inf:
-            raise ValueError(f"clip (gradient-norm radius) must be a finite number > 0, got {clip!r}")
+        if clip is not None:
+            real_in(clip, "clip (gradient-norm radius)", 0, FLOAT32_MAX, high_closed=True)
+        if not isinstance(v_first, bool):
+            raise ValueError(f"v_first must be True or False, got {v_first!r:.40}")
         self.Kx, self.Ku, self.Kv, self.clip, self.v_first = Kx, Ku, Kv, clip, v_first
         self.label = f"Kx={Kx} Ku={Ku} Kv={Kv}" + (f" clip {clip:g}" if clip is not None else "") + \
             ("" if v_first else " (paper's first sync)")

@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from pysim.strategies.base import CommStep, Strategy
+from pysim.strategies.base import FLOAT32_MAX, CommStep, Strategy, real_in
 from pysim.strategies.reducers import sparse_mean
 
 WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.00390625)
@@ -54,14 +54,12 @@ class MomentumCorrectedTopK(CommStep):
                  weight_decay: float = 0.0) -> None:
         if isinstance(k, bool) or not isinstance(k, float) or not 0 < k <= 1:
             raise ValueError(f"DGC k is the final fraction of entries sent, a float in (0, 1]; got {k!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"DGC momentum must be in [0, 1), got {momentum!r}")
-        if clip_norm is not None and not clip_norm > 0:
-            raise ValueError(f"DGC clip_norm must be > 0 (or None for no clipping), got {clip_norm!r}")
+        real_in(momentum, "DGC momentum", 0, 1, low_closed=True)
+        if clip_norm is not None:
+            real_in(clip_norm, "DGC clip_norm (None: no clipping)", 0, math.inf)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"DGC warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if not 0 <= weight_decay < math.inf:
-            raise ValueError(f"DGC weight_decay must be >= 0, got {weight_decay!r}")
+        real_in(weight_decay, "DGC weight_decay", 0, FLOAT32_MAX, low_closed=True, high_closed=True)
         self.k, self.momentum, self.clip_norm, self.warmup_steps = k, momentum, clip_norm, warmup_steps
         self.weight_decay = weight_decay
         self.label = f"k={k:g} warmup={warmup_steps}"
@@ -104,17 +102,22 @@ class MomentumCorrectedTopK(CommStep):
 class DGC(Strategy):
     """Deep Gradient Compression: momentum correction, local clipping, momentum factor masking,
     a sparsity warm-up, and plain SGD on the average with DGC's own ``lr`` (times the run's
-    warm-up/cosine schedule), as in Lin et al.'s Algorithm 4 (see module doc). ``k`` is the
-    final fraction of entries sent. ``optimizer="inner"``: the workload's optimizer steps on
-    the average instead (a variant, labelled)."""
+    warm-up/cosine schedule; the run's ``--lr`` moves only the workload's optimizer), as in Lin
+    et al.'s Algorithm 4 (see module doc). ``k`` is the final fraction of entries sent.
+    ``optimizer="inner"``: the workload's optimizer steps on the average instead (a variant,
+    labelled)."""
+
+    revision = 1   # 1: the paper's clipping threshold, clip_norm * sqrt(N) (clip_norm / sqrt(N) before)
 
     def __init__(self, k: float = 0.01, momentum: float = 0.9, lr: float = 0.2, clip_norm: float | None = 1.0,
                  warmup_steps: int = 100, weight_decay: float = 0.0, optimizer: str = "sgd") -> None:
         if optimizer not in ("sgd", "inner"):
             raise ValueError(f"DGC optimizer must be 'sgd' (the paper's) or 'inner' (the workload's), got "
                              f"{optimizer!r}")
-        if not 0 < lr < math.inf:
-            raise ValueError(f"DGC lr must be a positive finite learning rate, got {lr!r}")
+        real_in(lr, "DGC lr", 0, FLOAT32_MAX, high_closed=True)
+        if optimizer == "inner" and "lr" in self._given:
+            raise ValueError("DGC's lr is its own SGD's; with optimizer='inner' the workload's optimizer steps at "
+                             "the run's --lr: drop lr")
         step = MomentumCorrectedTopK(k, momentum, clip_norm, warmup_steps, weight_decay)
         if optimizer == "inner":
             step.label += " +inner optimizer"

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
-from pysim.strategies.base import CommStep, Strategy
+from pysim.strategies.base import CommStep, Strategy, check_outer_step
 from pysim.strategies.reducers import make_reducer
 
 
@@ -20,9 +19,7 @@ class OuterStep(CommStep):
     def __init__(self, H: int, outer_lr: float, outer_momentum: float, codec: str | None) -> None:
         if isinstance(H, bool) or not isinstance(H, int) or H < 1:
             raise ValueError(f"H (local steps per outer step) must be an integer >= 1, got {H!r}")
-        if not 0 < outer_lr < math.inf or not 0 <= outer_momentum < 1:
-            raise ValueError(f"outer step needs a finite outer_lr > 0 and 0 <= outer_momentum < 1, "
-                             f"got {outer_lr}, {outer_momentum}")
+        check_outer_step(outer_lr, outer_momentum)
         self.H, self.outer_lr, self.outer_momentum = H, outer_lr, outer_momentum
         self.reducer = make_reducer(codec)
         codec_label = "" if self.reducer.label == "dense" else f" {self.reducer.label}"

@@ -9,7 +9,7 @@ from fractions import Fraction
 import numpy as np
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from pysim.strategies.base import CommStep, Strategy
+from pysim.strategies.base import CommStep, Strategy, check_seed
 
 
 def islands(n: int, size: int, seed: int, round_: int) -> tuple[tuple[int, ...], ...]:
@@ -72,6 +72,7 @@ class AverageModels(CommStep):
                 raise ValueError("FedAvg takes clients_per_round or island_size, not both")
         if not isinstance(weighted, bool):
             raise ValueError(f"weighted must be True or False, got {weighted!r}")
+        check_seed(seed, "FedAvg")
         self.H, self.clients_per_round, self.island_size = H, clients_per_round, island_size
         self.seed, self.weighted = seed, weighted
         parts = [f"H={H}"]

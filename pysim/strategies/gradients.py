@@ -4,7 +4,6 @@ TopK with error feedback, PowerSGD."""
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
@@ -12,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pysim.comm import Pending
 from pysim.compress import Codec, TopKCodec
-from pysim.strategies.base import CommStep, Strategy, split_like
+from pysim.strategies.base import FLOAT32_MAX, CommStep, Strategy, real_in, split_like
 from pysim.strategies.reducers import AllGather, AllReduce, PowerSGDReduce, Reducer, local_error_feedback, make_reducer
 
 MB = 1e6  # bytes in a megabyte, as DDP's bucket_cap_mb counts them here
@@ -204,20 +203,26 @@ class PowerSGD(Strategy):
     The update is the paper's Algorithm 2 (error-feedback SGD with momentum), as its code runs
     it: on the decompressed mean D (plus ``weight_decay`` x w), m = ``momentum`` x m + D, then
     w -= lr_t (D + m) (Nesterov), with PowerSGD's own ``lr`` times the run's warm-up/cosine
-    schedule factor. ``optimizer="inner"``: the workload's optimizer (AdamW in the built-in
-    workloads) steps on D instead, a labelled variant. ``lr`` 0.05: on the MNIST defaults (2
-    nodes, 600 steps) 0.03-0.1 reach 98% and 0.15 diverges (bench/RESULTS.md)."""
+    schedule factor (the run's ``--lr`` moves only the workload's optimizer; ``momentum=0``
+    steps 2 lr D, as the paper's code does). ``optimizer="inner"``: the workload's optimizer
+    (AdamW in the built-in workloads) steps on D instead, a labelled variant. ``lr`` 0.05: on
+    the MNIST defaults (2 nodes, 600 steps, one seed) 0.03, 0.05 and 0.1 reach 98% and 0.15
+    collapses to chance (11% accuracy; bench/RESULTS.md)."""
+
+    revision = 1   # 1: the paper's momentum SGD (the workload's optimizer before)
 
     def __init__(self, rank: int = 4, seed: int | None = None, optimizer: str = "sgd", lr: float = 0.05,
                  momentum: float = 0.9, weight_decay: float = 0.0) -> None:
         if optimizer not in ("sgd", "inner"):
             raise ValueError(f"PowerSGD optimizer must be 'sgd' (the paper's) or 'inner' (the workload's), got "
-                             f"{optimizer!r}")
-        for name, value, ok in (("lr", lr, 0 < lr < math.inf), ("momentum", momentum, 0 <= momentum < 1),
-                                ("weight_decay", weight_decay, 0 <= weight_decay < math.inf)):
-            if not ok:
-                raise ValueError(f"PowerSGD {name} must be a finite number ({'> 0' if name == 'lr' else '>= 0'}"
-                                 f"{', < 1' if name == 'momentum' else ''}), got {value!r}")
+                             f"{optimizer!r:.40}")
+        own = sorted({"lr", "momentum", "weight_decay"} & set(self._given))
+        if optimizer == "inner" and own:
+            raise ValueError(f"PowerSGD's {', '.join(own)} set its own momentum SGD; with optimizer='inner' the "
+                             f"workload's optimizer steps (at the run's --lr): drop {', '.join(own)}")
+        real_in(lr, "PowerSGD lr", 0, FLOAT32_MAX, high_closed=True)
+        real_in(momentum, "PowerSGD momentum", 0, 1, low_closed=True)
+        real_in(weight_decay, "PowerSGD weight_decay", 0, FLOAT32_MAX, low_closed=True, high_closed=True)
         label = f"rank={rank}+EF"
         if optimizer == "inner":
             label += " +inner optimizer"

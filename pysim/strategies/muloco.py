@@ -16,12 +16,10 @@ with Muon. The outer step is DiLoCo's
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from pysim.strategies.base import Strategy
+from pysim.strategies.base import FLOAT32_MAX, Strategy, real_in
 from pysim.strategies.diloco import OuterStep
 
 
@@ -38,10 +36,8 @@ class MuLoCo(Strategy):
 
     def __init__(self, H: int = 30, outer_lr: float = 0.7, outer_momentum: float = 0.9, codec: str | None = "int4",
                  muon_momentum: float = 0.95, lr_scale: float = 1.0) -> None:
-        if not 0 <= muon_momentum < 1:
-            raise ValueError(f"muon_momentum must be in [0, 1), got {muon_momentum!r}")
-        if not 0 < lr_scale < math.inf:
-            raise ValueError(f"lr_scale must be a finite number > 0, got {lr_scale!r}")
+        real_in(muon_momentum, "muon_momentum", 0, 1, low_closed=True)
+        real_in(lr_scale, "lr_scale", 0, FLOAT32_MAX, high_closed=True)
         self.muon_momentum, self.lr_scale = muon_momentum, lr_scale
         self.comm_steps = (OuterStep(H, outer_lr, outer_momentum, codec),)
 

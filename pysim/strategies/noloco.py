@@ -20,12 +20,10 @@ j + k * (N / group_size). Nodes never hold the same model; a run scores node 0's
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from pysim.strategies.base import CommStep, Strategy, split_like
+from pysim.strategies.base import FLOAT32_MAX, CommStep, Strategy, check_outer_step, check_seed, real_in, split_like
 
 
 def random_groups(nodes: int, size: int, seed: int, step: int) -> list[list[int]]:
@@ -46,11 +44,10 @@ class GossipOuterStep(CommStep):
         for name, v, low in (("H (local steps per outer step)", H, 1), ("group_size", group_size, 2)):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-        if not 0 < outer_lr < math.inf or not 0 <= outer_momentum < 1:
-            raise ValueError(f"outer step needs a finite outer_lr > 0 and 0 <= outer_momentum < 1, "
-                             f"got {outer_lr}, {outer_momentum}")
-        if gamma is not None and not 0 <= gamma < math.inf:
-            raise ValueError(f"gamma (pull towards the group) must be a finite number >= 0, got {gamma!r}")
+        check_outer_step(outer_lr, outer_momentum)
+        if gamma is not None:
+            real_in(gamma, "gamma (pull towards the group)", 0, FLOAT32_MAX, low_closed=True, high_closed=True)
+        check_seed(seed, "NoLoCo")
         self.H, self.size, self.outer_lr, self.beta = H, group_size, outer_lr, outer_momentum
         self.gamma = outer_lr if gamma is None else gamma
         self.seed = seed

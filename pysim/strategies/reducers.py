@@ -30,7 +30,7 @@ from pysim.compress import (
     lowrank_mtp,
     orthonormalize,
 )
-from pysim.strategies.base import split_like
+from pysim.strategies.base import check_seed, split_like
 
 
 def summable(codec: Codec) -> bool:
@@ -114,6 +114,7 @@ class PowerSGDReduce(Reducer):
     def __init__(self, rank: int, seed: int | None = None) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"PowerSGD rank must be an integer >= 1, got {rank!r}")
+        check_seed(seed, "PowerSGD")
         self.rank, self.seed = rank, seed
         self.shapes = LowRankCodec(rank)  # decides, as for the lowrank codec, which tensors are factored
         self.label = f"powersgd:{rank}+EF"

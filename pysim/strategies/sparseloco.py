@@ -23,12 +23,11 @@ with 64 kept (1.6%, in the paper's 1-3%), beta = 0.95, outer_lr = 1, H = 30.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
 from pysim.compress import TopKCodec
-from pysim.strategies.base import CommStep, Strategy, split_like
+from pysim.strategies.base import FLOAT32_MAX, CommStep, Strategy, real_in, split_like
 
 
 def keep_topk_of_chunks(x: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
@@ -60,10 +59,8 @@ class SparseOuterStep(CommStep):
         for name, v in (("H (local steps per outer step)", H), ("chunk", chunk), ("topk", topk)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if not 0 <= beta < 1:
-            raise ValueError(f"beta (error-feedback decay) must be in [0, 1), got {beta!r}")
-        if not 0 < outer_lr < math.inf:
-            raise ValueError(f"outer_lr must be a finite number > 0, got {outer_lr!r}")
+        real_in(beta, "beta (error-feedback decay)", 0, 1, low_closed=True)
+        real_in(outer_lr, "outer_lr", 0, FLOAT32_MAX, high_closed=True)
         self.H, self.chunk, self.topk, self.beta, self.outer_lr = H, chunk, topk, beta, outer_lr
         self.label = f"H={H} top{topk}/{chunk} int2 EF {beta:g} outer {outer_lr:g}"
 

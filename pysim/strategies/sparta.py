@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from pysim.compress import RandomKCodec
-from pysim.strategies.base import CommStep, Strategy
+from pysim.strategies.base import CommStep, Strategy, check_seed
 
 
 class AverageRandomSubset(CommStep):
@@ -19,6 +19,7 @@ class AverageRandomSubset(CommStep):
 
     def __init__(self, p: float, seed: int | None = None) -> None:
         RandomKCodec(p)   # checks p now
+        check_seed(seed, "SPARTA")
         self.p, self.seed = p, seed
         self.label = f"p={p:g}" + ("" if seed is None else f" seed={seed}")   # None: the run's seed
 

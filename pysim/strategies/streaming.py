@@ -7,14 +7,13 @@ schedule, each fragment's all-reduce overlapping tau inner steps of training.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
 
 from pysim.comm import Pending
 from pysim.compress import get_codec
-from pysim.strategies.base import CommStep, Strategy, split_like
+from pysim.strategies.base import CommStep, Strategy, check_outer_step, real_in, split_like
 from pysim.strategies.reducers import summable
 
 
@@ -59,11 +58,8 @@ class StreamingOuterStep(CommStep):
             raise ValueError(f"tau ({tau}) must be below H ({H}): a fragment's sync must end before its next one")
         if fragments > H:
             raise ValueError(f"fragments ({fragments}) must be at most H ({H}) to stagger their syncs")
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"alpha (weight of the local fragment in the merge) must be in [0, 1], got {alpha!r}")
-        if not 0 < outer_lr < math.inf or not 0 <= outer_momentum < 1:
-            raise ValueError(f"outer step needs a finite outer_lr > 0 and 0 <= outer_momentum < 1, "
-                             f"got {outer_lr}, {outer_momentum}")
+        real_in(alpha, "alpha (weight of the local fragment in the merge)", 0, 1, low_closed=True, high_closed=True)
+        check_outer_step(outer_lr, outer_momentum)
         self.codec = get_codec(codec)
         if not summable(self.codec):
             raise ValueError(f"StreamingDiLoCo all-reduces its outer gradients: codec {codec!r} must be summable "
