@@ -1,5 +1,6 @@
 """``python -m pysim compare`` (and the examples over it): every bad input is one line, before training."""
 
+import numpy as np
 import pytest
 
 from pysim.cli import main
@@ -110,6 +111,11 @@ def test_the_table_spread_is_a_95_percent_interval_of_the_mean():
     # n = 3: t(0.975, 2) = 4.303; std of (1, 2, 3) is 1, so h = 4.303 / sqrt(3)
     assert ci95_half_width([1.0, 2.0, 3.0]) == pytest.approx(4.303 / 3 ** 0.5)
     assert ci95_half_width([5.0]) == 0.0
+    # between table entries the next smaller df: n = 12 (df 11) takes df 10's 2.228; past df 60, 1.96
+    v = [float(x) for x in range(12)]
+    assert ci95_half_width(v) == pytest.approx(2.228 * float(np.std(v, ddof=1)) / 12 ** 0.5)
+    w = [float(x % 7) for x in range(62)]
+    assert ci95_half_width(w) == pytest.approx(1.96 * float(np.std(w, ddof=1)) / 62 ** 0.5)
     assert mean_ci([1.0, 2.0, 3.0], lambda v: f"{v:.2f}") == "2.00 ± 2.48"
 
 

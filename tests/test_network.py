@@ -308,3 +308,13 @@ def test_message_parts_equal_the_fair_share_rule_to_the_last_bit(framing):
                         for _ in range(k)]
             messages = [(s, d, b) for s, d, b in messages if s != d]
             assert net.message_parts(messages) == _reference_message_parts(net, messages)
+
+
+def test_a_two_tier_network_describes_its_links_in_their_units():
+    net = Network.two_tier(4, 2, "10Gbps", "10us", "100Mbit", "20ms")
+    assert net.describe() == "two-tier, groups of 2: intra 10 Gbit/s 0.01 ms, inter 100 Mbit/s 20 ms"
+
+
+def test_a_network_resized_to_more_nodes_keeps_its_tcp_window_model():
+    net = Network.uniform(1, "1Gbps", "1ms").with_tcp("cubic")
+    assert net.with_nodes(4).tcp == net.tcp is not None

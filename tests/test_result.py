@@ -72,3 +72,10 @@ def test_crossing_one_step_apart_is_that_step_not_an_interpolation():
     # the node bisected down to adjacent steps: step 27 is the first model at or above the target
     series = [(25, 0.95), (26, 0.975), (27, 0.99), (50, 0.995)]
     assert crossing_step(series, Target("accuracy", ">=", 0.98)) == (27.0, 26, 27)
+
+
+def test_time_at_a_fractional_step_between_step_ends():
+    from pysim.result import time_at_step
+
+    ends = np.array([1.0, 2.0, 3.0])   # step k ends at k s
+    assert [float(time_at_step(ends, x)) for x in (0.5, 1.0, 1.5, 2.5, 3.0)] == [0.5, 1.0, 1.5, 2.5, 3.0]

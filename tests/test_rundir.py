@@ -61,13 +61,32 @@ def test_files_from_another_run_are_refused(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_a_run_named_twice_or_through_its_folder_counts_once(tmp_path):
+def test_a_run_named_twice_or_through_its_folder_counts_once(tmp_path, monkeypatch):
     from pysim.rundir import unique_run_dirs
 
     save_result(fake_run(1.0, name="A"), tmp_path)
     save_result(fake_run(2.0, name="B"), tmp_path)
     # `show runs runs/A` counted A twice: a one-seed run became "2 seeds" with its runtime doubled
     assert unique_run_dirs([tmp_path, tmp_path / "A", tmp_path]) == [tmp_path / "A", tmp_path / "B"]
+    monkeypatch.chdir(tmp_path)   # a relative and an absolute name of one run are one run
+    assert len(unique_run_dirs([tmp_path, "A"])) == 2
+
+
+@pytest.mark.parametrize("name", ["trace.json", "steps.csv"])
+def test_any_file_of_a_run_changed_after_saving_is_refused(tmp_path, name):
+    save_result(fake_run(1.0), tmp_path)
+    run = tmp_path / "Run"
+    (run / name).write_bytes((run / name).read_bytes().replace(b"1", b"7", 1))
+    with pytest.raises(ValueError, match=rf"{name} does not match manifest.json"):
+        load_result(run)
+
+
+def test_a_replay_jitters_with_the_runs_own_seed():
+    from pysim.clock import ComputeScaling
+
+    run = fake_run(1.0)
+    run.config.update(seed=3, jitter=0.2, compute_speed=[1.0, 0.5])
+    assert run.scaling == ComputeScaling((1.0, 0.5), 0.2, 3)
 
 
 def test_a_name_too_long_for_a_folder_is_one_line():

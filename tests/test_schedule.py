@@ -44,3 +44,15 @@ def test_group_of_shares_one_tuple_of_all_members():
     assert group_of(None, 3, 8) == tuple(range(8)) and group_of(None, 3, 8) is group_of(None, 5, 8)
     groups = ((0, 2), (1, 3))
     assert group_of(groups, 2, 4) == (0, 2) and group_of(groups, 3, 4) == (1, 3)
+
+
+def test_a_tree_broadcast_to_a_number_of_nodes_that_is_no_power_of_two():
+    from pysim.network import Network, collective_s
+    from pysim.schedule import bytes_received
+
+    assert phases("broadcast", "tree", (10,) * 3) == ((Message(0, 1, 10, 0),), (Message(0, 2, 10, 0),))
+    assert phases("broadcast", "tree", (10,) * 5) == (
+        (Message(0, 1, 10, 0),), (Message(0, 2, 10, 0), Message(1, 3, 10, 0)), (Message(0, 4, 10, 0),))
+    assert bytes_received("broadcast", "tree", (10,) * 3) == [0, 10, 10]
+    # two rounds of one 80-bit message on 80 bit/s links with 0.5 s latency
+    assert collective_s(Network.uniform(3, 80, 0.5), "broadcast", "tree", (10,) * 3) == pytest.approx(3.0)

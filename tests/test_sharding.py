@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pysim.sharding import Sharding, shard_indices
+from pysim.sharding import Sharding, ShardSampler, node_shards, shard_indices
 
 
 def assert_partition(shards, n):
@@ -55,3 +55,31 @@ def test_bad_specs_and_impossible_splits():
         shard_indices(100, 2, Sharding("dirichlet", 1.0), 0, None)
     with pytest.raises(ValueError, match="at least one example"):
         shard_indices(3, 4, Sharding("iid"), 0)
+
+
+def test_iid_shards_follow_the_seed():
+    a, b = (shard_indices(100, 2, Sharding("iid"), seed)[0] for seed in (0, 1))
+    assert not torch.equal(a, b)
+
+
+def test_a_shard_as_large_as_a_batch_is_enough():
+    assert [len(s) for s in node_shards(8, 2, Sharding("contiguous"), 0, 4)] == [4, 4]
+    with pytest.raises(ValueError, match="fewer than the batch size 5"):
+        node_shards(8, 2, Sharding("contiguous"), 0, 5)
+
+
+class Indices:
+    """A data set whose batch is its indices."""
+
+    def batch(self, idx):
+        return idx, idx
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_sampler_takes_every_example_once_per_pass_then_reshuffles(seed):
+    sampler = ShardSampler(Indices(), torch.arange(10, 18), 4, seed)
+    passes = [sorted(torch.cat([sampler.next()[0] for _ in range(2)]).tolist()) for _ in range(3)]
+    assert passes == [list(range(10, 18))] * 3
+    odd = ShardSampler(Indices(), torch.arange(10), 4, seed)   # 10 = 2 batches + 2 left: the rest waits a pass
+    first = torch.cat([odd.next()[0] for _ in range(2)]).tolist()
+    assert len(set(first)) == 8
