@@ -157,6 +157,37 @@ def test_verdicts_only_where_every_seed_agrees():
                      "E diverged in all 3 seeds (at step 40, 12, 7): no verdict"]
 
 
+def test_the_idle_share_is_the_mean_of_each_seeds_own_share():
+    from dataclasses import replace
+
+    from test_rundir import fake_run
+
+    from pysim.report import results_table
+
+    template = fake_run(1.0)
+
+    def res(seed, idle_s, sim_s):
+        return replace(template, label="A", config={"seed": seed, "strategy": "A"},
+                       final=replace(template.final, idle_s=idle_s, sim_time_s=sim_s))
+
+    row = next(line for line in results_table([res(0, 1.0, 2.0), res(1, 1.0, 4.0)]).splitlines()
+               if line.startswith("| A"))
+    assert row.split("|")[7].strip() == "38%"   # (50% + 25%) / 2, not 2 s idle over 6 s or over the longest
+
+
+def test_the_profile_line_gives_the_calibrated_step_in_ms(monkeypatch, tmp_path):
+    import pysim.compare
+    from pysim.compute import ComputeProfile, workload_step_key
+    from pysim.config import TrainConfig
+
+    cfg = TrainConfig(workload="mnist", nodes=2, batch_size=8, compute="calibrated")
+    key = workload_step_key(cfg.workload, cfg.batch_size)
+    profile = ComputeProfile("calibrated", 1e10, 1e10, 1e-6, {key: 0.0123})
+    monkeypatch.setattr(pysim.compare, "machine_profile", lambda *a, **k: (profile, "measured now"))
+    line = pysim.compare.shared_profile([cfg], tmp_path, resume=False, recalibrate=False)
+    assert line.startswith("compute profile: 12.30 ms per forward+backward step, measured now; saved to")
+
+
 def test_verdicts_where_the_baseline_misses_the_target():
     # the case that once read "tie: the seeds disagree (0 of 3 faster)" although every seed agreed
     from dataclasses import replace

@@ -89,6 +89,29 @@ def test_crossover_interpolates_between_grid_points():
     assert "wins below" in s.describe_crossover("A", 0) and " to " in s.describe_crossover("A", 0)
 
 
+def test_no_winner_where_a_seed_never_reaches_the_target():
+    from pysim.sweep import Sweep
+
+    nan = float("nan")
+    ttt = np.array([[[[5.0]], [[nan]]], [[[6.0]], [[nan]]]])   # A, SimpleReduce; seed 1 reaches nothing
+    s = Sweep(["A", "SimpleReduce"], [0, 1], [1e9], [0.02], ttt, ttt, Target("accuracy", ">=", 0.9))
+    assert s.winner().tolist() == [[-1]]
+
+
+def test_the_crossover_is_the_median_over_seeds_and_the_table_reads_in_ms():
+    from pysim.report import sweep_table
+    from pysim.sweep import Sweep
+
+    # A at f x (1, 4) s against SimpleReduce's 2 s on 1 and 100 Mbit/s: seed f crosses at 1e6 x 100^(log(2/f)/log 4)
+    ttt = np.array([[[f, 4 * f] for f in (1.0, 1.5, 1.9)], [[2.0, 2.0]] * 3])[..., None]
+    s = Sweep(["A", "SimpleReduce"], [0, 1, 2], [1e6, 1e8], [0.02], ttt, ttt, Target("accuracy", ">=", 0.9))
+    assert s.crossover_bps("A", 0) == pytest.approx([1e7, 2.6e6, 1.186e6], rel=2e-3)
+    assert s.describe_crossover("A", 0) == "wins below 2.6 Mbit/s (1.19 Mbit/s to 10 Mbit/s)"   # median, not mean
+    table = sweep_table(s, 0)
+    assert table.splitlines()[0].startswith("simulated time to accuracy>=0.9, latency 20 ms (median")
+    assert "| 20 ms " in table
+
+
 def test_grids_parse_and_bad_grids_fail():
     assert parse_grid("10Mbit:10Gbit:4", parse_bandwidth, "bandwidth") == pytest.approx([1e7, 1e8, 1e9, 1e10])
     assert parse_grid("1ms,20ms", parse_latency, "latency") == pytest.approx([1e-3, 2e-2])
