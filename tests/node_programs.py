@@ -309,6 +309,21 @@ if __name__ == "__main__":  # run under torchrun by tests/test_comm.py
         print("RESULT", result, flush=True)
 
 
+def unsplit_evaluation_by_holder(rank: int, world: int, holder: int) -> dict:
+    """Node ``holder``'s model evaluated by its process alone (``split=False``) while every node
+    holds a different model: what every node gets, and each node's own model's metrics."""
+    from pysim.evaluation import Evaluator
+    from pysim.host import current_host
+    from pysim.workload import classification_metrics
+
+    g = torch.Generator().manual_seed(5)
+    data = _Rows(torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g))
+    torch.manual_seed(rank)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    got = Evaluator(current_host(), classification_metrics, split=False)(model, data, holder)
+    return {"got": got, "own": classification_metrics(model, data)}
+
+
 def split_evaluation(rank: int, world: int, n_examples: int) -> dict:
     """Node 0's model evaluated split across the nodes, while every other node holds a different
     model; plus a bisection of kept copies by a split CrossingFinder. Returns what rank 0 saw."""

@@ -28,6 +28,13 @@ def test_split_evaluation_is_node0s_model_on_every_example(world, n):
     assert all(out[r]["alone"]["loss"] != ref["loss"] for r in range(1, world))
 
 
+@pytest.mark.parametrize("world, holder, processes", [(2, 1, None), (3, 2, None), (4, 3, 2)])
+def test_an_unsplit_evaluation_is_the_holders_model_on_every_node(world, holder, processes):
+    out = run_nodes(node_programs.unsplit_evaluation_by_holder, world, (holder,), processes=processes)
+    assert all(r["got"] == out[holder]["own"] for r in out)
+    assert all(out[r]["own"] != out[holder]["own"] for r in range(world) if r != holder)   # models differ
+
+
 def test_split_search_finds_the_same_step_on_every_node():
     out = run_nodes(node_programs.split_evaluation, 2, (40,))
     # the score is node 0's step / 100: the first step at or above 0.37 is 37, found in (25, 50]
