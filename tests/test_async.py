@@ -155,6 +155,11 @@ def test_server_links_queue_updates_fifo_on_the_servers_downlink():
     assert order == (1, 2)
     t = clock.advance(np.zeros(3), ServerRound(0, (1, 2), (0, PACKET, PACKET), order, (0, PACKET, PACKET)))
     assert list(t) == pytest.approx([0.0, 0.15 + 0.1 + 0.05, 0.25 + 0.1 + 0.05])   # replies at 0.3 and 0.4
+    # with empty replies the uplink's queue cannot hide the downlink's: the nodes end where their
+    # updates arrived, 0.15 and 0.25 (node 2's transfer waits for node 1's)
+    empty = Clock(Network.uniform(3, 19200, 0.05), 3).advance(
+        np.zeros(3), ServerRound(0, (1, 2), (0, PACKET, PACKET), order, (0, 0, 0)))
+    assert list(empty) == pytest.approx([0.0, 0.15, 0.25])
     with pytest.raises(ValueError, match="does not hold"):
         clock.advance(np.zeros(3), ServerRound(0, (), (0, 0, 0), (1,), (0, PACKET, 0)))
 
