@@ -116,7 +116,7 @@ def bytes_ratio(sent: float, base_bytes: float) -> str:
     if f"{ratio:.3g}" == "1":
         percent = 100 * (ratio - 1)
         return f"{percent:.2g}% {way}" if percent >= 0.01 else f"under 0.01% {way}"
-    return f"{ratio:.3g}x {way}"
+    return f"{ratio:,.0f}x {way}" if ratio >= 1000 else f"{ratio:.3g}x {way}"   # not "1.47e+03x"
 
 
 def results_table(results: list[Result]) -> str:

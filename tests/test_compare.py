@@ -129,6 +129,8 @@ def test_bytes_against_the_baseline_never_read_1x():
     assert bytes_ratio(1e6, 1.004e6) == "0.4% fewer"
     assert bytes_ratio(1.006e6, 1e6) == "1.01x more"
     assert bytes_ratio(100.0000001, 100) == "under 0.01% more"   # not "1e-07% more"
+    assert bytes_ratio(76.44e3, 112.19e6) == "1,468x fewer"       # not "1.47e+03x fewer"
+    assert bytes_ratio(999.4, 1) == "999x more"
 
 
 def test_verdicts_only_where_every_seed_agrees():

@@ -203,6 +203,13 @@ def test_desloc_averages_parameters_and_each_moment_on_its_own_period(Ku, v_firs
         torch.testing.assert_close(flat(r["params"]), flat(models[0].parameters()), atol=1e-6, rtol=0)
 
 
+def test_desloc_labels_its_default_deviation_and_not_the_papers_rule():
+    from pysim.strategies import make_strategy
+
+    assert make_strategy("DESLOC(Kx=10)").label == "DESLOC Kx=10 Ku=30 Kv=60 v-first"
+    assert make_strategy("DESLOC(Kx=10, v_first=False)").label == "DESLOC Kx=10 Ku=30 Kv=60"
+
+
 def test_desloc_needs_adam():
     with pytest.raises(Exception, match="must be Adam or AdamW"):
         run("DESLOC", {"Kx": 2}, 2, opt="sgd")

@@ -16,7 +16,7 @@ run deploys the nodes' mean. The inner optimizer must be Adam or AdamW (the
 workload's); ``clip``: the gradient-norm clipping radius rho applied before each
 step (None: none, as the built-in workloads train).
 
-One labelled deviation, ``v_first=True`` (default): until the second moment has
+One labelled deviation (" v-first" in the label), ``v_first=True`` (default): until the second moment has
 been averaged once, a first-moment average takes the second moment along. A
 coordinate whose gradient a node has always seen as zero (a ReLU unit dead on that
 node, an embedding row of a token it never saw) has v = 0 there; the paper's rule
@@ -51,7 +51,7 @@ class DesyncedAverage(CommStep):
             raise ValueError(f"v_first must be True or False, got {v_first!r:.40}")
         self.Kx, self.Ku, self.Kv, self.clip, self.v_first = Kx, Ku, Kv, clip, v_first
         self.label = f"Kx={Kx} Ku={Ku} Kv={Kv}" + (f" clip {clip:g}" if clip is not None else "") + \
-            ("" if v_first else " (paper's first sync)")
+            (" v-first" if v_first else "")   # the deviation is what a label names; without it, the paper's rule
         self.v_averaged = False
 
     def check(self, nodes: int, model, optimizer) -> None:
