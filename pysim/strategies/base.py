@@ -281,4 +281,39 @@ class Strategy:
             p.grad = g
 
 
+class OwnUpdate(Strategy, register=False):
+    """A strategy whose paper steps the parameters with a rule of its own (DGC's SGD, PowerSGD's
+    momentum SGD), at its own learning rate times the run's warm-up/cosine schedule factor, and
+    whose ``optimizer="inner"`` variant hands the averaged gradient to the workload's optimizer
+    instead. A subclass calls :meth:`choose_optimizer` in ``__init__`` and writes :meth:`own_update`."""
+
+    optimizer_kind = "sgd"
+
+    def choose_optimizer(self, optimizer: str, own: tuple[str, ...]) -> None:
+        """Takes ``optimizer``: "sgd" (the paper's rule) or "inner" (the workload's optimizer),
+        refusing with "inner" any of ``own``, the arguments of the rule it would then not use."""
+        if optimizer not in ("sgd", "inner"):
+            raise ValueError(f"{self.name} optimizer must be 'sgd' (the paper's) or 'inner' (the workload's), got "
+                             f"{optimizer!r:.40}")
+        unused = sorted(set(own) & set(self._given))
+        if optimizer == "inner" and unused:
+            raise ValueError(f"{self.name}'s {', '.join(unused)} set its own update; with optimizer='inner' the "
+                             f"workload's optimizer steps (at the run's --lr): drop {', '.join(unused)}")
+        self.optimizer_kind = optimizer
+
+    def local_step(self) -> None:
+        """The paper's update (:meth:`own_update`) as compute, then the schedule; or the workload's optimizer."""
+        if self.optimizer_kind == "inner" or not self._training:
+            super().local_step()
+            return
+        factor = self.schedule_factor()
+        with self.compute(reuse=f"{self.name} own update"), torch.no_grad():
+            self.own_update(factor)
+            self.step_schedule()
+
+    def own_update(self, factor: float) -> None:
+        """Steps the parameters from their (averaged) gradients; ``factor``: the run's schedule now."""
+        raise NotImplementedError
+
+
 STRATEGIES[Strategy.name.lower()] = Strategy

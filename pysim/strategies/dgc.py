@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from pysim.strategies.base import FLOAT32_MAX, CommStep, Strategy, real_in
+from pysim.strategies.base import FLOAT32_MAX, CommStep, OwnUpdate, real_in
 from pysim.strategies.reducers import sparse_mean
 
 WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.00390625)
@@ -99,7 +99,7 @@ class MomentumCorrectedTopK(CommStep):
         s.set_grads(avg)
 
 
-class DGC(Strategy):
+class DGC(OwnUpdate):
     """Deep Gradient Compression: momentum correction, local clipping, momentum factor masking,
     a sparsity warm-up, and plain SGD on the average with DGC's own ``lr`` (times the run's
     warm-up/cosine schedule; the run's ``--lr`` moves only the workload's optimizer), as in Lin
@@ -111,28 +111,17 @@ class DGC(Strategy):
 
     def __init__(self, k: float = 0.01, momentum: float = 0.9, lr: float = 0.2, clip_norm: float | None = 1.0,
                  warmup_steps: int = 100, weight_decay: float = 0.0, optimizer: str = "sgd") -> None:
-        if optimizer not in ("sgd", "inner"):
-            raise ValueError(f"DGC optimizer must be 'sgd' (the paper's) or 'inner' (the workload's), got "
-                             f"{optimizer!r}")
+        self.choose_optimizer(optimizer, own=("lr",))
         real_in(lr, "DGC lr", 0, FLOAT32_MAX, high_closed=True)
-        if optimizer == "inner" and "lr" in self._given:
-            raise ValueError("DGC's lr is its own SGD's; with optimizer='inner' the workload's optimizer steps at "
-                             "the run's --lr: drop lr")
         step = MomentumCorrectedTopK(k, momentum, clip_norm, warmup_steps, weight_decay)
         if optimizer == "inner":
             step.label += " +inner optimizer"
         elif lr != 0.2:
             step.label += f" lr={lr:g}"
         self.comm_steps = (step,)
-        self.dgc_lr, self.optimizer_kind = lr, optimizer
+        self.dgc_lr = lr
 
-    def local_step(self) -> None:
-        """Algorithm 4's update, w -= lr_t * avg (the paper's rule); or the workload's optimizer."""
-        if self.optimizer_kind == "inner" or not self._training:
-            super().local_step()
-            return
-        factor = self.schedule_factor()
-        with self.compute(reuse="dgc_sgd"), torch.no_grad():
-            for p in self.params:
-                p.sub_(p.grad, alpha=self.dgc_lr * factor)
-            self.step_schedule()
+    def own_update(self, factor: float) -> None:
+        """Algorithm 4's update, w -= lr_t * avg."""
+        for p in self.params:
+            p.sub_(p.grad, alpha=self.dgc_lr * factor)

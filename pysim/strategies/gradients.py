@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pysim.comm import Pending
 from pysim.compress import Codec, TopKCodec
-from pysim.strategies.base import FLOAT32_MAX, CommStep, Strategy, real_in, split_like
+from pysim.strategies.base import FLOAT32_MAX, CommStep, OwnUpdate, Strategy, real_in, split_like
 from pysim.strategies.reducers import AllGather, AllReduce, PowerSGDReduce, Reducer, local_error_feedback, make_reducer
 
 MB = 1e6  # bytes in a megabyte, as DDP's bucket_cap_mb counts them here
@@ -196,7 +196,7 @@ class TopK(Strategy):
         self.comm_steps = (AverageGradients(AllGather(codec, f"k={k}+EF"), flat=True),)
 
 
-class PowerSGD(Strategy):
+class PowerSGD(OwnUpdate):
     """PowerSGD (Vogels et al. 2019) on the gradients, rank ``rank``, error feedback and warm
     start; two all-reduces per step (see :class:`pysim.strategies.reducers.PowerSGDReduce`).
 
@@ -213,13 +213,7 @@ class PowerSGD(Strategy):
 
     def __init__(self, rank: int = 4, seed: int | None = None, optimizer: str = "sgd", lr: float = 0.05,
                  momentum: float = 0.9, weight_decay: float = 0.0) -> None:
-        if optimizer not in ("sgd", "inner"):
-            raise ValueError(f"PowerSGD optimizer must be 'sgd' (the paper's) or 'inner' (the workload's), got "
-                             f"{optimizer!r:.40}")
-        own = sorted({"lr", "momentum", "weight_decay"} & set(self._given))
-        if optimizer == "inner" and own:
-            raise ValueError(f"PowerSGD's {', '.join(own)} set its own momentum SGD; with optimizer='inner' the "
-                             f"workload's optimizer steps (at the run's --lr): drop {', '.join(own)}")
+        self.choose_optimizer(optimizer, own=("lr", "momentum", "weight_decay"))
         real_in(lr, "PowerSGD lr", 0, FLOAT32_MAX, high_closed=True)
         real_in(momentum, "PowerSGD momentum", 0, 1, low_closed=True)
         real_in(weight_decay, "PowerSGD weight_decay", 0, FLOAT32_MAX, low_closed=True, high_closed=True)
@@ -230,20 +224,14 @@ class PowerSGD(Strategy):
             label += "".join(f" {k}={v:g}" for k, v, default in (("lr", lr, 0.05), ("momentum", momentum, 0.9),
                                                                  ("wd", weight_decay, 0.0)) if v != default)
         self.comm_steps = (AverageGradients(PowerSGDReduce(rank, seed), label=label),)
-        self.optimizer_kind, self.sgd_lr, self.momentum, self.weight_decay = optimizer, lr, momentum, weight_decay
+        self.sgd_lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.momenta: list[torch.Tensor] | None = None
 
-    def local_step(self) -> None:
-        """Algorithm 2's momentum step on the averaged gradient; or the workload's optimizer."""
-        if self.optimizer_kind == "inner" or not self._training:
-            super().local_step()
-            return
-        factor = self.schedule_factor()
-        with self.compute(reuse="powersgd_sgd"), torch.no_grad():
-            if self.momenta is None:
-                self.momenta = [torch.zeros_like(p) for p in self.params]
-            for p, m in zip(self.params, self.momenta, strict=True):
-                d = p.grad + self.weight_decay * p if self.weight_decay else p.grad
-                m.mul_(self.momentum).add_(d)
-                p.sub_(d + m, alpha=self.sgd_lr * factor)
-            self.step_schedule()
+    def own_update(self, factor: float) -> None:
+        """Algorithm 2's momentum step on the averaged gradient D."""
+        if self.momenta is None:
+            self.momenta = [torch.zeros_like(p) for p in self.params]
+        for p, m in zip(self.params, self.momenta, strict=True):
+            d = p.grad + self.weight_decay * p if self.weight_decay else p.grad
+            m.mul_(self.momentum).add_(d)
+            p.sub_(d + m, alpha=self.sgd_lr * factor)
