@@ -19,6 +19,7 @@ from pysim.probe import check_target
 from pysim.rundir import run_dir_name
 from pysim.sharding import Sharding, node_shards
 from pysim.strategies import make_strategy
+from pysim.strategies.base import check_seed
 from pysim.workload import Target, Workload, get_workload
 
 if TYPE_CHECKING:
@@ -159,8 +160,7 @@ class TrainConfig:
         self._check_types()
         for name in ("nodes", "steps", "batch_size", "eval_every"):
             _check_int(name, getattr(self, name), 1)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
-            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        check_seed(self.seed, optional=False)
         for name in ("eval_subset", "train_examples", "checkpoint_every"):
             _check_int(name, getattr(self, name), 1, none_ok=True)
         _check_int("warmup_steps", self.warmup_steps, 0)

@@ -63,10 +63,15 @@ def check_outer_step(outer_lr, outer_momentum) -> None:
     real_in(outer_momentum, "outer_momentum", 0, 1, low_closed=True)
 
 
-def check_seed(seed, what: str) -> None:
-    """A one-line ValueError unless ``seed`` is None (the run's seed) or an integer in [0, 2^63)."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
-        raise ValueError(f"{what} seed must be an integer in [0, 2^63) or None (the run's seed), got {seed!r:.40}")
+def check_seed(seed, what: str = "", optional: bool = True) -> None:
+    """A one-line ValueError unless ``seed`` is an integer in [0, 2^63), or None where ``optional``
+    (a strategy's own seed: None takes the run's). ``what`` names whose seed it is."""
+    if optional and seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        name = f"{what} seed" if what else "seed"
+        none = " or None (the run's seed)" if optional else ""
+        raise ValueError(f"{name} must be an integer in [0, 2^63){none}, got {seed!r:.40}")
 
 
 def split_like(flat: torch.Tensor, tensors) -> list[torch.Tensor]:
