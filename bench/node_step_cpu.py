@@ -64,32 +64,18 @@ def _install(folder: str) -> None:
         s[0] += 1
         s[1] += seconds
 
-    def timed(owner, name: str, label: str) -> None:
+    def timed(owner, name: str, label: str, timer=clock) -> None:   # inside a node's step; thread CPU by default
         f = getattr(owner, name)
 
         @functools.wraps(f)
         def g(*args, **kwargs):
             if not getattr(local, "in_step", False):
                 return f(*args, **kwargs)
-            t = clock()
+            t = timer()
             try:
                 return f(*args, **kwargs)
             finally:
-                add(label, clock() - t)
-        setattr(owner, name, g)
-
-    def timed_wall(owner, name: str, label: str) -> None:   # wall time, inside a node's step
-        f = getattr(owner, name)
-
-        @functools.wraps(f)
-        def g(*args, **kwargs):
-            if not getattr(local, "in_step", False):
-                return f(*args, **kwargs)
-            t = time.perf_counter()
-            try:
-                return f(*args, **kwargs)
-            finally:
-                add(label, time.perf_counter() - t)
+                add(label, timer() - t)
         setattr(owner, name, g)
 
     call = nn.Module.__call__
@@ -130,7 +116,7 @@ def _install(folder: str) -> None:
                                (base.Strategy, "flat_grads", "gradients flattened"),
                                (base.Strategy, "set_grads", "gradients set")):
         timed(owner, name, label)
-    timed_wall(pysim.transport.Transport, "gather_rows", WAIT)
+    timed(pysim.transport.Transport, "gather_rows", WAIT, timer=time.perf_counter)   # wall: it waits
     run = pysim.host.Host.run
 
     def host_run(self, fn, args=()):
