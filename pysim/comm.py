@@ -62,7 +62,7 @@ ring (or star, root = its first member) at once, along the grouped schedule of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -418,49 +418,62 @@ class Comm:
         low-rank codecs, whose packets cannot be summed on the wire)."""
         return self.allgather_mean_many({key: x}, codec, step)[key]
 
-    def allgather_mean_many(self, tensors: dict[str, torch.Tensor], codec: Codec, step: int = 0
-                            ) -> dict[str, torch.Tensor]:
+    def allgather_mean_many(self, tensors: dict[str, torch.Tensor], codec: Codec | Mapping[str, Codec],
+                            step: int = 0) -> dict[str, torch.Tensor]:
         """Like :meth:`allgather_mean` for several named tensors in one collective: each node
         sends one bundle, the concatenation of its packets (bytes = the sum of their lengths).
-        The packets are decoded after the collective (that compute is charged after it)."""
-        bundles, _ = self._allgather(self._bundle(tensors, codec, step), None)
-        return self._mean_of_bundles(bundles, tensors, codec)
+        ``codec``: one for every tensor, or a mapping from each tensor's name to its own (a
+        sparse packet and a dense one in one bundle). The packets are decoded after the
+        collective (that compute is charged after it)."""
+        codecs = _codec_per_tensor(tensors, codec)
+        bundles, _ = self._allgather(self._bundle(tensors, codecs, step), None)
+        return self._mean_of_bundles(bundles, tensors, codecs)
 
-    def allgather_mean_many_async(self, tensors: dict[str, torch.Tensor], codec: Codec, step: int = 0,
-                                  stream: int = 0) -> Pending[dict[str, torch.Tensor]]:
+    def allgather_mean_many_async(self, tensors: dict[str, torch.Tensor], codec: Codec | Mapping[str, Codec],
+                                  step: int = 0, stream: int = 0) -> Pending[dict[str, torch.Tensor]]:
         """:meth:`allgather_mean_many` started on ``stream``; the packets are decoded in
         ``wait()`` (that compute is charged after the wait)."""
         _check_stream(stream)
-        bundles, handle = self._allgather(self._bundle(tensors, codec, step), stream)
-        return Pending(self, handle, finish=lambda: self._mean_of_bundles(bundles, tensors, codec))
+        codecs = _codec_per_tensor(tensors, codec)
+        bundles, handle = self._allgather(self._bundle(tensors, codecs, step), stream)
+        return Pending(self, handle, finish=lambda: self._mean_of_bundles(bundles, tensors, codecs))
 
-    def _bundle(self, tensors: dict[str, torch.Tensor], codec: Codec, step: int) -> torch.Tensor:
-        with self.meter.measure(reuse=_codec_work("bundle", tensors, codec)):
-            return torch.cat([codec.pack(t, key=name, step=step) for name, t in tensors.items()])
+    def _bundle(self, tensors: dict[str, torch.Tensor], codecs: dict[str, Codec], step: int) -> torch.Tensor:
+        with self.meter.measure(reuse=_codec_work("bundle", tensors, codecs)):
+            return torch.cat([codecs[name].pack(t, key=name, step=step) for name, t in tensors.items()])
 
-    def _mean_of_bundles(self, bundles: list[torch.Tensor], tensors: dict[str, torch.Tensor], codec: Codec
-                         ) -> dict[str, torch.Tensor]:
-        with self.meter.measure(reuse=_codec_work(f"mean of {len(bundles)} bundles", tensors, codec)):
+    def _mean_of_bundles(self, bundles: list[torch.Tensor], tensors: dict[str, torch.Tensor],
+                         codecs: dict[str, Codec]) -> dict[str, torch.Tensor]:
+        with self.meter.measure(reuse=_codec_work(f"mean of {len(bundles)} bundles", tensors, codecs)):
             totals = {name: torch.zeros(t.shape, dtype=torch.float32) for name, t in tensors.items()}
             for b in bundles:
                 packets = split_packets(b)
                 if len(packets) != len(totals):
                     raise ValueError(f"a node sent {len(packets)} packets, expected {len(totals)}")
                 for name, p in zip(totals, packets, strict=True):
-                    totals[name] += codec.unpack(p, expect_shape=tensors[name].shape).float()
+                    totals[name] += codecs[name].unpack(p, expect_shape=tensors[name].shape).float()
             return {name: (tot / self.world).to(tensors[name].dtype) for name, tot in totals.items()}
 
 
-def _codec_work(block: str, tensors: dict[str, torch.Tensor], codec: Codec) -> str | None:
-    """A name for a block that packs or unpacks ``tensors`` with ``codec``, under which its
-    counted work is reused (see :meth:`pysim.compute.ComputeMeter.measure`), where the codec's
+def _codec_per_tensor(tensors: dict[str, torch.Tensor], codec: Codec | Mapping[str, Codec]) -> dict[str, Codec]:
+    """Each tensor's codec: ``codec`` for all of them, or the mapping's entry under its name."""
+    if isinstance(codec, Codec):
+        return dict.fromkeys(tensors, codec)
+    if set(codec) != set(tensors):
+        raise ValueError(f"one codec per tensor: got codecs for {sorted(codec)}, tensors {sorted(tensors)}")
+    return {name: codec[name] for name in tensors}
+
+
+def _codec_work(block: str, tensors: dict[str, torch.Tensor], codecs: dict[str, Codec]) -> str | None:
+    """A name for a block that packs or unpacks ``tensors``, each with its codec, under which its
+    counted work is reused (see :meth:`pysim.compute.ComputeMeter.measure`), where the codecs'
     work depends on shapes alone (``Codec.fixed_work``); else None: counted every time. The
-    name holds everything the work depends on (shapes, layout, the codec's state per tensor),
-    so two blocks of one name do the same work whoever runs them."""
-    if not codec.fixed_work:
+    name holds everything the work depends on (shapes, layout, each codec and its state per
+    tensor), so two blocks of one name do the same work whoever runs them."""
+    if not all(c.fixed_work for c in codecs.values()):
         return None
-    return f"{block} {codec.name} " + str([(name, tuple(t.shape), t.dtype, t.is_contiguous(), codec.state_of(name))
-                                          for name, t in tensors.items()])
+    return f"{block} " + str([(name, codecs[name].name, tuple(t.shape), t.dtype, t.is_contiguous(),
+                               codecs[name].state_of(name)) for name, t in tensors.items()])
 
 
 def _check_stream(stream: int) -> None:

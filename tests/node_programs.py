@@ -8,7 +8,7 @@ import time
 import torch
 
 from pysim.comm import Comm
-from pysim.compress import get_codec
+from pysim.compress import DenseCodec, get_codec
 from pysim.network import Network
 
 
@@ -34,6 +34,23 @@ def exchange_all_codecs(rank: int, world: int, net: Network, algorithm: str = "r
     out["sent"], out["received"] = comm.bytes_sent, comm.bytes_received
     out["segments"], out["step_ends"], out["clock_s"] = comm.segments, comm.step_ends, comm.clock_s
     out["x"] = x
+    return out
+
+
+def mixed_bundle(rank: int, world: int) -> dict:
+    """One all-gather of a bundle of two packets, each tensor with its own codec (top-k and
+    dense fp32); then the same with a codec missing, which must be refused."""
+    comm = Comm(rank, world, Network.uniform(world, "1Gbps", "1ms"))
+    g = torch.Generator().manual_seed(400 + rank)
+    tensors = {"sparse": torch.randn(300, generator=g), "dense": torch.randn(7, generator=g)}
+    codecs = {"sparse": get_codec("topk:0.1"), "dense": DenseCodec()}
+    out = {"tensors": tensors, "mean": comm.allgather_mean_many(tensors, codecs, step=2),
+           "sent": comm.bytes_sent,
+           "reconstructed": codecs["sparse"].unpack(codecs["sparse"].pack(tensors["sparse"], key="sparse", step=2))}
+    try:
+        comm.allgather_mean_many(tensors, {"sparse": codecs["sparse"]})
+    except ValueError as e:
+        out["error"] = str(e)
     return out
 
 

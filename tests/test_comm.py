@@ -92,6 +92,18 @@ def test_async_collectives_live_clock_equals_replay_with_sharing_and_stragglers(
     assert list(many.end_s[-1, :, 0]) == list(tl.end_s[-1])
 
 
+def test_a_bundle_may_carry_each_tensor_with_its_own_codec():
+    res = run_nodes(node_programs.mixed_bundle, 2, ())
+    for r in res:
+        torch.testing.assert_close(r["mean"]["dense"], (res[0]["tensors"]["dense"] + res[1]["tensors"]["dense"]) / 2,
+                                   atol=0, rtol=0)
+        torch.testing.assert_close(r["mean"]["sparse"], (res[0]["reconstructed"] + res[1]["reconstructed"]) / 2,
+                                   atol=0, rtol=0)
+        # one bundle of both packets, sent once to the other node
+        assert r["sent"] == get_codec("topk:0.1").nbytes((300,)) + DenseCodec().nbytes((7,))
+        assert "one codec per tensor" in r["error"] and "['sparse']" in r["error"]
+
+
 def test_async_stream_must_be_a_non_negative_int():
     from pysim.comm import Comm
 

@@ -508,17 +508,21 @@ def test_dgc_density_warms_up_in_four_stages_then_stays_at_k():
 
 
 def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_sgd():
-    """Lin et al.'s Algorithm 4 written out; the nodes' own optimizer is AdamW and must not be used:
-    the update is w -= lr * average with DGC's lr."""
-    from pysim.compress import TopKCodec
+    """Lin et al.'s Algorithm 4 written out for the weight matrices, and the authors' dense path
+    for the biases (all-reduced, momentum SGD on the mean); the nodes' own optimizer is AdamW and
+    must not be used: the update is w -= lr * direction with DGC's lr."""
+    from pysim.compress import DenseCodec, TopKCodec
 
     lr, mom, clip, factor = 0.1, 0.9, 0.2, 0.5     # factor: the run's schedule, which scales DGC's lr too
     res = both("DGC", {"k": 0.05, "momentum": mom, "clip_norm": clip, "warmup_steps": 4, "lr": lr}, 3, opt="adamw",
                lr=0.003, lr_factor=factor)
-    counts = [[8, 1, 4, 1], [2, 1, 1, 1], [2, 1, 1, 1]]  # densities 0.25, 0.0625, 0.05 of 30, 5, 15, 3 entries
+    counts = [[8, 4], [2, 1], [2, 1]]  # densities 0.25, 0.0625, 0.05 of the matrices' 30 and 15 entries
     model = tiny_model()
+    matrices = [i for i, p in enumerate(model.parameters()) if p.dim() == 2]
+    assert matrices == [0, 2]
     u = [[torch.zeros_like(p) for p in model.parameters()] for _ in range(2)]
     v = [[torch.zeros_like(p) for p in model.parameters()] for _ in range(2)]
+    bias_momentum = [torch.zeros_like(p) for p in model.parameters()]
     clipped = False
     for step in range(3):
         sent = [[], []]
@@ -531,9 +535,12 @@ def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_
                 grads = [g * limit / norm for g in grads]
                 clipped = True
             for i, g in enumerate(grads):
+                if i not in matrices:
+                    sent[rank].append(g)
+                    continue
                 u[rank][i] = mom * u[rank][i] + g
                 v[rank][i] = v[rank][i] + u[rank][i]
-                idx = v[rank][i].abs().reshape(-1).topk(counts[step][i]).indices
+                idx = v[rank][i].abs().reshape(-1).topk(counts[step][matrices.index(i)]).indices
                 s = torch.zeros(g.numel())
                 s[idx] = v[rank][i].reshape(-1)[idx]
                 sent[rank].append(s.view_as(g))
@@ -541,11 +548,16 @@ def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_
                 v[rank][i].view(-1)[idx] = 0
         with torch.no_grad():
             for i, p in enumerate(model.parameters()):
-                p -= factor * lr * (sent[0][i] + sent[1][i]) / 2
+                direction = (sent[0][i] + sent[1][i]) / 2
+                if i not in matrices:
+                    bias_momentum[i] = mom * bias_momentum[i] + direction
+                    direction = bias_momentum[i]
+                p -= factor * lr * direction
     assert clipped
     for r in res:
         torch.testing.assert_close(flat(r["params"]), flat(model.parameters()), atol=1e-6, rtol=0)
-        assert r["sent"] == sum(TopKCodec(sum(c)).nbytes((N_TINY,)) for c in counts)
+        # one all-gather bundle per step: the matrices' top-k packet and the biases' fp32 packet
+        assert r["sent"] == sum(TopKCodec(sum(c)).nbytes((45,)) + DenseCodec().nbytes((5 + 3,)) for c in counts)
 
 
 def test_dgc_inner_optimizer_variant_steps_the_nodes_optimizer_on_the_average():
@@ -736,39 +748,49 @@ def test_blocks_that_repeat_their_work_are_counted_twice_then_reused():
                 assert sum(per_step[:8]) > 0 and sum(per_step[8:]) == 0, (spec, per_step)
 
 
+def codec_work(block: str, tensors: dict, codec) -> str | None:
+    """The reuse name of a block that packs or unpacks ``tensors`` with ``codec`` (one for all, or one each)."""
+    from pysim.comm import _codec_per_tensor, _codec_work
+
+    return _codec_work(block, tensors, _codec_per_tensor(tensors, codec))
+
+
 def test_a_codec_whose_work_depends_on_the_values_is_counted_every_time():
-    from pysim.comm import _codec_work
-    from pysim.compress import Codec, ErrorFeedback, get_codec
+    from pysim.compress import Codec, DenseCodec, ErrorFeedback, get_codec
 
     class Entropy(Codec):   # a user's codec: its packets' sizes depend on the values
         name = "entropy"
 
     x = {"w": torch.zeros(4, 3)}
-    assert _codec_work("bundle", x, Entropy()) is None and _codec_work("bundle", x, ErrorFeedback(Entropy())) is None
+    assert codec_work("bundle", x, Entropy()) is None and codec_work("bundle", x, ErrorFeedback(Entropy())) is None
     for spec in ("dense", "int8", "topk:0.1", "randomk:0.1", "lowrank:2"):
         codec = get_codec(spec)
         assert codec.fixed_work and ErrorFeedback(codec).fixed_work
-        assert _codec_work("bundle", x, codec) != _codec_work("bundle", {"w": torch.zeros(3, 4)}, codec)
-        assert _codec_work("bundle", x, codec) != _codec_work("bundle", {"w": torch.zeros(3, 4).t()}, codec)
+        assert codec_work("bundle", x, codec) != codec_work("bundle", {"w": torch.zeros(3, 4)}, codec)
+        assert codec_work("bundle", x, codec) != codec_work("bundle", {"w": torch.zeros(3, 4).t()}, codec)
 
     class Selective(type(get_codec("topk:0.1"))):   # a built-in's subclass must say its work is fixed itself
         pass
-    assert not Selective(0.1).fixed_work and _codec_work("bundle", x, Selective(0.1)) is None
+    assert not Selective(0.1).fixed_work and codec_work("bundle", x, Selective(0.1)) is None
+    # a bundle of tensors with codecs of their own: counted once where every codec's work is fixed
+    two = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
+    mixed = codec_work("bundle", two, {"w": get_codec("topk:0.1"), "b": DenseCodec()})
+    assert mixed is not None and mixed != codec_work("bundle", two, {"w": get_codec("topk:0.2"), "b": DenseCodec()})
+    assert codec_work("bundle", two, {"w": get_codec("topk:0.1"), "b": Entropy()}) is None
 
 
 def test_a_codecs_first_call_for_a_tensor_is_counted_apart_from_later_ones():
     """Error feedback's first pack of a tensor has no residual yet, low-rank's draws its first Q:
     other work than later packs, so another name (two reducers with one codec never share the
     counts of different work)."""
-    from pysim.comm import _codec_work
     from pysim.compress import ErrorFeedback, get_codec
 
     x = {"w": torch.randn(8, 6)}
     for spec in ("topk:0.25", "lowrank:2"):
         codec = ErrorFeedback(get_codec(spec))
-        before = _codec_work("bundle", x, codec)
+        before = codec_work("bundle", x, codec)
         codec.pack(x["w"], key="w")
-        assert _codec_work("bundle", x, codec) != before
+        assert codec_work("bundle", x, codec) != before
 
 
 def charged_per_step(rank: int, world: int, specs: list[str], steps: int, reuse: bool) -> dict:

@@ -19,6 +19,16 @@ Per step, on every node, with N nodes:
    optimizer instead (AdamW in the built-in workloads: Adam's normalisation on top of DGC's
    momentum), a labelled variant.
 
+Steps 2-4 apply to the tensors of two or more dimensions (weight matrices, convolution
+kernels), as in the authors' code (``train.py`` hands the compressor the parameters with
+``dim() > 1``). Vectors (biases, norm scales) cross dense: the mean of their clipped
+gradients is stepped with momentum SGD, u = momentum * u + avg, w -= lr * u (the authors'
+dense path; top-k with masking would send one entry of a 10-entry bias per step and, at
+density 1, drop its momentum altogether). The authors all-reduce them; here their fp32
+packet rides in the same all-gather bundle as the top-k packet, one collective per step (a
+ring all-reduce of a few hundred values of its own would add 2(N-1) link latencies to
+every step; the all-gather sends them to N-1 nodes instead of 2(N-1)/N, a few KB).
+
 Warm-up: the density starts at 25% and is divided by 4 every ``warmup_steps / 4`` steps
 (sparsity 75%, 93.75%, 98.44%, 99.61%), then stays at ``k`` (99.9% sparsity for the
 paper's k = 0.001); a stage whose density would be below ``k`` uses ``k``. Nodes stay
@@ -34,8 +44,8 @@ import math
 
 import torch
 
+from pysim.compress import DenseCodec, TopKCodec
 from pysim.strategies.base import FLOAT32_MAX, CommStep, OwnUpdate, real_in
-from pysim.strategies.reducers import sparse_mean
 
 WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.00390625)
 
@@ -68,6 +78,7 @@ class MomentumCorrectedTopK(CommStep):
         super().setup(strategy)
         self.u = [torch.zeros_like(p) for p in strategy.params]
         self.v = [torch.zeros_like(p) for p in strategy.params]
+        self.sparse = [p.dim() > 1 for p in strategy.params]
 
     def before_local_step(self, step: int, last: bool) -> None:
         s = self.strategy
@@ -75,28 +86,61 @@ class MomentumCorrectedTopK(CommStep):
         # the same work at every step of one density (each tensor's count n follows from it)
         work = f"dgc density {density!r} {s.param_shapes}"
         with s.compute(reuse=work if all(p.grad is not None for p in s.params) else None):
-            grads = s.grads()
-            if self.clip_norm is not None:
-                norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
-                scale = min(1.0, self.clip_norm * math.sqrt(s.comm.world) / (float(norm) + 1e-12))
-                grads = [g * scale for g in grads]
-            if self.weight_decay:
-                grads = [g + self.weight_decay * p.detach() for g, p in zip(grads, s.params, strict=True)]
-            sent, count = [], 0
-            for g, u, v in zip(grads, self.u, self.v, strict=True):
-                u.mul_(self.momentum).add_(g)
-                v.add_(u)
-                n = max(1, round(density * v.numel()))
-                idx = v.reshape(-1).abs().topk(n).indices
-                flat = torch.zeros(v.numel())
-                flat[idx] = v.reshape(-1)[idx]
-                u.view(-1)[idx] = 0.0
-                v.view(-1)[idx] = 0.0
-                sent.append(flat)
-                count += n
-            flat = torch.cat(sent)
-        avg = sparse_mean(s.comm, flat, count, key="dgc", step=step)
-        s.set_grads(avg)
+            grads = self._clipped(s.grads())
+            selected, count = self._select(grads, density)
+            vectors = [g.reshape(-1) for g, sparse in zip(grads, self.sparse, strict=True) if not sparse]
+        tensors, codecs = {}, {}
+        if count:
+            tensors["dgc"], codecs["dgc"] = selected, TopKCodec(count)
+        if vectors:
+            tensors["dgc vectors"], codecs["dgc vectors"] = torch.cat(vectors), DenseCodec()
+        avg = s.comm.allgather_mean_many(tensors, codecs, step)
+        with s.compute(reuse=f"dgc vector momentum {s.param_shapes}"):
+            s.set_grads(self._average(avg.get("dgc"), avg.get("dgc vectors")), copy=False)
+
+    def _clipped(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Step 1: local clipping at clip_norm * sqrt(N), then weight decay."""
+        s = self.strategy
+        if self.clip_norm is not None:
+            norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+            scale = min(1.0, self.clip_norm * math.sqrt(s.comm.world) / (float(norm) + 1e-12))
+            grads = [g * scale for g in grads]
+        if self.weight_decay:
+            grads = [g + self.weight_decay * p.detach() for g, p in zip(grads, s.params, strict=True)]
+        return grads
+
+    def _select(self, grads: list[torch.Tensor], density: float) -> tuple[torch.Tensor, int]:
+        """Steps 2-4 on the sparsified tensors: their selections as one vector, and the entries sent."""
+        sent, count = [], 0
+        for g, u, v, sparse in zip(grads, self.u, self.v, self.sparse, strict=True):
+            if not sparse:
+                continue
+            u.mul_(self.momentum).add_(g)
+            v.add_(u)
+            n = max(1, round(density * v.numel()))
+            idx = v.reshape(-1).abs().topk(n).indices
+            flat = torch.zeros(v.numel())
+            flat[idx] = v.reshape(-1)[idx]
+            u.view(-1)[idx] = 0.0
+            v.view(-1)[idx] = 0.0
+            sent.append(flat)
+            count += n
+        return (torch.cat(sent) if sent else torch.zeros(0)), count
+
+    def _average(self, sparse_avg: torch.Tensor | None, dense_avg: torch.Tensor | None) -> torch.Tensor:
+        """The update direction of every tensor, in parameter order: a sparsified tensor's
+        average as it came; a vector's, u = momentum * u + average (momentum SGD on it)."""
+        pieces, at_sparse, at_dense = [], 0, 0
+        for u, sparse in zip(self.u, self.sparse, strict=True):
+            n = u.numel()
+            if sparse:
+                pieces.append(sparse_avg[at_sparse:at_sparse + n])
+                at_sparse += n
+            else:
+                u.view(-1).mul_(self.momentum).add_(dense_avg[at_dense:at_dense + n])
+                pieces.append(u.reshape(-1).clone())
+                at_dense += n
+        return torch.cat(pieces)
 
 
 class DGC(OwnUpdate):
@@ -107,7 +151,9 @@ class DGC(OwnUpdate):
     ``optimizer="inner"``: the workload's optimizer steps on the average instead (a variant,
     labelled)."""
 
-    revision = 1   # 1: the paper's clipping threshold, clip_norm * sqrt(N) (clip_norm / sqrt(N) before)
+    # 1: the paper's clipping threshold, clip_norm * sqrt(N) (clip_norm / sqrt(N) before);
+    # 2: vectors cross dense, with momentum SGD on their mean (top-k like the matrices before)
+    revision = 2
 
     def __init__(self, k: float = 0.01, momentum: float = 0.9, lr: float = 0.2, clip_norm: float | None = 1.0,
                  warmup_steps: int = 100, weight_decay: float = 0.0, optimizer: str = "sgd") -> None:
