@@ -122,7 +122,7 @@ class NodeRun:
         self.host: Host = self.comm.host
         self.comm.meter = ComputeMeter(cfg.profile, shared=self.host.shared("counted work", dict))
         self.strategy.setup(self.model, self.optimizer, self.comm, self.scheduler, seed=cfg.seed, examples=examples,
-                            steps=cfg.steps)
+                            steps=cfg.steps, batch_size=cfg.batch_size)
         self.work, self.key = self._step_work()
         # records, and what evaluations need
         self.steps: list[StepRecord] = []

@@ -409,10 +409,11 @@ def mismatched_metrics(rank: int, world: int) -> dict:
     return Evaluator(current_host(), metrics)(torch.nn.Linear(6, 3), data)
 
 
-def train_tiny_cohorts(rank: int, world: int, spec: str, steps: int, examples: list, seed: int) -> dict:
+def train_tiny_cohorts(rank: int, world: int, spec: str, steps: int, examples: list, seed: int,
+                       batch_size: int | None = None) -> dict:
     """``spec`` on the tiny model with plain SGD (lr 0.1), the strategy told every node's number of
-    examples and the run's seed; a node computes a gradient only on steps it trains. Returns the
-    deployed model, the deployer, the trace's segments and the steps this node trained."""
+    examples, the run's seed and batch size; a node computes a gradient only on steps it trains.
+    Returns the deployed model, the deployer, the trace's segments and the steps this node trained."""
     from tiny import batch, tiny_model
 
     from pysim.strategies import make_strategy
@@ -421,7 +422,7 @@ def train_tiny_cohorts(rank: int, world: int, spec: str, steps: int, examples: l
     comm = Comm(rank, world, Network.uniform(world, "100Mbit", "1ms"))
     strategy = make_strategy(spec)
     strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1), comm, seed=seed, examples=examples,
-                   steps=steps)
+                   steps=steps, batch_size=batch_size)
     trained, deployers = [], []
     for step in range(steps):
         if strategy.trains(step):

@@ -132,10 +132,80 @@ def test_a_cohort_of_one_client_trains_alone_and_hands_its_model_on(processes):
     assert sum(r["sent"] for r in res) == handovers * (24 + 4 + 4 * sum(p.numel() for p in glob))
 
 
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_epochs_give_each_client_e_passes_over_its_own_data_a_round(epochs):
+    """McMahan et al.'s E: client k takes E x floor(n_k / B) steps a round, the round lasts the
+    longest client's, and the average is weighted by n_k."""
+    examples, batch_size = [64, 175, 96], 32               # 2, 5 and 3 full batches a pass
+    local = [epochs * 2, epochs * 5, epochs * 3]
+    length, rounds = max(local), 2
+    res = run_nodes(node_programs.train_tiny_cohorts, 3, (f"FedAvg(epochs={epochs})", length * rounds, examples, 0,
+                                                          batch_size))
+    glob = [p.detach().clone() for p in tiny_model().parameters()]
+    for r in range(rounds):
+        glob = weighted([local_sgd(glob, k, range(length * r, length * r + local[k])) for k in range(3)], examples)
+    for k, r in enumerate(res):
+        assert r["trained"] == [length * i + s for i in range(rounds) for s in range(local[k])]
+        for got, want in zip(r["deployed"], glob, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    # a ring all-reduce of the model per round, nothing else (a client done early sends nothing):
+    # each node sends 2 (N - 1) chunk packets of 28 header bytes, and every value crosses 2 (N - 1) times
+    n = sum(p.numel() for p in glob)
+    assert sum(r["sent"] for r in res) == rounds * (3 * 4 * 28 + 4 * 2 * 2 * n)
+
+
+def test_epochs_with_equal_shards_are_h_steps():
+    from pysim.strategies import make_strategy
+
+    assert make_strategy("FedAvg(epochs=3)").label == "FedAvg E=3"
+    res = run_nodes(node_programs.train_tiny_cohorts, 2, ("FedAvg(epochs=1)", 6, [96, 96], 0, 32))
+    same = run_nodes(node_programs.train_tiny_cohorts, 2, ("FedAvg(H=3)", 6, [96, 96], 0, 32))
+    for a, b in zip(res, same, strict=True):
+        assert a["trained"] == b["trained"] == list(range(6))
+        assert all(torch.equal(x, y) for x, y in zip(a["deployed"], b["deployed"], strict=True))
+
+
+def test_epochs_in_a_run_with_unequal_shards():
+    """Through the trainer (which tells the strategy the batch size) with Dirichlet shards: each
+    node computes on E x floor(n_k / B) steps a round and sits out the rest."""
+    from pysim.config import TrainConfig, training_shards
+    from pysim.network import Network
+    from pysim.trainer import run
+    from pysim.workload import Batches, image_workload
+
+    cfg = TrainConfig(workload=image_workload(lr=3e-3), strategy="FedAvg", strategy_args={"epochs": 1}, nodes=3,
+                      steps=30, eval_every=30, eval_subset=120, train_examples=600, batch_size=16,
+                      sharding="dirichlet:1", compute="cpu", network=Network.uniform(3, "100Mbit", "5ms"))
+    train = Batches(cfg.workload.data()[0])
+    shards = training_shards(cfg, 3, len(train), train.labels())
+    local = [len(s) // 16 for s in shards]
+    assert len(set(local)) == 3 and max(local) < 30   # unequal shards, more than one round
+    result = run(cfg)
+    step_s = max(max(seg) for seg in result.trace.compute_s)   # a training step; packing models costs ~1/50
+    trained = [sum(1 for seg in result.trace.compute_s if seg[k] > step_s / 2) for k in range(3)]
+    length = max(local)
+    assert trained == [sum(min(local[k], length, 30 - start) for start in range(0, 30, length)) for k in range(3)]
+
+
 def test_bad_cohorts_are_one_line_errors():
     from pysim.strategies import make_strategy
 
     for kwargs, message in (({"clients_per_round": 0}, "clients_per_round"), ({"clients_per_round": 1.5}, "fraction"),
-                            ({"clients_per_round": 2, "island_size": 2}, "not both")):
+                            ({"clients_per_round": 2, "island_size": 2}, "not both"),
+                            ({"epochs": 0}, "epochs .* must be an integer >= 1, got 0"),
+                            ({"epochs": 1.0}, "epochs .* got 1.0"), ({"epochs": True}, "epochs"),
+                            ({"H": 5, "epochs": 1}, "H .* or epochs .* not both")):
         with pytest.raises(ValueError, match=message):
             make_strategy("FedAvg", **kwargs)
+    # epochs need the batch size and shards of at least a batch
+    import torch.nn as nn
+
+    from pysim.comm import Comm
+    from pysim.network import Network
+
+    model = nn.Linear(2, 2)
+    for batch_size, examples in ((None, [64, 64]), (32, [64, 16])):
+        with pytest.raises(ValueError, match="needs the run's batch size and every client's number of training"):
+            make_strategy("FedAvg(epochs=1)").setup(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                                    Comm(0, 2, Network.uniform(2, "1Gbps")), examples=examples,
+                                                    batch_size=batch_size)

@@ -170,13 +170,14 @@ class Strategy:
     # ------------------------------------------------------------ lifecycle
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, comm: Comm, scheduler=None,
-              seed: int = 0, examples: list[int] | None = None, steps: int | None = None) -> None:
+              seed: int = 0, examples: list[int] | None = None, steps: int | None = None,
+              batch_size: int | None = None) -> None:
         """Binds the strategy to a node. ``seed``: the run's seed (see the module docstring);
         ``examples``: every node's number of training examples (None: equal); ``steps``: the
-        run's number of steps, if known."""
+        run's number of steps, if known; ``batch_size``: the examples of a node's batch, if known."""
         self.check(comm.world, model, optimizer)
         self.model, self.optimizer, self.comm, self.scheduler = model, optimizer, comm, scheduler
-        self.run_seed, self.total_steps = seed, steps
+        self.run_seed, self.total_steps, self.batch_size = seed, steps, batch_size
         self.examples = list(examples) if examples is not None else [1] * comm.world
         named = list(model.named_parameters())  # cached: walking the module tree every step costs ~0.4 ms
         self.names, self.params = [n for n, _ in named], [p for _, p in named]

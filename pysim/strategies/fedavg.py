@@ -37,7 +37,14 @@ def cohort(n: int, k: int, seed: int, round_: int) -> tuple[int, ...]:
 
 
 class AverageModels(CommStep):
-    """FedAvg's rounds of ``H`` local steps (the last round ends with the run's last step).
+    """FedAvg's rounds of ``H`` local steps, or of ``epochs`` passes over each client's data
+    (the last round ends with the run's last step).
+
+    - ``epochs`` E (McMahan et al.'s E): client k takes u_k = E x floor(n_k / B) local steps a
+      round (B the run's batch size, n_k its training examples; a pass over a shard draws its
+      full batches), so a client with more data trains more steps; the round lasts the
+      largest u_k steps, and a client done earlier waits for the average (no compute, no
+      bytes). With equal shards every u_k is the same and E epochs are H = u_k steps.
 
     - Every node, or with ``clients_per_round`` (a count, or a fraction of the nodes) a cohort
       drawn anew each round (:func:`cohort`, seeded), trains; the others sit the round out
@@ -56,9 +63,17 @@ class AverageModels(CommStep):
     :meth:`deployer` names: the lowest-ranked node of the last cohort (node 0 when every node
     trains)."""
 
-    def __init__(self, H: int, clients_per_round: int | float | None = None, island_size: int | None = None,
-                 seed: int | None = None, weighted: bool = True) -> None:
-        if isinstance(H, bool) or not isinstance(H, int) or H < 1:
+    def __init__(self, H: int | None = 10, clients_per_round: int | float | None = None,
+                 island_size: int | None = None, seed: int | None = None, weighted: bool = True,
+                 epochs: int | None = None) -> None:
+        if epochs is not None:
+            if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+                raise ValueError(f"epochs (passes over each client's data per round) must be an integer >= 1, "
+                                 f"got {epochs!r}")
+            if H is not None:
+                raise ValueError("FedAvg takes H (local steps per round) or epochs (passes over each client's "
+                                 "data per round), not both")
+        elif isinstance(H, bool) or not isinstance(H, int) or H < 1:
             raise ValueError(f"H (local steps per averaging round) must be an integer >= 1, got {H!r}")
         if island_size is not None and (isinstance(island_size, bool) or not isinstance(island_size, int)
                                         or island_size < 1):
@@ -74,8 +89,8 @@ class AverageModels(CommStep):
             raise ValueError(f"weighted must be True or False, got {weighted!r}")
         check_seed(seed, "FedAvg")
         self.H, self.clients_per_round, self.island_size = H, clients_per_round, island_size
-        self.seed, self.weighted = seed, weighted
-        parts = [f"H={H}"]
+        self.seed, self.weighted, self.epochs = seed, weighted, epochs
+        parts = [f"H={H}" if epochs is None else f"E={epochs}"]
         if clients_per_round is not None:
             c = clients_per_round   # a count, or a fraction of the nodes (1 client is not 1.0 of them)
             per_round = f"{c} client/round" if c == 1 else f"{c} clients/round"
@@ -105,9 +120,20 @@ class AverageModels(CommStep):
         super().setup(strategy)
         n = strategy.comm.world
         self.n, self.k = n, self.clients(n)
+        self.local_steps = [self.H] * n if self.epochs is None else self.epoch_steps(strategy)
+        self.H = max(self.local_steps)   # the round's length in steps
         self.rng_seed = strategy.seeded(self.seed)
         self.averaged = copy.deepcopy(strategy.model)
         self.holders: tuple[int, ...] = tuple(range(n))   # the nodes holding the latest global model
+
+    def epoch_steps(self, strategy) -> list[int]:
+        """Each client's local steps a round, E x floor(n_k / B)."""
+        b = strategy.batch_size
+        if b is None or min(strategy.examples) < b:
+            raise ValueError(f"FedAvg(epochs={self.epochs}) needs the run's batch size and every client's "
+                             f"number of training examples, at least a batch each (got batch size {b}, "
+                             f"examples {strategy.examples})")
+        return [self.epochs * (n_k // b) for n_k in strategy.examples]
 
     def round_of(self, step: int) -> int:
         return step // self.H
@@ -126,7 +152,8 @@ class AverageModels(CommStep):
         return (members, *((m,) for m in range(self.n) if m not in members))
 
     def trains(self, step: int) -> bool:
-        return self.strategy.comm.rank in self.members(self.round_of(step))
+        rank = self.strategy.comm.rank
+        return rank in self.members(self.round_of(step)) and step % self.H < self.local_steps[rank]
 
     def deployer(self, step: int) -> int:
         ends = (step + 1) % self.H == 0 or step + 1 == self.strategy.total_steps
@@ -182,13 +209,16 @@ class AverageModels(CommStep):
 
 class FedAvg(Strategy):
     """FedAvg (McMahan et al. 2017): rounds of ``H`` local steps of the inner optimizer (whose
-    state each node keeps), then the round's nodes average their models weighted by their
-    training examples. ``clients_per_round``: a cohort of that many clients (or that fraction
-    of the nodes), drawn each round from the run's seed (``seed`` overrides it), trains and
-    averages while the others sit the round out; ``island_size``: every node trains and
-    averages within random islands of that size (EXO Gym's islands). ``weighted=False``:
-    plain averages. See :class:`AverageModels`."""
+    state each node keeps), or with ``epochs`` E of E passes over each client's data (the
+    paper's E; a client with more data takes more steps), then the round's nodes average
+    their models weighted by their training examples. ``clients_per_round``: a cohort of that
+    many clients (or that fraction of the nodes), drawn each round from the run's seed
+    (``seed`` overrides it), trains and averages while the others sit the round out;
+    ``island_size``: every node trains and averages within random islands of that size (EXO
+    Gym's islands). ``weighted=False``: plain averages. See :class:`AverageModels`."""
 
-    def __init__(self, H: int = 10, clients_per_round: int | float | None = None, island_size: int | None = None,
-                 seed: int | None = None, weighted: bool = True) -> None:
-        self.comm_steps = (AverageModels(H, clients_per_round, island_size, seed, weighted),)
+    def __init__(self, H: int | None = None, clients_per_round: int | float | None = None,
+                 island_size: int | None = None, seed: int | None = None, weighted: bool = True,
+                 epochs: int | None = None) -> None:
+        H = 10 if H is None and epochs is None else H
+        self.comm_steps = (AverageModels(H, clients_per_round, island_size, seed, weighted, epochs),)
