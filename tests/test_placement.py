@@ -17,7 +17,7 @@ BUILT_IN = ["SimpleReduce", "SimpleReduce(overlap=True, bucket_mb=0.05)", "Simpl
             "SPARTADiLoCo(p=0.02, H=3)", "FedAvg(H=3)", "FedAvg(H=3, island_size=2)",
             "FedAvg(H=2, clients_per_round=2)", "TopK(k=0.02)",
             "DGC(k=0.02, warmup_steps=4)", "DeMo", "PowerSGD(rank=2)", "AsyncDiLoCo(H=2)",
-            "AsyncDiLoCo(H=3, dylu=False, codec='topk:0.1:int2+ef')", "NoLoCo(H=3)", "SparseLoCo(H=3, chunk=512)",
+            "AsyncDiLoCo(H=3, dylu=False, codec='topk:0.1:int2+ef')", "NoLoCo(H=3)", "SparseLoCo(H=3, tile=16)",
             "MuLoCo(H=3)", "DESLOC(Kx=2)", "EagerDiLoCo(H=3)", "EagerDiLoCo(H=4, fragments=2)"]
 
 

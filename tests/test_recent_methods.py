@@ -50,10 +50,14 @@ def two_bit(values: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- SparseLoCo
 
 
-def test_sparseloco_matches_error_feedback_chunked_topk_and_two_bit_values():
-    H, chunk, topk, beta, lr, steps = 2, 8, 3, 0.9, 1.0, 4
-    res = run("SparseLoCo", {"H": H, "chunk": chunk, "topk": topk, "beta": beta, "outer_lr": lr}, steps)
+def test_sparseloco_matches_error_feedback_tiled_topk_and_two_bit_values():
+    """Tiles of up to 5 x 5: the 5 x 6 weight in two 5 x 3 tiles (column blocks), the 3 x 5 one in
+    one 3 x 5 tile, the biases in one run each; the 4 largest |e| of each kept."""
+    H, tile, topk, beta, lr, steps = 2, 5, 4, 0.9, 1.0, 4
+    res = run("SparseLoCo", {"H": H, "tile": tile, "topk": topk, "beta": beta, "outer_lr": lr}, steps)
     theta = params_of(tiny_model())
+    assert [tuple(p.shape) for p in theta] == [(5, 6), (5,), (3, 5), (3,)]
+    blocks = {(5, 6): (5, 3), (5,): (5, 1), (3, 5): (3, 5), (3,): (3, 1)}   # rows x columns of a chunk
     errors = [[torch.zeros_like(p) for p in theta] for _ in range(2)]
     count = 0
     for rnd in range(steps // H):
@@ -63,13 +67,16 @@ def test_sparseloco_matches_error_feedback_chunked_topk_and_two_bit_values():
             kept = []
             for i, (g, p) in enumerate(zip(theta, local, strict=True)):
                 errors[rank][i] = beta * errors[rank][i] + (g - p)
-                e = errors[rank][i].reshape(-1)
+                e = errors[rank][i].reshape(g.shape[0], -1)
+                a, b = blocks[tuple(g.shape)]
                 k = torch.zeros_like(e)
-                for c0 in range(0, e.numel(), chunk):     # chunk by chunk, its topk largest |e|
-                    part = e[c0:c0 + chunk]
-                    idx = part.abs().topk(min(topk, part.numel())).indices + c0
-                    k[idx] = e[idx]
-                kept.append(k)
+                for r0 in range(0, e.shape[0], a):            # tile by tile, its topk largest |e|
+                    for c0 in range(0, e.shape[1], b):
+                        part = e[r0:r0 + a, c0:c0 + b]
+                        idx = part.reshape(-1).abs().topk(min(topk, part.numel())).indices
+                        rows, cols = idx // part.shape[1] + r0, idx % part.shape[1] + c0
+                        k[rows, cols] = e[rows, cols]
+                kept.append(k.reshape(-1))
             flat_kept = torch.cat(kept)
             nz = flat_kept.nonzero().squeeze(1)
             sent = torch.zeros_like(flat_kept)
@@ -89,7 +96,7 @@ def test_sparseloco_matches_error_feedback_chunked_topk_and_two_bit_values():
         torch.testing.assert_close(flat(r["params"]), flat(theta), atol=1e-6, rtol=0)
         torch.testing.assert_close(flat(r["local"]), flat(theta), atol=1e-6, rtol=0)
     # each round, each node sends its one packet to the other (an all-gather of two)
-    assert count == sum(min(topk, chunk) * (n // chunk) + min(topk, n % chunk) for n in (30, 5, 15, 3))
+    assert count == 2 * 4 + 4 + 4 + 3
     assert res[0]["sent"] == (steps // H) * TopKCodec(count, "int2").nbytes((N_TINY,))
 
 

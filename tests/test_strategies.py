@@ -735,7 +735,7 @@ def test_blocks_that_repeat_their_work_are_counted_twice_then_reused():
     (bench/RESULTS.md: 48 strategy variants compared with the code that counted every call)."""
     specs = ["DeMo", "DiLoCo(H=2)", "PowerSGD", "SimpleReduce(codec='int8')", "DiLoCo(H=2, codec='powersgd:2')",
              "TopK", "DiLoCo(H=2, codec='lowrank:2')", "FedAvg(H=2)", "StreamingDiLoCo(H=2, tau=0)",
-             "DGC(warmup_steps=4)", "SparseLoCo(H=2, chunk=16, topk=2)", "NoLoCo(H=2)"]
+             "DGC(warmup_steps=4)", "SparseLoCo(H=2, tile=4, topk=2)", "NoLoCo(H=2)"]
     late = ["DESLOC(Kx=1, Ku=1, Kv=1)", "AsyncDiLoCo(H=2, codec='topk:0.1+ef')"]
     counted = run_nodes(counted_blocks_per_step, 2, (specs + late, 12))
     for node in counted:
@@ -808,7 +808,7 @@ def charged_per_step(rank: int, world: int, specs: list[str], steps: int, reuse:
 def test_reused_blocks_charge_what_counting_every_call_charges():
     specs = ["DeMo", "DiLoCo(H=2)", "PowerSGD", "SimpleReduce(codec='int8')", "TopK", "FedAvg(H=3)",
              "DiLoCo(H=2, codec='lowrank:2')", "StreamingDiLoCo(H=4, tau=1)", "MuLoCo(H=3)", "DGC(warmup_steps=4)",
-             "SparseLoCo(H=2, chunk=16, topk=2)", "NoLoCo(H=2)", "DESLOC(Kx=1, Ku=1, Kv=2, clip=1.0)",
+             "SparseLoCo(H=2, tile=4, topk=2)", "NoLoCo(H=2)", "DESLOC(Kx=1, Ku=1, Kv=2, clip=1.0)",
              "DESLOC(Kx=2, Ku=3, Kv=6)", "AsyncDiLoCo(H=2, codec='int8')", "AsyncDiLoCo(H=2, codec='topk:0.1+ef')"]
     reused = run_nodes(charged_per_step, 2, (specs, 9, True))
     counted = run_nodes(charged_per_step, 2, (specs, 9, False))

@@ -28,6 +28,7 @@ import torch
 
 from pysim.compress import TopKCodec, sparse_entries
 from pysim.strategies.base import FLOAT32_MAX, CommStep, Strategy, real_in
+from pysim.strategies.chunks import Chunks, keep_topk_per_chunk
 
 
 def dct_matrix(n: int) -> torch.Tensor:
@@ -39,48 +40,34 @@ def dct_matrix(n: int) -> torch.Tensor:
     return d.float()
 
 
-def chunk_size(n: int, target: int) -> int:
-    """The largest divisor of ``n`` that is <= ``target``."""
-    return max(d for d in range(1, min(n, target) + 1) if n % d == 0)
-
-
 class ChunkedDCT:
-    """DCT-II of a tensor in chunks: a matrix (rows x cols) in (a x b) blocks, a vector in chunks."""
+    """DCT-II of a tensor in chunks (:class:`pysim.strategies.chunks.Chunks`): a matrix in
+    (a x b) blocks, each transformed in 2-D, a vector in runs of c."""
 
     def __init__(self, shape: torch.Size, target: int) -> None:
-        self.shape = shape
-        dims = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (math.prod(shape),)
-        self.dims = dims
-        self.chunks = tuple(chunk_size(n, target) for n in dims)
-        self.mats = [dct_matrix(c) for c in self.chunks]
+        self.chunks = Chunks(shape, target)
+        self.shape = self.chunks.shape
+        self.mats = [dct_matrix(c) for c in self.chunks.sides]
 
     @property
     def chunk_numel(self) -> int:
-        return math.prod(self.chunks)
+        return self.chunks.chunk_numel
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Coefficients, shaped (number of chunks, coefficients per chunk)."""
-        if len(self.dims) == 1:
-            (c,), (d,) = self.chunks, self.mats
-            return x.reshape(-1, c) @ d.T
-        (r, c), (a, b), (da, db) = self.dims, self.chunks, self.mats
-        blocks = x.reshape(r // a, a, c // b, b).permute(0, 2, 1, 3)      # (R, C, a, b)
-        return (da @ blocks @ db.T).reshape(-1, a * b)
+        blocks = self.chunks.tiles(x)
+        if len(self.mats) == 1:
+            return blocks @ self.mats[0].T
+        da, db = self.mats
+        return (da @ blocks @ db.T).reshape(-1, self.chunk_numel)
 
     def decode(self, coeffs: torch.Tensor) -> torch.Tensor:
-        if len(self.dims) == 1:
-            (c,), (d,) = self.chunks, self.mats
-            return (coeffs.reshape(-1, c) @ d).reshape(self.shape)
-        (r, c), (a, b), (da, db) = self.dims, self.chunks, self.mats
-        blocks = da.T @ coeffs.reshape(r // a, c // b, a, b) @ db
-        return blocks.permute(0, 2, 1, 3).reshape(self.shape)
-
-
-def keep_topk_per_chunk(coeffs: torch.Tensor, k: int) -> torch.Tensor:
-    """``coeffs`` (chunks x per chunk) with all but the ``k`` largest |values| of each chunk zeroed."""
-    k = min(k, coeffs.shape[1])
-    idx = coeffs.abs().topk(k, dim=1).indices
-    return torch.zeros_like(coeffs).scatter_(1, idx, coeffs.gather(1, idx))
+        if len(self.mats) == 1:
+            (c,), (d,) = self.chunks.sides, self.mats
+            return self.chunks.untile(coeffs.reshape(-1, c) @ d)
+        (a, b), (da, db) = self.chunks.sides, self.mats
+        (r, c) = self.chunks.dims
+        return self.chunks.untile(da.T @ coeffs.reshape(r // a, c // b, a, b) @ db)
 
 
 class DecoupledMomentum(CommStep):
