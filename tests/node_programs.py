@@ -45,12 +45,17 @@ def mixed_bundle(rank: int, world: int) -> dict:
     tensors = {"sparse": torch.randn(300, generator=g), "dense": torch.randn(7, generator=g)}
     codecs = {"sparse": get_codec("topk:0.1"), "dense": DenseCodec()}
     out = {"tensors": tensors, "mean": comm.allgather_mean_many(tensors, codecs, step=2),
-           "sent": comm.bytes_sent,
            "reconstructed": codecs["sparse"].unpack(codecs["sparse"].pack(tensors["sparse"], key="sparse", step=2))}
-    try:
-        comm.allgather_mean_many(tensors, {"sparse": codecs["sparse"]})
-    except ValueError as e:
-        out["error"] = str(e)
+    out["async_mean"] = comm.allgather_mean_many_async(tensors, codecs, step=2, stream=1).wait()
+    out["sent"] = comm.bytes_sent
+    out["errors"] = []
+    for call, wrong in ((comm.allgather_mean_many, {"sparse": codecs["sparse"]}),
+                        (comm.allgather_mean_many, {**codecs, "extra": DenseCodec()}),
+                        (comm.allgather_mean_many_async, {"sparse": codecs["sparse"]})):
+        try:
+            call(tensors, wrong)
+        except ValueError as e:
+            out["errors"].append(str(e))
     return out
 
 

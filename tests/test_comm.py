@@ -99,9 +99,12 @@ def test_a_bundle_may_carry_each_tensor_with_its_own_codec():
                                    atol=0, rtol=0)
         torch.testing.assert_close(r["mean"]["sparse"], (res[0]["reconstructed"] + res[1]["reconstructed"]) / 2,
                                    atol=0, rtol=0)
-        # one bundle of both packets, sent once to the other node
-        assert r["sent"] == get_codec("topk:0.1").nbytes((300,)) + DenseCodec().nbytes((7,))
-        assert "one codec per tensor" in r["error"] and "['sparse']" in r["error"]
+        assert all(torch.equal(r["async_mean"][k], r["mean"][k]) for k in r["mean"])   # started, then waited
+        # one bundle of both packets, sent once to the other node, twice (blocking, then started and waited)
+        assert r["sent"] == 2 * (get_codec("topk:0.1").nbytes((300,)) + DenseCodec().nbytes((7,)))
+        # a codec missing, one too many, or missing from a started bundle: refused before anything is sent
+        assert len(r["errors"]) == 3 and all("one codec per tensor" in e for e in r["errors"])
+        assert "['extra', 'sparse', 'dense']" not in r["errors"][1] and "'extra'" in r["errors"][1]
 
 
 def test_async_stream_must_be_a_non_negative_int():

@@ -281,6 +281,15 @@ def test_resume_refuses_a_finished_run_of_a_strategy_whose_computation_changed_s
     assert "finished earlier, kept" in capsys.readouterr().out
 
 
+def test_strategies_whose_computation_changed_carry_their_revision():
+    from pysim.config import TrainConfig
+
+    # DGC 2: vectors dense; PowerSGD 1: the paper's momentum SGD; SparseLoCo 1: tiles; the rest unchanged
+    for spec, revision in (("DGC", 2), ("PowerSGD", 1), ("SparseLoCo", 1), ("DiLoCo", 0), ("FedAvg", 0)):
+        saved = TrainConfig(strategy=spec).to_json()
+        assert saved.get("strategy_revision", 0) == revision, spec
+
+
 def test_ctrl_c_while_the_report_is_made_is_one_line(monkeypatch, capsys, tmp_path):
     # after the runs were saved, an interrupt in plotting printed a bare KeyboardInterrupt traceback
     import pysim.compare

@@ -204,6 +204,10 @@ def test_bad_cohorts_are_one_line_errors():
     from pysim.network import Network
 
     model = nn.Linear(2, 2)
+    fits = make_strategy("FedAvg(epochs=1)")   # a client of exactly one batch takes one step a pass
+    fits.setup(model, torch.optim.SGD(model.parameters(), lr=0.1), Comm(0, 2, Network.uniform(2, "1Gbps")),
+               examples=[32, 64], batch_size=32)
+    assert fits.comm_steps[0].local_steps == [1, 2] and fits.comm_steps[0].H == 2
     for batch_size, examples in ((None, [64, 64]), (32, [64, 16])):
         with pytest.raises(ValueError, match="needs the run's batch size and every client's number of training"):
             make_strategy("FedAvg(epochs=1)").setup(model, torch.optim.SGD(model.parameters(), lr=0.1),

@@ -100,6 +100,16 @@ def test_sparseloco_matches_error_feedback_tiled_topk_and_two_bit_values():
     assert res[0]["sent"] == (steps // H) * TopKCodec(count, "int2").nbytes((N_TINY,))
 
 
+def test_sparseloco_label_default_tile_and_bad_tiles():
+    from pysim.strategies import make_strategy
+
+    assert make_strategy("SparseLoCo").label == "SparseLoCo H=30 top64/64x64 int2 EF 0.95 outer 1"
+    assert make_strategy("SparseLoCo(H=3, tile=16, topk=8)").label == "SparseLoCo H=3 top8/16x16 int2 EF 0.95 outer 1"
+    for tile in (0, -64, True, 1.5, "64"):
+        with pytest.raises(ValueError, match="tile .* must be an integer >= 1"):
+            make_strategy("SparseLoCo", tile=tile)
+
+
 # ---------------------------------------------------------------- NoLoCo
 
 

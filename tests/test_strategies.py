@@ -507,15 +507,16 @@ def test_dgc_density_warms_up_in_four_stages_then_stays_at_k():
     assert dgc_density(0, 0.01, 0) == 0.01
 
 
-def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_sgd():
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_sgd(wd):
     """Lin et al.'s Algorithm 4 written out for the weight matrices, and the authors' dense path
     for the biases (all-reduced, momentum SGD on the mean); the nodes' own optimizer is AdamW and
     must not be used: the update is w -= lr * direction with DGC's lr."""
     from pysim.compress import DenseCodec, TopKCodec
 
     lr, mom, clip, factor = 0.1, 0.9, 0.2, 0.5     # factor: the run's schedule, which scales DGC's lr too
-    res = both("DGC", {"k": 0.05, "momentum": mom, "clip_norm": clip, "warmup_steps": 4, "lr": lr}, 3, opt="adamw",
-               lr=0.003, lr_factor=factor)
+    res = both("DGC", {"k": 0.05, "momentum": mom, "clip_norm": clip, "warmup_steps": 4, "lr": lr, "weight_decay": wd},
+               3, opt="adamw", lr=0.003, lr_factor=factor)
     counts = [[8, 4], [2, 1], [2, 1]]  # densities 0.25, 0.0625, 0.05 of the matrices' 30 and 15 entries
     model = tiny_model()
     matrices = [i for i, p in enumerate(model.parameters()) if p.dim() == 2]
@@ -534,6 +535,7 @@ def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_
             if norm > limit:
                 grads = [g * limit / norm for g in grads]
                 clipped = True
+            grads = [g + wd * p.detach() for g, p in zip(grads, model.parameters(), strict=True)]   # every tensor
             for i, g in enumerate(grads):
                 if i not in matrices:
                     sent[rank].append(g)
@@ -558,6 +560,36 @@ def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_
         torch.testing.assert_close(flat(r["params"]), flat(model.parameters()), atol=1e-6, rtol=0)
         # one all-gather bundle per step: the matrices' top-k packet and the biases' fp32 packet
         assert r["sent"] == sum(TopKCodec(sum(c)).nbytes((45,)) + DenseCodec().nbytes((5 + 3,)) for c in counts)
+
+
+def dgc_on_one_kind(rank: int, world: int, kind: str) -> dict:
+    """Two steps of DGC (density 0.2 from the start) on a model of vectors only (a LayerNorm's
+    scale and shift) or of one matrix only (a linear layer without bias)."""
+    torch.manual_seed(0)
+    model = nn.LayerNorm(5) if kind == "vectors" else nn.Linear(6, 3, bias=False)
+    comm = Comm(rank, world, NET, ComputeMeter())
+    strategy = make_strategy("DGC", k=0.2, warmup_steps=0)
+    strategy.setup(model, torch.optim.SGD(model.parameters(), lr=0.1), comm)
+    start = [p.detach().clone() for p in model.parameters()]
+    for step in range(2):
+        x = torch.randn(8, 5 if kind == "vectors" else 6, generator=torch.Generator().manual_seed(10 * rank + step))
+        model.zero_grad()
+        model(x).pow(2).sum().backward()
+        strategy.step(step, last=step == 1)
+        comm.end_step()
+    return {"sent": comm.bytes_sent, "start": start, "params": [p.detach().clone() for p in model.parameters()]}
+
+
+@pytest.mark.parametrize("kind", ["vectors", "matrices"])
+def test_dgc_runs_on_a_model_of_vectors_only_or_of_matrices_only(kind):
+    from pysim.compress import DenseCodec, TopKCodec
+
+    res = run_nodes(dgc_on_one_kind, 2, (kind,))
+    per_step = DenseCodec().nbytes((10,)) if kind == "vectors" else TopKCodec(round(0.2 * 18)).nbytes((18,))
+    for r in res:
+        assert r["sent"] == 2 * per_step      # one packet a step: no empty top-k packet, no empty dense one
+        assert all(torch.equal(a, b) for a, b in zip(r["params"], res[0]["params"], strict=True))
+        assert not all(torch.equal(a, b) for a, b in zip(r["params"], r["start"], strict=True))
 
 
 def test_dgc_inner_optimizer_variant_steps_the_nodes_optimizer_on_the_average():

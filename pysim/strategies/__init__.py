@@ -6,6 +6,7 @@ module per concept:
 
 - ``base``: Strategy, CommStep, the registry;  ``spec``: make_strategy;
 - ``reducers``: averaging tensors over nodes, the collective chosen from the codec;
+- ``chunks``: cutting a tensor into tiles or runs, each keeping its own top-k (DeMo, SparseLoCo);
 - ``gradients``: SimpleReduce (optionally bucketed overlap), TopK, PowerSGD;  ``diloco``: DiLoCo;
   ``streaming``: StreamingDiLoCo, EagerDiLoCo;  ``sparta``: SPARTA;
   ``fedavg``: FedAvg;  ``composed``: SPARTADiLoCo;  ``demo``: DeMo;  ``dgc``: DGC;
