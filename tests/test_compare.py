@@ -284,8 +284,8 @@ def test_resume_refuses_a_finished_run_of_a_strategy_whose_computation_changed_s
 def test_strategies_whose_computation_changed_carry_their_revision():
     from pysim.config import TrainConfig
 
-    # DGC 2: vectors dense; PowerSGD 1: the paper's momentum SGD; SparseLoCo 1: tiles; the rest unchanged
-    for spec, revision in (("DGC", 2), ("PowerSGD", 1), ("SparseLoCo", 1), ("DiLoCo", 0), ("FedAvg", 0)):
+    # DGC 3: vectors dense, weight decay local; PowerSGD 1: the paper's momentum SGD; SparseLoCo 1: tiles
+    for spec, revision in (("DGC", 3), ("PowerSGD", 1), ("SparseLoCo", 1), ("DiLoCo", 0), ("FedAvg", 0)):
         saved = TrainConfig(strategy=spec).to_json()
         assert saved.get("strategy_revision", 0) == revision, spec
 

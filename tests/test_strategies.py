@@ -524,6 +524,7 @@ def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_
     u = [[torch.zeros_like(p) for p in model.parameters()] for _ in range(2)]
     v = [[torch.zeros_like(p) for p in model.parameters()] for _ in range(2)]
     bias_momentum = [torch.zeros_like(p) for p in model.parameters()]
+    decay = [torch.zeros_like(p) for p in model.parameters()]   # weight decay: local, its own momentum
     clipped = False
     for step in range(3):
         sent = [[], []]
@@ -535,7 +536,6 @@ def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_
             if norm > limit:
                 grads = [g * limit / norm for g in grads]
                 clipped = True
-            grads = [g + wd * p.detach() for g, p in zip(grads, model.parameters(), strict=True)]   # every tensor
             for i, g in enumerate(grads):
                 if i not in matrices:
                     sent[rank].append(g)
@@ -554,7 +554,8 @@ def test_dgc_matches_algorithm_4_clipping_momentum_correction_masking_and_plain_
                 if i not in matrices:
                     bias_momentum[i] = mom * bias_momentum[i] + direction
                     direction = bias_momentum[i]
-                p -= factor * lr * direction
+                decay[i] = mom * decay[i] + wd * p
+                p -= factor * lr * (direction + decay[i])
     assert clipped
     for r in res:
         torch.testing.assert_close(flat(r["params"]), flat(model.parameters()), atol=1e-6, rtol=0)
@@ -599,6 +600,9 @@ def test_dgc_inner_optimizer_variant_steps_the_nodes_optimizer_on_the_average():
     from pysim.strategies import make_strategy
 
     assert make_strategy("DGC(optimizer='inner')").label.endswith("+inner optimizer")
+    assert make_strategy("DGC(weight_decay=0.0001)").label.endswith(" wd=0.0001")
+    with pytest.raises(ValueError, match="weight_decay set its own update; with optimizer='inner'"):
+        make_strategy("DGC(optimizer='inner', weight_decay=0.0001)")   # the workload's optimizer has its own
     with pytest.raises(ValueError, match="optimizer must be 'sgd'"):
         make_strategy("DGC(optimizer='adam')")
 

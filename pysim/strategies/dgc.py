@@ -7,7 +7,7 @@ Per step, on every node, with N nodes:
    gradients, at the global threshold times N^-1/2 (section 3.2: the share of N nodes with
    identical gradient distributions); g, the node's mean gradient, is N G^k, so its
    threshold is clip_norm * N^-1/2 * N. ``clip_norm`` is the threshold on the global (mean)
-   gradient, as in one-node training. Weight decay, if any, is added to g;
+   gradient, as in one-node training;
 2. momentum correction: u = momentum*u + g; v = v + u;
 3. per tensor, select the ``density(step)`` fraction of entries of v with the largest |v|
    (at least one per tensor); all-gather every node's selection as one top-k packet and
@@ -15,7 +15,9 @@ Per step, on every node, with N nodes:
 4. momentum factor masking: u = v = 0 where this node sent;
 5. the update is plain SGD on the average, w -= lr * avg (Algorithm 4's last line: the
    momentum lives in u, so no optimizer adds another), with DGC's own ``lr`` times the run's
-   warm-up/cosine schedule factor. ``optimizer="inner"`` hands the average to the workload's
+   warm-up/cosine schedule factor. Weight decay (Algorithm 4 has none) is the authors'
+   optimizer's: local, never sent, with momentum of its own, b = momentum * b + wd * w and
+   w -= lr * (avg + b). ``optimizer="inner"`` hands the average to the workload's
    optimizer instead (AdamW in the built-in workloads: Adam's normalisation on top of DGC's
    momentum), a labelled variant.
 
@@ -60,8 +62,7 @@ def dgc_density(step: int, k: float, warmup_steps: int) -> float:
 class MomentumCorrectedTopK(CommStep):
     """Steps 1-4 of the module docstring; leaves the average in every ``p.grad``."""
 
-    def __init__(self, k: float, momentum: float, clip_norm: float | None, warmup_steps: int,
-                 weight_decay: float = 0.0) -> None:
+    def __init__(self, k: float, momentum: float, clip_norm: float | None, warmup_steps: int) -> None:
         if isinstance(k, bool) or not isinstance(k, float) or not 0 < k <= 1:
             raise ValueError(f"DGC k is the final fraction of entries sent, a float in (0, 1]; got {k!r}")
         real_in(momentum, "DGC momentum", 0, 1, low_closed=True)
@@ -69,9 +70,7 @@ class MomentumCorrectedTopK(CommStep):
             real_in(clip_norm, "DGC clip_norm (None: no clipping)", 0, math.inf)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"DGC warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        real_in(weight_decay, "DGC weight_decay", 0, FLOAT32_MAX, low_closed=True, high_closed=True)
         self.k, self.momentum, self.clip_norm, self.warmup_steps = k, momentum, clip_norm, warmup_steps
-        self.weight_decay = weight_decay
         self.label = f"k={k:g} warmup={warmup_steps}"
 
     def setup(self, strategy) -> None:
@@ -99,14 +98,11 @@ class MomentumCorrectedTopK(CommStep):
             s.set_grads(self._average(avg.get("dgc"), avg.get("dgc vectors")), copy=False)
 
     def _clipped(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Step 1: local clipping at clip_norm * sqrt(N), then weight decay."""
-        s = self.strategy
+        """Step 1: local clipping at clip_norm * sqrt(N)."""
         if self.clip_norm is not None:
             norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
-            scale = min(1.0, self.clip_norm * math.sqrt(s.comm.world) / (float(norm) + 1e-12))
+            scale = min(1.0, self.clip_norm * math.sqrt(self.strategy.comm.world) / (float(norm) + 1e-12))
             grads = [g * scale for g in grads]
-        if self.weight_decay:
-            grads = [g + self.weight_decay * p.detach() for g, p in zip(grads, s.params, strict=True)]
         return grads
 
     def _select(self, grads: list[torch.Tensor], density: float) -> tuple[torch.Tensor, int]:
@@ -152,22 +148,35 @@ class DGC(OwnUpdate):
     labelled)."""
 
     # 1: the paper's clipping threshold, clip_norm * sqrt(N) (clip_norm / sqrt(N) before);
-    # 2: vectors cross dense, with momentum SGD on their mean (top-k like the matrices before)
-    revision = 2
+    # 2: vectors cross dense, with momentum SGD on their mean (top-k like the matrices before);
+    # 3: weight decay local, with its own momentum (added to the sent gradient before)
+    revision = 3
 
     def __init__(self, k: float = 0.01, momentum: float = 0.9, lr: float = 0.2, clip_norm: float | None = 1.0,
                  warmup_steps: int = 100, weight_decay: float = 0.0, optimizer: str = "sgd") -> None:
-        self.choose_optimizer(optimizer, own=("lr",))
+        self.choose_optimizer(optimizer, own=("lr", "weight_decay"))
         real_in(lr, "DGC lr", 0, FLOAT32_MAX, high_closed=True)
-        step = MomentumCorrectedTopK(k, momentum, clip_norm, warmup_steps, weight_decay)
+        real_in(weight_decay, "DGC weight_decay", 0, FLOAT32_MAX, low_closed=True, high_closed=True)
+        step = MomentumCorrectedTopK(k, momentum, clip_norm, warmup_steps)
         if optimizer == "inner":
             step.label += " +inner optimizer"
         elif lr != 0.2:
             step.label += f" lr={lr:g}"
+        if weight_decay:
+            step.label += f" wd={weight_decay:g}"
         self.comm_steps = (step,)
-        self.dgc_lr = lr
+        self.dgc_lr, self.weight_decay, self.momentum = lr, weight_decay, momentum
+        self.decay: list[torch.Tensor] | None = None   # the weight decay's momentum, one buffer per parameter
 
     def own_update(self, factor: float) -> None:
-        """Algorithm 4's update, w -= lr_t * avg."""
-        for p in self.params:
-            p.sub_(p.grad, alpha=self.dgc_lr * factor)
+        """Algorithm 4's update, w -= lr_t * avg; with weight decay, the authors' optimizer's
+        b = momentum * b + wd * w, w -= lr_t * (avg + b)."""
+        if not self.weight_decay:
+            for p in self.params:
+                p.sub_(p.grad, alpha=self.dgc_lr * factor)
+            return
+        if self.decay is None:
+            self.decay = [torch.zeros_like(p) for p in self.params]
+        for p, b in zip(self.params, self.decay, strict=True):
+            b.mul_(self.momentum).add_(p, alpha=self.weight_decay)
+            p.sub_(p.grad + b, alpha=self.dgc_lr * factor)
