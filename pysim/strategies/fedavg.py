@@ -132,7 +132,7 @@ class AverageModels(CommStep):
         if b is None or min(strategy.examples) < b:
             raise ValueError(f"FedAvg(epochs={self.epochs}) needs the run's batch size and every client's "
                              f"number of training examples, at least a batch each (got batch size {b}, "
-                             f"examples {strategy.examples})")
+                             f"the smallest client {min(strategy.examples)} examples)")
         return [self.epochs * (n_k // b) for n_k in strategy.examples]
 
     def round_of(self, step: int) -> int:
