@@ -66,8 +66,7 @@ class ChunkedDCT:
             (c,), (d,) = self.chunks.sides, self.mats
             return self.chunks.untile(coeffs.reshape(-1, c) @ d)
         (a, b), (da, db) = self.chunks.sides, self.mats
-        (r, c) = self.chunks.dims
-        return self.chunks.untile(da.T @ coeffs.reshape(r // a, c // b, a, b) @ db)
+        return self.chunks.untile(da.T @ coeffs.reshape(-1, a, b) @ db)
 
 
 class DecoupledMomentum(CommStep):

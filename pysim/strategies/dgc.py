@@ -88,11 +88,12 @@ class MomentumCorrectedTopK(CommStep):
             grads = self._clipped(s.grads())
             selected, count = self._select(grads, density)
             vectors = [g.reshape(-1) for g, sparse in zip(grads, self.sparse, strict=True) if not sparse]
+            dense = torch.cat(vectors) if vectors else None
         tensors, codecs = {}, {}
         if count:
             tensors["dgc"], codecs["dgc"] = selected, TopKCodec(count)
-        if vectors:
-            tensors["dgc vectors"], codecs["dgc vectors"] = torch.cat(vectors), DenseCodec()
+        if dense is not None:
+            tensors["dgc vectors"], codecs["dgc vectors"] = dense, DenseCodec()
         avg = s.comm.allgather_mean_many(tensors, codecs, step)
         with s.compute(reuse=f"dgc vector momentum {s.param_shapes}"):
             s.set_grads(self._average(avg.get("dgc"), avg.get("dgc vectors")), copy=False)
