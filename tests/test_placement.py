@@ -15,7 +15,7 @@ BUILT_IN = ["SimpleReduce", "SimpleReduce(overlap=True, bucket_mb=0.05)", "Simpl
             "DiLoCo(H=3)", "DiLoCo(H=3, codec='lowrank:4')", "DiLoCo(H=3, codec='powersgd:2')",
             "DiLoCo(H=3, codec='int8')", "StreamingDiLoCo(H=4, tau=1)", "SPARTA(p=0.02)",
             "SPARTADiLoCo(p=0.02, H=3)", "FedAvg(H=3)", "FedAvg(H=3, island_size=2)",
-            "FedAvg(H=2, clients_per_round=2)", "TopK(k=0.02)",
+            "FedAvg(H=2, clients_per_round=2)", "FedAvg(epochs=1, clients_per_round=3)", "TopK(k=0.02)",
             "DGC(k=0.02, warmup_steps=4)", "DeMo", "PowerSGD(rank=2)", "AsyncDiLoCo(H=2)",
             "AsyncDiLoCo(H=3, dylu=False, codec='topk:0.1:int2+ef')", "NoLoCo(H=3)", "SparseLoCo(H=3, tile=16)",
             "MuLoCo(H=3)", "DESLOC(Kx=2)", "EagerDiLoCo(H=3)", "EagerDiLoCo(H=4, fragments=2)"]
